@@ -1,0 +1,202 @@
+//! The admin listener: the app's API (`/api/publish`, `/api/disconnect`)
+//! and the operator's endpoints (`/metrics`, `/healthz`, `/readyz`).
+//! API errors are JSON `{"error":{"code","message"}}` with the status of
+//! their code; a publish answers 200 only once the broker has the message.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use subtle::ConstantTimeEq;
+
+use crate::Shared;
+use crate::broker::Publication;
+use crate::error::{ApiError, ErrorCode};
+use crate::hub::{DisconnectTarget, now_us};
+use crate::protocol;
+use crate::proxy::{Body, full, text};
+
+/// Channels one broadcast may name at most.
+pub const MAX_BROADCAST: usize = 1000;
+
+pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok"),
+        (&Method::GET, "/readyz") => readyz(&shared),
+        (&Method::GET, "/metrics") => {
+            let mut r = Response::new(full(shared.metrics.render()));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+            r
+        }
+        (_, p) if p.starts_with("/api/") => {
+            if let Err(e) = check_token(&shared, &req) {
+                return json_error(&e);
+            }
+            let result = match (req.method(), p) {
+                (&Method::POST, "/api/publish") => publish(&shared, req).await,
+                (&Method::POST, "/api/disconnect") => disconnect(&shared, req).await,
+                (&Method::GET, p)
+                    if p.starts_with("/api/channels/") && (p.ends_with("/presence") || p.ends_with("/history")) =>
+                {
+                    Err(ApiError::new(
+                        ErrorCode::NotSupported,
+                        "presence and history are not available in this version",
+                    ))
+                }
+                (_, "/api/publish" | "/api/disconnect") => {
+                    Err(ApiError::new(ErrorCode::BadRequest, "use POST with a JSON body"))
+                }
+                _ => Err(ApiError::new(ErrorCode::NotFound, format!("no such endpoint: {p}"))),
+            };
+            match result {
+                Ok(body) => json(StatusCode::OK, &body),
+                Err(e) => json_error(&e),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz, /readyz or /api/publish"),
+    }
+}
+
+fn readyz(shared: &Shared) -> Response<Body> {
+    if shared.drain.is_cancelled() {
+        text(StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if !shared.broker.is_up() {
+        text(StatusCode::SERVICE_UNAVAILABLE, "broker unavailable")
+    } else {
+        text(StatusCode::OK, "ready")
+    }
+}
+
+fn check_token(shared: &Shared, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let Some(want) = &shared.cfg.api_token else {
+        return Ok(());
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .unwrap_or("");
+    if bool::from(given.as_bytes().ct_eq(want.expose().as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::new(ErrorCode::Unauthorized, "missing or wrong bearer token (Authorization: Bearer <api-token>)"))
+    }
+}
+
+fn json(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(full(body.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn json_error(e: &ApiError) -> Response<Body> {
+    let mut r = json(e.code.status(), &serde_json::json!({ "error": e.to_json() }));
+    if e.code == ErrorCode::Unauthorized {
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    r
+}
+
+/// Reads a JSON body of at most `limit` bytes into `T`.
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>, limit: usize) -> Result<T, ApiError> {
+    let body: Bytes = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(ApiError::new(ErrorCode::TooLarge, format!("body larger than {limit} bytes")));
+        }
+        Err(e) => return Err(ApiError::bad_request(format!("cannot read body: {e}"))),
+    };
+    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    channels: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "present")]
+    data: Option<Box<RawValue>>,
+    #[serde(default)]
+    exclude: Option<String>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
+}
+
+async fn publish(shared: &Shared, req: Request<Incoming>) -> Result<serde_json::Value, ApiError> {
+    let max = shared.cfg.session.max_message_bytes;
+    let body: PublishBody = read_json(req, max + 64 * 1024).await?;
+    let data = body.data.ok_or_else(|| ApiError::bad_request("missing field \"data\""))?;
+    if data.get().len() > max {
+        return Err(ApiError::new(
+            ErrorCode::TooLarge,
+            format!("data is {} bytes, max-message-bytes is {max}", data.get().len()),
+        ));
+    }
+    let channels = match (body.channel, body.channels) {
+        (Some(c), None) => vec![c],
+        (None, Some(list)) if !list.is_empty() => list,
+        (None, Some(_)) => return Err(ApiError::bad_request("\"channels\" is empty")),
+        (None, None) => return Err(ApiError::bad_request("missing field \"channel\" (or \"channels\")")),
+        (Some(_), Some(_)) => return Err(ApiError::bad_request("give \"channel\" or \"channels\", not both")),
+    };
+    if channels.len() > MAX_BROADCAST {
+        return Err(ApiError::bad_request(format!(
+            "{} channels in one broadcast, the limit is {MAX_BROADCAST}",
+            channels.len()
+        )));
+    }
+    for c in &channels {
+        protocol::validate_channel(c).map_err(|e| ApiError::bad_request(format!("{c:?}: {}", e.message)))?;
+    }
+    if body.exclude.as_ref().is_some_and(|x| x.len() > 256) {
+        return Err(ApiError::bad_request("\"exclude\" is not a connection id"));
+    }
+    let published_us = now_us();
+    let n = channels.len() as u64;
+    let pubs = channels
+        .into_iter()
+        .map(|channel| Publication {
+            frame: protocol::message(&channel, &data, None),
+            channel,
+            exclude: body.exclude.clone(),
+            published_us,
+        })
+        .collect();
+    shared.broker.publish(pubs).await?;
+    shared.metrics.published_api.inc_by(n);
+    Ok(serde_json::json!({}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectBody {
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    connection: Option<String>,
+}
+
+async fn disconnect(shared: &Shared, req: Request<Incoming>) -> Result<serde_json::Value, ApiError> {
+    let body: DisconnectBody = read_json(req, 64 * 1024).await?;
+    let target = match (body.user, body.connection) {
+        (Some(u), None) if !u.is_empty() => DisconnectTarget::User(u),
+        (None, Some(c)) if !c.is_empty() => DisconnectTarget::Connection(c),
+        (Some(_), Some(_)) => return Err(ApiError::bad_request("give \"user\" or \"connection\", not both")),
+        _ => return Err(ApiError::bad_request("missing field \"user\" or \"connection\"")),
+    };
+    shared.broker.disconnect(target).await?;
+    Ok(serde_json::json!({}))
+}

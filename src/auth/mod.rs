@@ -1,0 +1,363 @@
+//! Authorization: who may connect (JWT or the connect hook), subscribe and
+//! publish (namespace policies, maybe asking the app), and talk to the app
+//! (`send` → message hook). Everything fails closed: a hook that is down or
+//! late denies.
+
+pub mod hooks;
+pub mod jwt;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderName};
+use http::{Request, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+pub use self::hooks::DisconnectEvent;
+use self::hooks::{DisconnectNotifier, HookError, Hooks};
+pub use self::jwt::JwtKey;
+use crate::config::AuthConfig;
+use crate::error::{ApiError, ErrorCode};
+use crate::metrics::{ConnResult, Metrics};
+use crate::protocol::validate_channel;
+use crate::proxy::{UpstreamClient, set_forwarded};
+
+/// Who may subscribe to, or publish on, a namespace's channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// Every connection, anonymous ones too.
+    Anyone,
+    /// Connections with a user.
+    Authenticated,
+    /// Only the user named by the rest of the channel (`user:42` → user 42).
+    Owner,
+    /// Ask the app's subscribe/publish hook.
+    Hook,
+    /// Nobody (server-side subscriptions and the API still work).
+    None,
+}
+
+/// A namespace: the channels starting with `prefix` and their policies.
+#[derive(Debug, Clone)]
+pub struct NamespaceRule {
+    pub prefix: String,
+    pub subscribe: Policy,
+    pub publish: Policy,
+}
+
+/// Who a connection is, as established at connect time.
+#[derive(Debug, Default)]
+pub struct Identity {
+    pub user: Option<Arc<str>>,
+    pub info: Option<serde_json::Value>,
+    /// Channels the app (hook or token) subscribes the connection to.
+    pub channels: Vec<String>,
+}
+
+/// Why an upgrade is refused, before any WebSocket exists.
+#[derive(Debug)]
+pub struct Reject {
+    pub status: StatusCode,
+    pub message: String,
+    pub result: ConnResult,
+}
+
+impl Reject {
+    pub fn new(status: StatusCode, result: ConnResult, message: impl Into<String>) -> Self {
+        Reject { status, message: message.into(), result }
+    }
+}
+
+/// Which action a policy is checked for.
+#[derive(Debug, Clone, Copy)]
+pub enum Action {
+    Subscribe,
+    Publish,
+}
+
+pub struct Auth {
+    cfg: AuthConfig,
+    hooks: Arc<Hooks>,
+    disconnects: Option<DisconnectNotifier>,
+}
+
+#[derive(Serialize)]
+struct ConnectRequest<'a> {
+    path: &'a str,
+    query: &'a str,
+    remote_addr: String,
+}
+
+#[derive(Deserialize)]
+struct ConnectAnswer {
+    #[serde(default)]
+    user: Option<serde_json::Value>,
+    #[serde(default)]
+    channels: Vec<String>,
+    #[serde(default)]
+    info: Option<serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct ChannelRequest<'a> {
+    user: Option<&'a str>,
+    connection: &'a str,
+    channel: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a RawValue>,
+}
+
+#[derive(Serialize)]
+struct MessageRequest<'a> {
+    user: Option<&'a str>,
+    connection: &'a str,
+    data: &'a RawValue,
+}
+
+/// Headers of the upgrade request the connect hook sees.
+fn is_forwarded_to_hook(name: &HeaderName) -> bool {
+    name == header::COOKIE
+        || name == header::AUTHORIZATION
+        || name == header::ORIGIN
+        || name.as_str().starts_with("x-forwarded-")
+}
+
+impl Auth {
+    pub fn new(cfg: AuthConfig, client: UpstreamClient, upstream: http::Uri, metrics: Arc<Metrics>) -> Self {
+        let hooks = Arc::new(Hooks::new(client, upstream, cfg.hook_timeout, cfg.hook_concurrency, metrics.clone()));
+        let disconnects = cfg
+            .disconnect_hook
+            .clone()
+            .map(|path| DisconnectNotifier::start(hooks.clone(), path, cfg.disconnect_hook_queue, metrics));
+        Auth { cfg, hooks, disconnects }
+    }
+
+    /// Cross-site WebSocket hijacking guard. With no `--allowed-origin`, a
+    /// browser's `Origin` must name the host it connects to (`Host` or, behind
+    /// a proxy, `X-Forwarded-Host`); requests without `Origin` (non-browser
+    /// clients) pass.
+    pub fn check_origin(&self, headers: &HeaderMap) -> Result<(), Reject> {
+        let Some(origin) = headers.get(header::ORIGIN) else {
+            return Ok(());
+        };
+        let origin = origin.to_str().unwrap_or("").trim_end_matches('/').to_ascii_lowercase();
+        let allowed = &self.cfg.allowed_origins;
+        if allowed.iter().any(|o| o == "*" || *o == origin) {
+            return Ok(());
+        }
+        let forbidden = || Reject::new(StatusCode::FORBIDDEN, ConnResult::Forbidden, "origin not allowed");
+        if !allowed.is_empty() {
+            return Err(forbidden());
+        }
+        let origin_host =
+            origin.parse::<http::Uri>().ok().and_then(|u| u.host().map(str::to_owned)).ok_or_else(forbidden)?;
+        let host_of = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(',').next())
+                .and_then(|v| format!("http://{}", v.trim()).parse::<http::Uri>().ok())
+                .and_then(|u| u.host().map(str::to_ascii_lowercase))
+        };
+        let same = [host_of("host"), host_of("x-forwarded-host")].into_iter().flatten().any(|h| h == origin_host);
+        if same { Ok(()) } else { Err(forbidden()) }
+    }
+
+    /// Establishes who connects: a JWT when one is presented (and a key is
+    /// configured), else the connect hook when configured, else anonymous.
+    pub async fn authenticate<B>(&self, req: &Request<B>, remote: SocketAddr) -> Result<Identity, Reject> {
+        if let Some(key) = &self.cfg.jwt {
+            if let Some(token) = token_of(req) {
+                let claims = key.verify(&token).map_err(|e| {
+                    Reject::new(StatusCode::UNAUTHORIZED, ConnResult::Unauthorized, format!("invalid token: {e}"))
+                })?;
+                return Ok(Identity {
+                    user: Some(Arc::from(claims.sub)),
+                    info: claims.info,
+                    channels: claims.channels,
+                });
+            }
+            if self.cfg.connect_hook.is_none() {
+                return Err(Reject::new(
+                    StatusCode::UNAUTHORIZED,
+                    ConnResult::Unauthorized,
+                    "a token is required (?token= or Authorization: Bearer)",
+                ));
+            }
+        }
+        match &self.cfg.connect_hook {
+            Some(path) => self.connect_hook(path, req, remote).await,
+            None => Ok(Identity::default()),
+        }
+    }
+
+    async fn connect_hook<B>(&self, path: &str, req: &Request<B>, remote: SocketAddr) -> Result<Identity, Reject> {
+        let mut headers = HeaderMap::new();
+        for (name, value) in req.headers() {
+            if is_forwarded_to_hook(name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        set_forwarded(&mut headers, remote, req.headers().get(header::HOST).cloned());
+        let body = serde_json::to_vec(&ConnectRequest {
+            path: req.uri().path(),
+            query: req.uri().query().unwrap_or(""),
+            remote_addr: remote.to_string(),
+        })
+        .unwrap_or_default();
+        let unavailable = |m: &str| Reject::new(StatusCode::SERVICE_UNAVAILABLE, ConnResult::Unavailable, m);
+        let resp = self
+            .hooks
+            .call("connect", path, headers, body)
+            .await
+            .map_err(|_| unavailable("authorization unavailable"))?;
+        match resp.status {
+            StatusCode::OK => {}
+            s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+                let result =
+                    if s == StatusCode::UNAUTHORIZED { ConnResult::Unauthorized } else { ConnResult::Forbidden };
+                return Err(Reject::new(s, result, "refused by the app"));
+            }
+            s => {
+                tracing::warn!(status = %s, "connect hook answered neither 200, 401 nor 403: refusing (fail closed)");
+                return Err(unavailable("authorization unavailable"));
+            }
+        }
+        let answer: ConnectAnswer = serde_json::from_slice(&resp.body).map_err(|e| {
+            tracing::warn!(error = %e, "connect hook answered 200 with an invalid body: refusing");
+            unavailable("authorization unavailable")
+        })?;
+        let user = match answer.user {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) if !s.is_empty() => Some(Arc::from(s)),
+            Some(serde_json::Value::Number(n)) => Some(Arc::from(n.to_string())),
+            Some(other) => {
+                tracing::warn!(user = %other, "connect hook answered a user that is not a string: refusing");
+                return Err(unavailable("authorization unavailable"));
+            }
+        };
+        if let Some(bad) = answer.channels.iter().find(|c| validate_channel(c).is_err()) {
+            tracing::warn!(channel = %bad, "connect hook answered an invalid channel name: refusing");
+            return Err(unavailable("authorization unavailable"));
+        }
+        Ok(Identity { user, info: answer.info, channels: answer.channels })
+    }
+
+    fn rule(&self, channel: &str) -> &NamespaceRule {
+        self.cfg.namespaces.iter().find(|r| channel.starts_with(&r.prefix)).unwrap_or(&self.cfg.default_namespace)
+    }
+
+    /// May this connection subscribe to / publish on `channel`?
+    pub async fn authorize(
+        &self,
+        action: Action,
+        ident: &Identity,
+        connection: &str,
+        channel: &str,
+        data: Option<&RawValue>,
+    ) -> Result<(), ApiError> {
+        let rule = self.rule(channel);
+        let (policy, verb) = match action {
+            Action::Subscribe => (rule.subscribe, "subscribe to"),
+            Action::Publish => (rule.publish, "publish on"),
+        };
+        let user = ident.user.as_deref();
+        let denied = |why: &str| Err(ApiError::forbidden(format!("may not {verb} {channel:?}: {why}")));
+        match policy {
+            Policy::Anyone => Ok(()),
+            Policy::Authenticated if user.is_some() => Ok(()),
+            Policy::Authenticated => denied("authentication required"),
+            Policy::Owner => {
+                let owner = &channel[rule.prefix.len()..];
+                if user == Some(owner) { Ok(()) } else { denied("only its owner may") }
+            }
+            Policy::None => denied("not allowed in this namespace"),
+            Policy::Hook => {
+                let (hook_name, path) = match action {
+                    Action::Subscribe => ("subscribe", self.cfg.subscribe_hook.as_deref()),
+                    Action::Publish => ("publish", self.cfg.publish_hook.as_deref()),
+                };
+                // Config validation guarantees the path exists for a hook policy.
+                let Some(path) = path else {
+                    return denied("no hook configured");
+                };
+                let body = serde_json::to_vec(&ChannelRequest { user, connection, channel, data }).unwrap_or_default();
+                match self.hooks.call(hook_name, path, HeaderMap::new(), body).await {
+                    Ok(r) if r.status.is_success() => Ok(()),
+                    Ok(_) => denied("refused by the app"),
+                    Err(e) => Err(hook_unavailable(&e)),
+                }
+            }
+        }
+    }
+
+    /// Sends a client's `send` data to the message hook; the app's JSON
+    /// answer is the reply's `result`.
+    pub async fn send(
+        &self,
+        ident: &Identity,
+        connection: &str,
+        data: &RawValue,
+    ) -> Result<Option<Box<RawValue>>, ApiError> {
+        let Some(path) = &self.cfg.message_hook else {
+            return Err(ApiError::new(ErrorCode::NotSupported, "send is not available: no message hook is configured"));
+        };
+        let body =
+            serde_json::to_vec(&MessageRequest { user: ident.user.as_deref(), connection, data }).unwrap_or_default();
+        let resp = self.hooks.call("message", path, HeaderMap::new(), body).await.map_err(|e| hook_unavailable(&e))?;
+        if resp.status.is_success() {
+            if resp.body.iter().all(u8::is_ascii_whitespace) {
+                return Ok(None);
+            }
+            return serde_json::from_slice::<Box<RawValue>>(&resp.body)
+                .map(Some)
+                .map_err(|_| ApiError::new(ErrorCode::Internal, "the app answered with invalid JSON"));
+        }
+        let code = match resp.status {
+            StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => ErrorCode::BadRequest,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ErrorCode::Forbidden,
+            StatusCode::NOT_FOUND => ErrorCode::NotFound,
+            StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::TooLarge,
+            StatusCode::TOO_MANY_REQUESTS => ErrorCode::RateLimited,
+            s if s.is_server_error() => ErrorCode::Unavailable,
+            _ => ErrorCode::Internal,
+        };
+        // The app may explain itself with {"error":{"message":…}}.
+        let message = serde_json::from_slice::<serde_json::Value>(&resp.body)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("the app answered {}", resp.status));
+        Err(ApiError::new(code, message))
+    }
+
+    /// Tells the disconnect hook (if any), best effort.
+    pub fn disconnected(&self, ev: DisconnectEvent) {
+        if let Some(d) = &self.disconnects {
+            d.notify(ev);
+        }
+    }
+
+    pub fn has_message_hook(&self) -> bool {
+        self.cfg.message_hook.is_some()
+    }
+}
+
+fn hook_unavailable(e: &HookError) -> ApiError {
+    ApiError::unavailable(format!("the app's hook failed: {e}"))
+}
+
+/// The client's token: `?token=` or `Authorization: Bearer`.
+fn token_of<B>(req: &Request<B>) -> Option<String> {
+    if let Some(q) = req.uri().query() {
+        for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+            if k == "token" && !v.is_empty() {
+                return Some(v.into_owned());
+            }
+        }
+    }
+    let auth = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = auth.split_once(' ')?;
+    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim().to_owned())
+}

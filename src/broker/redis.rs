@@ -1,0 +1,513 @@
+//! Redis (or Valkey) broker: every sidecar sharing the Redis and the prefix
+//! is one relay cluster.
+//!
+//! - Publishing: a deadpool-redis pool feeds one publisher task, which takes
+//!   every queued publish at once and sends them as one pipeline on a
+//!   connection it keeps checked out (deadpool pings on each checkout, so a
+//!   checkout per message would double the round trips). Messages go out in
+//!   the order they were queued.
+//! - Receiving: one dedicated subscriber connection per node (not from the
+//!   pool), subscribed only to channels with local subscribers. A message is
+//!   decoded once per node: only a small header is parsed, the client frame
+//!   inside is handed to the hub as it came.
+//! - Health: the subscriber task publishes a probe on a node-private channel
+//!   every `probe_interval` and expects it back within `probe_timeout`. A
+//!   connection Redis closed (`CLIENT KILL`, output-buffer limit) ends the
+//!   message stream at once; one that silently stops delivering fails the
+//!   probe. Either way the node is marked down (`/readyz` 503, publishes
+//!   503), reconnects with backoff and jitter, and resubscribes everything.
+//!
+//! Wire format on Redis channel `{prefix}ch:{channel}`: one JSON header line
+//! (`{"t":µs,"x":"exclude"}`), `\n`, then the client frame.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use deadpool_redis::{Pool, Runtime};
+use futures_util::StreamExt;
+use redis::AsyncConnectionConfig;
+use redis::io::tcp::TcpSettings;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, warn};
+
+use super::{BrokerError, Interest, Publication};
+use crate::config::{BrokerConfig, Secret};
+use crate::hub::{DisconnectTarget, Hub};
+use crate::metrics::Metrics;
+
+/// Publishes taken into one pipeline at most.
+const MAX_BATCH: usize = 512;
+/// Publish requests waiting for the publisher task at most; beyond, callers wait.
+const PUBLISH_QUEUE: usize = 4096;
+/// Channels per SUBSCRIBE/UNSUBSCRIBE command.
+const SUBSCRIBE_CHUNK: usize = 500;
+
+pub struct RedisBroker {
+    keys: Keys,
+    publisher: mpsc::Sender<Job>,
+    interest: Arc<Interest>,
+    timeout: Duration,
+    description: String,
+}
+
+/// Redis channel names, all under the prefix.
+#[derive(Clone)]
+struct Keys {
+    prefix: String,
+    channel_prefix: String,
+    control: String,
+    probe: String,
+}
+
+impl Keys {
+    fn new(prefix: &str, node_id: &str) -> Self {
+        Keys {
+            prefix: prefix.to_owned(),
+            channel_prefix: format!("{prefix}ch:"),
+            control: format!("{prefix}ctl"),
+            probe: format!("{prefix}probe:{node_id}"),
+        }
+    }
+    fn channel(&self, channel: &str) -> String {
+        format!("{}{channel}", self.channel_prefix)
+    }
+}
+
+struct Job {
+    messages: Vec<(String, Vec<u8>)>,
+    done: Option<oneshot::Sender<Result<(), BrokerError>>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Header<'a> {
+    t: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    x: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Control {
+    Disconnect(DisconnectTarget),
+}
+
+impl RedisBroker {
+    pub fn start(
+        url: &Secret,
+        cfg: &BrokerConfig,
+        node_id: &str,
+        hub: Arc<Hub>,
+        interest: Arc<Interest>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Result<Self, BrokerError> {
+        if url.expose().starts_with("rediss://") {
+            // rustls needs one process-wide crypto provider; a second install is a no-op error.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let bad = |e: redis::RedisError| BrokerError::Unavailable(format!("invalid Redis URL: {e}"));
+        let info = redis::IntoConnectionInfo::into_connection_info(url.expose())
+            .map_err(bad)?
+            // redis-rs leaves Nagle on; every publish would wait for the previous ACK.
+            .set_tcp_settings(TcpSettings::default().set_nodelay(true));
+        let client = redis::Client::open(info.clone()).map_err(bad)?;
+        let conn_cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(cfg.timeout))
+            .set_response_timeout(Some(cfg.timeout));
+        let manager = deadpool_redis::Manager::new_with_config(info, conn_cfg).map_err(bad)?;
+        let pool = Pool::builder(manager)
+            .max_size(16)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(cfg.timeout))
+            .create_timeout(Some(cfg.timeout))
+            .recycle_timeout(Some(cfg.timeout))
+            .build()
+            .map_err(|e| BrokerError::Unavailable(format!("cannot build the Redis pool: {e}")))?;
+
+        let keys = Keys::new(&cfg.prefix, node_id);
+        let (tx, rx) = mpsc::channel(PUBLISH_QUEUE);
+        metrics.broker_up.set(0);
+        tokio::spawn(
+            publisher(pool, rx, cfg.timeout, metrics.clone()).instrument(tracing::info_span!("redis_publisher")),
+        );
+        let sub = Subscriber {
+            client,
+            keys: keys.clone(),
+            hub,
+            interest: interest.clone(),
+            metrics,
+            publisher: tx.clone(),
+            timeout: cfg.timeout,
+            probe_interval: cfg.probe_interval,
+            probe_timeout: cfg.probe_timeout,
+        };
+        tokio::spawn(sub.run(shutdown).instrument(tracing::info_span!("redis_subscriber")));
+        Ok(RedisBroker {
+            description: format!("using redis broker at {} (prefix {})", redact(url.expose()), cfg.prefix),
+            keys,
+            publisher: tx,
+            interest,
+            timeout: cfg.timeout,
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        self.description.clone()
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.interest.is_up()
+    }
+
+    pub async fn publish(&self, pubs: Vec<Publication>) -> Result<(), BrokerError> {
+        let messages = pubs
+            .into_iter()
+            .map(|p| {
+                let header = Header { t: p.published_us, x: p.exclude.map(Into::into) };
+                (self.keys.channel(&p.channel), envelope(&header, p.frame.as_bytes()))
+            })
+            .collect();
+        self.send(messages).await
+    }
+
+    pub async fn ensure_subscribed(&self, channel: &str) -> Result<(), BrokerError> {
+        self.interest.wait_active(channel, self.timeout).await
+    }
+
+    pub async fn disconnect(&self, target: &DisconnectTarget) -> Result<(), BrokerError> {
+        let payload = serde_json::to_vec(&Control::Disconnect(target.clone()))
+            .map_err(|e| BrokerError::Unavailable(format!("cannot encode control message: {e}")))?;
+        self.send(vec![(self.keys.control.clone(), payload)]).await
+    }
+
+    async fn send(&self, messages: Vec<(String, Vec<u8>)>) -> Result<(), BrokerError> {
+        // Fail fast while down: readyz already says so, and a caller waiting
+        // for a connect timeout helps nobody.
+        if !self.is_up() {
+            return Err(BrokerError::Unavailable("not connected to Redis".into()));
+        }
+        let (done, rx) = oneshot::channel();
+        let job = Job { messages, done: Some(done) };
+        let sent = tokio::time::timeout(self.timeout, self.publisher.send(job)).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            return Err(BrokerError::Unavailable("publish queue full".into()));
+        }
+        rx.await.unwrap_or_else(|_| Err(BrokerError::Unavailable("publisher stopped".into())))
+    }
+}
+
+fn envelope(header: &Header<'_>, frame: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(frame.len() + 48);
+    // A struct of an integer and a string always serializes.
+    let _ = serde_json::to_writer(&mut out, header);
+    out.push(b'\n');
+    out.extend_from_slice(frame);
+    out
+}
+
+/// `redis://user:secret@host/0` → `redis://user:***@host/0`
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// The publisher task: drains the queue into pipelines on one held connection.
+async fn publisher(pool: Pool, mut rx: mpsc::Receiver<Job>, timeout: Duration, metrics: Arc<Metrics>) {
+    let mut conn: Option<deadpool_redis::Connection> = None;
+    let mut batch: Vec<Job> = Vec::with_capacity(64);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let timer = metrics.broker_publish_seconds.start_timer();
+        let mut result = run_batch(&pool, &mut conn, &batch, timeout).await;
+        if let Err(e) = &result {
+            // A connection Redis closed while it sat idle fails before
+            // anything is written: one retry on a fresh connection is safe.
+            if e.is_connection_dropped() {
+                result = run_batch(&pool, &mut conn, &batch, timeout).await;
+            }
+        }
+        timer.observe_duration();
+        let result = result.map_err(|e| {
+            debug!(error = %e, "publish failed");
+            BrokerError::Unavailable(e.to_string())
+        });
+        for mut job in batch.drain(..) {
+            if let Some(done) = job.done.take() {
+                let _ = done.send(result.clone());
+            }
+        }
+    }
+}
+
+async fn run_batch(
+    pool: &Pool,
+    conn: &mut Option<deadpool_redis::Connection>,
+    batch: &[Job],
+    timeout: Duration,
+) -> Result<(), redis::RedisError> {
+    let c = match conn {
+        Some(c) => c,
+        None => conn.insert(pool.get().await.map_err(|e| {
+            redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::NotConnected, e.to_string()))
+        })?),
+    };
+    let mut pipe = redis::pipe();
+    for job in batch {
+        for (channel, payload) in &job.messages {
+            pipe.publish(channel, payload).ignore();
+        }
+    }
+    let r = match tokio::time::timeout(timeout, pipe.query_async::<()>(c)).await {
+        Ok(r) => r,
+        Err(_) => Err(redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "Redis did not answer in time",
+        ))),
+    };
+    if r.is_err() {
+        // Take it out of the pool for good: it may be half-broken.
+        if let Some(c) = conn.take() {
+            drop(deadpool_redis::Connection::take(c));
+        }
+    }
+    r
+}
+
+struct Subscriber {
+    client: redis::Client,
+    keys: Keys,
+    hub: Arc<Hub>,
+    interest: Arc<Interest>,
+    metrics: Arc<Metrics>,
+    publisher: mpsc::Sender<Job>,
+    timeout: Duration,
+    probe_interval: Duration,
+    probe_timeout: Duration,
+}
+
+enum Lost {
+    Shutdown,
+    Error(String),
+}
+
+impl Subscriber {
+    async fn run(self, shutdown: CancellationToken) {
+        let mut attempt: u32 = 0;
+        let mut ever_connected = false;
+        loop {
+            let result = self.connection(&shutdown, &mut attempt, &mut ever_connected).await;
+            self.interest.set_up(false);
+            self.metrics.broker_up.set(0);
+            self.metrics.broker_subscriptions.set(0);
+            match result {
+                Lost::Shutdown => return,
+                Lost::Error(e) => warn!(error = %e, "Redis subscriber connection lost; reconnecting"),
+            }
+            let delay = backoff(attempt);
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// One subscriber connection, from connect to loss.
+    async fn connection(&self, shutdown: &CancellationToken, attempt: &mut u32, ever: &mut bool) -> Lost {
+        let pubsub = match tokio::time::timeout(self.timeout, self.client.get_async_pubsub()).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => return Lost::Error(format!("connect: {e}")),
+            Err(_) => return Lost::Error("connect: timed out".into()),
+        };
+        let (mut sink, mut stream) = pubsub.split();
+        let own = [self.keys.control.as_str(), self.keys.probe.as_str()];
+        if let Err(e) = self.with_timeout(sink.subscribe(&own)).await {
+            return Lost::Error(format!("subscribe: {e}"));
+        }
+        // Everything the hub wants, resubscribed before the node says it is up.
+        if let Err(e) = self.sync(&mut sink).await {
+            return Lost::Error(e);
+        }
+        self.interest.set_up(true);
+        // set_up(true) cleared nothing, but a want() may have raced the sync.
+        if let Err(e) = self.sync(&mut sink).await {
+            return Lost::Error(e);
+        }
+        self.metrics.broker_up.set(1);
+        if *ever {
+            self.metrics.broker_reconnects.inc();
+            info!("Redis subscriber reconnected; every local channel resubscribed");
+        } else {
+            info!("Redis subscriber connected");
+        }
+        *ever = true;
+        *attempt = 0;
+
+        let mut probe = tokio::time::interval(self.probe_interval);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq: u64 = 0;
+        let mut outstanding: Option<(u64, Instant)> = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Lost::Shutdown,
+                msg = stream.next() => match msg {
+                    None => return Lost::Error("connection closed by Redis".into()),
+                    Some(msg) => {
+                        if let Some(got) = self.on_message(&msg) {
+                            if outstanding.is_some_and(|(want, _)| got >= want) {
+                                outstanding = None;
+                            }
+                        }
+                    }
+                },
+                _ = self.interest.changed.notified() => {
+                    if let Err(e) = self.sync(&mut sink).await {
+                        return Lost::Error(e);
+                    }
+                }
+                _ = probe.tick() => match outstanding {
+                    Some((_, sent)) if sent.elapsed() > self.probe_timeout => {
+                        self.metrics.broker_probe_failures.inc();
+                        return Lost::Error("self-probe not received back: subscriber is not delivering".into());
+                    }
+                    Some(_) => {}
+                    None => {
+                        seq += 1;
+                        outstanding = Some((seq, Instant::now()));
+                        let job = Job { messages: vec![(self.keys.probe.clone(), seq.to_string().into_bytes())], done: None };
+                        // A full queue skips this probe; the next tick sees it outstanding.
+                        let _ = self.publisher.try_send(job);
+                    }
+                },
+            }
+        }
+    }
+
+    async fn with_timeout<T>(&self, f: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, String> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("Redis did not answer in time".into()),
+        }
+    }
+
+    /// Applies the hub's wanted channels to the connection, in batches.
+    async fn sync(&self, sink: &mut redis::aio::PubSubSink) -> Result<(), String> {
+        loop {
+            let (add, remove) = self.interest.diff();
+            if add.is_empty() && remove.is_empty() {
+                return Ok(());
+            }
+            for chunk in add.chunks(SUBSCRIBE_CHUNK) {
+                let names: Vec<String> = chunk.iter().map(|c| self.keys.channel(c)).collect();
+                self.with_timeout(sink.subscribe(&names)).await.map_err(|e| format!("subscribe: {e}"))?;
+                let n = self.interest.confirm(chunk, &[]);
+                self.metrics.broker_subscriptions.set(n as i64);
+            }
+            for chunk in remove.chunks(SUBSCRIBE_CHUNK) {
+                let names: Vec<String> = chunk.iter().map(|c| self.keys.channel(c)).collect();
+                self.with_timeout(sink.unsubscribe(&names)).await.map_err(|e| format!("unsubscribe: {e}"))?;
+                let n = self.interest.confirm(&[], chunk);
+                self.metrics.broker_subscriptions.set(n as i64);
+            }
+        }
+    }
+
+    /// Handles one message from Redis; returns the probe number if it was one.
+    fn on_message(&self, msg: &redis::Msg) -> Option<u64> {
+        let name = msg.get_channel_name();
+        let payload = msg.get_payload_bytes();
+        if let Some(channel) = name.strip_prefix(&self.keys.channel_prefix) {
+            self.deliver(channel, payload);
+            None
+        } else if name == self.keys.probe {
+            std::str::from_utf8(payload).ok()?.parse().ok()
+        } else if name == self.keys.control {
+            match serde_json::from_slice::<Control>(payload) {
+                Ok(Control::Disconnect(target)) => {
+                    let n = self.hub.disconnect(&target);
+                    debug!(?target, closed = n, "disconnect from control channel");
+                }
+                Err(e) => warn!(error = %e, "ignoring malformed control message"),
+            }
+            None
+        } else {
+            None
+        }
+    }
+
+    fn deliver(&self, channel: &str, payload: &[u8]) {
+        let Some(nl) = payload.iter().position(|b| *b == b'\n') else {
+            warn!(prefix = %self.keys.prefix, "ignoring a message without a wsrelay header (published by something else?)");
+            return;
+        };
+        let header: Header<'_> = match serde_json::from_slice(&payload[..nl]) {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(error = %e, "ignoring a message with a malformed header");
+                return;
+            }
+        };
+        let frame = match Utf8Bytes::try_from(Bytes::copy_from_slice(&payload[nl + 1..])) {
+            Ok(f) => f,
+            Err(_) => {
+                warn!("ignoring a message whose frame is not UTF-8");
+                return;
+            }
+        };
+        self.hub.deliver(channel, &frame, header.x.as_deref(), header.t);
+    }
+}
+
+/// Exponential backoff from 100 ms to 2 s with full jitter: a whole fleet
+/// reconnecting after a Redis restart spreads out instead of stampeding.
+fn backoff(attempt: u32) -> Duration {
+    use rand::RngExt;
+    let cap = Duration::from_millis(100u64.saturating_mul(1 << attempt.min(5))).min(Duration::from_secs(2));
+    let ms = rand::rng().random_range(cap.as_millis() as u64 / 2..=cap.as_millis() as u64);
+    Duration::from_millis(ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_password() {
+        assert_eq!(redact("redis://:pw@host:6379/1"), "redis://:***@host:6379/1");
+        assert_eq!(redact("rediss://user:pw@host/0"), "rediss://user:***@host/0");
+        assert_eq!(redact("redis://host:6379"), "redis://host:6379");
+    }
+
+    #[test]
+    fn envelope_roundtrip() {
+        let h = Header { t: 42, x: Some("c1".into()) };
+        let e = envelope(&h, br#"{"op":"message"}"#);
+        let nl = e.iter().position(|b| *b == b'\n').unwrap();
+        let back: Header<'_> = serde_json::from_slice(&e[..nl]).unwrap();
+        assert_eq!(back.t, 42);
+        assert_eq!(back.x.as_deref(), Some("c1"));
+        assert_eq!(&e[nl + 1..], br#"{"op":"message"}"#);
+    }
+
+    #[test]
+    fn backoff_is_bounded() {
+        for a in 0..40 {
+            assert!(backoff(a) <= Duration::from_secs(2));
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! The hub: this node's registry of sessions and channels, and local fan-out.
+//!
+//! A message reaches the hub already encoded (one [`Utf8Bytes`] frame); the
+//! hub hands a clone of those bytes (a reference-count increment) to the
+//! bounded queue of every local subscriber with `try_send`, so fan-out never
+//! waits. A subscriber whose queue is full is a slow consumer: it is told to
+//! close (1013) and the others are not slowed.
+//!
+//! Channels live in sharded `std::sync::Mutex`es that are never held across
+//! an `.await`: every operation under a lock is a map update or a `try_send`.
+//! A channel is removed the moment its last local subscriber leaves, and the
+//! broker's interest in it is updated under the same lock, so a concurrent
+//! subscribe/unsubscribe pair cannot leave the broker subscription behind or
+//! missing.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use indexmap::IndexMap;
+use tokio::sync::{Notify, mpsc};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::broker::Interest;
+use crate::error::CloseReason;
+use crate::metrics::Metrics;
+
+const SHARDS: usize = 64;
+
+/// One frame queued for a session's socket.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub frame: Utf8Bytes,
+    /// Publish time in µs since the Unix epoch for channel messages (feeds
+    /// `wsrelay_delivery_seconds`); 0 for replies and control frames.
+    pub published_us: u64,
+}
+
+/// Microseconds since the Unix epoch (comparable across nodes).
+pub fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The hub's handle on one session: its queue and the way to stop it.
+pub struct SessionHandle {
+    /// Node-local key, unique for the life of the process.
+    pub key: u64,
+    /// The connection id clients and the API see.
+    pub id: Arc<str>,
+    pub user: Option<Arc<str>>,
+    tx: mpsc::Sender<Outbound>,
+    kill: Notify,
+    kill_reason: AtomicU8,
+}
+
+impl SessionHandle {
+    /// Queues a frame without waiting. A full queue means the client is not
+    /// reading fast enough: the session is told to close as a slow consumer.
+    pub fn enqueue(&self, out: Outbound) -> bool {
+        match self.tx.try_send(out) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.kill(CloseReason::SlowConsumer);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Asks the session to close; the first reason wins.
+    pub fn kill(&self, reason: CloseReason) {
+        if self.kill_reason.compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            // notify_one stores a permit, so a session busy elsewhere still sees it.
+            self.kill.notify_one();
+        }
+    }
+
+    /// Completes once [`kill`](Self::kill) was called. Cancel safe.
+    pub async fn killed(&self) -> CloseReason {
+        self.kill.notified().await;
+        self.kill_reason().unwrap_or(CloseReason::Error)
+    }
+
+    pub fn kill_reason(&self) -> Option<CloseReason> {
+        CloseReason::from_u8(self.kill_reason.load(Ordering::Acquire))
+    }
+}
+
+#[derive(Default)]
+struct Channel {
+    subscribers: IndexMap<u64, Arc<SessionHandle>>,
+}
+
+#[derive(Default)]
+struct Sessions {
+    by_id: HashMap<Arc<str>, Arc<SessionHandle>>,
+    by_user: HashMap<Arc<str>, Vec<Arc<SessionHandle>>>,
+}
+
+/// Who `/api/disconnect` targets.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DisconnectTarget {
+    Connection(String),
+    User(String),
+}
+
+type Shard = Mutex<HashMap<Arc<str>, Channel>>;
+
+pub struct Hub {
+    shards: Box<[Shard]>,
+    hasher: std::collections::hash_map::RandomState,
+    sessions: Mutex<Sessions>,
+    next_key: AtomicU64,
+    interest: Option<Arc<Interest>>,
+    metrics: Arc<Metrics>,
+}
+
+/// Locks a mutex, recovering the data if a panic poisoned it: every critical
+/// section here leaves the maps consistent before anything can panic.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Hub {
+    /// `interest` is the broker's view of which channels this node needs
+    /// (None for the in-memory broker, where the hub is the whole routing).
+    pub fn new(interest: Option<Arc<Interest>>, metrics: Arc<Metrics>) -> Self {
+        Hub {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: Default::default(),
+            sessions: Mutex::new(Sessions::default()),
+            next_key: AtomicU64::new(1),
+            interest,
+            metrics,
+        }
+    }
+
+    fn shard(&self, channel: &str) -> &Shard {
+        &self.shards[(self.hasher.hash_one(channel) as usize) % SHARDS]
+    }
+
+    /// Creates a session handle with an outbound queue of `queue` frames and
+    /// registers it (for `/api/disconnect`).
+    pub fn register(
+        &self,
+        id: Arc<str>,
+        user: Option<Arc<str>>,
+        queue: usize,
+    ) -> (Arc<SessionHandle>, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(queue);
+        let handle = Arc::new(SessionHandle {
+            key: self.next_key.fetch_add(1, Ordering::Relaxed),
+            id,
+            user,
+            tx,
+            kill: Notify::new(),
+            kill_reason: AtomicU8::new(0),
+        });
+        let mut s = lock(&self.sessions);
+        s.by_id.insert(handle.id.clone(), handle.clone());
+        if let Some(u) = &handle.user {
+            s.by_user.entry(u.clone()).or_default().push(handle.clone());
+        }
+        (handle, rx)
+    }
+
+    /// Removes a session from the registry (its subscriptions are removed by
+    /// the session with [`unsubscribe`](Self::unsubscribe)).
+    pub fn unregister(&self, handle: &SessionHandle) {
+        let mut s = lock(&self.sessions);
+        s.by_id.remove(&handle.id);
+        if let Some(u) = &handle.user {
+            if let Some(list) = s.by_user.get_mut(u) {
+                list.retain(|h| h.key != handle.key);
+                if list.is_empty() {
+                    s.by_user.remove(u);
+                }
+            }
+        }
+    }
+
+    /// Adds a subscriber. Returns false if it was already subscribed.
+    pub fn subscribe(&self, channel: &str, session: &Arc<SessionHandle>) -> bool {
+        let mut shard = lock(self.shard(channel));
+        let added = match shard.get_mut(channel) {
+            Some(ch) => ch.subscribers.insert(session.key, session.clone()).is_none(),
+            None => {
+                let name: Arc<str> = Arc::from(channel);
+                if let Some(i) = &self.interest {
+                    i.want(&name);
+                }
+                let mut ch = Channel::default();
+                ch.subscribers.insert(session.key, session.clone());
+                shard.insert(name, ch);
+                self.metrics.channels.inc();
+                true
+            }
+        };
+        if added {
+            self.metrics.subscriptions.inc();
+        }
+        added
+    }
+
+    /// Removes a subscriber; the channel goes with its last subscriber.
+    pub fn unsubscribe(&self, channel: &str, session_key: u64) -> bool {
+        let mut shard = lock(self.shard(channel));
+        let Some(ch) = shard.get_mut(channel) else {
+            return false;
+        };
+        let removed = ch.subscribers.swap_remove(&session_key).is_some();
+        if ch.subscribers.is_empty() {
+            shard.remove(channel);
+            if let Some(i) = &self.interest {
+                i.unwant(channel);
+            }
+            self.metrics.channels.dec();
+        }
+        if removed {
+            self.metrics.subscriptions.dec();
+        }
+        removed
+    }
+
+    /// Hands one encoded message to every local subscriber of `channel`
+    /// except the `exclude` connection. Never waits. Returns how many
+    /// sessions got it.
+    pub fn deliver(&self, channel: &str, frame: &Utf8Bytes, exclude: Option<&str>, published_us: u64) -> usize {
+        let shard = lock(self.shard(channel));
+        let Some(ch) = shard.get(channel) else {
+            return 0;
+        };
+        let mut n = 0;
+        for sub in ch.subscribers.values() {
+            if exclude.is_some_and(|x| *x == *sub.id) {
+                continue;
+            }
+            let out = Outbound { frame: frame.clone(), published_us };
+            if sub.enqueue(out) {
+                n += 1;
+            } else {
+                self.metrics.dropped_slow_consumer.inc();
+            }
+        }
+        n
+    }
+
+    /// Closes the targeted local sessions; returns how many.
+    pub fn disconnect(&self, target: &DisconnectTarget) -> usize {
+        let victims: Vec<Arc<SessionHandle>> = {
+            let s = lock(&self.sessions);
+            match target {
+                DisconnectTarget::Connection(id) => s.by_id.get(id.as_str()).cloned().into_iter().collect(),
+                DisconnectTarget::User(user) => s.by_user.get(user.as_str()).cloned().unwrap_or_default(),
+            }
+        };
+        for v in &victims {
+            v.kill(CloseReason::Disconnected);
+        }
+        victims.len()
+    }
+
+    /// Sessions currently registered on this node.
+    pub fn session_count(&self) -> usize {
+        lock(&self.sessions).by_id.len()
+    }
+
+    /// Every session, e.g. to stop them all.
+    pub fn all_sessions(&self) -> Vec<Arc<SessionHandle>> {
+        lock(&self.sessions).by_id.values().cloned().collect()
+    }
+}

@@ -1,0 +1,230 @@
+//! The `wsrelay.v1` wire format: parsing client frames and encoding server
+//! frames. Message frames are encoded once per publish and shared as
+//! [`Utf8Bytes`] by every subscriber; `data` is carried as raw JSON and never
+//! re-serialized.
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::error::ApiError;
+
+/// The subprotocol clients may offer in `Sec-WebSocket-Protocol`.
+pub const SUBPROTOCOL: &str = "wsrelay.v1";
+
+/// Longest channel name, in bytes.
+pub const MAX_CHANNEL_LEN: usize = 255;
+
+/// Checks a channel name: 1–255 bytes from `A-Z a-z 0-9 _ - : . @ / = + # , ! ~`.
+pub fn validate_channel(name: &str) -> Result<(), ApiError> {
+    if name.is_empty() {
+        return Err(ApiError::bad_request("channel name is empty"));
+    }
+    if name.len() > MAX_CHANNEL_LEN {
+        return Err(ApiError::bad_request(format!(
+            "channel name is {} bytes, the limit is {MAX_CHANNEL_LEN}",
+            name.len()
+        )));
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || "_-:.@/=+#,!~".contains(*c))) {
+        return Err(ApiError::bad_request(format!("channel name has {c:?}: allowed are A-Z a-z 0-9 and _-:.@/=+#,!~")));
+    }
+    Ok(())
+}
+
+/// What a client asks for.
+#[derive(Debug)]
+pub enum Request {
+    Subscribe { channel: String, since: Option<String> },
+    Unsubscribe { channel: String },
+    Publish { channel: String, data: Box<RawValue> },
+    Send { data: Box<RawValue> },
+    Presence { channel: String },
+    Ping,
+}
+
+/// A parsed client frame: its `id` (echoed in the reply) and the request, or
+/// why it is not one.
+#[derive(Debug)]
+pub struct ClientFrame {
+    pub id: Option<Box<RawValue>>,
+    pub request: Result<Request, ApiError>,
+}
+
+#[derive(Deserialize)]
+struct Loose {
+    #[serde(default)]
+    op: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    id: Option<Box<RawValue>>,
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    since: Option<String>,
+    // `present` so that `"data": null` is data, not a missing field.
+    #[serde(default, deserialize_with = "present")]
+    data: Option<Box<RawValue>>,
+}
+
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
+}
+
+/// Parses one text frame. Never fails: a bad frame becomes a request error
+/// that the session answers with a `bad_request` reply.
+pub fn parse_frame(text: &str) -> ClientFrame {
+    let loose: Loose = match serde_json::from_str(text) {
+        Ok(l) => l,
+        Err(e) => {
+            let msg = if e.is_data() {
+                format!("frame must be a JSON object with an \"op\": {e}")
+            } else {
+                format!("frame is not valid JSON: {e}")
+            };
+            return ClientFrame { id: None, request: Err(ApiError::bad_request(msg)) };
+        }
+    };
+    let id = loose.id;
+    if let Some(raw) = &id {
+        let s = raw.get();
+        if !(s.starts_with('"') || s.starts_with(|c: char| c == '-' || c.is_ascii_digit())) {
+            return ClientFrame {
+                id: None,
+                request: Err(ApiError::bad_request("\"id\" must be a number or a string")),
+            };
+        }
+    }
+    let need = |v: Option<String>, field: &'static str| v.ok_or_else(|| missing(field));
+    let request = match loose.op.as_deref() {
+        None => Err(missing("op")),
+        Some("subscribe") => {
+            need(loose.channel, "channel").map(|channel| Request::Subscribe { channel, since: loose.since })
+        }
+        Some("unsubscribe") => need(loose.channel, "channel").map(|channel| Request::Unsubscribe { channel }),
+        Some("publish") => need(loose.channel, "channel").and_then(|channel| {
+            loose.data.ok_or_else(|| missing("data")).map(|data| Request::Publish { channel, data })
+        }),
+        Some("send") => loose.data.ok_or_else(|| missing("data")).map(|data| Request::Send { data }),
+        Some("presence") => need(loose.channel, "channel").map(|channel| Request::Presence { channel }),
+        Some("ping") => Ok(Request::Ping),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "unknown op {other:?}: expected subscribe, unsubscribe, publish, send, presence or ping"
+        ))),
+    };
+    ClientFrame { id, request }
+}
+
+fn missing(field: &str) -> ApiError {
+    ApiError::bad_request(format!("missing field \"{field}\""))
+}
+
+fn encode<T: Serialize>(v: &T) -> Utf8Bytes {
+    // Serializing our own frame types (strings, raw JSON, bools) cannot fail.
+    match serde_json::to_string(v) {
+        Ok(s) => Utf8Bytes::from(s),
+        Err(_) => Utf8Bytes::from_static(
+            r#"{"op":"reply","ok":false,"error":{"code":"internal","message":"encoding failed"}}"#,
+        ),
+    }
+}
+
+/// `{"op":"welcome","connection":…,"user":…,"channels":[…]}`
+pub fn welcome(connection: &str, user: Option<&str>, channels: &[impl AsRef<str>]) -> Utf8Bytes {
+    #[derive(Serialize)]
+    struct Welcome<'a> {
+        op: &'static str,
+        connection: &'a str,
+        user: Option<&'a str>,
+        channels: Vec<&'a str>,
+    }
+    encode(&Welcome { op: "welcome", connection, user, channels: channels.iter().map(AsRef::as_ref).collect() })
+}
+
+#[derive(Serialize)]
+struct Reply<'a> {
+    op: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a RawValue>,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<serde_json::Value>,
+}
+
+/// `{"op":"reply","id":…,"ok":true,"result":…}`
+pub fn reply_ok(id: Option<&RawValue>, result: Option<&RawValue>) -> Utf8Bytes {
+    encode(&Reply { op: "reply", id, ok: true, result, error: None })
+}
+
+/// `{"op":"reply","id":…,"ok":false,"error":{"code":…,"message":…}}`
+pub fn reply_err(id: Option<&RawValue>, err: &ApiError) -> Utf8Bytes {
+    encode(&Reply { op: "reply", id, ok: false, result: None, error: Some(err.to_json()) })
+}
+
+/// `{"op":"message","channel":…,"data":…}`, built by hand around the raw
+/// data so the payload is copied once and never re-parsed.
+pub fn message(channel: &str, data: &RawValue, offset: Option<&str>) -> Utf8Bytes {
+    let data = data.get();
+    let mut s = String::with_capacity(40 + channel.len() + data.len());
+    s.push_str(r#"{"op":"message","channel":"#);
+    push_json_str(&mut s, channel);
+    s.push_str(r#","data":"#);
+    s.push_str(data);
+    if let Some(off) = offset {
+        s.push_str(r#","offset":"#);
+        push_json_str(&mut s, off);
+    }
+    s.push('}');
+    Utf8Bytes::from(s)
+}
+
+fn push_json_str(out: &mut String, s: &str) {
+    // Serializing a &str into a String cannot fail.
+    if let Ok(q) = serde_json::to_string(s) {
+        out.push_str(&q);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ops_and_reports_missing_fields() {
+        let f = parse_frame(r#"{"op":"subscribe","channel":"room:1","id":7}"#);
+        assert_eq!(f.id.as_ref().map(|r| r.get()), Some("7"));
+        assert!(matches!(f.request, Ok(Request::Subscribe { ref channel, .. }) if channel == "room:1"));
+
+        let f = parse_frame(r#"{"op":"publish","channel":"a","data":null,"id":"x"}"#);
+        assert!(matches!(f.request, Ok(Request::Publish { ref data, .. }) if data.get() == "null"));
+
+        let f = parse_frame(r#"{"op":"publish","channel":"a","id":1}"#);
+        let e = f.request.unwrap_err();
+        assert!(e.message.contains("data"), "{e}");
+        assert_eq!(f.id.unwrap().get(), "1");
+
+        assert!(parse_frame("not json").request.is_err());
+        assert!(parse_frame("[1,2]").request.is_err());
+        assert!(parse_frame(r#"{"op":"dance"}"#).request.unwrap_err().message.contains("unknown op"));
+    }
+
+    #[test]
+    fn channel_names() {
+        assert!(validate_channel("user:42").is_ok());
+        assert!(validate_channel("a/b.c-d_e@f=g+h#i,j!k~l").is_ok());
+        assert!(validate_channel("").is_err());
+        assert!(validate_channel("has space").is_err());
+        assert!(validate_channel("quote\"").is_err());
+        assert!(validate_channel(&"x".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn message_frame_is_valid_json() {
+        let data = RawValue::from_string(r#"{"text":"hi \"you\""}"#.into()).unwrap();
+        let f = message("room:1", &data, Some("3-0"));
+        let v: serde_json::Value = serde_json::from_str(f.as_str()).unwrap();
+        assert_eq!(v["data"]["text"], "hi \"you\"");
+        assert_eq!(v["offset"], "3-0");
+    }
+}

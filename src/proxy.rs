@@ -1,0 +1,221 @@
+//! Downstream → upstream forwarding: every request that is not a relay
+//! upgrade goes to the app with its body streamed both ways (SSE, large
+//! uploads), hop-by-hop headers removed, `X-Forwarded-*` set, over pooled
+//! connections. WebSocket upgrades on other paths are tunnelled to the app.
+//! The app failing never takes the sidecar down: refused → 502, too slow →
+//! 504, with a short plain-text body.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tracing::{Instrument, debug, warn};
+
+use crate::config::ProxyConfig;
+use crate::metrics::Metrics;
+
+/// The body type of every response wsrelay sends and every request it makes.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// A complete body from bytes.
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// A short plain-text response (errors of our own).
+pub fn text(status: StatusCode, msg: &str) -> Response<Body> {
+    let mut r = Response::new(full(format!("{msg}\n")));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+/// The pooled HTTP client to the app, shared by the proxy and the hooks.
+pub type UpstreamClient = Client<HttpConnector, Body>;
+
+pub fn client(cfg: &ProxyConfig) -> UpstreamClient {
+    let mut conn = HttpConnector::new();
+    conn.set_nodelay(true);
+    conn.set_connect_timeout(Some(cfg.connect_timeout));
+    conn.set_keepalive(Some(Duration::from_secs(60)));
+    Client::builder(TokioExecutor::new())
+        // The idle reaper only runs with a timer; keep idle connections
+        // shorter-lived than the app's keep-alive so we never reuse one it
+        // is closing.
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(cfg.idle_timeout)
+        .pool_max_idle_per_host(256)
+        .build(conn)
+}
+
+pub struct Proxy {
+    client: UpstreamClient,
+    upstream: Uri,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, including every header `Connection` names,
+/// and `Upgrade` unless the request is being tunnelled.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        if keep_upgrade && name == header::UPGRADE {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if !keep_upgrade {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Appends the peer to `X-Forwarded-For` and sets `X-Forwarded-Proto` and
+/// `X-Forwarded-Host` unless a front proxy already did (wsrelay runs behind
+/// one, which knows the original scheme and host).
+pub fn set_forwarded(headers: &mut HeaderMap, remote: SocketAddr, host: Option<HeaderValue>) {
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let ip = remote.ip().to_canonical().to_string();
+    let value = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(xff, v);
+    }
+    let proto = HeaderName::from_static("x-forwarded-proto");
+    if !headers.contains_key(&proto) {
+        headers.insert(proto, HeaderValue::from_static("http"));
+    }
+    let fhost = HeaderName::from_static("x-forwarded-host");
+    if let (false, Some(h)) = (headers.contains_key(&fhost), host) {
+        headers.insert(fhost, h);
+    }
+}
+
+/// True for an HTTP/1.1 `Connection: upgrade` request carrying `Upgrade`.
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+impl Proxy {
+    pub fn new(cfg: &ProxyConfig, client: UpstreamClient, metrics: Arc<Metrics>) -> Self {
+        Proxy { client, upstream: cfg.upstream.clone(), timeout: cfg.timeout, metrics }
+    }
+
+    /// The app's URI for a path (and query) of ours.
+    pub fn upstream_uri(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+        let mut parts = self.upstream.clone().into_parts();
+        parts.path_and_query = Some(path_and_query.parse()?);
+        Ok(Uri::from_parts(parts)?)
+    }
+
+    /// Forwards one request and returns the app's response (or 502/504).
+    pub async fn forward(&self, mut req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+        let started = Instant::now();
+        let upgrade = is_upgrade(&req);
+        let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+        let (mut parts, body) = req.into_parts();
+        // HTTP/2 carries the host in the URI, HTTP/1.1 in the Host header.
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        if upgrade {
+            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        set_forwarded(&mut parts.headers, remote, host.clone());
+        if let Some(h) = host {
+            parts.headers.insert(header::HOST, h);
+        }
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        parts.uri = match self.upstream_uri(pq) {
+            Ok(u) => u,
+            Err(_) => return self.done(text(StatusCode::BAD_REQUEST, "bad request target"), started),
+        };
+        parts.version = Version::HTTP_11;
+        let upstream_req = Request::from_parts(parts, body.boxed());
+
+        let mut resp = match tokio::time::timeout(self.timeout, self.client.request(upstream_req)).await {
+            Err(_) => {
+                return self.done(
+                    text(StatusCode::GATEWAY_TIMEOUT, "504 gateway timeout: the app did not answer in time"),
+                    started,
+                );
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, connect = e.is_connect(), "upstream request failed");
+                return self.done(text(StatusCode::BAD_GATEWAY, "502 bad gateway: the app is unreachable"), started);
+            }
+            Ok(Ok(r)) => r,
+        };
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(down) = downstream_upgrade {
+                let up = hyper::upgrade::on(&mut resp);
+                tokio::spawn(tunnel(down, up).instrument(tracing::debug_span!("tunnel", remote.addr = %remote)));
+                let (parts, _) = resp.into_parts();
+                return self.done(Response::from_parts(parts, full(Bytes::new())), started);
+            }
+        }
+        strip_hop_by_hop(resp.headers_mut(), false);
+        self.done(resp.map(BodyExt::boxed), started)
+    }
+
+    fn done(&self, resp: Response<Body>, started: Instant) -> Response<Body> {
+        self.metrics.upstream(resp.status(), started.elapsed().as_secs_f64());
+        resp
+    }
+}
+
+/// Copies bytes both ways between the client and the app after an upgrade.
+async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+    let (down, up) = match tokio::try_join!(down, up) {
+        Ok(pair) => pair,
+        Err(e) => {
+            warn!(error = %e, "upgrade tunnel failed to start");
+            return;
+        }
+    };
+    let mut down = TokioIo::new(down);
+    let mut up = TokioIo::new(up);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        debug!(error = %e, "upgrade tunnel ended with an error");
+    }
+}

@@ -1,0 +1,210 @@
+//! From an HTTP upgrade request to a running session. Everything that can
+//! refuse a client happens here, before the `101`: a refused client gets a
+//! plain HTTP status it can act on (400, 401, 403, 426, 503), not an opened
+//! and immediately closed socket.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tracing::Instrument;
+
+use super::Session;
+use crate::Shared;
+use crate::auth::{Action, Reject};
+use crate::error::ErrorCode;
+use crate::metrics::ConnResult;
+use crate::protocol::{self, SUBPROTOCOL};
+use crate::proxy::{Body, text};
+
+/// Bytes read from the socket per call; also the idle read buffer. Small
+/// keeps idle connections cheap (the 128 KiB default costs ~137 KB each).
+const READ_BUFFER: usize = 4 * 1024;
+/// Bytes gathered before a write reaches the socket (a flush always writes).
+const WRITE_BUFFER: usize = 16 * 1024;
+
+pub(crate) fn ws_config(max_message_bytes: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        // Room for the buffer plus the largest frames we send; beyond it a
+        // write fails instead of growing without bound.
+        .max_write_buffer_size(WRITE_BUFFER + 4 * (max_message_bytes + 1024))
+        .max_message_size(Some(max_message_bytes))
+        .max_frame_size(Some(max_message_bytes))
+}
+
+fn reject(shared: &Shared, r: &Reject) -> Response<Body> {
+    shared.metrics.connection_result(r.result);
+    tracing::debug!(status = %r.status, reason = %r.message, "upgrade refused");
+    text(r.status, &r.message)
+}
+
+fn bad(msg: impl Into<String>) -> Reject {
+    Reject::new(StatusCode::BAD_REQUEST, ConnResult::BadRequest, msg)
+}
+
+/// Handles a WebSocket upgrade on a relay path.
+pub(crate) async fn accept(shared: Arc<Shared>, mut req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+    let prepared = match prepare(&shared, &req, remote).await {
+        Ok(p) => p,
+        Err(r) => return reject(&shared, &r),
+    };
+    let Prepared { key, protocol, mut session, rx, channels } = prepared;
+
+    // Subscriptions are in place before the 101, so a client never sees a
+    // welcome for channels that are not delivering.
+    if let Err(e) = session.subscribe_initial(&channels).await {
+        let r = if e.code == ErrorCode::Unavailable {
+            Reject::new(StatusCode::SERVICE_UNAVAILABLE, ConnResult::Unavailable, e.message)
+        } else {
+            bad(e.message)
+        };
+        return reject(&shared, &r);
+    }
+
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let welcome = protocol::welcome(&session.handle.id, session.ident.user.as_deref(), &channels);
+    let span = tracing::info_span!(
+        "session",
+        conn.id = %session.handle.id,
+        user = session.ident.user.as_deref().unwrap_or(""),
+        remote.addr = %remote,
+    );
+    let ws_cfg = ws_config(shared.cfg.session.max_message_bytes);
+    let handshake_timeout = shared.cfg.session.handshake_timeout;
+    let metrics = shared.metrics.clone();
+    shared.sessions.spawn(
+        async move {
+            match tokio::time::timeout(handshake_timeout, on_upgrade).await {
+                Ok(Ok(upgraded)) => {
+                    metrics.connection_result(ConnResult::Accepted);
+                    let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_cfg)).await;
+                    tracing::debug!("session open");
+                    session.run(ws, rx, welcome).await;
+                }
+                _ => {
+                    metrics.connection_result(ConnResult::HandshakeFailed);
+                    tracing::debug!("upgrade did not complete");
+                }
+            }
+        }
+        .instrument(span),
+    );
+
+    let mut resp = Response::new(crate::proxy::full(bytes::Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if protocol {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+    }
+    resp
+}
+
+struct Prepared {
+    key: String,
+    protocol: bool,
+    session: Session,
+    rx: tokio::sync::mpsc::Receiver<crate::hub::Outbound>,
+    channels: Vec<String>,
+}
+
+async fn prepare(shared: &Arc<Shared>, req: &Request<Incoming>, remote: SocketAddr) -> Result<Prepared, Reject> {
+    let h = req.headers();
+    if req.method() != Method::GET {
+        return Err(bad("WebSocket upgrades use GET"));
+    }
+    let is_websocket =
+        h.get(header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if !is_websocket {
+        return Err(bad("expected Upgrade: websocket"));
+    }
+    if h.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+        return Err(Reject::new(
+            StatusCode::UPGRADE_REQUIRED,
+            ConnResult::BadRequest,
+            "unsupported Sec-WebSocket-Version: use 13",
+        ));
+    }
+    let key = h
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|v| v.to_str().ok())
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| bad("missing Sec-WebSocket-Key"))?
+        .to_owned();
+    if shared.drain.is_cancelled() {
+        return Err(Reject::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ConnResult::Draining,
+            "shutting down: reconnect to another replica",
+        ));
+    }
+    shared.auth.check_origin(h)?;
+    let offered: Vec<&str> = h
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    let protocol = offered.contains(&SUBPROTOCOL);
+    if !offered.is_empty() && !protocol {
+        return Err(bad(format!("unsupported subprotocol: offer {SUBPROTOCOL}")));
+    }
+
+    // Channels named in the URL, checked like a subscribe.
+    let mut url_channels = Vec::new();
+    if let Some(q) = req.uri().query() {
+        for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+            if k == "channel" {
+                protocol::validate_channel(&v).map_err(|e| bad(e.message))?;
+                url_channels.push(v.into_owned());
+            }
+        }
+    }
+
+    let ident = shared.auth.authenticate(req, remote).await?;
+    if !shared.take_slot() {
+        return Err(Reject::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ConnResult::LimitReached,
+            "too many connections on this replica",
+        ));
+    }
+    let id = format!("{}.{}", shared.cfg.node_id, crate::config::random_id(12));
+    let (handle, rx) = shared.hub.register(Arc::from(id.as_str()), ident.user.clone(), shared.cfg.session.client_queue);
+    let ident = Arc::new(ident);
+    // The session owns the slot and the registration from here: its Drop
+    // gives both back whichever way this ends.
+    let session = Session::new(shared.clone(), handle, ident.clone());
+
+    for ch in &url_channels {
+        shared.auth.authorize(Action::Subscribe, &ident, &id, ch, None).await.map_err(|e| match e.code {
+            ErrorCode::Unavailable => Reject::new(StatusCode::SERVICE_UNAVAILABLE, ConnResult::Unavailable, e.message),
+            _ => Reject::new(StatusCode::FORBIDDEN, ConnResult::Forbidden, e.message),
+        })?;
+    }
+    let mut channels = ident.channels.clone();
+    for ch in url_channels {
+        if !channels.contains(&ch) {
+            channels.push(ch);
+        }
+    }
+    let max = shared.cfg.session.max_subscriptions;
+    if channels.len() > max {
+        return Err(bad(format!("{} channels requested, the limit is {max}", channels.len())));
+    }
+    Ok(Prepared { key, protocol, session, rx, channels })
+}

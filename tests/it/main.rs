@@ -1,0 +1,11 @@
+//! Integration tests: real sockets, a real upstream app, real Redis.
+//! One test binary (one link) with a module per area.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod api;
+mod common;
+mod lifecycle;
+mod limits;
+mod proxy;
+mod relay;
