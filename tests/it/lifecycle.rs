@@ -77,6 +77,10 @@ struct Running {
     child: Child,
     public: String,
     admin: String,
+    /// The start-up line naming the broker.
+    broker: String,
+    /// Every log line read so far.
+    seen: Vec<String>,
     log: std::sync::mpsc::Receiver<String>,
 }
 
@@ -100,21 +104,22 @@ fn spawn(args: &[&str]) -> Running {
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     // Owned from here, so a failed assertion still reaps the child.
-    let mut running = Running { child, public: String::new(), admin: String::new(), log: rx };
+    let mut running =
+        Running { child, public: String::new(), admin: String::new(), broker: String::new(), seen: vec![], log: rx };
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             let _ = tx.send(line);
         }
     });
-    let mut broker_line = false;
     loop {
         let line = running.log.recv_timeout(STEP).expect("the binary logs its start");
+        running.seen.push(line.clone());
         let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["message"].as_str().is_some_and(|m| m.starts_with("using in-memory broker")) {
-            broker_line = true;
+        if let Some(m) = v["message"].as_str().filter(|m| m.starts_with("using ")) {
+            running.broker = m.to_owned();
         }
         if v["message"] == "listening" {
-            assert!(broker_line, "the broker is named at start-up");
+            assert!(!running.broker.is_empty(), "the broker is named at start-up");
             running.public = v["public"].as_str().unwrap().to_owned();
             running.admin = v["admin"].as_str().unwrap().to_owned();
             return running;
@@ -127,6 +132,7 @@ async fn sigterm_drains_and_exits_0() {
     let app = Upstream::start().await;
     let mut bin = spawn(&["--upstream", &app.url(), "--drain-timeout", "5s"]);
     let admin = format!("http://{}", bin.admin);
+    assert!(bin.broker.starts_with("using in-memory broker (single instance"), "{}", bin.broker);
     assert_eq!(request(Method::GET, &format!("{admin}/readyz"), None, &[]).await.0, StatusCode::OK);
 
     let mut client = ws_connect(&format!("ws://{}/ws", bin.public)).await;
@@ -174,4 +180,19 @@ async fn sigterm_drains_and_exits_0() {
     assert_eq!(code, Some(0));
     let rest: Vec<String> = bin.log.try_iter().collect();
     assert!(rest.iter().any(|l| l.contains("\"draining\"")), "drain is logged: {rest:?}");
+}
+
+#[tokio::test]
+async fn redis_url_is_logged_without_its_password_and_readyz_is_honest() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("redis://:hunter2@127.0.0.1:{closed}/1");
+    let mut bin = spawn(&["--redis-url", &url, "--redis-prefix", "t1:"]);
+    assert_eq!(bin.broker, format!("using redis broker at redis://:***@127.0.0.1:{closed}/1 (prefix t1:)"));
+    // Nothing listens there: the node is up but not ready, and says so.
+    let admin = format!("http://{}", bin.admin);
+    assert_eq!(request(Method::GET, &format!("{admin}/healthz"), None, &[]).await.0, StatusCode::OK);
+    assert_eq!(request(Method::GET, &format!("{admin}/readyz"), None, &[]).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    bin.seen.extend(bin.log.try_iter());
+    assert!(bin.seen.iter().all(|l| !l.contains("hunter2")), "the password never reaches the log");
 }

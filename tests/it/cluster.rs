@@ -1,0 +1,223 @@
+//! Several sidecars on one real Redis: cross-node delivery and order,
+//! subscribe-only-what-is-needed, Redis outages, killed and silently dead
+//! subscriber connections, prefixes.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::common::redis::{FreezeProxy, RedisServer};
+use crate::common::{Relay, STEP, Upstream, WsClient, eventually, ws_connect};
+
+const QUIET: Duration = Duration::from_millis(300);
+
+async fn node(app: &Upstream, redis_url: &str, extra: &[&str]) -> Relay {
+    let mut args = vec!["--redis-url", redis_url];
+    args.extend_from_slice(extra);
+    let relay = Relay::start(&app.url(), &args).await;
+    eventually(STEP, "broker up", || async { relay.readyz().await == StatusCode::OK }).await;
+    relay
+}
+
+/// Reads messages until `n` arrived for each of `channels`; returns the numbers per channel.
+async fn read_per_channel(c: &mut WsClient, channels: &[&str], n: usize) -> Vec<Vec<i64>> {
+    let mut got = vec![Vec::new(); channels.len()];
+    while got.iter().any(|g| g.len() < n) {
+        let m = c.recv().await;
+        assert_eq!(m["op"], "message", "{m}");
+        let i = channels.iter().position(|ch| m["channel"] == *ch).expect("a subscribed channel");
+        got[i].push(m["data"]["n"].as_i64().unwrap());
+    }
+    got
+}
+
+#[tokio::test]
+async fn three_nodes_deliver_every_message_once_in_one_order_per_channel() {
+    let redis = RedisServer::start();
+    let app = Upstream::start().await;
+    let nodes =
+        [node(&app, &redis.url(), &[]).await, node(&app, &redis.url(), &[]).await, node(&app, &redis.url(), &[]).await];
+    let channels = ["room:a", "room:b"];
+    let mut readers = Vec::new();
+    for n in &nodes {
+        for _ in 0..2 {
+            let mut c = ws_connect(&n.ws_url("/ws")).await;
+            for ch in channels {
+                c.subscribe(ch).await;
+            }
+            readers.push(tokio::spawn(async move {
+                let got = read_per_channel(&mut c, &channels, 500).await;
+                c.expect_silence(QUIET).await;
+                got
+            }));
+        }
+    }
+    for i in 0..1000 {
+        let node = &nodes[i % 3];
+        let channel = channels[i % 2];
+        let (status, body) = node.publish(json!({"channel": channel, "data": {"n": i}})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let expected_a: Vec<i64> = (0..1000).step_by(2).collect();
+    let expected_b: Vec<i64> = (1..1000).step_by(2).collect();
+    for r in readers {
+        let got = tokio::time::timeout(STEP * 3, r).await.unwrap().unwrap();
+        assert_eq!(got[0], expected_a, "room:a in publish order, once each");
+        assert_eq!(got[1], expected_b, "room:b in publish order, once each");
+    }
+    for n in &nodes {
+        assert_eq!(n.metric("wsrelay_messages_delivered_total").await, 2000.0);
+    }
+}
+
+#[tokio::test]
+async fn a_node_subscribes_in_redis_only_to_channels_it_needs() {
+    let redis = RedisServer::start();
+    let app = Upstream::start().await;
+    let a = node(&app, &redis.url(), &[]).await;
+    let b = node(&app, &redis.url(), &[]).await;
+    let mut c1 = ws_connect(&a.ws_url("/ws")).await;
+    let mut c2 = ws_connect(&a.ws_url("/ws")).await;
+    c1.subscribe("only:a").await;
+    c2.subscribe("only:a").await;
+    assert_eq!(redis.numsub("wsrelay:ch:only:a").await, 1, "one Redis subscription per node, not per client");
+    assert_eq!(a.metric("wsrelay_broker_subscriptions").await, 1.0);
+    assert_eq!(b.metric("wsrelay_broker_subscriptions").await, 0.0);
+
+    let (status, _) = b.publish(json!({"channel":"only:a","data":{"n":1}})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(c1.recv().await["data"]["n"], 1);
+    assert_eq!(c2.recv().await["data"]["n"], 1);
+
+    c1.request(json!({"op":"unsubscribe","channel":"only:a"})).await;
+    assert_eq!(redis.numsub("wsrelay:ch:only:a").await, 1, "still one local subscriber");
+    drop(c2);
+    eventually(STEP, "Redis subscription dropped", || async { redis.numsub("wsrelay:ch:only:a").await == 0 }).await;
+    a.wait_metric("wsrelay_broker_subscriptions", |v| v == 0.0).await;
+}
+
+#[tokio::test]
+async fn exclude_and_disconnect_work_across_nodes() {
+    let redis = RedisServer::start();
+    let app = Upstream::start().await;
+    let a = node(&app, &redis.url(), &[]).await;
+    let b = node(&app, &redis.url(), &[]).await;
+    let mut on_a = ws_connect(&a.ws_url("/ws")).await;
+    let mut on_b = ws_connect(&b.ws_url("/ws")).await;
+    on_a.subscribe("x").await;
+    on_b.subscribe("x").await;
+    let (status, _) = b.publish(json!({"channel":"x","data":{"n":5},"exclude":on_a.connection_id()})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(on_b.recv().await["data"]["n"], 5);
+    on_a.expect_silence(QUIET).await;
+
+    let (status, _) = b.api("/api/disconnect", json!({"connection": on_a.connection_id()}), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let close = on_a.expect_close(STEP).await.expect("a close frame");
+    assert_eq!(close.code, CloseCode::Policy);
+    on_b.expect_silence(QUIET).await;
+}
+
+#[tokio::test]
+async fn losing_redis_keeps_clients_and_says_so_then_recovers() {
+    let mut redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("ns.toml");
+    std::fs::write(&cfg, "[[namespace]]\nprefix = \"open:\"\npublish = \"anyone\"\n").unwrap();
+    let app = Upstream::start().await;
+    let args = ["--config", cfg.to_str().unwrap(), "--redis-timeout", "500ms"];
+    let a = node(&app, &redis.url(), &args).await;
+    let b = node(&app, &redis.url(), &args).await;
+    let mut on_a = ws_connect(&a.ws_url("/ws")).await;
+    let mut on_b = ws_connect(&b.ws_url("/ws")).await;
+    on_a.subscribe("open:r").await;
+    on_b.subscribe("open:r").await;
+
+    redis.kill();
+    for n in [&a, &b] {
+        eventually(STEP, "readyz 503", || async { n.readyz().await == StatusCode::SERVICE_UNAVAILABLE }).await;
+        assert_eq!(n.metric("wsrelay_broker_up").await, 0.0);
+        let (status, body) = n.publish(json!({"channel":"open:r","data":{"n":0}})).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "never a silent drop: {body}");
+        assert_eq!(body["error"]["code"], "unavailable");
+    }
+    let r = on_a.request(json!({"op":"publish","channel":"open:r","data":{"n":0}})).await;
+    assert_eq!(r["error"]["code"], "unavailable", "{r}");
+    let r = on_a.request(json!({"op":"subscribe","channel":"open:new"})).await;
+    assert_eq!(r["error"]["code"], "unavailable", "{r}");
+    // Clients stay connected through the outage.
+    assert_eq!(on_b.request(json!({"op":"ping"})).await["ok"], true);
+    assert_eq!(a.metric("wsrelay_connections").await, 1.0);
+
+    redis.restart();
+    for n in [&a, &b] {
+        eventually(STEP, "readyz 200 again", || async { n.readyz().await == StatusCode::OK }).await;
+        assert!(n.metric("wsrelay_broker_reconnects_total").await >= 1.0);
+    }
+    let (status, body) = b.publish(json!({"channel":"open:r","data":{"n":1}})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(on_a.recv().await["data"]["n"], 1, "resubscribed by itself");
+    assert_eq!(on_b.recv().await["data"]["n"], 1);
+    on_a.expect_silence(QUIET).await;
+}
+
+async fn publish_until_delivered(relay: &Relay, client: &mut WsClient, channel: &str) {
+    // The node may still be reconnecting: a 503 is an honest answer, retry.
+    let mut n = 100;
+    eventually(STEP, "a publish answered 200", || {
+        n += 1;
+        let body = json!({"channel": channel, "data": {"n": n}});
+        async move { relay.publish(body).await.0 == StatusCode::OK }
+    })
+    .await;
+    assert_eq!(client.recv().await["data"]["n"], n, "delivery resumed without any client action");
+}
+
+#[tokio::test]
+async fn a_killed_subscriber_connection_is_noticed_and_replaced() {
+    let redis = RedisServer::start();
+    let app = Upstream::start().await;
+    let relay = node(&app, &redis.url(), &[]).await;
+    let mut c = ws_connect(&relay.ws_url("/ws")).await;
+    c.subscribe("k").await;
+    // What Redis does to a subscriber over client-output-buffer-limit pubsub.
+    redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    relay.wait_metric("wsrelay_broker_reconnects_total", |v| v >= 1.0).await;
+    eventually(STEP, "ready again", || async { relay.readyz().await == StatusCode::OK }).await;
+    assert_eq!(redis.numsub("wsrelay:ch:k").await, 1, "resubscribed");
+    publish_until_delivered(&relay, &mut c, "k").await;
+}
+
+#[tokio::test]
+async fn a_silently_dead_subscriber_fails_the_probe_and_is_replaced() {
+    let redis = RedisServer::start();
+    let proxy = FreezeProxy::start(redis.port).await;
+    let app = Upstream::start().await;
+    let args = ["--redis-probe-interval", "200ms", "--redis-probe-timeout", "600ms", "--redis-timeout", "500ms"];
+    let relay = node(&app, &proxy.url(), &args).await;
+    let mut c = ws_connect(&relay.ws_url("/ws")).await;
+    c.subscribe("quiet").await;
+    // Connections stay open but deliver nothing: no error, no close.
+    proxy.freeze_existing();
+    relay.wait_metric("wsrelay_broker_probe_failures_total", |v| v >= 1.0).await;
+    eventually(STEP, "ready again on a fresh connection", || async { relay.readyz().await == StatusCode::OK }).await;
+    publish_until_delivered(&relay, &mut c, "quiet").await;
+}
+
+#[tokio::test]
+async fn clusters_with_different_prefixes_do_not_see_each_other() {
+    let redis = RedisServer::start();
+    let app = Upstream::start().await;
+    let one = node(&app, &redis.url(), &["--redis-prefix", "app1:"]).await;
+    let two = node(&app, &redis.url(), &["--redis-prefix", "app2:"]).await;
+    let mut c1 = ws_connect(&one.ws_url("/ws")).await;
+    let mut c2 = ws_connect(&two.ws_url("/ws")).await;
+    c1.subscribe("same").await;
+    c2.subscribe("same").await;
+    assert_eq!(redis.numsub("app1:ch:same").await, 1);
+    one.publish(json!({"channel":"same","data":{"n":1}})).await;
+    assert_eq!(c1.recv().await["data"]["n"], 1);
+    c2.expect_silence(QUIET).await;
+}
