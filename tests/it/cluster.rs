@@ -221,3 +221,22 @@ async fn clusters_with_different_prefixes_do_not_see_each_other() {
     assert_eq!(c1.recv().await["data"]["n"], 1);
     c2.expect_silence(QUIET).await;
 }
+
+#[tokio::test]
+async fn rediss_connects_with_tls_and_verifies_certificates() {
+    let redis = RedisServer::start_tls();
+    let tls = redis.tls_port.unwrap();
+    let app = Upstream::start().await;
+    // Self-signed test certificate: verification must refuse it...
+    let strict = Relay::start(&app.url(), &["--redis-url", &format!("rediss://127.0.0.1:{tls}/0")]).await;
+    // ...unless explicitly told not to verify (test setups only).
+    let a = node(&app, &format!("rediss://127.0.0.1:{tls}/0#insecure"), &[]).await;
+    let b = node(&app, &format!("rediss://127.0.0.1:{tls}/0#insecure"), &[]).await;
+    let mut c = ws_connect(&a.ws_url("/ws")).await;
+    c.subscribe("secure").await;
+    let (status, _) = b.publish(json!({"channel":"secure","data":{"n":1}})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(c.recv().await["data"]["n"], 1);
+    assert_eq!(strict.readyz().await, StatusCode::SERVICE_UNAVAILABLE, "an unverifiable certificate is refused");
+    assert_eq!(strict.metric("wsrelay_broker_up").await, 0.0);
+}

@@ -196,3 +196,42 @@ async fn redis_url_is_logged_without_its_password_and_readyz_is_honest() {
     bin.seen.extend(bin.log.try_iter());
     assert!(bin.seen.iter().all(|l| !l.contains("hunter2")), "the password never reaches the log");
 }
+
+#[test]
+fn example_config_is_valid_and_shows_every_key() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/wsrelay.toml");
+    let (code, out, err) = run_to_end(&["--config", path, "--check-config"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("configuration is valid"));
+    let text = std::fs::read_to_string(path).unwrap();
+    let (_, help, _) = run_to_end(&["--help"]);
+    let flags: Vec<&str> = help
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("--"))
+        .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()))
+        .filter(|w| !w.is_empty() && !["help", "version", "config", "check-config"].contains(w))
+        .collect();
+    assert!(flags.len() > 30, "{flags:?}");
+    for flag in flags {
+        assert!(text.contains(&format!("{flag} =")), "config/wsrelay.toml does not show `{flag}`");
+    }
+}
+
+#[tokio::test]
+async fn readme_documents_every_flag_and_metric() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let (_, help, _) = run_to_end(&["--help"]);
+    for flag in help.split_whitespace().filter(|w| w.starts_with("--")) {
+        let flag = flag.trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+        if flag != "--help" && flag != "--version" {
+            assert!(readme.contains(&format!("`{flag}`")), "README does not document {flag}");
+        }
+    }
+    let app = Upstream::start().await;
+    let relay = crate::common::Relay::start(&app.url(), &[]).await;
+    let metrics = relay.metrics().await;
+    for line in metrics.lines().filter(|l| l.starts_with("# TYPE wsrelay_")) {
+        let name = line.split_whitespace().nth(2).unwrap();
+        assert!(readme.contains(&format!("`{name}`")), "README does not document {name}");
+    }
+}

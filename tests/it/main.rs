@@ -7,6 +7,7 @@ mod api;
 mod auth;
 mod cluster;
 mod common;
+mod example;
 mod lifecycle;
 mod limits;
 mod proxy;

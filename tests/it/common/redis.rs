@@ -13,6 +13,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub struct RedisServer {
     pub port: u16,
+    /// A TLS port as well (self-signed certificate from tests/fixtures).
+    pub tls_port: Option<u16>,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
@@ -25,7 +27,8 @@ impl RedisServer {
     /// Starts a throwaway redis-server (no persistence) on a free port.
     pub fn start() -> RedisServer {
         for _ in 0..5 {
-            let mut s = RedisServer { port: free_port(), child: None, dir: tempfile::tempdir().unwrap() };
+            let mut s =
+                RedisServer { port: free_port(), tls_port: None, child: None, dir: tempfile::tempdir().unwrap() };
             if s.spawn() {
                 return s;
             }
@@ -33,14 +36,34 @@ impl RedisServer {
         panic!("could not start redis-server on a free port");
     }
 
+    /// Also listens with TLS on `tls_port`.
+    pub fn start_tls() -> RedisServer {
+        for _ in 0..5 {
+            let mut s = RedisServer {
+                port: free_port(),
+                tls_port: Some(free_port()),
+                child: None,
+                dir: tempfile::tempdir().unwrap(),
+            };
+            if s.spawn() {
+                return s;
+            }
+        }
+        panic!("could not start redis-server with TLS on a free port");
+    }
+
     fn spawn(&mut self) -> bool {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
+            .arg(self.dir.path());
+        if let Some(tls) = self.tls_port {
+            let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+            cmd.args(["--tls-port", &tls.to_string(), "--tls-auth-clients", "no"])
+                .args(["--tls-cert-file", &format!("{fixtures}/redis-tls.crt")])
+                .args(["--tls-key-file", &format!("{fixtures}/redis-tls.key")]);
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn();
         let child = match child {
             Ok(c) => c,
             Err(e) => {

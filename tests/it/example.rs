@@ -1,0 +1,71 @@
+//! The README's example app (examples/app.py, Python standard library only)
+//! behind a real wsrelay: every hook it implements does what the README says.
+
+use std::process::{Child, Command, Stdio};
+
+use http::StatusCode;
+use serde_json::json;
+
+use crate::common::{Relay, STEP, eventually, ws_connect_with};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+struct App(Child);
+
+impl Drop for App {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_python_example_app_works_behind_wsrelay() {
+    // Admin port first, so the app knows where to publish.
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let app_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let _app = App(Command::new("python3")
+        .arg(format!("{ROOT}/examples/app.py"))
+        .args(["--port", &app_port.to_string(), "--admin", &format!("http://127.0.0.1:{admin}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 runs"));
+    let upstream = format!("http://127.0.0.1:{app_port}");
+    eventually(STEP, "the app is up", || {
+        let url = format!("{upstream}/health");
+        async move { crate::common::try_request(http::Method::GET, &url, None, &[]).await.is_ok() }
+    })
+    .await;
+    let config = format!("{ROOT}/examples/wsrelay.toml");
+    let relay = Relay::start_on_admin_port(&upstream, &["--config", &config], admin).await;
+
+    let url = relay.ws_url("/ws");
+    assert_eq!(ws_connect_with(&url, &[]).await.err(), Some(StatusCode::UNAUTHORIZED), "no session cookie");
+    let mut alice = ws_connect_with(&url, &[("cookie", "session=alice-session")]).await.unwrap();
+    assert_eq!(alice.welcome["user"], "alice");
+    assert_eq!(alice.welcome["channels"], json!(["user:alice"]));
+    let mut bob = ws_connect_with(&url, &[("cookie", "session=bob-session")]).await.unwrap();
+
+    // The app publishes through the sidecar's API.
+    let (status, _, _) =
+        crate::common::request(http::Method::POST, &format!("{upstream}/notify?user=alice"), None, &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(alice.recv().await["data"]["text"], "hello alice");
+
+    // Rooms: the subscribe hook decides.
+    alice.subscribe("room:staff").await;
+    let r = bob.request(json!({"op":"subscribe","channel":"room:staff"})).await;
+    assert_eq!(r["error"]["code"], "forbidden");
+    bob.subscribe("room:lobby").await;
+    let r = alice.request(json!({"op":"publish","channel":"room:lobby","data":{"text":"hi bob"}})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(bob.recv().await["data"]["text"], "hi bob");
+
+    // send → message hook.
+    let r = bob.request(json!({"op":"send","data":{"action":"whoami"}})).await;
+    assert_eq!(r["result"]["user"], "bob");
+    let r = bob.request(json!({"op":"send","data":{"action":"dance"}})).await;
+    assert_eq!(r["error"]["code"], "not_found");
+    assert_eq!(r["error"]["message"], "unknown action");
+}
