@@ -224,6 +224,11 @@ pub struct Options {
     #[arg(long, env = "WSRELAY_UPSTREAM_IDLE_TIMEOUT", value_name = "DURATION")]
     pub upstream_idle_timeout: Option<Dur>,
 
+    /// On SIGTERM, keep serving this long (readyz 503, upgrades refused) before closing clients,
+    /// while load balancers take the replica out [default: 0s]
+    #[arg(long, env = "WSRELAY_SHUTDOWN_DELAY", value_name = "DURATION")]
+    pub shutdown_delay: Option<Dur>,
+
     /// On SIGTERM, the window over which clients are closed and requests finish [default: 30s]
     #[arg(long, env = "WSRELAY_DRAIN_TIMEOUT", value_name = "DURATION")]
     pub drain_timeout: Option<Dur>,
@@ -248,6 +253,10 @@ pub struct Options {
     #[arg(long, env = "WSRELAY_DISCONNECT_HOOK", value_name = "PATH")]
     pub disconnect_hook: Option<String>,
 
+    /// Sent to every hook as `X-Wsrelay-Hook-Secret`, for apps reachable other than through wsrelay
+    #[arg(long, env = "WSRELAY_HOOK_SECRET", value_name = "SECRET", hide_env_values = true)]
+    pub hook_secret: Option<Secret>,
+
     /// Longest wait for any hook's answer; a late hook fails closed [default: 5s]
     #[arg(long, env = "WSRELAY_HOOK_TIMEOUT", value_name = "DURATION")]
     pub hook_timeout: Option<Dur>,
@@ -267,6 +276,16 @@ pub struct Options {
     /// PEM file with the RSA or EC public key that verifies client JWTs (RS256 / ES256)
     #[arg(long, env = "WSRELAY_JWT_PUBLIC_KEY", value_name = "FILE")]
     pub jwt_public_key: Option<PathBuf>,
+
+    /// Accepted JWT `aud` values; repeatable. Unset: `aud` is not checked
+    #[arg(long, env = "WSRELAY_JWT_AUDIENCE", value_name = "AUD", value_delimiter = ',')]
+    #[serde(default)]
+    pub jwt_audience: Vec<String>,
+
+    /// Accepted JWT `iss` values; repeatable. Unset: `iss` is not checked
+    #[arg(long, env = "WSRELAY_JWT_ISSUER", value_name = "ISS", value_delimiter = ',')]
+    #[serde(default)]
+    pub jwt_issuer: Vec<String>,
 
     /// Origin allowed to open WebSockets (scheme://host[:port]); repeatable; `*` allows all
     /// [default: same host as the request]
@@ -373,17 +392,21 @@ impl Options {
             upstream_timeout: self.upstream_timeout.or(file.upstream_timeout),
             upstream_connect_timeout: self.upstream_connect_timeout.or(file.upstream_connect_timeout),
             upstream_idle_timeout: self.upstream_idle_timeout.or(file.upstream_idle_timeout),
+            shutdown_delay: self.shutdown_delay.or(file.shutdown_delay),
             drain_timeout: self.drain_timeout.or(file.drain_timeout),
             connect_hook: self.connect_hook.or(file.connect_hook),
             subscribe_hook: self.subscribe_hook.or(file.subscribe_hook),
             publish_hook: self.publish_hook.or(file.publish_hook),
             message_hook: self.message_hook.or(file.message_hook),
             disconnect_hook: self.disconnect_hook.or(file.disconnect_hook),
+            hook_secret: self.hook_secret.or(file.hook_secret),
             hook_timeout: self.hook_timeout.or(file.hook_timeout),
             hook_concurrency: self.hook_concurrency.or(file.hook_concurrency),
             disconnect_hook_queue: self.disconnect_hook_queue.or(file.disconnect_hook_queue),
             jwt_secret: self.jwt_secret.or(file.jwt_secret),
             jwt_public_key: self.jwt_public_key.or(file.jwt_public_key),
+            jwt_audience: list(self.jwt_audience, file.jwt_audience),
+            jwt_issuer: list(self.jwt_issuer, file.jwt_issuer),
             allowed_origin: list(self.allowed_origin, file.allowed_origin),
             namespace: file.namespace,
             default_namespace: file.default_namespace,
@@ -496,6 +519,15 @@ impl Options {
             return Err(ConfigError::new("redis-prefix", "must not contain whitespace"));
         }
 
+        let drain_timeout = secs(self.drain_timeout, 30);
+        let shutdown_delay = secs(self.shutdown_delay, 0);
+        if shutdown_delay >= drain_timeout {
+            return Err(ConfigError::new(
+                "shutdown-delay",
+                format!("must be shorter than drain-timeout ({drain_timeout:?}), which bounds the whole drain"),
+            ));
+        }
+
         let log_level = self.log_level.unwrap_or_else(|| "info".to_owned());
         if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
             return Err(ConfigError::new(
@@ -510,10 +542,12 @@ impl Options {
             publish_hook: hook_path("publish-hook", self.publish_hook)?,
             message_hook: hook_path("message-hook", self.message_hook)?,
             disconnect_hook: hook_path("disconnect-hook", self.disconnect_hook)?,
+            hook_secret: self.hook_secret.filter(|s| !s.expose().is_empty()),
             hook_timeout: nonzero_duration("hook-timeout", secs(self.hook_timeout, 5))?,
             hook_concurrency: positive("hook-concurrency", self.hook_concurrency, 64)?,
             disconnect_hook_queue: positive("disconnect-hook-queue", self.disconnect_hook_queue, 1024)?,
-            jwt: jwt_key(self.jwt_secret, self.jwt_public_key)?,
+            jwt: jwt_key(self.jwt_secret, self.jwt_public_key)?
+                .map(|k| k.with_claims(&self.jwt_audience, &self.jwt_issuer)),
             allowed_origins: validate_origins(self.allowed_origin)?,
             namespaces: validate_namespaces(self.namespace)?,
             default_namespace: NamespaceRule {
@@ -531,7 +565,8 @@ impl Options {
             node_id,
             log_format: self.log_format.unwrap_or_default(),
             log_level,
-            drain_timeout: secs(self.drain_timeout, 30),
+            drain_timeout,
+            shutdown_delay,
             session,
             proxy,
             broker,
@@ -673,6 +708,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub log_level: String,
     pub drain_timeout: Duration,
+    pub shutdown_delay: Duration,
     pub session: SessionConfig,
     pub proxy: ProxyConfig,
     pub broker: BrokerConfig,
@@ -730,6 +766,7 @@ pub struct AuthConfig {
     pub publish_hook: Option<String>,
     pub message_hook: Option<String>,
     pub disconnect_hook: Option<String>,
+    pub hook_secret: Option<Secret>,
     pub hook_timeout: Duration,
     pub hook_concurrency: usize,
     pub disconnect_hook_queue: usize,
@@ -742,6 +779,14 @@ pub struct AuthConfig {
 }
 
 impl AuthConfig {
+    /// The configured hook paths.
+    pub fn hook_paths(&self) -> impl Iterator<Item = &str> {
+        [&self.connect_hook, &self.subscribe_hook, &self.publish_hook, &self.message_hook, &self.disconnect_hook]
+            .into_iter()
+            .flatten()
+            .map(|p| p.split('?').next().unwrap_or(p))
+    }
+
     /// A `hook` policy without its hook path would deny everything: refuse it.
     fn check_hooks_for_policies(&self) -> Result<(), ConfigError> {
         let rules = self.namespaces.iter().chain(std::iter::once(&self.default_namespace));

@@ -97,25 +97,30 @@ impl Shared {
         self.metrics.connections.dec();
     }
 
-    /// When a session closes after the drain starts: spread over up to 80 %
-    /// of `--drain-timeout`, 2 ms per open session, so a full replica does
-    /// not send every client reconnecting at the same instant.
+    /// When a session closes after the drain starts: after `--shutdown-delay`,
+    /// spread over 2 ms per open session, within 80 % of what is left of
+    /// `--drain-timeout`, so a full replica does not send every client
+    /// reconnecting at the same instant.
     pub fn drain_delay(&self) -> Duration {
         use rand::RngExt;
         let n = self.open.load(Ordering::Acquire) as u32;
-        let window = (Duration::from_millis(2) * n).min(self.cfg.drain_timeout.mul_f64(0.8));
+        let room = self.cfg.drain_timeout.saturating_sub(self.cfg.shutdown_delay).mul_f64(0.8);
+        let window = (Duration::from_millis(2) * n).min(room);
         if window.is_zero() {
-            return Duration::ZERO;
+            return self.cfg.shutdown_delay;
         }
-        rand::rng().random_range(Duration::ZERO..window)
+        self.cfg.shutdown_delay + rand::rng().random_range(Duration::ZERO..window)
     }
 
+    /// Whether a client request would reach a hook: the hook paths and
+    /// everything starting with them, however spelled (case, `%`-escapes,
+    /// `//`, `..`, trailing `/` or `.json`).
     fn is_hook_path(&self, path: &str) -> bool {
-        let a = &self.cfg.auth;
-        [&a.connect_hook, &a.subscribe_hook, &a.publish_hook, &a.message_hook, &a.disconnect_hook]
-            .into_iter()
-            .flatten()
-            .any(|h| h.split('?').next() == Some(path))
+        let path = proxy::normalized_path(path);
+        self.cfg.auth.hook_paths().any(|h| {
+            let h = proxy::normalized_path(h);
+            h != "/" && path.starts_with(&h)
+        })
     }
 }
 
@@ -191,7 +196,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     info!(sessions = shared.hub.session_count(), timeout = ?drain_timeout, "draining");
     shared.drain.cancel();
     shared.sessions.close();
-    let _ = tokio::time::timeout_at(deadline, shared.sessions.wait()).await;
+    let serve_on = tokio::time::sleep(shared.cfg.shutdown_delay);
+    let _ = tokio::time::timeout_at(deadline, async { tokio::join!(shared.sessions.wait(), serve_on) }).await;
 
     // Sessions are gone; stop taking requests and let in-flight ones finish.
     stop_public.cancel();
@@ -206,6 +212,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         s.kill(CloseReason::Shutdown);
     }
     let _ = tokio::time::timeout(Duration::from_secs(3), shared.sessions.wait()).await;
+    // Tell the app about the clients just closed (best effort, bounded).
+    shared.auth.flush(Duration::from_secs(2)).await;
     stop_admin.cancel();
     if let Ok(graceful) = admin_task.await {
         let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;

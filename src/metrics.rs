@@ -49,6 +49,17 @@ pub enum ConnResult {
 }
 
 impl ConnResult {
+    const ALL: [ConnResult; 8] = [
+        ConnResult::Accepted,
+        ConnResult::BadRequest,
+        ConnResult::Forbidden,
+        ConnResult::Unauthorized,
+        ConnResult::Unavailable,
+        ConnResult::LimitReached,
+        ConnResult::Draining,
+        ConnResult::HandshakeFailed,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             ConnResult::Accepted => "accepted",
@@ -152,6 +163,9 @@ impl Metrics {
         // Zero series exist before the first event, so rates and alerts work at once.
         for reason in CloseReason::ALL {
             m.disconnects.with_label_values(&[reason.label()]);
+        }
+        for result in ConnResult::ALL {
+            m.connections_total.with_label_values(&[result.label()]);
         }
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         Ok(m)

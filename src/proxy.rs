@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -96,16 +97,27 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// HTTP/2 may split `cookie` into several fields; HTTP/1.1 wants one, joined
+/// with "; " (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    let all: Vec<&str> = headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).collect();
+    if all.len() > 1 {
+        if let Ok(v) = HeaderValue::from_str(&all.join("; ")) {
+            headers.insert(header::COOKIE, v);
+        }
+    }
+}
+
 /// Appends the peer to `X-Forwarded-For` and sets `X-Forwarded-Proto` and
 /// `X-Forwarded-Host` unless a front proxy already did (wsrelay runs behind
 /// one, which knows the original scheme and host).
 pub fn set_forwarded(headers: &mut HeaderMap, remote: SocketAddr, host: Option<HeaderValue>) {
     let xff = HeaderName::from_static("x-forwarded-for");
     let ip = remote.ip().to_canonical().to_string();
-    let value = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-        _ => ip,
-    };
+    // Several X-Forwarded-For lines are one list (RFC 9110 §5.3).
+    let prev: Vec<&str> =
+        headers.get_all(&xff).iter().filter_map(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()).collect();
+    let value = if prev.is_empty() { ip } else { format!("{}, {ip}", prev.join(", ")) };
     if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert(xff, v);
     }
@@ -117,6 +129,24 @@ pub fn set_forwarded(headers: &mut HeaderMap, remote: SocketAddr, host: Option<H
     if let (false, Some(h)) = (headers.contains_key(&fhost), host) {
         headers.insert(fhost, h);
     }
+}
+
+/// A path as a lenient app framework would route it: percent-decoded,
+/// lower-cased, `//` collapsed, `.`/`..` resolved, no trailing slash. Used
+/// to keep clients away from hook paths whatever spelling they try.
+pub fn normalized_path(raw: &str) -> String {
+    let decoded = percent_encoding::percent_decode_str(raw).decode_utf8_lossy().to_lowercase();
+    let mut parts: Vec<&str> = Vec::new();
+    for seg in decoded.split(['/', '\\']) {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            s => parts.push(s),
+        }
+    }
+    format!("/{}", parts.join("/"))
 }
 
 /// True for an HTTP/1.1 `Connection: upgrade` request carrying `Upgrade`.
@@ -146,7 +176,14 @@ impl Proxy {
     /// Forwards one request and returns the app's response (or 502/504).
     pub async fn forward(&self, mut req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
         let started = Instant::now();
-        let upgrade = is_upgrade(&req);
+        // Only WebSocket upgrades are tunnelled: a tunnel is opaque, and an
+        // `h2c` upgrade would carry requests past every check of ours.
+        let upgrade = is_upgrade(&req)
+            && req
+                .headers()
+                .get(header::UPGRADE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
         let (mut parts, body) = req.into_parts();
@@ -160,6 +197,15 @@ impl Proxy {
         if upgrade {
             parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
+        // Hooks carry x-wsrelay-* headers; a client must not be able to forge them.
+        let ours: Vec<HeaderName> =
+            parts.headers.keys().filter(|k| k.as_str().starts_with("x-wsrelay-")).cloned().collect();
+        for k in ours {
+            parts.headers.remove(k);
+        }
+        if parts.version == Version::HTTP_2 {
+            join_cookies(&mut parts.headers);
+        }
         set_forwarded(&mut parts.headers, remote, host.clone());
         if let Some(h) = host {
             parts.headers.insert(header::HOST, h);
@@ -170,9 +216,11 @@ impl Proxy {
             Err(_) => return self.done(text(StatusCode::BAD_REQUEST, "bad request target"), started),
         };
         parts.version = Version::HTTP_11;
+        let progress = Arc::new(Progress::new());
+        let body = Watched { inner: body, progress: progress.clone() };
         let upstream_req = Request::from_parts(parts, body.boxed());
 
-        let mut resp = match tokio::time::timeout(self.timeout, self.client.request(upstream_req)).await {
+        let mut resp = match self.with_deadline(self.client.request(upstream_req), &progress).await {
             Err(_) => {
                 return self.done(
                     text(StatusCode::GATEWAY_TIMEOUT, "504 gateway timeout: the app did not answer in time"),
@@ -198,9 +246,81 @@ impl Proxy {
         self.done(resp.map(BodyExt::boxed), started)
     }
 
+    /// Waits for the app's response headers. The clock starts again at every
+    /// chunk of request body the app reads: an upload that takes minutes is
+    /// fine while it moves, and a 504 comes `timeout` after the last progress.
+    async fn with_deadline<F: std::future::Future>(&self, fut: F, progress: &Progress) -> Result<F::Output, ()> {
+        tokio::pin!(fut);
+        loop {
+            let deadline = progress.last() + self.timeout;
+            tokio::select! {
+                out = &mut fut => return Ok(out),
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    if progress.last() + self.timeout <= Instant::now() {
+                        return Err(());
+                    }
+                }
+            }
+        }
+    }
+
     fn done(&self, resp: Response<Body>, started: Instant) -> Response<Body> {
         self.metrics.upstream(resp.status(), started.elapsed().as_secs_f64());
         resp
+    }
+}
+
+/// When a request body last moved toward the app.
+struct Progress {
+    base: Instant,
+    /// Nanoseconds after `base`.
+    last: AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress { base: Instant::now(), last: AtomicU64::new(0) }
+    }
+    fn touch(&self) {
+        let n = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(n, Ordering::Release);
+    }
+    fn last(&self) -> Instant {
+        self.base + Duration::from_nanos(self.last.load(Ordering::Acquire))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The downstream request body, noting each chunk the app takes.
+    struct Watched {
+        #[pin]
+        inner: Incoming,
+        progress: Arc<Progress>,
+    }
+}
+
+impl hyper::body::Body for Watched {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if polled.is_ready() {
+            this.progress.touch();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -217,5 +337,28 @@ async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) 
     let mut up = TokioIo::new(up);
     if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
         debug!(error = %e, "upgrade tunnel ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_normalized_like_lenient_routers() {
+        assert_eq!(normalized_path("/Internal/WS/%6Dessage/"), "/internal/ws/message");
+        assert_eq!(normalized_path("//internal/./ws/x/../message"), "/internal/ws/message");
+        assert_eq!(normalized_path("/"), "/");
+        assert_eq!(normalized_path("/a%2Fb"), "/a/b");
+    }
+
+    #[test]
+    fn forwarded_for_lines_are_one_list() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2, 3.3.3.3"));
+        set_forwarded(&mut h, "127.0.0.1:9".parse().unwrap(), None);
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1");
     }
 }

@@ -3,6 +3,7 @@
 //! and failing closed: a hook that is down or late denies.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -32,8 +33,15 @@ pub struct HookResponse {
     pub body: Bytes,
 }
 
+/// On every hook call: which hook. wsrelay strips `x-wsrelay-*` headers from
+/// proxied requests, so an app reached only through wsrelay can trust it.
+pub const HOOK_HEADER: &str = "x-wsrelay-hook";
+/// On every hook call when `--hook-secret` is set.
+pub const SECRET_HEADER: &str = "x-wsrelay-hook-secret";
+
 pub struct Hooks {
     client: UpstreamClient,
+    secret: Option<HeaderValue>,
     upstream: Uri,
     timeout: Duration,
     permits: Arc<Semaphore>,
@@ -44,11 +52,16 @@ impl Hooks {
     pub fn new(
         client: UpstreamClient,
         upstream: Uri,
+        secret: Option<&crate::config::Secret>,
         timeout: Duration,
         concurrency: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Hooks { client, upstream, timeout, permits: Arc::new(Semaphore::new(concurrency)), metrics }
+        let secret = secret.and_then(|s| HeaderValue::from_str(s.expose()).ok()).map(|mut v| {
+            v.set_sensitive(true);
+            v
+        });
+        Hooks { client, secret, upstream, timeout, permits: Arc::new(Semaphore::new(concurrency)), metrics }
     }
 
     /// POSTs a JSON body to `path` on the app. `name` labels the metrics.
@@ -87,6 +100,10 @@ impl Hooks {
             let uri = Uri::from_parts(parts).map_err(|e| HookError::Unreachable(e.to_string()))?;
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+            headers.insert(HOOK_HEADER, HeaderValue::from_static(name));
+            if let Some(secret) = &self.secret {
+                headers.insert(SECRET_HEADER, secret.clone());
+            }
             let mut req = Request::new(full(body));
             *req.method_mut() = Method::POST;
             *req.uri_mut() = uri;
@@ -128,15 +145,29 @@ pub struct DisconnectEvent {
 /// and counted, never allowed to slow sessions down or grow memory.
 pub struct DisconnectNotifier {
     tx: mpsc::Sender<DisconnectEvent>,
+    /// Notifications queued or in flight.
+    pending: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
+}
+
+/// Counts a notification done when dropped, however its task ends.
+struct Done(Arc<AtomicUsize>);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl DisconnectNotifier {
     pub fn start(hooks: Arc<Hooks>, path: String, queue: usize, metrics: Arc<Metrics>) -> Self {
         let (tx, mut rx) = mpsc::channel::<DisconnectEvent>(queue);
+        let pending = Arc::new(AtomicUsize::new(0));
+        let counter = pending.clone();
         tokio::spawn(
             async move {
                 while let Some(ev) = rx.recv().await {
+                    let done = Done(counter.clone());
                     // The permit is taken before spawning, so at most
                     // --hook-concurrency calls run and the queue is the only
                     // backlog.
@@ -146,6 +177,7 @@ impl DisconnectNotifier {
                     let hooks = hooks.clone();
                     let path = path.clone();
                     tokio::spawn(async move {
+                        let _done = done;
                         let body = serde_json::to_vec(&ev).unwrap_or_default();
                         let r = hooks.call_with("disconnect", &path, HeaderMap::new(), body, Some(permit)).await;
                         if let Ok(r) = r {
@@ -156,12 +188,23 @@ impl DisconnectNotifier {
             }
             .instrument(tracing::info_span!("disconnect_hook")),
         );
-        DisconnectNotifier { tx, metrics }
+        DisconnectNotifier { tx, pending, metrics }
     }
 
     pub fn notify(&self, ev: DisconnectEvent) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
         if self.tx.try_send(ev).is_err() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
             self.metrics.disconnect_hook_dropped.inc();
+        }
+    }
+
+    /// Waits (at most `within`) for queued notifications to be delivered,
+    /// so a draining sidecar tells the app about the clients it closed.
+    pub async fn flush(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.pending.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }

@@ -35,6 +35,10 @@ fn validation(algs: &[Algorithm]) -> Validation {
     let mut v = Validation::new(algs[0]);
     v.algorithms = algs.to_vec();
     v.leeway = 5;
+    v.validate_nbf = true;
+    // Checked only when --jwt-audience is set (identity providers put an
+    // `aud` in nearly every token; refusing them all would be useless).
+    v.validate_aud = false;
     v.set_required_spec_claims(&["exp", "sub"]);
     v
 }
@@ -63,8 +67,30 @@ impl JwtKey {
         Err("not a PEM RSA or EC public key".into())
     }
 
-    /// Verifies signature, algorithm and expiry; returns the claims.
+    /// Requires `aud` / `iss` to be one of these (when not empty).
+    pub fn with_claims(mut self, audience: &[String], issuer: &[String]) -> Self {
+        if !audience.is_empty() {
+            self.validation.set_audience(audience);
+            self.validation.validate_aud = true;
+        }
+        if !issuer.is_empty() {
+            self.validation.set_issuer(issuer);
+        }
+        self
+    }
+
+    /// Verifies signature, algorithm, expiry (and `nbf`, `aud`, `iss` as
+    /// configured); returns the claims.
     pub fn verify(&self, token: &str) -> Result<Claims, String> {
-        jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map(|d| d.claims).map_err(|e| e.to_string())
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map(|d| d.claims)
+            .map_err(|e| e.to_string())?;
+        if claims.sub.is_empty() {
+            return Err("empty sub".into());
+        }
+        if let Some(bad) = claims.channels.iter().find(|c| crate::protocol::validate_channel(c).is_err()) {
+            return Err(format!("invalid channel name in claims: {bad:?}"));
+        }
+        Ok(claims)
     }
 }

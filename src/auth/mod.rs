@@ -126,7 +126,14 @@ fn is_forwarded_to_hook(name: &HeaderName) -> bool {
 
 impl Auth {
     pub fn new(cfg: AuthConfig, client: UpstreamClient, upstream: http::Uri, metrics: Arc<Metrics>) -> Self {
-        let hooks = Arc::new(Hooks::new(client, upstream, cfg.hook_timeout, cfg.hook_concurrency, metrics.clone()));
+        let hooks = Arc::new(Hooks::new(
+            client,
+            upstream,
+            cfg.hook_secret.as_ref(),
+            cfg.hook_timeout,
+            cfg.hook_concurrency,
+            metrics.clone(),
+        ));
         let disconnects = cfg
             .disconnect_hook
             .clone()
@@ -336,6 +343,13 @@ impl Auth {
     pub fn disconnected(&self, ev: DisconnectEvent) {
         if let Some(d) = &self.disconnects {
             d.notify(ev);
+        }
+    }
+
+    /// Gives queued disconnect notifications up to `within` to go out.
+    pub async fn flush(&self, within: std::time::Duration) {
+        if let Some(d) = &self.disconnects {
+            d.flush(within).await;
         }
     }
 

@@ -202,27 +202,41 @@ impl Interest {
         }
     }
 
-    /// Channels to subscribe and to unsubscribe to match `desired`.
-    fn diff(&self) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
-        let s = self.lock();
-        let add = s.desired.difference(&s.active).cloned().collect();
-        let remove = s.active.difference(&s.desired).cloned().collect();
+    /// Channels to subscribe and to unsubscribe to match `desired`. Those to
+    /// unsubscribe leave `active` now, before the UNSUBSCRIBE goes out: a
+    /// subscriber arriving while it is in flight must wait for the
+    /// re-SUBSCRIBE, not be told "ok" while Redis is dropping the channel.
+    fn take_changes(&self) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
+        let (add, remove): (Vec<Arc<str>>, Vec<Arc<str>>) = {
+            let mut s = self.lock();
+            let add = s.desired.difference(&s.active).cloned().collect();
+            let remove: Vec<Arc<str>> = s.active.difference(&s.desired).cloned().collect();
+            for c in &remove {
+                s.active.remove(c);
+            }
+            (add, remove)
+        };
+        if !remove.is_empty() {
+            self.epoch.send_modify(|e| *e += 1);
+        }
         (add, remove)
     }
 
-    fn confirm(&self, added: &[Arc<str>], removed: &[Arc<str>]) -> usize {
+    /// Redis confirmed these subscriptions; returns how many are active.
+    fn confirm(&self, added: &[Arc<str>]) -> usize {
         let n = {
             let mut s = self.lock();
             for c in added {
                 s.active.insert(c.clone());
             }
-            for c in removed {
-                s.active.remove(c);
-            }
             s.active.len()
         };
         self.epoch.send_modify(|e| *e += 1);
         n
+    }
+
+    fn active_count(&self) -> usize {
+        self.lock().active.len()
     }
 
     fn set_up(&self, up: bool) {

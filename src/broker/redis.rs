@@ -9,9 +9,12 @@
 //! - Receiving: one dedicated subscriber connection per node (not from the
 //!   pool), subscribed only to channels with local subscribers. A message is
 //!   decoded once per node: only a small header is parsed, the client frame
-//!   inside is handed to the hub as it came.
+//!   inside is handed to the hub as it came. redis-rs reads that connection
+//!   into an unbounded channel; the loop below drains it without waiting on
+//!   anything slower than a subscription round trip.
 //! - Health: the subscriber task publishes a probe on a node-private channel
-//!   every `probe_interval` and expects it back within `probe_timeout`. A
+//!   every `probe_interval` (on a pooled connection, not through the publish
+//!   queue) and expects it back within `probe_timeout`. A
 //!   connection Redis closed (`CLIENT KILL`, output-buffer limit) ends the
 //!   message stream at once; one that silently stops delivering fails the
 //!   probe. Either way the node is marked down (`/readyz` 503, publishes
@@ -21,6 +24,7 @@
 //! (`{"t":µs,"x":"exclude"}`), `\n`, then the client frame.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -131,17 +135,18 @@ impl RedisBroker {
 
         let keys = Keys::new(&cfg.prefix, node_id);
         let (tx, rx) = mpsc::channel(PUBLISH_QUEUE);
+        let generation = Arc::new(AtomicU64::new(0));
         metrics.broker_up.set(0);
-        tokio::spawn(
-            publisher(pool, rx, cfg.timeout, metrics.clone()).instrument(tracing::info_span!("redis_publisher")),
-        );
+        let publisher_task = publisher(pool.clone(), rx, generation.clone(), cfg.timeout, metrics.clone());
+        tokio::spawn(publisher_task.instrument(tracing::info_span!("redis_publisher")));
         let sub = Subscriber {
             client,
             keys: keys.clone(),
             hub,
             interest: interest.clone(),
             metrics,
-            publisher: tx.clone(),
+            pool,
+            generation,
             timeout: cfg.timeout,
             probe_interval: cfg.probe_interval,
             probe_timeout: cfg.probe_timeout,
@@ -227,19 +232,28 @@ pub fn redact(url: &str) -> String {
 }
 
 /// The publisher task: drains the queue into pipelines on one held connection.
-async fn publisher(pool: Pool, mut rx: mpsc::Receiver<Job>, timeout: Duration, metrics: Arc<Metrics>) {
-    let mut conn: Option<deadpool_redis::Connection> = None;
+///
+/// A failed pipeline is never retried: Redis may have run part of it before
+/// the connection broke, and a retry would deliver those messages twice.
+/// The callers get `unavailable` and decide. The held connection is replaced
+/// after an error and whenever the subscriber lost its connection (a Redis
+/// restart kills both; this avoids one spurious 503 afterwards).
+async fn publisher(
+    pool: Pool,
+    mut rx: mpsc::Receiver<Job>,
+    generation: Arc<AtomicU64>,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+) {
+    let mut held: Option<(deadpool_redis::Connection, u64)> = None;
     let mut batch: Vec<Job> = Vec::with_capacity(64);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let timer = metrics.broker_publish_seconds.start_timer();
-        let mut result = run_batch(&pool, &mut conn, &batch, timeout).await;
-        if let Err(e) = &result {
-            // A connection Redis closed while it sat idle fails before
-            // anything is written: one retry on a fresh connection is safe.
-            if e.is_connection_dropped() {
-                result = run_batch(&pool, &mut conn, &batch, timeout).await;
-            }
+        let now = generation.load(Ordering::Acquire);
+        if held.as_ref().is_some_and(|(_, g)| *g != now) {
+            discard(&mut held);
         }
+        let timer = metrics.broker_publish_seconds.start_timer();
+        let result = run_batch(&pool, &mut held, now, &batch, timeout).await;
         timer.observe_duration();
         let result = result.map_err(|e| {
             debug!(error = %e, "publish failed");
@@ -253,17 +267,30 @@ async fn publisher(pool: Pool, mut rx: mpsc::Receiver<Job>, timeout: Duration, m
     }
 }
 
+/// Takes a connection out of the pool for good: it may be half-broken.
+fn discard(held: &mut Option<(deadpool_redis::Connection, u64)>) {
+    if let Some((c, _)) = held.take() {
+        drop(deadpool_redis::Connection::take(c));
+    }
+}
+
+fn io_error(kind: std::io::ErrorKind, msg: String) -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(kind, msg))
+}
+
 async fn run_batch(
     pool: &Pool,
-    conn: &mut Option<deadpool_redis::Connection>,
+    held: &mut Option<(deadpool_redis::Connection, u64)>,
+    generation: u64,
     batch: &[Job],
     timeout: Duration,
 ) -> Result<(), redis::RedisError> {
-    let c = match conn {
-        Some(c) => c,
-        None => conn.insert(pool.get().await.map_err(|e| {
-            redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::NotConnected, e.to_string()))
-        })?),
+    let (c, _) = match held {
+        Some(h) => h,
+        None => {
+            let c = pool.get().await.map_err(|e| io_error(std::io::ErrorKind::NotConnected, e.to_string()))?;
+            held.insert((c, generation))
+        }
     };
     let mut pipe = redis::pipe();
     for job in batch {
@@ -273,18 +300,24 @@ async fn run_batch(
     }
     let r = match tokio::time::timeout(timeout, pipe.query_async::<()>(c)).await {
         Ok(r) => r,
-        Err(_) => Err(redis::RedisError::from(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "Redis did not answer in time",
-        ))),
+        Err(_) => Err(io_error(std::io::ErrorKind::TimedOut, "Redis did not answer in time".into())),
     };
     if r.is_err() {
-        // Take it out of the pool for good: it may be half-broken.
-        if let Some(c) = conn.take() {
-            drop(deadpool_redis::Connection::take(c));
-        }
+        discard(held);
     }
     r
+}
+
+/// Publishes probe `seq` to this node's probe channel on a pooled connection.
+async fn probe(pool: Pool, channel: String, seq: u64, timeout: Duration) {
+    let sent = tokio::time::timeout(timeout, async {
+        let mut c = pool.get().await.map_err(|e| e.to_string())?;
+        redis::cmd("PUBLISH").arg(&channel).arg(seq).query_async::<i64>(&mut c).await.map_err(|e| e.to_string())
+    })
+    .await;
+    if !matches!(sent, Ok(Ok(_))) {
+        debug!(?sent, "probe not sent; it will count as lost");
+    }
 }
 
 struct Subscriber {
@@ -293,7 +326,12 @@ struct Subscriber {
     hub: Arc<Hub>,
     interest: Arc<Interest>,
     metrics: Arc<Metrics>,
-    publisher: mpsc::Sender<Job>,
+    /// For probes: a checkout per probe (one a second), never the publish
+    /// queue, so a publish backlog cannot pass for a dead subscriber.
+    pool: Pool,
+    /// Bumped on every lost subscriber connection: the publisher then drops
+    /// the connection it holds (Redis restarted: it is dead too).
+    generation: Arc<AtomicU64>,
     timeout: Duration,
     probe_interval: Duration,
     probe_timeout: Duration,
@@ -310,6 +348,7 @@ impl Subscriber {
         let mut ever_connected = false;
         loop {
             let result = self.connection(&shutdown, &mut attempt, &mut ever_connected).await;
+            self.generation.fetch_add(1, Ordering::AcqRel);
             self.interest.set_up(false);
             self.metrics.broker_up.set(0);
             self.metrics.broker_subscriptions.set(0);
@@ -343,7 +382,7 @@ impl Subscriber {
             return Lost::Error(e);
         }
         self.interest.set_up(true);
-        // set_up(true) cleared nothing, but a want() may have raced the sync.
+        // Channels wanted while the first pass ran.
         if let Err(e) = self.sync(&mut sink).await {
             return Lost::Error(e);
         }
@@ -357,8 +396,8 @@ impl Subscriber {
         *ever = true;
         *attempt = 0;
 
-        let mut probe = tokio::time::interval(self.probe_interval);
-        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut probe_tick = tokio::time::interval(self.probe_interval);
+        probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq: u64 = 0;
         let mut outstanding: Option<(u64, Instant)> = None;
         loop {
@@ -379,7 +418,7 @@ impl Subscriber {
                         return Lost::Error(e);
                     }
                 }
-                _ = probe.tick() => match outstanding {
+                _ = probe_tick.tick() => match outstanding {
                     Some((_, sent)) if sent.elapsed() > self.probe_timeout => {
                         self.metrics.broker_probe_failures.inc();
                         return Lost::Error("self-probe not received back: subscriber is not delivering".into());
@@ -388,9 +427,7 @@ impl Subscriber {
                     None => {
                         seq += 1;
                         outstanding = Some((seq, Instant::now()));
-                        let job = Job { messages: vec![(self.keys.probe.clone(), seq.to_string().into_bytes())], done: None };
-                        // A full queue skips this probe; the next tick sees it outstanding.
-                        let _ = self.publisher.try_send(job);
+                        tokio::spawn(probe(self.pool.clone(), self.keys.probe.clone(), seq, self.timeout));
                     }
                 },
             }
@@ -405,26 +442,22 @@ impl Subscriber {
         }
     }
 
-    /// Applies the hub's wanted channels to the connection, in batches.
+    /// Applies the hub's wanted channels to the connection, in batches of
+    /// [`SUBSCRIBE_CHUNK`]. One pass per call: changes made meanwhile wake the
+    /// loop again, so a steady churn cannot keep it from reading messages.
     async fn sync(&self, sink: &mut redis::aio::PubSubSink) -> Result<(), String> {
-        loop {
-            let (add, remove) = self.interest.diff();
-            if add.is_empty() && remove.is_empty() {
-                return Ok(());
-            }
-            for chunk in add.chunks(SUBSCRIBE_CHUNK) {
-                let names: Vec<String> = chunk.iter().map(|c| self.keys.channel(c)).collect();
-                self.with_timeout(sink.subscribe(&names)).await.map_err(|e| format!("subscribe: {e}"))?;
-                let n = self.interest.confirm(chunk, &[]);
-                self.metrics.broker_subscriptions.set(n as i64);
-            }
-            for chunk in remove.chunks(SUBSCRIBE_CHUNK) {
-                let names: Vec<String> = chunk.iter().map(|c| self.keys.channel(c)).collect();
-                self.with_timeout(sink.unsubscribe(&names)).await.map_err(|e| format!("unsubscribe: {e}"))?;
-                let n = self.interest.confirm(&[], chunk);
-                self.metrics.broker_subscriptions.set(n as i64);
-            }
+        let (add, remove) = self.interest.take_changes();
+        for chunk in remove.chunks(SUBSCRIBE_CHUNK) {
+            let names: Vec<String> = chunk.iter().map(|c| self.keys.channel(c)).collect();
+            self.with_timeout(sink.unsubscribe(&names)).await.map_err(|e| format!("unsubscribe: {e}"))?;
         }
+        for chunk in add.chunks(SUBSCRIBE_CHUNK) {
+            let names: Vec<String> = chunk.iter().map(|c| self.keys.channel(c)).collect();
+            self.with_timeout(sink.subscribe(&names)).await.map_err(|e| format!("subscribe: {e}"))?;
+            self.interest.confirm(chunk);
+        }
+        self.metrics.broker_subscriptions.set(self.interest.active_count() as i64);
+        Ok(())
     }
 
     /// Handles one message from Redis; returns the probe number if it was one.
@@ -473,8 +506,9 @@ impl Subscriber {
     }
 }
 
-/// Exponential backoff from 100 ms to 2 s with full jitter: a whole fleet
-/// reconnecting after a Redis restart spreads out instead of stampeding.
+/// Exponential backoff from 100 ms to 2 s, each delay drawn from the upper
+/// half of its step (jitter): a fleet reconnecting after a Redis restart
+/// spreads out instead of stampeding.
 fn backoff(attempt: u32) -> Duration {
     use rand::RngExt;
     let cap = Duration::from_millis(100u64.saturating_mul(1 << attempt.min(5))).min(Duration::from_secs(2));

@@ -200,7 +200,12 @@ impl Session {
                 _ = maybe(&mut drain_at) => return CloseReason::Shutdown,
                 Some(first) = rx.recv() => {
                     tokio::select! {
-                        r = self.write_batch(ws, rx, first) => if let Err(r) = r { return r },
+                        r = tokio::time::timeout(idle_timeout, self.write_batch(ws, rx, first)) => match r {
+                            Ok(Ok(())) => {}
+                            Ok(Err(r)) => return r,
+                            // Not a byte accepted for a whole idle timeout: it stopped reading.
+                            Err(_) => return CloseReason::SlowConsumer,
+                        },
                         r = handle.killed() => return r,
                     }
                 }
@@ -221,7 +226,11 @@ impl Session {
                         return CloseReason::IdleTimeout;
                     }
                     tokio::select! {
-                        r = ws.send(Message::Ping(Default::default())) => if r.is_err() { return CloseReason::Error },
+                        r = tokio::time::timeout(idle_timeout, ws.send(Message::Ping(Default::default()))) => match r {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => return CloseReason::Error,
+                            Err(_) => return CloseReason::SlowConsumer,
+                        },
                         r = handle.killed() => return r,
                     }
                 }
@@ -275,24 +284,26 @@ impl Session {
 
     fn on_message(&mut self, msg: Message) -> Result<Option<Pending>, CloseReason> {
         self.last_seen = Instant::now();
-        match msg {
-            Message::Text(text) => {
-                self.shared.metrics.messages_received.inc();
-                if !self.bucket.take() {
-                    self.strikes += 1;
-                    if self.strikes >= RATE_STRIKES {
-                        return Err(CloseReason::RateLimited);
-                    }
-                    let id = protocol::parse_frame(&text).id;
-                    let err = ApiError::new(ErrorCode::RateLimited, "too many frames: slow down");
-                    self.reply(protocol::reply_err(id.as_deref(), &err));
-                    return Ok(None);
+        if matches!(msg, Message::Text(_) | Message::Binary(_)) {
+            self.shared.metrics.messages_received.inc();
+            if !self.bucket.take() {
+                self.strikes += 1;
+                if self.strikes >= RATE_STRIKES {
+                    return Err(CloseReason::RateLimited);
                 }
-                self.strikes = 0;
-                Ok(self.dispatch(protocol::parse_frame(&text)))
+                let id = match &msg {
+                    Message::Text(t) => protocol::parse_frame(t).id,
+                    _ => None,
+                };
+                let err = ApiError::new(ErrorCode::RateLimited, "too many frames: slow down");
+                self.reply(protocol::reply_err(id.as_deref(), &err));
+                return Ok(None);
             }
+            self.strikes = 0;
+        }
+        match msg {
+            Message::Text(text) => Ok(self.dispatch(protocol::parse_frame(&text))),
             Message::Binary(_) => {
-                self.shared.metrics.messages_received.inc();
                 let err = ApiError::bad_request("binary frames are not supported: send JSON text frames");
                 self.reply(protocol::reply_err(None, &err));
                 Ok(None)

@@ -43,7 +43,12 @@ pub(crate) fn ws_config(max_message_bytes: usize) -> WebSocketConfig {
 fn reject(shared: &Shared, r: &Reject) -> Response<Body> {
     shared.metrics.connection_result(r.result);
     tracing::debug!(status = %r.status, reason = %r.message, "upgrade refused");
-    text(r.status, &r.message)
+    let mut resp = text(r.status, &r.message);
+    if r.status == StatusCode::UPGRADE_REQUIRED {
+        // RFC 6455 §4.4: name the version we speak.
+        resp.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+    }
+    resp
 }
 
 fn bad(msg: impl Into<String>) -> Reject {
@@ -170,7 +175,12 @@ async fn prepare(shared: &Arc<Shared>, req: &Request<Incoming>, remote: SocketAd
         for (k, v) in form_urlencoded::parse(q.as_bytes()) {
             if k == "channel" {
                 protocol::validate_channel(&v).map_err(|e| bad(e.message))?;
-                url_channels.push(v.into_owned());
+                if !url_channels.iter().any(|c| *c == v) {
+                    url_channels.push(v.into_owned());
+                }
+                if url_channels.len() > shared.cfg.session.max_subscriptions {
+                    return Err(bad("more channels in the URL than max-subscriptions"));
+                }
             }
         }
     }
@@ -190,21 +200,19 @@ async fn prepare(shared: &Arc<Shared>, req: &Request<Incoming>, remote: SocketAd
     // gives both back whichever way this ends.
     let session = Session::new(shared.clone(), handle, ident.clone());
 
+    // The limit is checked before any hook is asked about a URL channel.
+    let url_channels: Vec<String> = url_channels.into_iter().filter(|c| !ident.channels.contains(c)).collect();
+    let total = ident.channels.len() + url_channels.len();
+    let max = shared.cfg.session.max_subscriptions;
+    if total > max {
+        return Err(bad(format!("{total} channels requested, the limit is {max}")));
+    }
     for ch in &url_channels {
         shared.auth.authorize(Action::Subscribe, &ident, &id, ch, None).await.map_err(|e| match e.code {
             ErrorCode::Unavailable => Reject::new(StatusCode::SERVICE_UNAVAILABLE, ConnResult::Unavailable, e.message),
             _ => Reject::new(StatusCode::FORBIDDEN, ConnResult::Forbidden, e.message),
         })?;
     }
-    let mut channels = ident.channels.clone();
-    for ch in url_channels {
-        if !channels.contains(&ch) {
-            channels.push(ch);
-        }
-    }
-    let max = shared.cfg.session.max_subscriptions;
-    if channels.len() > max {
-        return Err(bad(format!("{} channels requested, the limit is {max}", channels.len())));
-    }
+    let channels = ident.channels.iter().cloned().chain(url_channels).collect();
     Ok(Prepared { key, protocol, session, rx, channels })
 }

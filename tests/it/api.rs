@@ -108,7 +108,7 @@ async fn metrics_add_up_to_what_happened() {
         a.recv().await;
     }
     let m = relay.metrics().await;
-    let v = |s: &str| crate::common::metric_value(&m, s);
+    let v = |s: &str| crate::common::metric_value(&m, s).unwrap_or_else(|| panic!("no series {s}"));
     assert_eq!(v("wsrelay_connections"), 2.0);
     assert_eq!(v("wsrelay_connections_total{result=\"accepted\"}"), 2.0);
     assert_eq!(v("wsrelay_subscriptions"), 3.0);

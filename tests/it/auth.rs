@@ -348,3 +348,79 @@ async fn disconnect_notifications_are_bounded_and_drops_counted() {
     assert!(!app.recorded("/app/gone").is_empty());
     assert!(relay.metric(dropped).await >= 3.0);
 }
+
+#[tokio::test]
+async fn hook_calls_are_marked_and_hook_paths_are_blocked_however_spelled() {
+    let app = Upstream::start().await;
+    app.set_hook("/internal/ws/connect", HookReply::new(200, &json!({"user":"1"})));
+    let args =
+        ["--connect-hook", "/internal/ws/connect", "--message-hook", "/internal/ws/message", "--hook-secret", "h00k"];
+    let relay = Relay::start(&app.url(), &args).await;
+    ws_connect(&relay.ws_url("/ws")).await;
+    let call = &app.recorded("/internal/ws/connect")[0];
+    assert_eq!(call.header("x-wsrelay-hook").as_deref(), Some("connect"));
+    assert_eq!(call.header("x-wsrelay-hook-secret").as_deref(), Some("h00k"));
+
+    for path in [
+        "/internal/ws/message",
+        "/internal/ws/%6Dessage",
+        "/INTERNAL/ws/Message",
+        "/internal/ws/message/",
+        "//internal/ws/message",
+        "/internal/ws/x/../message",
+        "/internal/ws/message.json",
+    ] {
+        let (status, _, _) = request(Method::POST, &relay.http_url(path), Some("{}".into()), &[]).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path} must not reach the hook");
+    }
+    assert_eq!(app.state.recorded.lock().unwrap().iter().filter(|r| r.path.contains("essage")).count(), 0);
+}
+
+#[tokio::test]
+async fn the_channel_limit_is_checked_before_any_hook_is_asked() {
+    let app = Upstream::start().await;
+    app.set_hook("/auth/sub", HookReply::new(200, &json!({})));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_file(&dir, "[default-namespace]\nsubscribe = \"hook\"\n");
+    let relay =
+        Relay::start(&app.url(), &["--config", &cfg, "--subscribe-hook", "/auth/sub", "--max-subscriptions", "2"])
+            .await;
+    let got = ws_connect_with(&relay.ws_url("/ws?channel=a&channel=b&channel=c"), &[]).await.err();
+    assert_eq!(got, Some(StatusCode::BAD_REQUEST));
+    assert!(app.recorded("/auth/sub").is_empty(), "no hook call for a request over the limit");
+    let c = ws_connect(&relay.ws_url("/ws?channel=a&channel=a&channel=b")).await;
+    assert_eq!(c.welcome["channels"], json!(["a", "b"]), "duplicates count once");
+    assert_eq!(app.recorded("/auth/sub").len(), 2);
+}
+
+#[tokio::test]
+async fn jwt_audience_issuer_not_before_and_subject() {
+    let app = Upstream::start().await;
+    let open = Relay::start(&app.url(), &["--jwt-secret", "k"]).await;
+    let with_aud = hs256("k", &json!({"sub":"1","exp":now() + 600,"aud":"some-idp-client"}));
+    assert_eq!(
+        ws_connect(&open.ws_url(&format!("/ws?token={with_aud}"))).await.welcome["user"],
+        "1",
+        "aud ignored unless configured"
+    );
+    let refused = |relay: &Relay, token: String| {
+        let url = relay.ws_url(&format!("/ws?token={token}"));
+        async move { ws_connect_with(&url, &[]).await.err() }
+    };
+    let later = hs256("k", &json!({"sub":"1","exp":now() + 600,"nbf":now() + 300}));
+    assert_eq!(refused(&open, later).await, Some(StatusCode::UNAUTHORIZED), "not valid yet");
+    let nobody = hs256("k", &json!({"sub":"","exp":now() + 600}));
+    assert_eq!(refused(&open, nobody).await, Some(StatusCode::UNAUTHORIZED), "empty sub");
+    let bad_channel = hs256("k", &json!({"sub":"1","exp":now() + 600,"channels":["no spaces allowed"]}));
+    assert_eq!(refused(&open, bad_channel).await, Some(StatusCode::UNAUTHORIZED));
+
+    let strict =
+        Relay::start(&app.url(), &["--jwt-secret", "k", "--jwt-audience", "wsrelay", "--jwt-issuer", "https://idp"])
+            .await;
+    let good = hs256("k", &json!({"sub":"2","exp":now() + 600,"aud":"wsrelay","iss":"https://idp"}));
+    assert_eq!(ws_connect(&strict.ws_url(&format!("/ws?token={good}"))).await.welcome["user"], "2");
+    let other_aud = hs256("k", &json!({"sub":"2","exp":now() + 600,"aud":"another","iss":"https://idp"}));
+    assert_eq!(refused(&strict, other_aud).await, Some(StatusCode::UNAUTHORIZED));
+    let other_iss = hs256("k", &json!({"sub":"2","exp":now() + 600,"aud":"wsrelay","iss":"https://evil"}));
+    assert_eq!(refused(&strict, other_iss).await, Some(StatusCode::UNAUTHORIZED));
+}

@@ -158,7 +158,8 @@ async fn sigterm_drains_and_exits_0() {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
         }
-        Err(_) => {}
+        Err(tokio_tungstenite::tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        Err(e) => panic!("expected 503 or connection refused, got {e}"),
         Ok(_) => panic!("a new session was accepted while draining"),
     }
 
@@ -234,4 +235,28 @@ async fn readme_documents_every_flag_and_metric() {
         let name = line.split_whitespace().nth(2).unwrap();
         assert!(readme.contains(&format!("`{name}`")), "README does not document {name}");
     }
+}
+
+#[tokio::test]
+async fn shutdown_delay_keeps_serving_http_while_refusing_upgrades() {
+    let app = Upstream::start().await;
+    let relay = crate::common::Relay::start(&app.url(), &["--shutdown-delay", "800ms", "--drain-timeout", "5s"]).await;
+    let mut client = ws_connect(&relay.ws_url("/ws")).await;
+    let ws_url = relay.ws_url("/ws");
+    let http_url = relay.http_url("/still-here");
+    let readyz = relay.admin_url("/readyz");
+    let stopping = tokio::spawn(relay.stop());
+    crate::common::eventually(STEP, "readyz 503", || async {
+        matches!(try_request(Method::GET, &readyz, None, &[]).await, Ok((StatusCode::SERVICE_UNAVAILABLE, _, _)))
+    })
+    .await;
+    // Within the delay: plain requests are served, new sessions refused, old ones kept.
+    assert_eq!(request(Method::GET, &http_url, None, &[]).await.0, StatusCode::OK);
+    let refused = crate::common::ws_connect_with(&ws_url, &[]).await.err();
+    assert_eq!(refused, Some(StatusCode::SERVICE_UNAVAILABLE));
+    assert_eq!(client.request(serde_json::json!({"op":"ping"})).await["ok"], true);
+    // Then the session is closed with 1001 and the relay stops.
+    let close = client.expect_close(STEP).await.expect("a close frame");
+    assert_eq!(close.code, CloseCode::Away);
+    tokio::time::timeout(STEP, stopping).await.unwrap().unwrap();
 }

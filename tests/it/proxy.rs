@@ -164,3 +164,45 @@ async fn http2_cleartext_downstream_works() {
     assert_eq!(echo["body"], "over h2");
     assert_eq!(echo["headers"]["host"], relay.public.to_string());
 }
+
+#[tokio::test]
+async fn a_slow_upload_that_keeps_moving_is_not_cut_by_the_upstream_timeout() {
+    let app = Upstream::start().await;
+    let relay = Relay::start(&app.url(), &["--upstream-timeout", "300ms"]).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let stream = Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+    }));
+    let client = Client::builder(TokioExecutor::new()).build_http::<StreamBody<_>>();
+    let req = Request::post(relay.http_url("/upload")).body(StreamBody::new(stream)).unwrap();
+    let pending = tokio::spawn(async move { client.request(req).await });
+    // Five chunks, 200 ms apart: a whole second, over three times the timeout.
+    for _ in 0..5 {
+        tx.send(Bytes::from_static(b"0123456789")).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    drop(tx);
+    let resp = tokio::time::timeout(STEP, pending).await.unwrap().unwrap().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["received"], 50);
+}
+
+#[tokio::test]
+async fn only_websocket_upgrades_are_tunnelled_and_wsrelay_headers_never_pass() {
+    let app = Upstream::start().await;
+    let relay = Relay::start(&app.url(), &[]).await;
+    let headers = [
+        ("connection", "Upgrade, HTTP2-Settings".to_owned()),
+        ("upgrade", "h2c".to_owned()),
+        ("http2-settings", "AAMAAABkAAQCAAAAAAIAAAAA".to_owned()),
+        ("x-wsrelay-hook", "connect".to_owned()),
+        ("x-wsrelay-hook-secret", "forged".to_owned()),
+    ];
+    let (status, _, body) = request(Method::GET, &relay.http_url("/plain"), None, &headers).await;
+    assert_eq!(status, StatusCode::OK, "served as a plain request");
+    let echo: Value = serde_json::from_slice(&body).unwrap();
+    for h in ["upgrade", "http2-settings", "x-wsrelay-hook", "x-wsrelay-hook-secret"] {
+        assert!(echo["headers"].get(h).is_none(), "{h} reached the app: {echo}");
+    }
+}

@@ -203,3 +203,17 @@ async fn client_publish_where_the_namespace_allows_it() {
     assert_eq!(r["error"]["code"], "forbidden");
     assert_eq!(relay.metric("wsrelay_messages_published_total{source=\"client\"}").await, 1.0);
 }
+
+#[tokio::test]
+async fn wrong_websocket_version_gets_426_naming_13() {
+    let (_app, relay) = setup(&[]).await;
+    let headers = [
+        ("connection", "Upgrade".to_owned()),
+        ("upgrade", "websocket".to_owned()),
+        ("sec-websocket-version", "8".to_owned()),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==".to_owned()),
+    ];
+    let (status, headers, _) = crate::common::request(http::Method::GET, &relay.http_url("/ws"), None, &headers).await;
+    assert_eq!(status, http::StatusCode::UPGRADE_REQUIRED);
+    assert_eq!(headers["sec-websocket-version"], "13");
+}

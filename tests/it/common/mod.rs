@@ -113,21 +113,23 @@ impl Relay {
         String::from_utf8(body.to_vec()).unwrap()
     }
 
-    /// The value of one series, e.g. `wsrelay_disconnects_total{reason="slow_consumer"}`; 0 if absent.
+    /// The value of one series, e.g. `wsrelay_disconnects_total{reason="slow_consumer"}`;
+    /// panics if the series does not exist (a typo must not read as 0).
     pub async fn metric(&self, series: &str) -> f64 {
-        metric_value(&self.metrics().await, series)
+        let text = self.metrics().await;
+        metric_value(&text, series).unwrap_or_else(|| panic!("no series {series} in /metrics"))
     }
 
-    /// Polls a metric until `pred` holds (or panics after `STEP`).
+    /// Polls a metric until it exists and `pred` holds (or panics after `STEP`).
     pub async fn wait_metric(&self, series: &str, pred: impl Fn(f64) -> bool) -> f64 {
         let deadline = tokio::time::Instant::now() + STEP;
         loop {
-            let v = self.metric(series).await;
-            if pred(v) {
+            let v = metric_value(&self.metrics().await, series);
+            if let Some(v) = v.filter(|v| pred(*v)) {
                 return v;
             }
             if tokio::time::Instant::now() > deadline {
-                panic!("{series} stayed at {v}");
+                panic!("{series} stayed at {v:?}");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -152,14 +154,12 @@ impl Drop for Relay {
     }
 }
 
-pub fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
+/// The value of `series` in a Prometheus text exposition, if it is there.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
 }
 
 type Stream = WebSocketStream<MaybeTlsStream<TcpStream>>;

@@ -2,10 +2,10 @@
 //! front of one that can silently swallow traffic (a subscriber connection
 //! that stays open but delivers nothing).
 
+use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -154,8 +154,7 @@ impl Drop for RedisServer {
 /// still arrive but are never passed on, and the sockets stay open.
 pub struct FreezeProxy {
     pub addr: SocketAddr,
-    frozen_below: Arc<AtomicU64>,
-    next: Arc<AtomicU64>,
+    frozen: Arc<Mutex<HashSet<u64>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -163,25 +162,26 @@ impl FreezeProxy {
     pub async fn start(target: u16) -> FreezeProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let frozen_below = Arc::new(AtomicU64::new(0));
-        let next = Arc::new(AtomicU64::new(0));
-        let (fb, nx) = (frozen_below.clone(), next.clone());
+        let frozen = Arc::new(Mutex::new(HashSet::new()));
+        let fz = frozen.clone();
         let task = tokio::spawn(async move {
+            let mut next = 0u64;
             while let Ok((down, _)) = listener.accept().await {
-                let id = nx.fetch_add(1, Ordering::SeqCst);
+                let id = next;
+                next += 1;
                 let Ok(up) = TcpStream::connect(("127.0.0.1", target)).await else { continue };
                 let (dr, dw) = down.into_split();
                 let (ur, uw) = up.into_split();
-                tokio::spawn(pump(dr, uw, id, fb.clone()));
-                tokio::spawn(pump(ur, dw, id, fb.clone()));
+                tokio::spawn(pump(dr, uw, id, fz.clone()));
+                tokio::spawn(pump(ur, dw, id, fz.clone()));
             }
         });
-        FreezeProxy { addr, frozen_below, next, task }
+        FreezeProxy { addr, frozen, task }
     }
 
-    /// Every connection open now stops passing bytes, silently.
-    pub fn freeze_existing(&self) {
-        self.frozen_below.store(self.next.load(Ordering::SeqCst), Ordering::SeqCst);
+    /// Connection number `id` (0 is the first accepted) stops passing bytes, silently.
+    pub fn freeze(&self, id: u64) {
+        self.frozen.lock().unwrap().insert(id);
     }
 
     pub fn url(&self) -> String {
@@ -199,7 +199,7 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     id: u64,
-    frozen_below: Arc<AtomicU64>,
+    frozen: Arc<Mutex<HashSet<u64>>>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -207,7 +207,7 @@ async fn pump(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if id < frozen_below.load(Ordering::SeqCst) {
+        if frozen.lock().unwrap().contains(&id) {
             // Swallow this and everything after, keeping both sockets open.
             let _keep = (from, to);
             std::future::pending::<()>().await;
