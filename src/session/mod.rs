@@ -473,7 +473,8 @@ async fn close(ws: &mut Ws, reason: CloseReason) {
         // input, until the client hangs up.
         while let Some(Ok(_)) = ws.next().await {}
         let _ = ws.get_mut().shutdown().await;
-        let mut sink = [0u8; 4096];
+        // On the heap: a 4 KiB array here would sit in every session's future.
+        let mut sink = vec![0u8; 4096];
         while matches!(ws.get_mut().read(&mut sink).await, Ok(n) if n > 0) {}
     })
     .await;

@@ -140,3 +140,18 @@ async fn silent_client_is_closed_but_one_answering_pings_stays() {
     let close = silent.expect_close(STEP).await.expect("a close frame");
     assert_eq!(close.code, CloseCode::Away);
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_dropped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = Upstream::start().await;
+    let relay = Relay::start(&app.url(), &["--handshake-timeout", "300ms"]).await;
+    let mut sock = tokio::net::TcpStream::connect(relay.public).await.unwrap();
+    sock.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n").await.unwrap();
+    // Slowloris: the rest never comes. The sidecar hangs up (408 or just EOF).
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(STEP, sock.read_to_end(&mut buf)).await.expect("connection closed in time");
+    assert!(n.is_ok());
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+}
