@@ -4,7 +4,7 @@
 CARGO ?= cargo
 ARGS  ?=
 
-.PHONY: run build test check fmt clippy deps bench clean
+.PHONY: run build test check fmt clippy deps need bench clean
 
 ## Build in release mode and run the sidecar with its defaults
 ## (public :8080, admin 127.0.0.1:8081, app at http://127.0.0.1:3000, in-memory broker).
@@ -14,24 +14,31 @@ run:
 build:
 	$(CARGO) build --release
 
-## What the tests need that cargo does not fetch: redis-server.
+## What the tests need that cargo does not fetch: redis-server, and python3
+## (the README's example app runs in the suite).
 deps:
-	@if command -v redis-server >/dev/null 2>&1; then \
+	@$(MAKE) --no-print-directory need PROG=redis-server PKG=redis-server
+	@$(MAKE) --no-print-directory need PROG=python3 PKG=python3-minimal
+
+need:
+	@if command -v $(PROG) >/dev/null 2>&1; then \
 		:; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		echo "make: installing redis-server (the tests start their own instances on free ports)"; \
+		echo "make: installing $(PKG) for the tests"; \
 		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(PKG) >/dev/null \
+		|| { echo "make: could not install $(PKG); install $(PROG) yourself and rerun"; exit 1; }; \
 	elif command -v apt-get >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
-		echo "make: installing redis-server with sudo"; \
+		echo "make: installing $(PKG) with sudo for the tests"; \
 		sudo DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-		sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+		sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(PKG) >/dev/null \
+		|| { echo "make: could not install $(PKG); install $(PROG) yourself and rerun"; exit 1; }; \
 	else \
-		echo "make: the tests need redis-server (Redis or Valkey) on PATH."; \
-		echo "      Install it (Debian/Ubuntu: sudo apt-get install redis-server; macOS: brew install redis) and rerun."; \
+		echo "make: the tests need $(PROG) on PATH (tests start their own instances on free ports)."; \
+		echo "      Install it (Debian/Ubuntu: sudo apt-get install $(PKG)) and rerun."; \
 		exit 1; \
 	fi
-	@command -v redis-server >/dev/null 2>&1 || { echo "make: redis-server is still missing"; exit 1; }
+	@command -v $(PROG) >/dev/null 2>&1 || { echo "make: $(PROG) is still missing"; exit 1; }
 
 ## The whole suite: unit tests and integration tests over real sockets and real Redis.
 test: deps
