@@ -90,7 +90,10 @@ class App(BaseHTTPRequestHandler):
 
     def message_hook(self):
         req = self.body()  # {"user", "connection", "data"}: a client's `send`
-        if req["data"].get("action") == "whoami":
+        data = req["data"]  # any JSON the client sent
+        if not isinstance(data, dict):
+            return self.reply(400, {"error": {"message": "send an object with an action"}})
+        if data.get("action") == "whoami":
             return self.reply(200, {"user": req["user"], "connection": req["connection"]})
         self.reply(404, {"error": {"message": "unknown action"}})
 

@@ -183,15 +183,22 @@ async fn publish(shared: &Shared, req: Request<Incoming>) -> Result<serde_json::
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DisconnectBody {
+    /// A string, or a number (the connect hook accepts numeric user ids too).
     #[serde(default)]
-    user: Option<String>,
+    user: Option<serde_json::Value>,
     #[serde(default)]
     connection: Option<String>,
 }
 
 async fn disconnect(shared: &Shared, req: Request<Incoming>) -> Result<serde_json::Value, ApiError> {
     let body: DisconnectBody = read_json(req, 64 * 1024).await?;
-    let target = match (body.user, body.connection) {
+    let user = match body.user {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(u)) => Some(u),
+        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+        Some(_) => return Err(ApiError::bad_request("\"user\" must be a string or a number")),
+    };
+    let target = match (user, body.connection) {
         (Some(u), None) if !u.is_empty() => DisconnectTarget::User(u),
         (None, Some(c)) if !c.is_empty() => DisconnectTarget::Connection(c),
         (Some(_), Some(_)) => return Err(ApiError::bad_request("give \"user\" or \"connection\", not both")),

@@ -196,7 +196,7 @@ pub struct Options {
     #[arg(long, env = "WSRELAY_CLIENT_RATE", value_name = "PER_SECOND")]
     pub client_rate: Option<u32>,
 
-    /// Frames a client may send in a burst above --client-rate [default: 200]
+    /// Frames a client may send in a burst above --client-rate [default: 2 × client-rate]
     #[arg(long, env = "WSRELAY_CLIENT_BURST", value_name = "N")]
     pub client_burst: Option<u32>,
 

@@ -53,14 +53,16 @@ pub struct ClientFrame {
 
 #[derive(Deserialize)]
 struct Loose {
+    // Untyped here so that a field of the wrong type still leaves the `id`
+    // readable: the error reply must carry it.
     #[serde(default)]
-    op: Option<String>,
+    op: Option<serde_json::Value>,
     #[serde(default, deserialize_with = "present")]
     id: Option<Box<RawValue>>,
     #[serde(default)]
-    channel: Option<String>,
+    channel: Option<serde_json::Value>,
     #[serde(default)]
-    since: Option<String>,
+    since: Option<serde_json::Value>,
     // `present` so that `"data": null` is data, not a missing field.
     #[serde(default, deserialize_with = "present")]
     data: Option<Box<RawValue>>,
@@ -94,24 +96,42 @@ pub fn parse_frame(text: &str) -> ClientFrame {
             };
         }
     }
-    let need = |v: Option<String>, field: &'static str| v.ok_or_else(|| missing(field));
-    let request = match loose.op.as_deref() {
-        None => Err(missing("op")),
-        Some("subscribe") => {
-            need(loose.channel, "channel").map(|channel| Request::Subscribe { channel, since: loose.since })
+    let request = (|| {
+        let op = string(loose.op, "op")?;
+        let channel = string(loose.channel, "channel");
+        let need = |v: Result<Option<String>, ApiError>, field: &'static str| v?.ok_or_else(|| missing(field));
+        match op.as_deref() {
+            None => Err(missing("op")),
+            Some("subscribe") => {
+                // Offsets are opaque strings; a number is taken as its text.
+                let since = match loose.since {
+                    Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+                    other => string(other, "since")?,
+                };
+                need(channel, "channel").map(|channel| Request::Subscribe { channel, since })
+            }
+            Some("unsubscribe") => need(channel, "channel").map(|channel| Request::Unsubscribe { channel }),
+            Some("publish") => need(channel, "channel").and_then(|channel| {
+                loose.data.ok_or_else(|| missing("data")).map(|data| Request::Publish { channel, data })
+            }),
+            Some("send") => loose.data.ok_or_else(|| missing("data")).map(|data| Request::Send { data }),
+            Some("presence") => need(channel, "channel").map(|channel| Request::Presence { channel }),
+            Some("ping") => Ok(Request::Ping),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "unknown op {other:?}: expected subscribe, unsubscribe, publish, send, presence or ping"
+            ))),
         }
-        Some("unsubscribe") => need(loose.channel, "channel").map(|channel| Request::Unsubscribe { channel }),
-        Some("publish") => need(loose.channel, "channel").and_then(|channel| {
-            loose.data.ok_or_else(|| missing("data")).map(|data| Request::Publish { channel, data })
-        }),
-        Some("send") => loose.data.ok_or_else(|| missing("data")).map(|data| Request::Send { data }),
-        Some("presence") => need(loose.channel, "channel").map(|channel| Request::Presence { channel }),
-        Some("ping") => Ok(Request::Ping),
-        Some(other) => Err(ApiError::bad_request(format!(
-            "unknown op {other:?}: expected subscribe, unsubscribe, publish, send, presence or ping"
-        ))),
-    };
+    })();
     ClientFrame { id, request }
+}
+
+/// A field that must be a string when present.
+fn string(v: Option<serde_json::Value>, field: &str) -> Result<Option<String>, ApiError> {
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ApiError::bad_request(format!("\"{field}\" must be a string"))),
+    }
 }
 
 fn missing(field: &str) -> ApiError {
@@ -207,6 +227,16 @@ mod tests {
         assert!(parse_frame("not json").request.is_err());
         assert!(parse_frame("[1,2]").request.is_err());
         assert!(parse_frame(r#"{"op":"dance"}"#).request.unwrap_err().message.contains("unknown op"));
+
+        // A field of the wrong type is an error that still carries the id.
+        let f = parse_frame(r#"{"op":"subscribe","channel":5,"id":9}"#);
+        assert_eq!(f.id.unwrap().get(), "9");
+        assert!(f.request.unwrap_err().message.contains("must be a string"));
+        let f = parse_frame(r#"{"op":3,"id":"x"}"#);
+        assert_eq!(f.id.unwrap().get(), "\"x\"");
+        assert!(f.request.is_err());
+        let f = parse_frame(r#"{"op":"subscribe","channel":"a","since":12}"#);
+        assert!(matches!(f.request, Ok(Request::Subscribe { since: Some(ref s), .. }) if s == "12"));
     }
 
     #[test]

@@ -65,6 +65,8 @@ async fn the_python_example_app_works_behind_wsrelay() {
     // send → message hook.
     let r = bob.request(json!({"op":"send","data":{"action":"whoami"}})).await;
     assert_eq!(r["result"]["user"], "bob");
+    let r = bob.request(json!({"op":"send","data":"not an object"})).await;
+    assert_eq!(r["error"]["code"], "bad_request");
     let r = bob.request(json!({"op":"send","data":{"action":"dance"}})).await;
     assert_eq!(r["error"]["code"], "not_found");
     assert_eq!(r["error"]["message"], "unknown action");

@@ -145,6 +145,8 @@ async fn bad_frames_get_an_error_and_the_connection_stays_open() {
     let r = expect_error(&mut c, r#"{"op":"fly","id":5}"#, "bad_request").await;
     assert_eq!(r["id"], 5, "the id is echoed even on errors");
     expect_error(&mut c, r#"{"op":"subscribe","id":6}"#, "bad_request").await;
+    let r = expect_error(&mut c, r#"{"op":"subscribe","channel":5,"id":13}"#, "bad_request").await;
+    assert_eq!(r["id"], 13, "a field of the wrong type still gets the id back");
     expect_error(&mut c, r#"{"op":"publish","channel":"a","id":7}"#, "bad_request").await;
     expect_error(&mut c, r#"{"op":"subscribe","channel":"no spaces","id":8}"#, "bad_request").await;
     expect_error(&mut c, &format!(r#"{{"op":"subscribe","channel":"{}","id":9}}"#, "x".repeat(300)), "bad_request")
