@@ -86,7 +86,7 @@ async fn connect_hook_accepts_with_user_and_channels_and_sees_the_original_reque
 #[tokio::test]
 async fn connect_hook_refusals_and_failures() {
     let app = Upstream::start().await;
-    let relay = Relay::start(&app.url(), &["--connect-hook", "/auth/connect", "--hook-timeout", "300ms"]).await;
+    let relay = Relay::start(&app.url(), &["--connect-hook", "/auth/connect", "--hook-timeout", "1s"]).await;
     let url = relay.ws_url("/ws");
     for (reply, expected) in [
         (HookReply::new(401, &json!({})), StatusCode::UNAUTHORIZED),

@@ -130,7 +130,7 @@ async fn losing_redis_keeps_clients_and_says_so_then_recovers() {
     let cfg = dir.path().join("ns.toml");
     std::fs::write(&cfg, "[[namespace]]\nprefix = \"open:\"\npublish = \"anyone\"\n").unwrap();
     let app = Upstream::start().await;
-    let args = ["--config", cfg.to_str().unwrap(), "--redis-timeout", "500ms"];
+    let args = ["--config", cfg.to_str().unwrap()];
     let a = node(&app, &redis.url(), &args).await;
     let b = node(&app, &redis.url(), &args).await;
     let mut on_a = ws_connect(&a.ws_url("/ws")).await;
@@ -198,7 +198,7 @@ async fn a_silently_dead_subscriber_fails_the_probe_and_is_replaced() {
     let redis = RedisServer::start();
     let proxy = FreezeProxy::start(redis.port).await;
     let app = Upstream::start().await;
-    let args = ["--redis-probe-interval", "200ms", "--redis-probe-timeout", "600ms", "--redis-timeout", "500ms"];
+    let args = ["--redis-probe-interval", "300ms", "--redis-probe-timeout", "1500ms", "--redis-timeout", "1s"];
     let relay = node(&app, &proxy.url(), &args).await;
     let mut c = ws_connect(&relay.ws_url("/ws")).await;
     c.subscribe("quiet").await;

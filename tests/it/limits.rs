@@ -94,12 +94,14 @@ async fn frames_over_the_rate_are_refused_then_closed_with_1008() {
     let app = Upstream::start().await;
     let relay = Relay::start(&app.url(), &["--client-rate", "1", "--client-burst", "3"]).await;
     let mut c = ws_connect(&relay.ws_url("/ws")).await;
-    for i in 0..3 {
-        let r = c.request(json!({"op":"ping"})).await;
-        assert_eq!(r["ok"], true, "within the burst ({i}): {r}");
+    // Four frames at once: three fit the burst, the fourth is over the rate.
+    for i in 1..=4 {
+        c.send_json(json!({"op":"ping","id":i})).await;
     }
-    let r = c.request(json!({"op":"ping"})).await;
-    assert_eq!(r["error"]["code"], "rate_limited");
+    for i in 1..=3 {
+        assert_eq!(c.reply_to(json!(i)).await["ok"], true, "within the burst ({i})");
+    }
+    assert_eq!(c.reply_to(json!(4)).await["error"]["code"], "rate_limited");
     for _ in 0..40 {
         if c.ws.send(Message::text(r#"{"op":"ping"}"#)).await.is_err() {
             break;
@@ -125,12 +127,12 @@ async fn connections_over_the_limit_get_503() {
 #[tokio::test]
 async fn silent_client_is_closed_but_one_answering_pings_stays() {
     let app = Upstream::start().await;
-    let relay = Relay::start(&app.url(), &["--ping-interval", "100ms", "--idle-timeout", "400ms"]).await;
+    let relay = Relay::start(&app.url(), &["--ping-interval", "200ms", "--idle-timeout", "1s"]).await;
     let mut silent = ws_connect(&relay.ws_url("/ws")).await;
     let mut alive = ws_connect(&relay.ws_url("/ws")).await;
     // `alive` reads (so tungstenite answers pings); `silent` does not read at all.
     let keep = tokio::spawn(async move {
-        alive.expect_silence(Duration::from_millis(1500)).await;
+        alive.expect_silence(Duration::from_millis(3000)).await;
         alive
     });
     relay.wait_metric("wsrelay_disconnects_total{reason=\"idle_timeout\"}", |v| v == 1.0).await;

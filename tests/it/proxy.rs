@@ -130,8 +130,8 @@ async fn app_down_gives_502() {
 #[tokio::test]
 async fn slow_app_gives_504_after_the_timeout() {
     let app = Upstream::start().await;
-    let relay = Relay::start(&app.url(), &["--upstream-timeout", "300ms"]).await;
-    let (status, _, _) = request(Method::GET, &relay.http_url("/slow?ms=5000"), None, &[]).await;
+    let relay = Relay::start(&app.url(), &["--upstream-timeout", "1s"]).await;
+    let (status, _, _) = request(Method::GET, &relay.http_url("/slow?ms=8000"), None, &[]).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
     let (status, _, body) = request(Method::GET, &relay.http_url("/slow?ms=10"), None, &[]).await;
     assert_eq!(status, StatusCode::OK);
@@ -168,7 +168,7 @@ async fn http2_cleartext_downstream_works() {
 #[tokio::test]
 async fn a_slow_upload_that_keeps_moving_is_not_cut_by_the_upstream_timeout() {
     let app = Upstream::start().await;
-    let relay = Relay::start(&app.url(), &["--upstream-timeout", "300ms"]).await;
+    let relay = Relay::start(&app.url(), &["--upstream-timeout", "1s"]).await;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
     let stream = Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
@@ -176,10 +176,10 @@ async fn a_slow_upload_that_keeps_moving_is_not_cut_by_the_upstream_timeout() {
     let client = Client::builder(TokioExecutor::new()).build_http::<StreamBody<_>>();
     let req = Request::post(relay.http_url("/upload")).body(StreamBody::new(stream)).unwrap();
     let pending = tokio::spawn(async move { client.request(req).await });
-    // Five chunks, 200 ms apart: a whole second, over three times the timeout.
+    // Five chunks, 400 ms apart: two seconds, twice the timeout.
     for _ in 0..5 {
         tx.send(Bytes::from_static(b"0123456789")).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     }
     drop(tx);
     let resp = tokio::time::timeout(STEP, pending).await.unwrap().unwrap().unwrap();
