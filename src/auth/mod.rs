@@ -352,10 +352,6 @@ impl Auth {
             d.flush(within).await;
         }
     }
-
-    pub fn has_message_hook(&self) -> bool {
-        self.cfg.message_hook.is_some()
-    }
 }
 
 fn hook_unavailable(e: &HookError) -> ApiError {

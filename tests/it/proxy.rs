@@ -87,17 +87,27 @@ async fn server_sent_events_arrive_one_by_one() {
     }
 }
 
-#[tokio::test]
-async fn large_upload_is_streamed_not_buffered() {
-    let app = Upstream::start().await;
-    let relay = Relay::start(&app.url(), &[]).await;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+/// A POST whose body the test feeds chunk by chunk; returns the feeder and the pending response.
+fn streaming_post(
+    url: String,
+) -> (
+    tokio::sync::mpsc::Sender<Bytes>,
+    tokio::task::JoinHandle<Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
     let stream = Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
     }));
     let client = Client::builder(TokioExecutor::new()).build_http::<StreamBody<_>>();
-    let req = Request::post(relay.http_url("/upload")).body(StreamBody::new(stream)).unwrap();
-    let pending = tokio::spawn(async move { client.request(req).await });
+    let req = Request::post(url).body(StreamBody::new(stream)).unwrap();
+    (tx, tokio::spawn(async move { client.request(req).await }))
+}
+
+#[tokio::test]
+async fn large_upload_is_streamed_not_buffered() {
+    let app = Upstream::start().await;
+    let relay = Relay::start(&app.url(), &[]).await;
+    let (tx, pending) = streaming_post(relay.http_url("/upload"));
 
     let chunk = Bytes::from(vec![b'x'; 1024 * 1024]);
     tx.send(chunk.clone()).await.unwrap();
@@ -169,13 +179,7 @@ async fn http2_cleartext_downstream_works() {
 async fn a_slow_upload_that_keeps_moving_is_not_cut_by_the_upstream_timeout() {
     let app = Upstream::start().await;
     let relay = Relay::start(&app.url(), &["--upstream-timeout", "1s"]).await;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
-    let stream = Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
-    }));
-    let client = Client::builder(TokioExecutor::new()).build_http::<StreamBody<_>>();
-    let req = Request::post(relay.http_url("/upload")).body(StreamBody::new(stream)).unwrap();
-    let pending = tokio::spawn(async move { client.request(req).await });
+    let (tx, pending) = streaming_post(relay.http_url("/upload"));
     // Five chunks, 400 ms apart: two seconds, twice the timeout.
     for _ in 0..5 {
         tx.send(Bytes::from_static(b"0123456789")).await.unwrap();
