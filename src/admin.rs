@@ -192,12 +192,8 @@ struct DisconnectBody {
 
 async fn disconnect(shared: &Shared, req: Request<Incoming>) -> Result<serde_json::Value, ApiError> {
     let body: DisconnectBody = read_json(req, 64 * 1024).await?;
-    let user = match body.user {
-        None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::String(u)) => Some(u),
-        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
-        Some(_) => return Err(ApiError::bad_request("\"user\" must be a string or a number")),
-    };
+    let user =
+        crate::auth::user_id(body.user).map_err(|_| ApiError::bad_request("\"user\" must be a string or a number"))?;
     let target = match (user, body.connection) {
         (Some(u), None) if !u.is_empty() => DisconnectTarget::User(u),
         (None, Some(c)) if !c.is_empty() => DisconnectTarget::Connection(c),

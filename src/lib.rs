@@ -79,6 +79,8 @@ pub(crate) struct Shared {
     pub drain: CancellationToken,
     pub sessions: TaskTracker,
     open: AtomicUsize,
+    /// Hook paths, normalized once (see `is_hook_path`).
+    hook_paths: Vec<String>,
 }
 
 impl Shared {
@@ -116,11 +118,11 @@ impl Shared {
     /// everything starting with them, however spelled (case, `%`-escapes,
     /// `//`, `..`, trailing `/` or `.json`).
     fn is_hook_path(&self, path: &str) -> bool {
+        if self.hook_paths.is_empty() {
+            return false;
+        }
         let path = proxy::normalized_path(path);
-        self.cfg.auth.hook_paths().any(|h| {
-            let h = proxy::normalized_path(h);
-            h != "/" && path.starts_with(&h)
-        })
+        self.hook_paths.iter().any(|h| path.starts_with(h.as_str()))
     }
 }
 
@@ -155,6 +157,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let admin_addr = listeners.admin.local_addr()?;
     let drain_timeout = config.drain_timeout;
     let builder = server::builder(config.session.handshake_timeout);
+    let hook_paths = config.auth.hook_paths().map(proxy::normalized_path).filter(|h| h != "/").collect();
     let shared = Arc::new(Shared {
         cfg: config,
         metrics,
@@ -165,6 +168,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         drain: CancellationToken::new(),
         sessions: TaskTracker::new(),
         open: AtomicUsize::new(0),
+        hook_paths,
     });
     info!(
         public = %public_addr,

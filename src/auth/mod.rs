@@ -70,6 +70,18 @@ impl Reject {
     }
 }
 
+/// A user id as the app sends it: a string or a number (Ok(None) for null
+/// or absent, Err for anything else). Used by the connect hook's answer and
+/// by `/api/disconnect`, so an id works the same in both.
+pub fn user_id(v: Option<serde_json::Value>) -> Result<Option<String>, serde_json::Value> {
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s).filter(|s| !s.is_empty())),
+        Some(serde_json::Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(other) => Err(other),
+    }
+}
+
 /// Which action a policy is checked for.
 #[derive(Debug, Clone, Copy)]
 pub enum Action {
@@ -236,11 +248,9 @@ impl Auth {
             tracing::warn!(error = %e, "connect hook answered 200 with an invalid body: refusing");
             unavailable("authorization unavailable")
         })?;
-        let user = match answer.user {
-            None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::String(s)) if !s.is_empty() => Some(Arc::from(s)),
-            Some(serde_json::Value::Number(n)) => Some(Arc::from(n.to_string())),
-            Some(other) => {
+        let user = match user_id(answer.user) {
+            Ok(u) => u.map(Arc::from),
+            Err(other) => {
                 tracing::warn!(user = %other, "connect hook answered a user that is not a string: refusing");
                 return Err(unavailable("authorization unavailable"));
             }
