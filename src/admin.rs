@@ -5,43 +5,40 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
-use crate::Shared;
-use crate::broker::Publication;
+use crate::body::{Body, ReadError, bearer_token, full, read_limited, text};
+use crate::channel::Channel;
 use crate::error::{ApiError, ErrorCode};
-use crate::hub::{DisconnectTarget, now_us};
-use crate::protocol;
-use crate::proxy::{Body, full, text};
+use crate::hub::DisconnectTarget;
+use crate::node::{Node, Source};
 
 /// Channels one broadcast may name at most.
 pub const MAX_BROADCAST: usize = 1000;
 
-pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+pub(crate) async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok"),
-        (&Method::GET, "/readyz") => readyz(&shared),
+        (&Method::GET, "/readyz") => readyz(&node, wants_broker(req.uri().query())),
         (&Method::GET, "/metrics") => {
-            let mut r = Response::new(full(shared.metrics.render()));
+            let mut r = Response::new(full(node.metrics.render()));
             r.headers_mut()
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
             r
         }
         (_, p) if p.starts_with("/api/") => {
-            if let Err(e) = check_token(&shared, &req) {
-                return json_error(&e);
+            if let Err(e) = check_token(&node, &req) {
+                return json_error(&node, &e);
             }
             let result = match (req.method(), p) {
-                (&Method::POST, "/api/publish") => publish(&shared, req).await,
-                (&Method::POST, "/api/disconnect") => disconnect(&shared, req).await,
+                (&Method::POST, "/api/publish") => publish(&node, req).await,
+                (&Method::POST, "/api/disconnect") => disconnect(&node, req).await,
                 (&Method::GET, p)
                     if p.starts_with("/api/channels/") && (p.ends_with("/presence") || p.ends_with("/history")) =>
                 {
@@ -57,33 +54,36 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
             };
             match result {
                 Ok(body) => json(StatusCode::OK, &body),
-                Err(e) => json_error(&e),
+                Err(e) => json_error(&node, &e),
             }
         }
         _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz, /readyz or /api/publish"),
     }
 }
 
-fn readyz(shared: &Shared) -> Response<Body> {
-    if shared.drain.is_cancelled() {
+/// `/readyz?broker` (or `?broker=1`): also require the broker.
+fn wants_broker(query: Option<&str>) -> bool {
+    query.is_some_and(|q| form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "broker" && v != "0" && v != "false"))
+}
+
+/// "This pod can serve": 503 only while draining. In the sidecar layout the
+/// pod's readiness gates the app's own HTTP too, and a Redis outage hits
+/// every node at once, so the broker counts only when asked for.
+fn readyz(node: &Node, with_broker: bool) -> Response<Body> {
+    if node.drain.is_cancelled() {
         text(StatusCode::SERVICE_UNAVAILABLE, "draining")
-    } else if !shared.broker.is_up() {
+    } else if with_broker && !node.broker.is_up() {
         text(StatusCode::SERVICE_UNAVAILABLE, "broker unavailable")
     } else {
         text(StatusCode::OK, "ready")
     }
 }
 
-fn check_token(shared: &Shared, req: &Request<Incoming>) -> Result<(), ApiError> {
-    let Some(want) = &shared.cfg.api_token else {
+fn check_token(node: &Node, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let Some(want) = &node.cfg.api_token else {
         return Ok(());
     };
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .unwrap_or("");
+    let given = bearer_token(req.headers()).unwrap_or("");
     if bool::from(given.as_bytes().ct_eq(want.expose().as_bytes())) {
         Ok(())
     } else {
@@ -98,7 +98,9 @@ fn json(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
     r
 }
 
-fn json_error(e: &ApiError) -> Response<Body> {
+fn json_error(node: &Node, e: &ApiError) -> Response<Body> {
+    node.metrics.error(e.fault);
+    e.log("API request refused");
     let mut r = json(e.code.status(), &serde_json::json!({ "error": e.to_json() }));
     if e.code == ErrorCode::Unauthorized {
         r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -108,13 +110,10 @@ fn json_error(e: &ApiError) -> Response<Body> {
 
 /// Reads a JSON body of at most `limit` bytes into `T`.
 async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>, limit: usize) -> Result<T, ApiError> {
-    let body: Bytes = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(ApiError::new(ErrorCode::TooLarge, format!("body larger than {limit} bytes")));
-        }
-        Err(e) => return Err(ApiError::bad_request(format!("cannot read body: {e}"))),
-    };
+    let body = read_limited(req.into_body(), limit).await.map_err(|e| match e {
+        ReadError::TooLarge(_) => ApiError::new(ErrorCode::TooLarge, e.to_string()),
+        ReadError::Io(_) => ApiError::bad_request(e.to_string()),
+    })?;
     serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
@@ -135,8 +134,8 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue
     Box::<RawValue>::deserialize(d).map(Some)
 }
 
-async fn publish(shared: &Shared, req: Request<Incoming>) -> Result<serde_json::Value, ApiError> {
-    let max = shared.cfg.session.max_message_bytes;
+async fn publish(node: &Node, req: Request<Incoming>) -> Result<serde_json::Value, ApiError> {
+    let max = node.cfg.session.max_message_bytes;
     let body: PublishBody = read_json(req, max + 64 * 1024).await?;
     let data = body.data.ok_or_else(|| ApiError::bad_request("missing field \"data\""))?;
     if data.get().len() > max {
@@ -158,25 +157,14 @@ async fn publish(shared: &Shared, req: Request<Incoming>) -> Result<serde_json::
             channels.len()
         )));
     }
-    for c in &channels {
-        protocol::validate_channel(c).map_err(|e| ApiError::bad_request(format!("{c:?}: {}", e.message)))?;
-    }
+    let channels = channels
+        .iter()
+        .map(|c| Channel::parse(c).map_err(|e| ApiError::bad_request(format!("{c:?}: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
     if body.exclude.as_ref().is_some_and(|x| x.len() > 256) {
         return Err(ApiError::bad_request("\"exclude\" is not a connection id"));
     }
-    let published_us = now_us();
-    let n = channels.len() as u64;
-    let pubs = channels
-        .into_iter()
-        .map(|channel| Publication {
-            frame: protocol::message(&channel, &data, None),
-            channel,
-            exclude: body.exclude.clone(),
-            published_us,
-        })
-        .collect();
-    shared.broker.publish(pubs).await?;
-    shared.metrics.published_api.inc_by(n);
+    node.publish(channels, &data, body.exclude.as_deref(), Source::Api).await?;
     Ok(serde_json::json!({}))
 }
 
@@ -190,7 +178,7 @@ struct DisconnectBody {
     connection: Option<String>,
 }
 
-async fn disconnect(shared: &Shared, req: Request<Incoming>) -> Result<serde_json::Value, ApiError> {
+async fn disconnect(node: &Node, req: Request<Incoming>) -> Result<serde_json::Value, ApiError> {
     let body: DisconnectBody = read_json(req, 64 * 1024).await?;
     let user =
         crate::auth::user_id(body.user).map_err(|_| ApiError::bad_request("\"user\" must be a string or a number"))?;
@@ -200,6 +188,6 @@ async fn disconnect(shared: &Shared, req: Request<Incoming>) -> Result<serde_jso
         (Some(_), Some(_)) => return Err(ApiError::bad_request("give \"user\" or \"connection\", not both")),
         _ => return Err(ApiError::bad_request("missing field \"user\" or \"connection\"")),
     };
-    shared.broker.disconnect(target).await?;
+    node.broker.disconnect(target).await?;
     Ok(serde_json::json!({}))
 }

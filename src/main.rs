@@ -4,28 +4,23 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::Parser;
 use clap::error::ErrorKind;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
-use wsrelay::config::{Config, EXIT_BAD_CONFIG, LogFormat, Options};
+use wsrelay::config::{self, Config, EXIT_BAD_CONFIG, LoadError, Loaded, LogFormat};
 use wsrelay::{Listeners, run};
 
 fn main() -> ExitCode {
-    let opts = match Options::try_parse() {
-        Ok(o) => o,
-        Err(e) => {
+    let Loaded { config, check_only } = match config::load(std::env::args_os()) {
+        Ok(l) => l,
+        Err(LoadError::Cli(e)) => {
             let _ = e.print();
             return match e.kind() {
                 ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => ExitCode::SUCCESS,
                 _ => ExitCode::from(EXIT_BAD_CONFIG as u8),
             };
         }
-    };
-    let check_only = opts.check_config;
-    let config = match opts.resolve() {
-        Ok(c) => c,
-        Err(e) => {
+        Err(LoadError::Config(e)) => {
             eprintln!("wsrelay: bad configuration: {e}");
             return ExitCode::from(EXIT_BAD_CONFIG as u8);
         }

@@ -7,7 +7,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::error::CloseReason;
+use crate::error::{CloseReason, ConnResult, Fault};
 
 /// Every series wsrelay exports (names get the `wsrelay_` prefix).
 pub struct Metrics {
@@ -26,6 +26,7 @@ pub struct Metrics {
     pub broker_publish_seconds: Histogram,
     pub broker_reconnects: IntCounter,
     pub broker_probe_failures: IntCounter,
+    pub broker_connection_errors: IntCounter,
     pub broker_subscriptions: IntGauge,
     pub delivery_seconds: Histogram,
     hook_requests: IntCounterVec,
@@ -33,45 +34,7 @@ pub struct Metrics {
     pub disconnect_hook_dropped: IntCounter,
     upstream_requests: IntCounterVec,
     pub upstream_seconds: Histogram,
-}
-
-/// The `result` label of `wsrelay_connections_total`.
-#[derive(Debug, Clone, Copy)]
-pub enum ConnResult {
-    Accepted,
-    BadRequest,
-    Forbidden,
-    Unauthorized,
-    Unavailable,
-    LimitReached,
-    Draining,
-    HandshakeFailed,
-}
-
-impl ConnResult {
-    const ALL: [ConnResult; 8] = [
-        ConnResult::Accepted,
-        ConnResult::BadRequest,
-        ConnResult::Forbidden,
-        ConnResult::Unauthorized,
-        ConnResult::Unavailable,
-        ConnResult::LimitReached,
-        ConnResult::Draining,
-        ConnResult::HandshakeFailed,
-    ];
-
-    fn label(self) -> &'static str {
-        match self {
-            ConnResult::Accepted => "accepted",
-            ConnResult::BadRequest => "bad_request",
-            ConnResult::Forbidden => "forbidden",
-            ConnResult::Unauthorized => "unauthorized",
-            ConnResult::Unavailable => "unavailable",
-            ConnResult::LimitReached => "limit_reached",
-            ConnResult::Draining => "draining",
-            ConnResult::HandshakeFailed => "handshake_failed",
-        }
-    }
+    errors: [IntCounter; 4],
 }
 
 const LATENCY_BUCKETS: &[f64] =
@@ -143,6 +106,10 @@ impl Metrics {
                 "broker_probe_failures_total",
                 "Self-probes not received back in time (a dead subscriber connection)",
             )?,
+            broker_connection_errors: r.counter(
+                "broker_connection_errors_total",
+                "Broker subscriber connections that could not be made or were lost",
+            )?,
             broker_subscriptions: r
                 .gauge("broker_subscriptions", "Channels this node is subscribed to in the broker")?,
             delivery_seconds: r.histogram("delivery_seconds", "Time from publish to socket write")?,
@@ -158,6 +125,14 @@ impl Metrics {
                 &["status"],
             )?,
             upstream_seconds: r.histogram("upstream_seconds", "Time to the app's response headers")?,
+            errors: {
+                let errors = r.counters(
+                    "errors_total",
+                    "Errors answered to clients and the app, by who caused them (client, app, broker, internal)",
+                    &["source"],
+                )?;
+                Fault::ALL.map(|f| errors.with_label_values(&[f.label()]))
+            },
             registry: registry.clone(),
         };
         // Zero series exist before the first event, so rates and alerts work at once.
@@ -173,6 +148,11 @@ impl Metrics {
 
     pub fn connection_result(&self, result: ConnResult) {
         self.connections_total.with_label_values(&[result.label()]).inc();
+    }
+
+    /// An error answered (reply, API response or refused upgrade), by its fault.
+    pub fn error(&self, fault: Fault) {
+        self.errors[fault as usize].inc();
     }
 
     pub fn disconnect(&self, reason: CloseReason) {

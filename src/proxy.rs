@@ -13,49 +13,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tracing::{Instrument, debug, warn};
 
+use crate::body::{Body, full, text};
 use crate::config::ProxyConfig;
 use crate::metrics::Metrics;
-
-/// The body type of every response wsrelay sends and every request it makes.
-pub type Body = BoxBody<Bytes, hyper::Error>;
-
-/// A complete body from bytes.
-pub fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).map_err(|never| match never {}).boxed()
-}
-
-/// A short plain-text response (errors of our own).
-pub fn text(status: StatusCode, msg: &str) -> Response<Body> {
-    let mut r = Response::new(full(format!("{msg}\n")));
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    r
-}
-
-/// The pooled HTTP client to the app, shared by the proxy and the hooks.
-pub type UpstreamClient = Client<HttpConnector, Body>;
-
-pub fn client(cfg: &ProxyConfig) -> UpstreamClient {
-    let mut conn = HttpConnector::new();
-    conn.set_nodelay(true);
-    conn.set_connect_timeout(Some(cfg.connect_timeout));
-    conn.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
-        // The idle reaper only runs with a timer; keep idle connections
-        // shorter-lived than the app's keep-alive so we never reuse one it
-        // is closing.
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(cfg.idle_timeout)
-        .pool_max_idle_per_host(256)
-        .build(conn)
-}
+use crate::upstream::{self, UpstreamClient, set_forwarded};
 
 pub struct Proxy {
     client: UpstreamClient,
@@ -108,47 +74,6 @@ fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
-/// Appends the peer to `X-Forwarded-For` and sets `X-Forwarded-Proto` and
-/// `X-Forwarded-Host` unless a front proxy already did (wsrelay runs behind
-/// one, which knows the original scheme and host).
-pub fn set_forwarded(headers: &mut HeaderMap, remote: SocketAddr, host: Option<HeaderValue>) {
-    let xff = HeaderName::from_static("x-forwarded-for");
-    let ip = remote.ip().to_canonical().to_string();
-    // Several X-Forwarded-For lines are one list (RFC 9110 §5.3).
-    let prev: Vec<&str> =
-        headers.get_all(&xff).iter().filter_map(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()).collect();
-    let value = if prev.is_empty() { ip } else { format!("{}, {ip}", prev.join(", ")) };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(xff, v);
-    }
-    let proto = HeaderName::from_static("x-forwarded-proto");
-    if !headers.contains_key(&proto) {
-        headers.insert(proto, HeaderValue::from_static("http"));
-    }
-    let fhost = HeaderName::from_static("x-forwarded-host");
-    if let (false, Some(h)) = (headers.contains_key(&fhost), host) {
-        headers.insert(fhost, h);
-    }
-}
-
-/// A path as a lenient app framework would route it: percent-decoded,
-/// lower-cased, `//` collapsed, `.`/`..` resolved, no trailing slash. Used
-/// to keep clients away from hook paths whatever spelling they try.
-pub fn normalized_path(raw: &str) -> String {
-    let decoded = percent_encoding::percent_decode_str(raw).decode_utf8_lossy().to_lowercase();
-    let mut parts: Vec<&str> = Vec::new();
-    for seg in decoded.split(['/', '\\']) {
-        match seg {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            s => parts.push(s),
-        }
-    }
-    format!("/{}", parts.join("/"))
-}
-
 /// True for an HTTP/1.1 `Connection: upgrade` request carrying `Upgrade`.
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
@@ -164,13 +89,6 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
 impl Proxy {
     pub fn new(cfg: &ProxyConfig, client: UpstreamClient, metrics: Arc<Metrics>) -> Self {
         Proxy { client, upstream: cfg.upstream.clone(), timeout: cfg.timeout, metrics }
-    }
-
-    /// The app's URI for a path (and query) of ours.
-    pub fn upstream_uri(&self, path_and_query: &str) -> Result<Uri, http::Error> {
-        let mut parts = self.upstream.clone().into_parts();
-        parts.path_and_query = Some(path_and_query.parse()?);
-        Ok(Uri::from_parts(parts)?)
     }
 
     /// Forwards one request and returns the app's response (or 502/504).
@@ -211,7 +129,7 @@ impl Proxy {
             parts.headers.insert(header::HOST, h);
         }
         let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        parts.uri = match self.upstream_uri(pq) {
+        parts.uri = match upstream::uri(&self.upstream, pq) {
             Ok(u) => u,
             Err(_) => return self.done(text(StatusCode::BAD_REQUEST, "bad request target"), started),
         };
@@ -337,28 +255,5 @@ async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) 
     let mut up = TokioIo::new(up);
     if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
         debug!(error = %e, "upgrade tunnel ended with an error");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn paths_are_normalized_like_lenient_routers() {
-        assert_eq!(normalized_path("/Internal/WS/%6Dessage/"), "/internal/ws/message");
-        assert_eq!(normalized_path("//internal/./ws/x/../message"), "/internal/ws/message");
-        assert_eq!(normalized_path("/"), "/");
-        assert_eq!(normalized_path("/a%2Fb"), "/a/b");
-    }
-
-    #[test]
-    fn forwarded_for_lines_are_one_list() {
-        let mut h = HeaderMap::new();
-        h.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
-        h.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2, 3.3.3.3"));
-        set_forwarded(&mut h, "127.0.0.1:9".parse().unwrap(), None);
-        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
-        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1");
     }
 }

@@ -1,30 +1,50 @@
-//! Calls to the app's HTTP hooks: bounded by a semaphore (`--hook-concurrency`)
-//! and by `--hook-timeout` (which includes waiting for a permit), measured,
-//! and failing closed: a hook that is down or late denies.
+//! Calls to the app's HTTP hooks: bounded by a semaphore per hook kind
+//! (`--hook-concurrency` each, so message hooks cannot starve connect
+//! hooks) and by `--hook-timeout` (which includes waiting for a permit),
+//! measured, and failing closed: a hook that is down or late denies.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Limited};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tracing::{Instrument, debug, warn};
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug};
 
+use crate::body::{full, read_limited};
+use crate::error::{ApiError, HookError};
 use crate::metrics::Metrics;
-use crate::proxy::{UpstreamClient, full};
+use crate::upstream::{self, UpstreamClient};
 
 /// Largest hook answer read, in bytes.
 const MAX_HOOK_BODY: usize = 1024 * 1024;
 
-#[derive(Debug, thiserror::Error)]
-pub enum HookError {
-    #[error("hook did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("hook unreachable: {0}")]
-    Unreachable(String),
+/// Which hook: the `hook` label of the metrics, the `X-Wsrelay-Hook` header,
+/// and the concurrency budget a call draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookKind {
+    Connect,
+    Subscribe,
+    Publish,
+    Message,
+    Disconnect,
+}
+
+impl HookKind {
+    const ALL: [HookKind; 5] =
+        [HookKind::Connect, HookKind::Subscribe, HookKind::Publish, HookKind::Message, HookKind::Disconnect];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            HookKind::Connect => "connect",
+            HookKind::Subscribe => "subscribe",
+            HookKind::Publish => "publish",
+            HookKind::Message => "message",
+            HookKind::Disconnect => "disconnect",
+        }
+    }
 }
 
 /// A hook's answer.
@@ -44,7 +64,8 @@ pub struct Hooks {
     secret: Option<HeaderValue>,
     upstream: Uri,
     timeout: Duration,
-    permits: Arc<Semaphore>,
+    /// One budget per [`HookKind`], indexed by its position in `ALL`.
+    permits: [Arc<Semaphore>; 5],
     metrics: Arc<Metrics>,
 }
 
@@ -61,46 +82,50 @@ impl Hooks {
             v.set_sensitive(true);
             v
         });
-        Hooks { client, secret, upstream, timeout, permits: Arc::new(Semaphore::new(concurrency)), metrics }
+        let permits = HookKind::ALL.map(|_| Arc::new(Semaphore::new(concurrency)));
+        Hooks { client, secret, upstream, timeout, permits, metrics }
     }
 
-    /// POSTs a JSON body to `path` on the app. `name` labels the metrics.
+    fn permits(&self, kind: HookKind) -> &Arc<Semaphore> {
+        &self.permits[kind as usize]
+    }
+
+    /// POSTs a JSON body to `path` on the app. A failed call (not a refusal:
+    /// any answer is a response) is `unavailable`, blamed on the app, and logged.
     pub async fn call(
         &self,
-        name: &'static str,
+        kind: HookKind,
         path: &str,
         headers: HeaderMap,
         body: Vec<u8>,
-    ) -> Result<HookResponse, HookError> {
-        self.call_with(name, path, headers, body, None).await
+    ) -> Result<HookResponse, ApiError> {
+        self.call_with(kind, path, headers, body, None).await
     }
 
     /// As [`call`](Self::call), with a permit the caller already holds.
     async fn call_with(
         &self,
-        name: &'static str,
+        kind: HookKind,
         path: &str,
         mut headers: HeaderMap,
         body: Vec<u8>,
         permit: Option<OwnedSemaphorePermit>,
-    ) -> Result<HookResponse, HookError> {
+    ) -> Result<HookResponse, ApiError> {
         let started = Instant::now();
         let result = tokio::time::timeout(self.timeout, async {
             let _permit = match permit {
                 Some(p) => p,
-                None => self
-                    .permits
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| HookError::Unreachable("shutting down".into()))?,
+                // The semaphores are never closed, so this cannot fail; if it
+                // did, waiting out the timeout would be the honest answer.
+                None => match self.permits(kind).clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => std::future::pending().await,
+                },
             };
-            let mut parts = self.upstream.clone().into_parts();
-            parts.path_and_query = Some(path.parse().map_err(|e| HookError::Unreachable(format!("bad path: {e}")))?);
-            let uri = Uri::from_parts(parts).map_err(|e| HookError::Unreachable(e.to_string()))?;
+            let uri = upstream::uri(&self.upstream, path).map_err(|_| HookError::BadPath)?;
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-            headers.insert(HOOK_HEADER, HeaderValue::from_static(name));
+            headers.insert(HOOK_HEADER, HeaderValue::from_static(kind.label()));
             if let Some(secret) = &self.secret {
                 headers.insert(SECRET_HEADER, secret.clone());
             }
@@ -108,27 +133,23 @@ impl Hooks {
             *req.method_mut() = Method::POST;
             *req.uri_mut() = uri;
             *req.headers_mut() = headers;
-            let resp = self.client.request(req).await.map_err(|e| HookError::Unreachable(e.to_string()))?;
+            let resp = self.client.request(req).await.map_err(HookError::Request)?;
             let status = resp.status();
-            let body = Limited::new(resp.into_body(), MAX_HOOK_BODY)
-                .collect()
-                .await
-                .map_err(|e| HookError::Unreachable(format!("reading the answer: {e}")))?
-                .to_bytes();
+            let body = read_limited(resp.into_body(), MAX_HOOK_BODY).await.map_err(|e| HookError::Body(Box::new(e)))?;
             Ok(HookResponse { status, body })
         })
         .await
         .unwrap_or(Err(HookError::Timeout(self.timeout)));
         let label = match &result {
             Ok(r) => r.status.as_str().to_owned(),
-            Err(HookError::Timeout(_)) => "timeout".to_owned(),
-            Err(HookError::Unreachable(_)) => "error".to_owned(),
+            Err(e) => e.label().to_owned(),
         };
-        self.metrics.hook(name, &label, started.elapsed().as_secs_f64());
-        if let Err(e) = &result {
-            warn!(hook = name, error = %e, "hook failed");
-        }
-        result
+        self.metrics.hook(kind.label(), &label, started.elapsed().as_secs_f64());
+        result.map_err(|e| {
+            let err = ApiError::from(e);
+            err.log(kind.label());
+            err
+        })
     }
 }
 
@@ -141,70 +162,65 @@ pub struct DisconnectEvent {
 }
 
 /// Best-effort delivery of disconnect notifications: a bounded queue, drained
-/// by one task that POSTs each under the hook semaphore. Overflow is dropped
-/// and counted, never allowed to slow sessions down or grow memory.
+/// by one task that POSTs each under the disconnect hook's budget. Overflow
+/// is dropped and counted, never allowed to slow sessions down or grow
+/// memory.
 pub struct DisconnectNotifier {
-    tx: mpsc::Sender<DisconnectEvent>,
-    /// Notifications queued or in flight.
-    pending: Arc<AtomicUsize>,
+    /// Taken by [`flush`](Self::flush): the queue then ends once drained.
+    tx: Mutex<Option<mpsc::Sender<DisconnectEvent>>>,
+    /// The queue's reader and every call in flight.
+    tasks: TaskTracker,
     metrics: Arc<Metrics>,
-}
-
-/// Counts a notification done when dropped, however its task ends.
-struct Done(Arc<AtomicUsize>);
-
-impl Drop for Done {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 impl DisconnectNotifier {
     pub fn start(hooks: Arc<Hooks>, path: String, queue: usize, metrics: Arc<Metrics>) -> Self {
         let (tx, mut rx) = mpsc::channel::<DisconnectEvent>(queue);
-        let pending = Arc::new(AtomicUsize::new(0));
-        let counter = pending.clone();
-        tokio::spawn(
+        let tasks = TaskTracker::new();
+        let calls = tasks.clone();
+        tasks.spawn(
             async move {
                 while let Some(ev) = rx.recv().await {
-                    let done = Done(counter.clone());
                     // The permit is taken before spawning, so at most
                     // --hook-concurrency calls run and the queue is the only
                     // backlog.
-                    let Ok(permit) = hooks.permits.clone().acquire_owned().await else {
+                    let Ok(permit) = hooks.permits(HookKind::Disconnect).clone().acquire_owned().await else {
                         return;
                     };
                     let hooks = hooks.clone();
                     let path = path.clone();
-                    tokio::spawn(async move {
-                        let _done = done;
-                        let body = serde_json::to_vec(&ev).unwrap_or_default();
-                        let r = hooks.call_with("disconnect", &path, HeaderMap::new(), body, Some(permit)).await;
-                        if let Ok(r) = r {
-                            debug!(status = %r.status, connection = %ev.connection, "disconnect hook told");
+                    let span = tracing::debug_span!("disconnect_hook", conn.id = %ev.connection);
+                    calls.spawn(
+                        async move {
+                            let body = serde_json::to_vec(&ev).unwrap_or_default();
+                            let r = hooks.call_with(HookKind::Disconnect, &path, HeaderMap::new(), body, Some(permit));
+                            if let Ok(r) = r.await {
+                                debug!(status = %r.status, "disconnect hook told");
+                            }
                         }
-                    });
+                        .instrument(span),
+                    );
                 }
             }
-            .instrument(tracing::info_span!("disconnect_hook")),
+            .instrument(tracing::info_span!("disconnect_hook_queue")),
         );
-        DisconnectNotifier { tx, pending, metrics }
+        DisconnectNotifier { tx: Mutex::new(Some(tx)), tasks, metrics }
     }
 
     pub fn notify(&self, ev: DisconnectEvent) {
-        self.pending.fetch_add(1, Ordering::AcqRel);
-        if self.tx.try_send(ev).is_err() {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
+        let tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
+        let sent = tx.as_ref().is_some_and(|tx| tx.try_send(ev).is_ok());
+        if !sent {
             self.metrics.disconnect_hook_dropped.inc();
         }
     }
 
-    /// Waits (at most `within`) for queued notifications to be delivered,
-    /// so a draining sidecar tells the app about the clients it closed.
+    /// Closes the queue and waits (at most `within`) for what it holds to be
+    /// delivered, so a draining sidecar tells the app about the clients it
+    /// closed.
     pub async fn flush(&self, within: Duration) {
-        let deadline = tokio::time::Instant::now() + within;
-        while self.pending.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        drop(self.tx.lock().unwrap_or_else(PoisonError::into_inner).take());
+        self.tasks.close();
+        let _ = tokio::time::timeout(within, self.tasks.wait()).await;
     }
 }

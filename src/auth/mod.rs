@@ -4,7 +4,6 @@
 //! late denies.
 
 pub mod hooks;
-pub mod jwt;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,37 +14,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 pub use self::hooks::DisconnectEvent;
-use self::hooks::{DisconnectNotifier, HookError, Hooks};
-pub use self::jwt::JwtKey;
-use crate::config::AuthConfig;
-use crate::error::{ApiError, ErrorCode};
-use crate::metrics::{ConnResult, Metrics};
-use crate::protocol::validate_channel;
-use crate::proxy::{UpstreamClient, set_forwarded};
-
-/// Who may subscribe to, or publish on, a namespace's channels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Policy {
-    /// Every connection, anonymous ones too.
-    Anyone,
-    /// Connections with a user.
-    Authenticated,
-    /// Only the user named by the rest of the channel (`user:42` → user 42).
-    Owner,
-    /// Ask the app's subscribe/publish hook.
-    Hook,
-    /// Nobody (server-side subscriptions and the API still work).
-    None,
-}
-
-/// A namespace: the channels starting with `prefix` and their policies.
-#[derive(Debug, Clone)]
-pub struct NamespaceRule {
-    pub prefix: String,
-    pub subscribe: Policy,
-    pub publish: Policy,
-}
+use self::hooks::{DisconnectNotifier, HookKind, Hooks};
+use crate::body::bearer_token;
+use crate::channel::Channel;
+use crate::config::{AuthConfig, Policy};
+use crate::error::{ApiError, ErrorCode, Fault, Reject};
+use crate::metrics::Metrics;
+use crate::upstream::{UpstreamClient, set_forwarded};
 
 /// Who a connection is, as established at connect time.
 #[derive(Debug, Default)]
@@ -53,21 +28,10 @@ pub struct Identity {
     pub user: Option<Arc<str>>,
     pub info: Option<serde_json::Value>,
     /// Channels the app (hook or token) subscribes the connection to.
-    pub channels: Vec<String>,
-}
-
-/// Why an upgrade is refused, before any WebSocket exists.
-#[derive(Debug)]
-pub struct Reject {
-    pub status: StatusCode,
-    pub message: String,
-    pub result: ConnResult,
-}
-
-impl Reject {
-    pub fn new(status: StatusCode, result: ConnResult, message: impl Into<String>) -> Self {
-        Reject { status, message: message.into(), result }
-    }
+    pub channels: Vec<Channel>,
+    /// When a JWT-authenticated connection's token expires (seconds since
+    /// the Unix epoch).
+    pub expires: Option<u64>,
 }
 
 /// A user id as the app sends it: a string or a number (Ok(None) for null
@@ -107,7 +71,7 @@ struct ConnectAnswer {
     #[serde(default)]
     user: Option<serde_json::Value>,
     #[serde(default)]
-    channels: Vec<String>,
+    channels: Vec<Channel>,
     #[serde(default)]
     info: Option<serde_json::Value>,
 }
@@ -166,7 +130,7 @@ impl Auth {
         if allowed.iter().any(|o| o == "*" || *o == origin) {
             return Ok(());
         }
-        let forbidden = || Reject::new(StatusCode::FORBIDDEN, ConnResult::Forbidden, "origin not allowed");
+        let forbidden = || Reject::from(ApiError::forbidden("origin not allowed"));
         if !allowed.is_empty() {
             return Err(forbidden());
         }
@@ -189,21 +153,16 @@ impl Auth {
     pub async fn authenticate<B>(&self, req: &Request<B>, remote: SocketAddr) -> Result<Identity, Reject> {
         if let Some(key) = &self.cfg.jwt {
             if let Some(token) = token_of(req) {
-                let claims = key.verify(&token).map_err(|e| {
-                    Reject::new(StatusCode::UNAUTHORIZED, ConnResult::Unauthorized, format!("invalid token: {e}"))
-                })?;
+                let claims = key.verify(&token).map_err(|e| unauthorized(format!("invalid token: {e}")))?;
                 return Ok(Identity {
                     user: Some(Arc::from(claims.sub)),
                     info: claims.info,
                     channels: claims.channels,
+                    expires: Some(claims.exp),
                 });
             }
             if self.cfg.connect_hook.is_none() {
-                return Err(Reject::new(
-                    StatusCode::UNAUTHORIZED,
-                    ConnResult::Unauthorized,
-                    "a token is required (?token= or Authorization: Bearer)",
-                ));
+                return Err(unauthorized("a token is required (?token= or Authorization: Bearer)".into()));
             }
         }
         match &self.cfg.connect_hook {
@@ -226,44 +185,29 @@ impl Auth {
             remote_addr: remote.to_string(),
         })
         .unwrap_or_default();
-        let unavailable = |m: &str| Reject::new(StatusCode::SERVICE_UNAVAILABLE, ConnResult::Unavailable, m);
-        let resp = self
-            .hooks
-            .call("connect", path, headers, body)
-            .await
-            .map_err(|_| unavailable("authorization unavailable"))?;
+        let unavailable = || Reject::from(ApiError::unavailable("authorization unavailable").blame(Fault::App));
+        let resp = self.hooks.call(HookKind::Connect, path, headers, body).await.map_err(|_| unavailable())?;
         match resp.status {
             StatusCode::OK => {}
-            s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
-                let result =
-                    if s == StatusCode::UNAUTHORIZED { ConnResult::Unauthorized } else { ConnResult::Forbidden };
-                return Err(Reject::new(s, result, "refused by the app"));
-            }
+            StatusCode::UNAUTHORIZED => return Err(unauthorized("refused by the app".into())),
+            StatusCode::FORBIDDEN => return Err(ApiError::forbidden("refused by the app").into()),
             s => {
                 tracing::warn!(status = %s, "connect hook answered neither 200, 401 nor 403: refusing (fail closed)");
-                return Err(unavailable("authorization unavailable"));
+                return Err(unavailable());
             }
         }
         let answer: ConnectAnswer = serde_json::from_slice(&resp.body).map_err(|e| {
-            tracing::warn!(error = %e, "connect hook answered 200 with an invalid body: refusing");
-            unavailable("authorization unavailable")
+            tracing::warn!(error = %e, "connect hook answered 200 with an invalid body (or channel name): refusing");
+            unavailable()
         })?;
         let user = match user_id(answer.user) {
             Ok(u) => u.map(Arc::from),
             Err(other) => {
                 tracing::warn!(user = %other, "connect hook answered a user that is not a string: refusing");
-                return Err(unavailable("authorization unavailable"));
+                return Err(unavailable());
             }
         };
-        if let Some(bad) = answer.channels.iter().find(|c| validate_channel(c).is_err()) {
-            tracing::warn!(channel = %bad, "connect hook answered an invalid channel name: refusing");
-            return Err(unavailable("authorization unavailable"));
-        }
-        Ok(Identity { user, info: answer.info, channels: answer.channels })
-    }
-
-    fn rule(&self, channel: &str) -> &NamespaceRule {
-        self.cfg.namespaces.iter().find(|r| channel.starts_with(&r.prefix)).unwrap_or(&self.cfg.default_namespace)
+        Ok(Identity { user, info: answer.info, channels: answer.channels, expires: None })
     }
 
     /// May this connection subscribe to / publish on `channel`?
@@ -275,7 +219,7 @@ impl Auth {
         channel: &str,
         data: Option<&RawValue>,
     ) -> Result<(), ApiError> {
-        let rule = self.rule(channel);
+        let rule = self.cfg.rule(channel);
         let (policy, verb) = match action {
             Action::Subscribe => (rule.subscribe, "subscribe to"),
             Action::Publish => (rule.publish, "publish on"),
@@ -292,19 +236,18 @@ impl Auth {
             }
             Policy::None => denied("not allowed in this namespace"),
             Policy::Hook => {
-                let (hook_name, path) = match action {
-                    Action::Subscribe => ("subscribe", self.cfg.subscribe_hook.as_deref()),
-                    Action::Publish => ("publish", self.cfg.publish_hook.as_deref()),
+                let (kind, path) = match action {
+                    Action::Subscribe => (HookKind::Subscribe, self.cfg.subscribe_hook.as_deref()),
+                    Action::Publish => (HookKind::Publish, self.cfg.publish_hook.as_deref()),
                 };
                 // Config validation guarantees the path exists for a hook policy.
                 let Some(path) = path else {
                     return denied("no hook configured");
                 };
                 let body = serde_json::to_vec(&ChannelRequest { user, connection, channel, data }).unwrap_or_default();
-                match self.hooks.call(hook_name, path, HeaderMap::new(), body).await {
-                    Ok(r) if r.status.is_success() => Ok(()),
-                    Ok(_) => denied("refused by the app"),
-                    Err(e) => Err(hook_unavailable(&e)),
+                match self.hooks.call(kind, path, HeaderMap::new(), body).await? {
+                    r if r.status.is_success() => Ok(()),
+                    _ => denied("refused by the app"),
                 }
             }
         }
@@ -323,14 +266,14 @@ impl Auth {
         };
         let body =
             serde_json::to_vec(&MessageRequest { user: ident.user.as_deref(), connection, data }).unwrap_or_default();
-        let resp = self.hooks.call("message", path, HeaderMap::new(), body).await.map_err(|e| hook_unavailable(&e))?;
+        let resp = self.hooks.call(HookKind::Message, path, HeaderMap::new(), body).await?;
         if resp.status.is_success() {
             if resp.body.iter().all(u8::is_ascii_whitespace) {
                 return Ok(None);
             }
-            return serde_json::from_slice::<Box<RawValue>>(&resp.body)
-                .map(Some)
-                .map_err(|_| ApiError::new(ErrorCode::Internal, "the app answered with invalid JSON"));
+            return serde_json::from_slice::<Box<RawValue>>(&resp.body).map(Some).map_err(|_| {
+                ApiError::new(ErrorCode::Internal, "the app answered with invalid JSON").blame(Fault::App)
+            });
         }
         let code = match resp.status {
             StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => ErrorCode::BadRequest,
@@ -346,7 +289,10 @@ impl Auth {
             .ok()
             .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
             .unwrap_or_else(|| format!("the app answered {}", resp.status));
-        Err(ApiError::new(code, message))
+        // The app's own refusals are the client's doing; its failures are the app's.
+        let fault =
+            if code == ErrorCode::Unavailable || code == ErrorCode::Internal { Fault::App } else { Fault::Client };
+        Err(ApiError::new(code, message).blame(fault))
     }
 
     /// Tells the disconnect hook (if any), best effort.
@@ -364,8 +310,8 @@ impl Auth {
     }
 }
 
-fn hook_unavailable(e: &HookError) -> ApiError {
-    ApiError::unavailable(format!("the app's hook failed: {e}"))
+fn unauthorized(message: String) -> Reject {
+    Reject::from(ApiError::new(ErrorCode::Unauthorized, message))
 }
 
 /// The client's token: `?token=` or `Authorization: Bearer`.
@@ -377,7 +323,5 @@ fn token_of<B>(req: &Request<B>) -> Option<String> {
             }
         }
     }
-    let auth = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = auth.split_once(' ')?;
-    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim().to_owned())
+    bearer_token(req.headers()).map(str::to_owned)
 }

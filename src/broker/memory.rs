@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
-use super::Publication;
 use crate::hub::{DisconnectTarget, Hub};
 use crate::metrics::Metrics;
+use crate::protocol::Message;
 
 pub struct MemoryBroker {
     hub: Arc<Hub>,
@@ -18,10 +18,10 @@ impl MemoryBroker {
         MemoryBroker { hub, metrics }
     }
 
-    pub fn publish(&self, pubs: &[Publication]) {
+    pub fn publish(&self, pubs: &[Arc<Message>]) {
         let timer = self.metrics.broker_publish_seconds.start_timer();
-        for p in pubs {
-            self.hub.deliver(&p.channel, &p.frame, p.exclude.as_deref(), p.published_us);
+        for m in pubs {
+            self.hub.deliver(m);
         }
         timer.observe_duration();
     }

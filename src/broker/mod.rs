@@ -10,50 +10,24 @@
 //!   fails with `unavailable` otherwise; nothing is dropped silently.
 //! - Per channel, every subscriber on every node sees messages in one order.
 //! - A node receives only the channels its hub has subscribers for
-//!   ([`Interest`]), and `ensure_subscribed` returns once that is in effect.
+//!   ([`Interest`], kept by the hub), and `ensure_subscribed` returns once
+//!   that is in effect.
 //!
-//! History, recovery and presence (SPEC §6) plug in here: `Publication`
-//! will carry the namespace's history settings and `publish` return the
-//! offset.
+//! History, recovery and presence (SPEC §6) plug in here: `publish` will
+//! return the offsets it assigned.
 
 pub mod memory;
 pub mod redis;
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::Arc;
 
-use tokio::sync::{Notify, watch};
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BrokerConfig;
-use crate::error::ApiError;
-use crate::hub::{DisconnectTarget, Hub};
+pub use crate::error::BrokerError;
+use crate::hub::{DisconnectTarget, Hub, Interest};
 use crate::metrics::Metrics;
-
-/// One message to publish: the channel, the frame encoded once for every
-/// subscriber, and the connection that must not receive it.
-#[derive(Debug, Clone)]
-pub struct Publication {
-    pub channel: String,
-    pub frame: Utf8Bytes,
-    pub exclude: Option<String>,
-    /// µs since the Unix epoch, for `wsrelay_delivery_seconds`.
-    pub published_us: u64,
-}
-
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum BrokerError {
-    #[error("broker unavailable: {0}")]
-    Unavailable(String),
-}
-
-impl From<BrokerError> for ApiError {
-    fn from(e: BrokerError) -> Self {
-        ApiError::unavailable(e.to_string())
-    }
-}
+use crate::protocol::Message;
 
 pub enum Broker {
     Memory(memory::MemoryBroker),
@@ -79,7 +53,7 @@ impl Broker {
                 metrics.broker_up.set(1);
                 Ok(Broker::Memory(memory::MemoryBroker::new(hub, metrics)))
             }
-            (Some(_), None) => Err(BrokerError::Unavailable("internal: redis broker built without interest".into())),
+            (Some(_), None) => Err(BrokerError::Config("the Redis broker needs the hub's interest".into())),
         }
     }
 
@@ -99,7 +73,7 @@ impl Broker {
     }
 
     /// Publishes messages (one or a broadcast); Ok once the broker has them.
-    pub async fn publish(&self, pubs: Vec<Publication>) -> Result<(), BrokerError> {
+    pub async fn publish(&self, pubs: Vec<Arc<Message>>) -> Result<(), BrokerError> {
         match self {
             Broker::Memory(m) => {
                 m.publish(&pubs);
@@ -135,118 +109,5 @@ impl Broker {
             Broker::Memory(_) => true,
             Broker::Redis(r) => r.is_up(),
         }
-    }
-}
-
-/// Which channels this node needs from the broker (`desired`, kept by the
-/// hub) and which the broker connection has confirmed (`active`, kept by the
-/// subscriber task). The subscriber task is woken on every change and
-/// applies the difference in batches, so churn costs one round trip per
-/// batch, not per channel, and a reconnect resubscribes everything.
-#[derive(Default)]
-pub struct Interest {
-    state: Mutex<InterestState>,
-    changed: Notify,
-    epoch: watch::Sender<u64>,
-}
-
-#[derive(Default)]
-struct InterestState {
-    desired: HashSet<Arc<str>>,
-    active: HashSet<Arc<str>>,
-    up: bool,
-}
-
-impl Interest {
-    fn lock(&self) -> MutexGuard<'_, InterestState> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// The hub has a first local subscriber for `channel`.
-    pub fn want(&self, channel: &Arc<str>) {
-        self.lock().desired.insert(channel.clone());
-        self.changed.notify_one();
-    }
-
-    /// The hub's last local subscriber of `channel` left.
-    pub fn unwant(&self, channel: &str) {
-        self.lock().desired.remove(channel);
-        self.changed.notify_one();
-    }
-
-    pub fn is_up(&self) -> bool {
-        self.lock().up
-    }
-
-    /// Waits until `channel` is confirmed by the broker, failing at once
-    /// while the broker is down and after `timeout`.
-    pub async fn wait_active(&self, channel: &str, timeout: Duration) -> Result<(), BrokerError> {
-        let mut epoch = self.epoch.subscribe();
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            {
-                let s = self.lock();
-                if !s.up {
-                    return Err(BrokerError::Unavailable("not connected to Redis".into()));
-                }
-                if s.active.contains(channel) || !s.desired.contains(channel) {
-                    return Ok(());
-                }
-            }
-            match tokio::time::timeout_at(deadline, epoch.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => {
-                    return Err(BrokerError::Unavailable("subscription not confirmed by Redis in time".into()));
-                }
-            }
-        }
-    }
-
-    /// Channels to subscribe and to unsubscribe to match `desired`. Those to
-    /// unsubscribe leave `active` now, before the UNSUBSCRIBE goes out: a
-    /// subscriber arriving while it is in flight must wait for the
-    /// re-SUBSCRIBE, not be told "ok" while Redis is dropping the channel.
-    fn take_changes(&self) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
-        let (add, remove): (Vec<Arc<str>>, Vec<Arc<str>>) = {
-            let mut s = self.lock();
-            let add = s.desired.difference(&s.active).cloned().collect();
-            let remove: Vec<Arc<str>> = s.active.difference(&s.desired).cloned().collect();
-            for c in &remove {
-                s.active.remove(c);
-            }
-            (add, remove)
-        };
-        if !remove.is_empty() {
-            self.epoch.send_modify(|e| *e += 1);
-        }
-        (add, remove)
-    }
-
-    /// Redis confirmed these subscriptions; returns how many are active.
-    fn confirm(&self, added: &[Arc<str>]) -> usize {
-        let n = {
-            let mut s = self.lock();
-            for c in added {
-                s.active.insert(c.clone());
-            }
-            s.active.len()
-        };
-        self.epoch.send_modify(|e| *e += 1);
-        n
-    }
-
-    fn active_count(&self) -> usize {
-        self.lock().active.len()
-    }
-
-    fn set_up(&self, up: bool) {
-        {
-            let mut s = self.lock();
-            s.up = up;
-            if !up {
-                s.active.clear();
-            }
-        }
-        self.epoch.send_modify(|e| *e += 1);
     }
 }

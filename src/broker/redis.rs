@@ -21,7 +21,8 @@
 //!   503), reconnects with backoff and jitter, and resubscribes everything.
 //!
 //! Wire format on Redis channel `{prefix}ch:{channel}`: one JSON header line
-//! (`{"t":µs,"x":"exclude"}`), `\n`, then the client frame.
+//! (`{"t":µs,"x":"exclude"}`), `\n`, then the message's `data` as JSON. Each
+//! node frames it for its clients' protocols once.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,10 +40,12 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
-use super::{BrokerError, Interest, Publication};
+use super::BrokerError;
+use crate::channel::Channel;
 use crate::config::{BrokerConfig, Secret};
-use crate::hub::{DisconnectTarget, Hub};
+use crate::hub::{DisconnectTarget, Hub, Interest};
 use crate::metrics::Metrics;
+use crate::protocol::Message;
 
 /// Publishes taken into one pipeline at most.
 const MAX_BATCH: usize = 512;
@@ -114,7 +117,7 @@ impl RedisBroker {
             // rustls needs one process-wide crypto provider; a second install is a no-op error.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
-        let bad = |e: redis::RedisError| BrokerError::Unavailable(format!("invalid Redis URL: {e}"));
+        let bad = |e: redis::RedisError| BrokerError::Config(format!("invalid Redis URL: {e}"));
         let info = redis::IntoConnectionInfo::into_connection_info(url.expose())
             .map_err(bad)?
             // redis-rs leaves Nagle on; every publish would wait for the previous ACK.
@@ -131,7 +134,7 @@ impl RedisBroker {
             .create_timeout(Some(cfg.timeout))
             .recycle_timeout(Some(cfg.timeout))
             .build()
-            .map_err(|e| BrokerError::Unavailable(format!("cannot build the Redis pool: {e}")))?;
+            .map_err(|e| BrokerError::Config(format!("cannot build the Redis pool: {e}")))?;
 
         let keys = Keys::new(&cfg.prefix, node_id);
         let (tx, rx) = mpsc::channel(PUBLISH_QUEUE);
@@ -169,12 +172,12 @@ impl RedisBroker {
         self.interest.is_up()
     }
 
-    pub async fn publish(&self, pubs: Vec<Publication>) -> Result<(), BrokerError> {
+    pub async fn publish(&self, pubs: Vec<Arc<Message>>) -> Result<(), BrokerError> {
         let messages = pubs
-            .into_iter()
-            .map(|p| {
-                let header = Header { t: p.published_us, x: p.exclude.map(Into::into) };
-                (self.keys.channel(&p.channel), envelope(&header, p.frame.as_bytes()))
+            .iter()
+            .map(|m| {
+                let header = Header { t: m.published_us, x: m.exclude.as_deref().map(Into::into) };
+                (self.keys.channel(&m.channel), envelope(&header, m.data.as_bytes()))
             })
             .collect();
         self.send(messages).await
@@ -185,8 +188,8 @@ impl RedisBroker {
     }
 
     pub async fn disconnect(&self, target: &DisconnectTarget) -> Result<(), BrokerError> {
-        let payload = serde_json::to_vec(&Control::Disconnect(target.clone()))
-            .map_err(|e| BrokerError::Unavailable(format!("cannot encode control message: {e}")))?;
+        // A struct of strings always serializes.
+        let payload = serde_json::to_vec(&Control::Disconnect(target.clone())).unwrap_or_default();
         self.send(vec![(self.keys.control.clone(), payload)]).await
     }
 
@@ -194,15 +197,15 @@ impl RedisBroker {
         // Fail fast while down: readyz already says so, and a caller waiting
         // for a connect timeout helps nobody.
         if !self.is_up() {
-            return Err(BrokerError::Unavailable("not connected to Redis".into()));
+            return Err(BrokerError::NotConnected);
         }
         let (done, rx) = oneshot::channel();
         let job = Job { messages, done: Some(done) };
         let sent = tokio::time::timeout(self.timeout, self.publisher.send(job)).await;
         if !matches!(sent, Ok(Ok(()))) {
-            return Err(BrokerError::Unavailable("publish queue full".into()));
+            return Err(BrokerError::QueueFull);
         }
-        rx.await.unwrap_or_else(|_| Err(BrokerError::Unavailable("publisher stopped".into())))
+        rx.await.unwrap_or(Err(BrokerError::Stopped))
     }
 }
 
@@ -255,10 +258,9 @@ async fn publisher(
         let timer = metrics.broker_publish_seconds.start_timer();
         let result = run_batch(&pool, &mut held, now, &batch, timeout).await;
         timer.observe_duration();
-        let result = result.map_err(|e| {
+        if let Err(e) = &result {
             debug!(error = %e, "publish failed");
-            BrokerError::Unavailable(e.to_string())
-        });
+        }
         for mut job in batch.drain(..) {
             if let Some(done) = job.done.take() {
                 let _ = done.send(result.clone());
@@ -274,21 +276,17 @@ fn discard(held: &mut Option<(deadpool_redis::Connection, u64)>) {
     }
 }
 
-fn io_error(kind: std::io::ErrorKind, msg: String) -> redis::RedisError {
-    redis::RedisError::from(std::io::Error::new(kind, msg))
-}
-
 async fn run_batch(
     pool: &Pool,
     held: &mut Option<(deadpool_redis::Connection, u64)>,
     generation: u64,
     batch: &[Job],
     timeout: Duration,
-) -> Result<(), redis::RedisError> {
+) -> Result<(), BrokerError> {
     let (c, _) = match held {
         Some(h) => h,
         None => {
-            let c = pool.get().await.map_err(|e| io_error(std::io::ErrorKind::NotConnected, e.to_string()))?;
+            let c = pool.get().await?;
             held.insert((c, generation))
         }
     };
@@ -299,8 +297,8 @@ async fn run_batch(
         }
     }
     let r = match tokio::time::timeout(timeout, pipe.query_async::<()>(c)).await {
-        Ok(r) => r,
-        Err(_) => Err(io_error(std::io::ErrorKind::TimedOut, "Redis did not answer in time".into())),
+        Ok(r) => r.map_err(BrokerError::from),
+        Err(_) => Err(BrokerError::Timeout(timeout)),
     };
     if r.is_err() {
         discard(held);
@@ -354,7 +352,10 @@ impl Subscriber {
             self.metrics.broker_subscriptions.set(0);
             match result {
                 Lost::Shutdown => return,
-                Lost::Error(e) => warn!(error = %e, "Redis subscriber connection lost; reconnecting"),
+                Lost::Error(e) => {
+                    self.metrics.broker_connection_errors.inc();
+                    warn!(error = %e, "Redis subscriber connection lost; reconnecting");
+                }
             }
             let delay = backoff(attempt);
             attempt = attempt.saturating_add(1);
@@ -483,7 +484,7 @@ impl Subscriber {
         }
     }
 
-    fn deliver(&self, channel: &str, payload: &[u8]) {
+    fn deliver(&self, name: &str, payload: &[u8]) {
         let Some(nl) = payload.iter().position(|b| *b == b'\n') else {
             warn!(prefix = %self.keys.prefix, "ignoring a message without a wsrelay header (published by something else?)");
             return;
@@ -495,14 +496,14 @@ impl Subscriber {
                 return;
             }
         };
-        let frame = match Utf8Bytes::try_from(Bytes::copy_from_slice(&payload[nl + 1..])) {
-            Ok(f) => f,
-            Err(_) => {
-                warn!("ignoring a message whose frame is not UTF-8");
-                return;
-            }
+        let (Ok(channel), Ok(data)) =
+            (Channel::parse(name), Utf8Bytes::try_from(Bytes::copy_from_slice(&payload[nl + 1..])))
+        else {
+            warn!("ignoring a message with an invalid channel name or data that is not UTF-8");
+            return;
         };
-        self.hub.deliver(channel, &frame, header.x.as_deref(), header.t);
+        let msg = Message::new(channel, data, header.x.map(|x| x.into_owned().into_boxed_str()), header.t);
+        self.hub.deliver(&Arc::new(msg));
     }
 }
 

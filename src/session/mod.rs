@@ -1,6 +1,9 @@
 //! One task per client WebSocket: reads frames, answers requests, writes the
 //! outbound queue, pings, and closes with the right code.
 //!
+//! The loop knows no wire format: a [`Codec`] (wsrelay.v1 today) turns
+//! frames into [`Request`]s and replies, welcome and messages into frames.
+//!
 //! The task never blocks its writes on a slow operation: a request that
 //! waits (a hook, the broker) becomes the session's single *pending* future,
 //! polled alongside the queue; while it is pending no further frame is read,
@@ -17,7 +20,7 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
@@ -30,17 +33,17 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage, Utf8Bytes};
 
-use crate::Shared;
 use crate::auth::{Action, DisconnectEvent, Identity};
-use crate::broker::Publication;
+use crate::channel::Channel;
 use crate::error::{ApiError, CloseReason, ErrorCode};
 use crate::hub::{Outbound, SessionHandle, now_us};
-use crate::protocol::{self, ClientFrame, Request};
+use crate::node::{Node, Slot, Source};
+use crate::protocol::{Codec, Decoded, Frame, Request};
 
 type Ws = WebSocketStream<TokioIo<Upgraded>>;
-type Pending = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+type Pending<Id> = Pin<Box<dyn Future<Output = Outcome<Id>> + Send>>;
 
 /// Frames written per flush at most, so reads and pings get their turn.
 const WRITE_BATCH: usize = 256;
@@ -49,11 +52,12 @@ const RATE_STRIKES: u32 = 20;
 /// How long a close frame may take to go out before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// What a pending request ends with.
-enum Outcome {
-    Reply(Option<Utf8Bytes>),
+/// What a pending request ends with: the reply's address and content.
+struct Outcome<Id> {
+    id: Option<Id>,
+    result: Result<Option<Box<RawValue>>, ApiError>,
     /// A subscribe that failed after its channel was reserved.
-    SubscribeFailed(Arc<str>, Utf8Bytes),
+    release: Option<Channel>,
 }
 
 /// Token bucket for `--client-rate` / `--client-burst`.
@@ -87,12 +91,15 @@ impl Bucket {
 
 /// A session's state. Dropping it removes every trace of the session from
 /// the hub, whichever way it ends (close, error, failed upgrade, panic).
-pub(crate) struct Session {
-    shared: Arc<Shared>,
+pub(crate) struct Session<C: Codec> {
+    node: Arc<Node>,
+    codec: C,
     handle: Arc<SessionHandle>,
     ident: Arc<Identity>,
+    /// Held for the session's life; given back on drop.
+    _slot: Slot,
     /// Channels subscribed, or reserved by a pending subscribe.
-    subs: HashSet<Arc<str>>,
+    subs: HashSet<Channel>,
     bucket: Bucket,
     strikes: u32,
     last_seen: Instant,
@@ -102,14 +109,13 @@ pub(crate) struct Session {
     reported: bool,
 }
 
-impl Drop for Session {
+impl<C: Codec> Drop for Session<C> {
     fn drop(&mut self) {
-        let hub = &self.shared.hub;
+        let hub = &self.node.hub;
         for ch in self.subs.drain() {
             hub.unsubscribe(&ch, self.handle.key);
         }
         hub.unregister(&self.handle);
-        self.shared.release_slot();
         // A session that ended without run() finishing (a panic) still counts.
         self.report(CloseReason::Error);
     }
@@ -122,14 +128,16 @@ async fn maybe<F: Future + Unpin>(f: &mut Option<F>) -> F::Output {
     }
 }
 
-impl Session {
-    pub(crate) fn new(shared: Arc<Shared>, handle: Arc<SessionHandle>, ident: Arc<Identity>) -> Self {
-        let cfg = &shared.cfg.session;
+impl<C: Codec> Session<C> {
+    pub(crate) fn new(node: Arc<Node>, codec: C, handle: Arc<SessionHandle>, ident: Arc<Identity>, slot: Slot) -> Self {
+        let cfg = &node.cfg.session;
         let bucket = Bucket::new(cfg.client_rate, cfg.client_burst);
         Session {
-            shared,
+            node,
+            codec,
             handle,
             ident,
+            _slot: slot,
             subs: HashSet::new(),
             bucket,
             strikes: 0,
@@ -140,14 +148,13 @@ impl Session {
     }
 
     /// Subscribes before the upgrade (URL, hook and token channels).
-    pub(crate) async fn subscribe_initial(&mut self, channels: &[String]) -> Result<(), ApiError> {
+    pub(crate) async fn subscribe_initial(&mut self, channels: &[Channel]) -> Result<(), ApiError> {
         for ch in channels {
-            let name: Arc<str> = Arc::from(ch.as_str());
-            if !self.subs.insert(name.clone()) {
+            if !self.subs.insert(ch.clone()) {
                 continue;
             }
-            self.shared.hub.subscribe(&name, &self.handle);
-            self.shared.broker.ensure_subscribed(&name).await?;
+            self.node.hub.subscribe(ch, &self.handle);
+            self.node.broker.ensure_subscribed(ch).await?;
         }
         Ok(())
     }
@@ -168,8 +175,8 @@ impl Session {
             return;
         }
         self.reported = true;
-        self.shared.metrics.disconnect(reason);
-        self.shared.auth.disconnected(DisconnectEvent {
+        self.node.metrics.disconnect(reason);
+        self.node.auth.disconnected(DisconnectEvent {
             user: self.ident.user.as_deref().map(str::to_owned),
             connection: self.handle.id.to_string(),
             reason: reason.label(),
@@ -179,25 +186,28 @@ impl Session {
 
     async fn serve(&mut self, ws: &mut Ws, rx: &mut mpsc::Receiver<Outbound>, welcome: Utf8Bytes) -> CloseReason {
         let handle = self.handle.clone();
-        let shared = self.shared.clone();
+        let node = self.node.clone();
         // The welcome is written before anything queued, so it is always first.
         tokio::select! {
-            r = ws.send(Message::Text(welcome)) => if r.is_err() { return CloseReason::Error },
+            r = ws.send(WsMessage::Text(welcome)) => if r.is_err() { return CloseReason::Error },
             r = handle.killed() => return r,
         }
-        let ping_every = shared.cfg.session.ping_interval;
-        let idle_timeout = shared.cfg.session.idle_timeout;
+        let ping_every = node.cfg.session.ping_interval;
+        let idle_timeout = node.cfg.session.idle_timeout;
+        // A JWT's expiry ends the session, as it would refuse a new one.
+        let mut expiry = self.ident.expires.map(|exp| Box::pin(tokio::time::sleep(until_unix(exp))));
         let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut pending: Option<Pending> = None;
+        let mut pending: Option<Pending<C::Id>> = None;
         let mut drain_at: Option<Pin<Box<Sleep>>> = None;
         loop {
             tokio::select! {
                 r = handle.killed() => return r,
-                _ = shared.drain.cancelled(), if drain_at.is_none() => {
-                    drain_at = Some(Box::pin(tokio::time::sleep(shared.drain_delay())));
+                _ = node.drain.cancelled(), if drain_at.is_none() => {
+                    drain_at = Some(Box::pin(tokio::time::sleep(node.drain_delay())));
                 }
                 _ = maybe(&mut drain_at) => return CloseReason::Shutdown,
+                _ = maybe(&mut expiry) => return CloseReason::TokenExpired,
                 Some(first) = rx.recv() => {
                     tokio::select! {
                         r = tokio::time::timeout(idle_timeout, self.write_batch(ws, rx, first)) => match r {
@@ -211,12 +221,12 @@ impl Session {
                 }
                 outcome = maybe(&mut pending) => {
                     pending = None;
-                    self.apply(outcome);
+                    self.apply(&outcome);
                 }
                 frame = ws.next(), if pending.is_none() => match frame {
                     None => return CloseReason::Client,
                     Some(Err(e)) => return read_error(&e),
-                    Some(Ok(msg)) => match self.on_message(msg) {
+                    Some(Ok(msg)) => match self.on_message(&msg) {
                         Ok(p) => pending = p,
                         Err(r) => return r,
                     },
@@ -226,7 +236,7 @@ impl Session {
                         return CloseReason::IdleTimeout;
                     }
                     tokio::select! {
-                        r = tokio::time::timeout(idle_timeout, ws.send(Message::Ping(Default::default()))) => match r {
+                        r = tokio::time::timeout(idle_timeout, ws.send(WsMessage::Ping(Default::default()))) => match r {
                             Ok(Ok(())) => {}
                             Ok(Err(_)) => return CloseReason::Error,
                             Err(_) => return CloseReason::SlowConsumer,
@@ -247,16 +257,20 @@ impl Session {
     ) -> Result<(), CloseReason> {
         // One clock read per batch: "publish to socket write" to within a batch.
         let now = now_us();
-        let metrics = &self.shared.metrics;
+        let metrics = &self.node.metrics;
         let mut messages: u64 = 0;
         let mut next = Some(first);
         let mut n = 0;
         while let Some(out) = next.take() {
-            if out.published_us != 0 {
-                messages += 1;
-                metrics.delivery_seconds.observe(now.saturating_sub(out.published_us) as f64 / 1e6);
-            }
-            ws.feed(Message::Text(out.frame)).await.map_err(|_| CloseReason::Error)?;
+            let frame = match out {
+                Outbound::Message(m) => {
+                    messages += 1;
+                    metrics.delivery_seconds.observe(now.saturating_sub(m.published_us) as f64 / 1e6);
+                    m.encoded(&self.codec)
+                }
+                Outbound::Frame(f) => f,
+            };
+            ws.feed(WsMessage::Text(frame)).await.map_err(|_| CloseReason::Error)?;
             n += 1;
             if n < WRITE_BATCH {
                 next = rx.try_recv().ok();
@@ -267,178 +281,180 @@ impl Session {
         Ok(())
     }
 
-    fn reply(&self, frame: Utf8Bytes) {
-        self.handle.enqueue(Outbound { frame, published_us: 0 });
+    fn send_frame(&self, frame: Utf8Bytes) {
+        self.handle.enqueue(Outbound::Frame(frame));
     }
 
-    fn apply(&mut self, outcome: Outcome) {
-        match outcome {
-            Outcome::Reply(Some(frame)) => self.reply(frame),
-            Outcome::Reply(None) => {}
-            Outcome::SubscribeFailed(channel, frame) => {
-                self.subs.remove(&channel);
-                self.reply(frame);
+    /// Answers a request: always for an error or a result, and for a bare
+    /// success only when the client asked (gave an id).
+    fn reply(&self, id: Option<&C::Id>, result: Result<Option<&RawValue>, &ApiError>) {
+        match result {
+            Ok(None) if id.is_none() => {}
+            Ok(r) => self.send_frame(self.codec.reply_ok(id, r)),
+            Err(e) => {
+                self.node.metrics.error(e.fault);
+                e.log("request refused");
+                self.send_frame(self.codec.reply_err(id, e));
             }
         }
     }
 
-    fn on_message(&mut self, msg: Message) -> Result<Option<Pending>, CloseReason> {
+    fn apply(&mut self, outcome: &Outcome<C::Id>) {
+        if let Some(channel) = &outcome.release {
+            self.subs.remove(channel);
+        }
+        self.reply(outcome.id.as_ref(), outcome.result.as_ref().map(Option::as_deref));
+    }
+
+    fn on_message(&mut self, msg: &WsMessage) -> Result<Option<Pending<C::Id>>, CloseReason> {
         self.last_seen = Instant::now();
-        if matches!(msg, Message::Text(_) | Message::Binary(_)) {
-            self.shared.metrics.messages_received.inc();
-            if !self.bucket.take() {
-                self.strikes += 1;
-                if self.strikes >= RATE_STRIKES {
-                    return Err(CloseReason::RateLimited);
-                }
-                let id = match &msg {
-                    Message::Text(t) => protocol::parse_frame(t).id,
-                    _ => None,
-                };
-                let err = ApiError::new(ErrorCode::RateLimited, "too many frames: slow down");
-                self.reply(protocol::reply_err(id.as_deref(), &err));
-                return Ok(None);
+        let frame = match msg {
+            WsMessage::Text(t) => Frame::Text(t.as_str()),
+            WsMessage::Binary(b) => Frame::Binary(b),
+            WsMessage::Close(_) => return Err(CloseReason::Client),
+            WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => return Ok(None),
+        };
+        self.node.metrics.messages_received.inc();
+        if !self.bucket.take() {
+            self.strikes += 1;
+            if self.strikes >= RATE_STRIKES {
+                return Err(CloseReason::RateLimited);
             }
-            self.strikes = 0;
+            let id = self.codec.decode(frame).id;
+            let err = ApiError::new(ErrorCode::RateLimited, "too many frames: slow down");
+            self.reply(id.as_ref(), Err(&err));
+            return Ok(None);
         }
-        match msg {
-            Message::Text(text) => Ok(self.dispatch(protocol::parse_frame(&text))),
-            Message::Binary(_) => {
-                let err = ApiError::bad_request("binary frames are not supported: send JSON text frames");
-                self.reply(protocol::reply_err(None, &err));
-                Ok(None)
-            }
-            Message::Close(_) => Err(CloseReason::Client),
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(None),
-        }
+        self.strikes = 0;
+        Ok(self.dispatch(self.codec.decode(frame)))
     }
 
     /// Answers a request at once, or returns the future that will.
-    fn dispatch(&mut self, frame: ClientFrame) -> Option<Pending> {
-        let ClientFrame { id, request } = frame;
+    fn dispatch(&mut self, decoded: Decoded<C::Id>) -> Option<Pending<C::Id>> {
+        let Decoded { id, request } = decoded;
         let request = match request {
             Ok(r) => r,
             Err(e) => {
-                self.reply(protocol::reply_err(id.as_deref(), &e));
+                self.reply(id.as_ref(), Err(&e));
                 return None;
             }
         };
         let result = match request {
             Request::Ping => {
-                self.reply(protocol::reply_ok(id.as_deref(), None));
+                // Always answered, id or not: it is how a client checks the link.
+                self.send_frame(self.codec.reply_ok(id.as_ref(), None));
                 return None;
             }
-            Request::Subscribe { channel, since } => self.subscribe(id.clone(), channel, since.is_some()),
+            Request::Subscribe { channel, since } => match self.subscribe(channel, since.is_some()) {
+                Ok(Some(fut)) => return Some(Self::pending(id, fut)),
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            },
             Request::Unsubscribe { channel } => {
-                if let Some(ch) = self.subs.take(channel.as_str()) {
-                    self.shared.hub.unsubscribe(&ch, self.handle.key);
+                if let Some(ch) = self.subs.take(&channel) {
+                    self.node.hub.unsubscribe(&ch, self.handle.key);
                 }
-                Ok(None)
+                Ok(())
             }
-            Request::Publish { channel, data } => self.publish(id.clone(), channel, data),
-            Request::Send { data } => Ok(Some(self.send(id.clone(), data))),
+            Request::Publish { channel, data } => return Some(Self::pending(id, self.publish(channel, data))),
+            Request::Send { data } => return Some(Self::pending(id, self.send(data))),
             Request::Presence { .. } => {
                 Err(ApiError::new(ErrorCode::NotSupported, "presence is not available in this version"))
             }
         };
-        match result {
-            Ok(Some(p)) => Some(p),
-            Ok(None) => {
-                if id.is_some() {
-                    self.reply(protocol::reply_ok(id.as_deref(), None));
-                }
-                None
-            }
-            Err(e) => {
-                self.reply(protocol::reply_err(id.as_deref(), &e));
-                None
-            }
-        }
+        self.reply(id.as_ref(), result.as_ref().map(|()| None));
+        None
     }
 
+    /// Wraps a request's future with its reply address.
+    fn pending(
+        id: Option<C::Id>,
+        fut: impl Future<Output = (Result<Option<Box<RawValue>>, ApiError>, Option<Channel>)> + Send + 'static,
+    ) -> Pending<C::Id> {
+        Box::pin(async move {
+            let (result, release) = fut.await;
+            Outcome { id, result, release }
+        })
+    }
+
+    /// Reserves the channel and returns the future that authorizes and
+    /// subscribes, or None when already subscribed.
+    #[allow(clippy::type_complexity)]
     fn subscribe(
         &mut self,
-        id: Option<Box<RawValue>>,
-        channel: String,
+        channel: Channel,
         since: bool,
-    ) -> Result<Option<Pending>, ApiError> {
-        protocol::validate_channel(&channel)?;
-        if self.subs.contains(channel.as_str()) {
+    ) -> Result<
+        Option<impl Future<Output = (Result<Option<Box<RawValue>>, ApiError>, Option<Channel>)> + Send + 'static>,
+        ApiError,
+    > {
+        if self.subs.contains(&channel) {
             return Ok(None);
         }
-        let max = self.shared.cfg.session.max_subscriptions;
+        let max = self.node.cfg.session.max_subscriptions;
         if self.subs.len() >= max {
             return Err(ApiError::new(
                 ErrorCode::LimitExceeded,
                 format!("subscription limit reached ({max} channels per connection)"),
             ));
         }
-        let channel: Arc<str> = Arc::from(channel);
         // Reserved now, so a session dropped mid-way cleans it up.
         self.subs.insert(channel.clone());
-        let shared = self.shared.clone();
+        let node = self.node.clone();
         let handle = self.handle.clone();
         let ident = self.ident.clone();
-        Ok(Some(Box::pin(async move {
-            let fail = |e: ApiError| Outcome::SubscribeFailed(channel.clone(), protocol::reply_err(id.as_deref(), &e));
-            if let Err(e) = shared.auth.authorize(Action::Subscribe, &ident, &handle.id, &channel, None).await {
-                return fail(e);
+        Ok(Some(async move {
+            let result = async {
+                node.auth.authorize(Action::Subscribe, &ident, &handle.id, &channel, None).await?;
+                node.hub.subscribe(&channel, &handle);
+                if let Err(e) = node.broker.ensure_subscribed(&channel).await {
+                    node.hub.unsubscribe(&channel, handle.key);
+                    return Err(ApiError::from(e));
+                }
+                // Without history there is nothing to recover from: say so, so
+                // the client reloads instead of trusting a gap-free stream.
+                Ok(since.then(|| RawValue::from_string(r#"{"recovered":false}"#.to_owned()).ok()).flatten())
             }
-            shared.hub.subscribe(&channel, &handle);
-            if let Err(e) = shared.broker.ensure_subscribed(&channel).await {
-                shared.hub.unsubscribe(&channel, handle.key);
-                return fail(e.into());
-            }
-            // Without history there is nothing to recover from: say so, so
-            // the client reloads instead of trusting a gap-free stream.
-            let result = since.then(|| RawValue::from_string(r#"{"recovered":false}"#.to_owned()).ok()).flatten();
-            match (&id, &result) {
-                (None, None) => Outcome::Reply(None),
-                _ => Outcome::Reply(Some(protocol::reply_ok(id.as_deref(), result.as_deref()))),
-            }
-        })))
+            .await;
+            let release = result.is_err().then_some(channel);
+            (result, release)
+        }))
     }
 
     fn publish(
-        &mut self,
-        id: Option<Box<RawValue>>,
-        channel: String,
+        &self,
+        channel: Channel,
         data: Box<RawValue>,
-    ) -> Result<Option<Pending>, ApiError> {
-        protocol::validate_channel(&channel)?;
-        let shared = self.shared.clone();
+    ) -> impl Future<Output = (Result<Option<Box<RawValue>>, ApiError>, Option<Channel>)> + Send + 'static {
+        let node = self.node.clone();
         let handle = self.handle.clone();
         let ident = self.ident.clone();
-        Ok(Some(Box::pin(async move {
+        async move {
             let result = async {
-                shared.auth.authorize(Action::Publish, &ident, &handle.id, &channel, Some(&data)).await?;
-                let frame = protocol::message(&channel, &data, None);
-                shared
-                    .broker
-                    .publish(vec![Publication { channel, frame, exclude: None, published_us: now_us() }])
-                    .await?;
-                shared.metrics.published_client.inc();
-                Ok::<_, ApiError>(())
+                node.auth.authorize(Action::Publish, &ident, &handle.id, &channel, Some(&data)).await?;
+                node.publish(vec![channel], &data, None, Source::Client).await?;
+                Ok(None)
             }
             .await;
-            match result {
-                Ok(()) => Outcome::Reply(id.as_deref().map(|id| protocol::reply_ok(Some(id), None))),
-                Err(e) => Outcome::Reply(Some(protocol::reply_err(id.as_deref(), &e))),
-            }
-        })))
+            (result, None)
+        }
     }
 
-    fn send(&mut self, id: Option<Box<RawValue>>, data: Box<RawValue>) -> Pending {
-        let shared = self.shared.clone();
+    fn send(
+        &self,
+        data: Box<RawValue>,
+    ) -> impl Future<Output = (Result<Option<Box<RawValue>>, ApiError>, Option<Channel>)> + Send + 'static {
+        let node = self.node.clone();
         let handle = self.handle.clone();
         let ident = self.ident.clone();
-        Box::pin(async move {
-            match shared.auth.send(&ident, &handle.id, &data).await {
-                Ok(result) => Outcome::Reply(Some(protocol::reply_ok(id.as_deref(), result.as_deref()))),
-                Err(e) => Outcome::Reply(Some(protocol::reply_err(id.as_deref(), &e))),
-            }
-        })
+        async move { (node.auth.send(&ident, &handle.id, &data).await, None) }
     }
+}
+
+/// How long until a Unix time in seconds (zero if past).
+fn until_unix(secs: u64) -> Duration {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    Duration::from_secs(secs).saturating_sub(now)
 }
 
 fn read_error(e: &WsError) -> CloseReason {

@@ -16,12 +16,14 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::Instrument;
 
 use super::Session;
-use crate::Shared;
-use crate::auth::{Action, Reject};
-use crate::error::ErrorCode;
-use crate::metrics::ConnResult;
-use crate::protocol::{self, SUBPROTOCOL};
-use crate::proxy::{Body, text};
+use crate::auth::Action;
+use crate::body::{Body, full, text};
+use crate::channel::Channel;
+use crate::error::{ApiError, ConnResult, Reject};
+use crate::hub::Outbound;
+use crate::node::Node;
+use crate::protocol::Codec;
+use crate::protocol::wsrelay::{SUBPROTOCOL, WsrelayV1};
 
 /// Bytes read from the socket per call; also the idle read buffer. Small
 /// keeps idle connections cheap (the 128 KiB default costs ~137 KB each).
@@ -40,10 +42,11 @@ pub(crate) fn ws_config(max_message_bytes: usize) -> WebSocketConfig {
         .max_frame_size(Some(max_message_bytes))
 }
 
-fn reject(shared: &Shared, r: &Reject) -> Response<Body> {
-    shared.metrics.connection_result(r.result);
-    tracing::debug!(status = %r.status, reason = %r.message, "upgrade refused");
-    let mut resp = text(r.status, &r.message);
+fn reject(node: &Node, r: &Reject) -> Response<Body> {
+    node.metrics.connection_result(r.result);
+    node.metrics.error(r.error.fault);
+    r.error.log("upgrade refused");
+    let mut resp = text(r.status, &r.error.message);
     if r.status == StatusCode::UPGRADE_REQUIRED {
         // RFC 6455 §4.4: name the version we speak.
         resp.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
@@ -52,40 +55,35 @@ fn reject(shared: &Shared, r: &Reject) -> Response<Body> {
 }
 
 fn bad(msg: impl Into<String>) -> Reject {
-    Reject::new(StatusCode::BAD_REQUEST, ConnResult::BadRequest, msg)
+    Reject::from(ApiError::bad_request(msg.into()))
 }
 
 /// Handles a WebSocket upgrade on a relay path.
-pub(crate) async fn accept(shared: Arc<Shared>, mut req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
-    let prepared = match prepare(&shared, &req, remote).await {
+pub(crate) async fn accept(node: Arc<Node>, mut req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+    let prepared = match prepare(&node, &req, remote).await {
         Ok(p) => p,
-        Err(r) => return reject(&shared, &r),
+        Err(r) => return reject(&node, &r),
     };
     let Prepared { key, protocol, mut session, rx, channels } = prepared;
 
     // Subscriptions are in place before the 101, so a client never sees a
     // welcome for channels that are not delivering.
     if let Err(e) = session.subscribe_initial(&channels).await {
-        let r = if e.code == ErrorCode::Unavailable {
-            Reject::new(StatusCode::SERVICE_UNAVAILABLE, ConnResult::Unavailable, e.message)
-        } else {
-            bad(e.message)
-        };
-        return reject(&shared, &r);
+        return reject(&node, &Reject::from(e));
     }
 
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let welcome = protocol::welcome(&session.handle.id, session.ident.user.as_deref(), &channels);
+    let welcome = session.codec.welcome(&session.handle.id, session.ident.user.as_deref(), &channels);
     let span = tracing::info_span!(
         "session",
         conn.id = %session.handle.id,
         user = session.ident.user.as_deref().unwrap_or(""),
         remote.addr = %remote,
     );
-    let ws_cfg = ws_config(shared.cfg.session.max_message_bytes);
-    let handshake_timeout = shared.cfg.session.handshake_timeout;
-    let metrics = shared.metrics.clone();
-    shared.sessions.spawn(
+    let ws_cfg = ws_config(node.cfg.session.max_message_bytes);
+    let handshake_timeout = node.cfg.session.handshake_timeout;
+    let metrics = node.metrics.clone();
+    node.sessions.spawn(
         async move {
             match tokio::time::timeout(handshake_timeout, on_upgrade).await {
                 Ok(Ok(upgraded)) => {
@@ -103,7 +101,7 @@ pub(crate) async fn accept(shared: Arc<Shared>, mut req: Request<Incoming>, remo
         .instrument(span),
     );
 
-    let mut resp = Response::new(crate::proxy::full(bytes::Bytes::new()));
+    let mut resp = Response::new(full(bytes::Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -120,12 +118,12 @@ pub(crate) async fn accept(shared: Arc<Shared>, mut req: Request<Incoming>, remo
 struct Prepared {
     key: String,
     protocol: bool,
-    session: Session,
-    rx: tokio::sync::mpsc::Receiver<crate::hub::Outbound>,
-    channels: Vec<String>,
+    session: Session<WsrelayV1>,
+    rx: tokio::sync::mpsc::Receiver<Outbound>,
+    channels: Vec<Channel>,
 }
 
-async fn prepare(shared: &Arc<Shared>, req: &Request<Incoming>, remote: SocketAddr) -> Result<Prepared, Reject> {
+async fn prepare(node: &Arc<Node>, req: &Request<Incoming>, remote: SocketAddr) -> Result<Prepared, Reject> {
     let h = req.headers();
     if req.method() != Method::GET {
         return Err(bad("WebSocket upgrades use GET"));
@@ -136,11 +134,7 @@ async fn prepare(shared: &Arc<Shared>, req: &Request<Incoming>, remote: SocketAd
         return Err(bad("expected Upgrade: websocket"));
     }
     if h.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
-        return Err(Reject::new(
-            StatusCode::UPGRADE_REQUIRED,
-            ConnResult::BadRequest,
-            "unsupported Sec-WebSocket-Version: use 13",
-        ));
+        return Err(Reject::version());
     }
     let key = h
         .get(header::SEC_WEBSOCKET_KEY)
@@ -148,14 +142,10 @@ async fn prepare(shared: &Arc<Shared>, req: &Request<Incoming>, remote: SocketAd
         .filter(|k| !k.is_empty())
         .ok_or_else(|| bad("missing Sec-WebSocket-Key"))?
         .to_owned();
-    if shared.drain.is_cancelled() {
-        return Err(Reject::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ConnResult::Draining,
-            "shutting down: reconnect to another replica",
-        ));
+    if node.drain.is_cancelled() {
+        return Err(Reject::draining());
     }
-    shared.auth.check_origin(h)?;
+    node.auth.check_origin(h)?;
     let offered: Vec<&str> = h
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
@@ -170,48 +160,39 @@ async fn prepare(shared: &Arc<Shared>, req: &Request<Incoming>, remote: SocketAd
     }
 
     // Channels named in the URL, checked like a subscribe.
-    let mut url_channels = Vec::new();
+    let mut url_channels: Vec<Channel> = Vec::new();
     if let Some(q) = req.uri().query() {
         for (k, v) in form_urlencoded::parse(q.as_bytes()) {
             if k == "channel" {
-                protocol::validate_channel(&v).map_err(|e| bad(e.message))?;
-                if !url_channels.iter().any(|c| *c == v) {
-                    url_channels.push(v.into_owned());
+                let c = Channel::parse(&v).map_err(|e| bad(e.to_string()))?;
+                if !url_channels.contains(&c) {
+                    url_channels.push(c);
                 }
-                if url_channels.len() > shared.cfg.session.max_subscriptions {
+                if url_channels.len() > node.cfg.session.max_subscriptions {
                     return Err(bad("more channels in the URL than max-subscriptions"));
                 }
             }
         }
     }
 
-    let ident = shared.auth.authenticate(req, remote).await?;
-    if !shared.take_slot() {
-        return Err(Reject::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ConnResult::LimitReached,
-            "too many connections on this replica",
-        ));
-    }
-    let id = format!("{}.{}", shared.cfg.node_id, crate::config::random_id(12));
-    let (handle, rx) = shared.hub.register(Arc::from(id.as_str()), ident.user.clone(), shared.cfg.session.client_queue);
+    let ident = node.auth.authenticate(req, remote).await?;
+    let slot = node.take_slot().ok_or_else(Reject::full)?;
+    let id = format!("{}.{}", node.cfg.node_id, crate::config::random_id(12));
+    let (handle, rx) = node.hub.register(Arc::from(id.as_str()), ident.user.clone(), node.cfg.session.client_queue);
     let ident = Arc::new(ident);
     // The session owns the slot and the registration from here: its Drop
     // gives both back whichever way this ends.
-    let session = Session::new(shared.clone(), handle, ident.clone());
+    let session = Session::new(node.clone(), WsrelayV1, handle, ident.clone(), slot);
 
     // The limit is checked before any hook is asked about a URL channel.
-    let url_channels: Vec<String> = url_channels.into_iter().filter(|c| !ident.channels.contains(c)).collect();
+    let url_channels: Vec<Channel> = url_channels.into_iter().filter(|c| !ident.channels.contains(c)).collect();
     let total = ident.channels.len() + url_channels.len();
-    let max = shared.cfg.session.max_subscriptions;
+    let max = node.cfg.session.max_subscriptions;
     if total > max {
         return Err(bad(format!("{total} channels requested, the limit is {max}")));
     }
     for ch in &url_channels {
-        shared.auth.authorize(Action::Subscribe, &ident, &id, ch, None).await.map_err(|e| match e.code {
-            ErrorCode::Unavailable => Reject::new(StatusCode::SERVICE_UNAVAILABLE, ConnResult::Unavailable, e.message),
-            _ => Reject::new(StatusCode::FORBIDDEN, ConnResult::Forbidden, e.message),
-        })?;
+        node.auth.authorize(Action::Subscribe, &ident, &id, ch, None).await?;
     }
     let channels = ident.channels.iter().cloned().chain(url_channels).collect();
     Ok(Prepared { key, protocol, session, rx, channels })

@@ -268,7 +268,7 @@ async fn disconnect_by_user_closes_their_sessions_on_every_node() {
     let a = Relay::start(&app.url(), &args).await;
     let b = Relay::start(&app.url(), &args).await;
     for n in [&a, &b] {
-        eventually(STEP, "broker up", || async { n.readyz().await == StatusCode::OK }).await;
+        eventually(STEP, "broker up", || async { n.readyz_broker().await == StatusCode::OK }).await;
     }
     let t42 = hs256("k", &claims("42", &[], now() + 600));
     let t43 = hs256("k", &claims("43", &[], now() + 600));

@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use http::StatusCode;
+use http::{Method, StatusCode};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::common::redis::{FreezeProxy, RedisServer};
-use crate::common::{Relay, STEP, Upstream, WsClient, eventually, ws_connect};
+use crate::common::{Relay, STEP, Upstream, WsClient, eventually, request, ws_connect};
 
 const QUIET: Duration = Duration::from_millis(300);
 
@@ -17,7 +17,7 @@ async fn node(app: &Upstream, redis_url: &str, extra: &[&str]) -> Relay {
     let mut args = vec!["--redis-url", redis_url];
     args.extend_from_slice(extra);
     let relay = Relay::start(&app.url(), &args).await;
-    eventually(STEP, "broker up", || async { relay.readyz().await == StatusCode::OK }).await;
+    eventually(STEP, "broker up", || async { relay.readyz_broker().await == StatusCode::OK }).await;
     relay
 }
 
@@ -140,8 +140,14 @@ async fn losing_redis_keeps_clients_and_says_so_then_recovers() {
 
     redis.kill();
     for n in [&a, &b] {
-        eventually(STEP, "readyz 503", || async { n.readyz().await == StatusCode::SERVICE_UNAVAILABLE }).await;
+        eventually(STEP, "readyz?broker 503", || async { n.readyz_broker().await == StatusCode::SERVICE_UNAVAILABLE })
+            .await;
         assert_eq!(n.metric("wsrelay_broker_up").await, 0.0);
+        // A Redis outage hits every node at once: the pods stay ready and
+        // the app's own HTTP keeps working through them.
+        assert_eq!(n.readyz().await, StatusCode::OK, "plain /readyz does not follow the broker");
+        let (status, _, _) = request(Method::GET, &n.http_url("/hello"), None, &[]).await;
+        assert_eq!(status, StatusCode::OK, "HTTP through the sidecar works while Redis is down");
         let (status, body) = n.publish(json!({"channel":"open:r","data":{"n":0}})).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "never a silent drop: {body}");
         assert_eq!(body["error"]["code"], "unavailable");
@@ -156,7 +162,7 @@ async fn losing_redis_keeps_clients_and_says_so_then_recovers() {
 
     redis.restart();
     for n in [&a, &b] {
-        eventually(STEP, "readyz 200 again", || async { n.readyz().await == StatusCode::OK }).await;
+        eventually(STEP, "readyz?broker 200 again", || async { n.readyz_broker().await == StatusCode::OK }).await;
         assert!(n.metric("wsrelay_broker_reconnects_total").await >= 1.0);
     }
     let (status, body) = b.publish(json!({"channel":"open:r","data":{"n":1}})).await;
@@ -188,7 +194,7 @@ async fn a_killed_subscriber_connection_is_noticed_and_replaced() {
     // What Redis does to a subscriber over client-output-buffer-limit pubsub.
     redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
     relay.wait_metric("wsrelay_broker_reconnects_total", |v| v >= 1.0).await;
-    eventually(STEP, "ready again", || async { relay.readyz().await == StatusCode::OK }).await;
+    eventually(STEP, "ready again", || async { relay.readyz_broker().await == StatusCode::OK }).await;
     assert_eq!(redis.numsub("wsrelay:ch:k").await, 1, "resubscribed");
     publish_until_delivered(&relay, &mut c, "k").await;
 }
@@ -206,7 +212,8 @@ async fn a_silently_dead_subscriber_fails_the_probe_and_is_replaced() {
     // nothing: no error, no close. Publishing still works.
     proxy.freeze(0);
     relay.wait_metric("wsrelay_broker_probe_failures_total", |v| v >= 1.0).await;
-    eventually(STEP, "ready again on a fresh connection", || async { relay.readyz().await == StatusCode::OK }).await;
+    eventually(STEP, "ready again on a fresh connection", || async { relay.readyz_broker().await == StatusCode::OK })
+        .await;
     publish_until_delivered(&relay, &mut c, "quiet").await;
 }
 
@@ -241,6 +248,7 @@ async fn rediss_connects_with_tls_and_verifies_certificates() {
     let (status, _) = b.publish(json!({"channel":"secure","data":{"n":1}})).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(c.recv().await["data"]["n"], 1);
-    assert_eq!(strict.readyz().await, StatusCode::SERVICE_UNAVAILABLE, "an unverifiable certificate is refused");
+    strict.wait_broker_failure().await;
+    assert_eq!(strict.readyz_broker().await, StatusCode::SERVICE_UNAVAILABLE, "an unverifiable certificate is refused");
     assert_eq!(strict.metric("wsrelay_broker_up").await, 0.0);
 }

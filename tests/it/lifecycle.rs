@@ -185,15 +185,24 @@ async fn sigterm_drains_and_exits_0() {
 }
 
 #[tokio::test]
-async fn redis_url_is_logged_without_its_password_and_readyz_is_honest() {
+async fn redis_url_is_logged_without_its_password_and_readyz_broker_is_honest() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("redis://:hunter2@127.0.0.1:{closed}/1");
     let mut bin = spawn(&["--redis-url", &url, "--redis-prefix", "t1:"]);
     assert_eq!(bin.broker, format!("using redis broker at redis://:***@127.0.0.1:{closed}/1 (prefix t1:)"));
-    // Nothing listens there: the node is up but not ready, and says so.
+    // Nothing listens there: the node serves, but says its broker is down
+    // (once it has tried: a 503 before the first attempt would prove nothing).
     let admin = format!("http://{}", bin.admin);
+    crate::common::eventually(STEP, "a failed broker connection", || async {
+        let (_, _, body) = request(Method::GET, &format!("{admin}/metrics"), None, &[]).await;
+        let text = String::from_utf8_lossy(&body).into_owned();
+        crate::common::metric_value(&text, "wsrelay_broker_connection_errors_total").is_some_and(|v| v >= 1.0)
+    })
+    .await;
     assert_eq!(request(Method::GET, &format!("{admin}/healthz"), None, &[]).await.0, StatusCode::OK);
-    assert_eq!(request(Method::GET, &format!("{admin}/readyz"), None, &[]).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(request(Method::GET, &format!("{admin}/readyz"), None, &[]).await.0, StatusCode::OK);
+    let (status, _, _) = request(Method::GET, &format!("{admin}/readyz?broker"), None, &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     tokio::time::sleep(Duration::from_millis(300)).await;
     bin.seen.extend(bin.log.try_iter());
     assert!(bin.seen.iter().all(|l| !l.contains("hunter2")), "the password never reaches the log");

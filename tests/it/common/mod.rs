@@ -107,6 +107,20 @@ impl Relay {
         request(Method::GET, &self.admin_url("/readyz"), None, &[]).await.0
     }
 
+    /// `/readyz?broker`: ready and the broker reachable.
+    pub async fn readyz_broker(&self) -> StatusCode {
+        request(Method::GET, &self.admin_url("/readyz?broker"), None, &[]).await.0
+    }
+
+    /// Waits until the node has tried the broker and failed at least once:
+    /// a 503 before that would prove nothing.
+    pub async fn wait_broker_failure(&self) {
+        eventually(STEP, "a failed broker connection", || async {
+            self.metric("wsrelay_broker_connection_errors_total").await >= 1.0
+        })
+        .await;
+    }
+
     pub async fn metrics(&self) -> String {
         let (status, _, body) = request(Method::GET, &self.admin_url("/metrics"), None, &[]).await;
         assert_eq!(status, StatusCode::OK);

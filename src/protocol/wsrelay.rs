@@ -1,54 +1,51 @@
-//! The `wsrelay.v1` wire format: parsing client frames and encoding server
-//! frames. Message frames are encoded once per publish and shared as
-//! [`Utf8Bytes`] by every subscriber; `data` is carried as raw JSON and never
-//! re-serialized.
+//! The `wsrelay.v1` wire format: JSON text frames, one object per frame.
+//! Message frames are built by hand around the raw `data`, which is copied
+//! once and never re-serialized.
 
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use super::{Codec, Decoded, Frame, Message, Request};
+use crate::channel::Channel;
 use crate::error::ApiError;
 
 /// The subprotocol clients may offer in `Sec-WebSocket-Protocol`.
 pub const SUBPROTOCOL: &str = "wsrelay.v1";
 
-/// Longest channel name, in bytes.
-pub const MAX_CHANNEL_LEN: usize = 255;
+/// The `wsrelay.v1` codec.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WsrelayV1;
 
-/// Checks a channel name: 1–255 bytes from `A-Z a-z 0-9 _ - : . @ / = + # , ! ~`.
-pub fn validate_channel(name: &str) -> Result<(), ApiError> {
-    if name.is_empty() {
-        return Err(ApiError::bad_request("channel name is empty"));
-    }
-    if name.len() > MAX_CHANNEL_LEN {
-        return Err(ApiError::bad_request(format!(
-            "channel name is {} bytes, the limit is {MAX_CHANNEL_LEN}",
-            name.len()
-        )));
-    }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || "_-:.@/=+#,!~".contains(*c))) {
-        return Err(ApiError::bad_request(format!("channel name has {c:?}: allowed are A-Z a-z 0-9 and _-:.@/=+#,!~")));
-    }
-    Ok(())
-}
+impl Codec for WsrelayV1 {
+    type Id = Box<RawValue>;
+    const SLOT: usize = 0;
 
-/// What a client asks for.
-#[derive(Debug)]
-pub enum Request {
-    Subscribe { channel: String, since: Option<String> },
-    Unsubscribe { channel: String },
-    Publish { channel: String, data: Box<RawValue> },
-    Send { data: Box<RawValue> },
-    Presence { channel: String },
-    Ping,
-}
+    fn welcome(&self, connection: &str, user: Option<&str>, channels: &[Channel]) -> Utf8Bytes {
+        welcome(connection, user, channels)
+    }
 
-/// A parsed client frame: its `id` (echoed in the reply) and the request, or
-/// why it is not one.
-#[derive(Debug)]
-pub struct ClientFrame {
-    pub id: Option<Box<RawValue>>,
-    pub request: Result<Request, ApiError>,
+    fn decode(&self, frame: Frame<'_>) -> Decoded<Box<RawValue>> {
+        match frame {
+            Frame::Text(text) => parse_frame(text),
+            Frame::Binary(_) => Decoded {
+                id: None,
+                request: Err(ApiError::bad_request("binary frames are not supported: send JSON text frames")),
+            },
+        }
+    }
+
+    fn reply_ok(&self, id: Option<&Box<RawValue>>, result: Option<&RawValue>) -> Utf8Bytes {
+        reply_ok(id.map(AsRef::as_ref), result)
+    }
+
+    fn reply_err(&self, id: Option<&Box<RawValue>>, err: &ApiError) -> Utf8Bytes {
+        reply_err(id.map(AsRef::as_ref), err)
+    }
+
+    fn encode_message(&self, msg: &Message) -> Utf8Bytes {
+        message(&msg.channel, msg.data.as_str(), msg.offset.as_deref())
+    }
 }
 
 #[derive(Deserialize)]
@@ -74,7 +71,7 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::
 
 /// Parses one text frame. Never fails: a bad frame becomes a request error
 /// that the session answers with a `bad_request` reply.
-pub fn parse_frame(text: &str) -> ClientFrame {
+pub fn parse_frame(text: &str) -> Decoded<Box<RawValue>> {
     let loose: Loose = match serde_json::from_str(text) {
         Ok(l) => l,
         Err(e) => {
@@ -83,23 +80,23 @@ pub fn parse_frame(text: &str) -> ClientFrame {
             } else {
                 format!("frame is not valid JSON: {e}")
             };
-            return ClientFrame { id: None, request: Err(ApiError::bad_request(msg)) };
+            return Decoded { id: None, request: Err(ApiError::bad_request(msg)) };
         }
     };
     let id = loose.id;
     if let Some(raw) = &id {
         let s = raw.get();
         if !(s.starts_with('"') || s.starts_with(|c: char| c == '-' || c.is_ascii_digit())) {
-            return ClientFrame {
-                id: None,
-                request: Err(ApiError::bad_request("\"id\" must be a number or a string")),
-            };
+            return Decoded { id: None, request: Err(ApiError::bad_request("\"id\" must be a number or a string")) };
         }
     }
     let request = (|| {
         let op = string(loose.op, "op")?;
         let channel = string(loose.channel, "channel");
-        let need = |v: Result<Option<String>, ApiError>, field: &'static str| v?.ok_or_else(|| missing(field));
+        let need = |v: Result<Option<String>, ApiError>, field: &'static str| {
+            let name = v?.ok_or_else(|| missing(field))?;
+            Channel::try_from(name).map_err(|e| ApiError::bad_request(e.to_string()))
+        };
         match op.as_deref() {
             None => Err(missing("op")),
             Some("subscribe") => {
@@ -122,7 +119,7 @@ pub fn parse_frame(text: &str) -> ClientFrame {
             ))),
         }
     })();
-    ClientFrame { id, request }
+    Decoded { id, request }
 }
 
 /// A field that must be a string when present.
@@ -149,7 +146,7 @@ fn encode<T: Serialize>(v: &T) -> Utf8Bytes {
 }
 
 /// `{"op":"welcome","connection":…,"user":…,"channels":[…]}`
-pub fn welcome(connection: &str, user: Option<&str>, channels: &[impl AsRef<str>]) -> Utf8Bytes {
+pub fn welcome(connection: &str, user: Option<&str>, channels: &[Channel]) -> Utf8Bytes {
     #[derive(Serialize)]
     struct Welcome<'a> {
         op: &'static str,
@@ -184,8 +181,7 @@ pub fn reply_err(id: Option<&RawValue>, err: &ApiError) -> Utf8Bytes {
 
 /// `{"op":"message","channel":…,"data":…}`, built by hand around the raw
 /// data so the payload is copied once and never re-parsed.
-pub fn message(channel: &str, data: &RawValue, offset: Option<&str>) -> Utf8Bytes {
-    let data = data.get();
+pub fn message(channel: &str, data: &str, offset: Option<&str>) -> Utf8Bytes {
     let mut s = String::with_capacity(40 + channel.len() + data.len());
     s.push_str(r#"{"op":"message","channel":"#);
     push_json_str(&mut s, channel);
@@ -214,7 +210,7 @@ mod tests {
     fn parses_ops_and_reports_missing_fields() {
         let f = parse_frame(r#"{"op":"subscribe","channel":"room:1","id":7}"#);
         assert_eq!(f.id.as_ref().map(|r| r.get()), Some("7"));
-        assert!(matches!(f.request, Ok(Request::Subscribe { ref channel, .. }) if channel == "room:1"));
+        assert!(matches!(f.request, Ok(Request::Subscribe { ref channel, .. }) if channel.as_str() == "room:1"));
 
         let f = parse_frame(r#"{"op":"publish","channel":"a","data":null,"id":"x"}"#);
         assert!(matches!(f.request, Ok(Request::Publish { ref data, .. }) if data.get() == "null"));
@@ -240,19 +236,15 @@ mod tests {
     }
 
     #[test]
-    fn channel_names() {
-        assert!(validate_channel("user:42").is_ok());
-        assert!(validate_channel("a/b.c-d_e@f=g+h#i,j!k~l").is_ok());
-        assert!(validate_channel("").is_err());
-        assert!(validate_channel("has space").is_err());
-        assert!(validate_channel("quote\"").is_err());
-        assert!(validate_channel(&"x".repeat(256)).is_err());
+    fn bad_channel_is_a_bad_request_with_the_id() {
+        let f = parse_frame(r#"{"op":"subscribe","channel":"a b","id":4}"#);
+        assert_eq!(f.id.unwrap().get(), "4");
+        assert!(f.request.unwrap_err().message.contains("channel name"));
     }
 
     #[test]
     fn message_frame_is_valid_json() {
-        let data = RawValue::from_string(r#"{"text":"hi \"you\""}"#.into()).unwrap();
-        let f = message("room:1", &data, Some("3-0"));
+        let f = message("room:1", r#"{"text":"hi \"you\""}"#, Some("3-0"));
         let v: serde_json::Value = serde_json::from_str(f.as_str()).unwrap();
         assert_eq!(v["data"]["text"], "hi \"you\"");
         assert_eq!(v["offset"], "3-0");

@@ -1,9 +1,9 @@
 //! The hub: this node's registry of sessions and channels, and local fan-out.
 //!
-//! A message reaches the hub already encoded (one [`Utf8Bytes`] frame); the
-//! hub hands a clone of those bytes (a reference-count increment) to the
+//! A message reaches the hub once per node as an `Arc<`[`Message`]`>`; the
+//! hub hands a clone of that pointer (a reference-count increment) to the
 //! bounded queue of every local subscriber with `try_send`, so fan-out never
-//! waits. A subscriber whose queue is full is a slow consumer: it is told to
+//! waits. Each session's codec frames it, once per protocol per message. A subscriber whose queue is full is a slow consumer: it is told to
 //! close (1013) and the others are not slowed.
 //!
 //! Channels live in sharded `std::sync::Mutex`es that are never held across
@@ -12,6 +12,8 @@
 //! broker's interest in it is updated under the same lock, so a concurrent
 //! subscribe/unsubscribe pair cannot leave the broker subscription behind or
 //! missing.
+
+pub mod interest;
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -23,22 +25,25 @@ use indexmap::IndexMap;
 use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::broker::Interest;
+pub use self::interest::Interest;
+use crate::channel::Channel;
 use crate::error::CloseReason;
 use crate::metrics::Metrics;
+use crate::protocol::Message;
 
 const SHARDS: usize = 64;
 
-/// One frame queued for a session's socket.
+/// One item queued for a session's socket.
 #[derive(Debug, Clone)]
-pub struct Outbound {
-    pub frame: Utf8Bytes,
-    /// Publish time in µs since the Unix epoch for channel messages (feeds
-    /// `wsrelay_delivery_seconds`); 0 for replies and control frames.
-    pub published_us: u64,
+pub enum Outbound {
+    /// A channel message, shared with every other subscriber.
+    Message(Arc<Message>),
+    /// A frame already encoded for this session (a reply, a control frame).
+    Frame(Utf8Bytes),
 }
 
-/// Microseconds since the Unix epoch (comparable across nodes).
+/// Microseconds since the Unix epoch (comparable across nodes, give or
+/// take their clocks).
 pub fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
@@ -89,8 +94,8 @@ impl SessionHandle {
 }
 
 #[derive(Default)]
-struct Channel {
-    subscribers: IndexMap<u64, Arc<SessionHandle>>,
+struct Subscribers {
+    sessions: IndexMap<u64, Arc<SessionHandle>>,
 }
 
 #[derive(Default)]
@@ -107,7 +112,7 @@ pub enum DisconnectTarget {
     User(String),
 }
 
-type Shard = Mutex<HashMap<Arc<str>, Channel>>;
+type Shard = Mutex<HashMap<Channel, Subscribers>>;
 
 pub struct Hub {
     shards: Box<[Shard]>,
@@ -183,18 +188,17 @@ impl Hub {
     }
 
     /// Adds a subscriber. Returns false if it was already subscribed.
-    pub fn subscribe(&self, channel: &str, session: &Arc<SessionHandle>) -> bool {
+    pub fn subscribe(&self, channel: &Channel, session: &Arc<SessionHandle>) -> bool {
         let mut shard = lock(self.shard(channel));
-        let added = match shard.get_mut(channel) {
-            Some(ch) => ch.subscribers.insert(session.key, session.clone()).is_none(),
+        let added = match shard.get_mut(channel.as_str()) {
+            Some(ch) => ch.sessions.insert(session.key, session.clone()).is_none(),
             None => {
-                let name: Arc<str> = Arc::from(channel);
                 if let Some(i) = &self.interest {
-                    i.want(&name);
+                    i.want(channel);
                 }
-                let mut ch = Channel::default();
-                ch.subscribers.insert(session.key, session.clone());
-                shard.insert(name, ch);
+                let mut ch = Subscribers::default();
+                ch.sessions.insert(session.key, session.clone());
+                shard.insert(channel.clone(), ch);
                 self.metrics.channels.inc();
                 true
             }
@@ -211,8 +215,8 @@ impl Hub {
         let Some(ch) = shard.get_mut(channel) else {
             return false;
         };
-        let removed = ch.subscribers.swap_remove(&session_key).is_some();
-        if ch.subscribers.is_empty() {
+        let removed = ch.sessions.swap_remove(&session_key).is_some();
+        if ch.sessions.is_empty() {
             shard.remove(channel);
             if let Some(i) = &self.interest {
                 i.unwant(channel);
@@ -225,21 +229,20 @@ impl Hub {
         removed
     }
 
-    /// Hands one encoded message to every local subscriber of `channel`
-    /// except the `exclude` connection. Never waits. Returns how many
-    /// sessions got it.
-    pub fn deliver(&self, channel: &str, frame: &Utf8Bytes, exclude: Option<&str>, published_us: u64) -> usize {
-        let shard = lock(self.shard(channel));
-        let Some(ch) = shard.get(channel) else {
+    /// Hands one message to every local subscriber of its channel except
+    /// the `exclude` connection. Never waits. Returns how many sessions got it.
+    pub fn deliver(&self, msg: &Arc<Message>) -> usize {
+        let shard = lock(self.shard(&msg.channel));
+        let Some(ch) = shard.get(msg.channel.as_str()) else {
             return 0;
         };
+        let exclude = msg.exclude.as_deref();
         let mut n = 0;
-        for sub in ch.subscribers.values() {
+        for sub in ch.sessions.values() {
             if exclude.is_some_and(|x| *x == *sub.id) {
                 continue;
             }
-            let out = Outbound { frame: frame.clone(), published_us };
-            if sub.enqueue(out) {
+            if sub.enqueue(Outbound::Message(msg.clone())) {
                 n += 1;
             } else {
                 self.metrics.dropped_slow_consumer.inc();

@@ -1,12 +1,53 @@
-//! JWT verification with the `jsonwebtoken` crate. The configured key fixes
-//! the algorithm family: an HS256 secret accepts only HMAC tokens, a public
-//! key only its own RSA or EC algorithms, so `alg: none` and HS/RS confusion
-//! (an HMAC token signed with the public key as its secret) are refused.
+//! Secrets and keys: the masked [`Secret`] type for tokens and passwords, and
+//! the JWT verification key, loaded and checked once at start. The
+//! configured key fixes the algorithm family: an HS256 secret accepts only
+//! HMAC tokens, a public key only its own RSA or EC algorithms, so
+//! `alg: none` and HS/RS confusion (an HMAC token signed with the public key
+//! as its secret) are refused.
+
+use std::fmt;
+use std::str::FromStr;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use crate::config::Secret;
+use crate::channel::Channel;
+
+/// A value that must never reach a log line: tokens, passwords, secrets.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    /// The secret itself; call only where it is used, never to log.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// Why a token was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum JwtError {
+    #[error(transparent)]
+    Invalid(#[from] jsonwebtoken::errors::Error),
+    #[error("empty sub")]
+    EmptySubject,
+}
 
 #[derive(Clone)]
 pub struct JwtKey {
@@ -15,18 +56,20 @@ pub struct JwtKey {
     kind: &'static str,
 }
 
-impl std::fmt::Debug for JwtKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Debug for JwtKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "JwtKey({}, ***)", self.kind)
     }
 }
 
-/// The claims wsrelay reads. `exp` is required.
+/// The claims wsrelay reads. `exp` and `sub` are required.
 #[derive(Debug, Deserialize)]
 pub struct Claims {
     pub sub: String,
+    /// Checked by the validation; kept so the session can close at expiry.
+    pub exp: u64,
     #[serde(default)]
-    pub channels: Vec<String>,
+    pub channels: Vec<Channel>,
     #[serde(default)]
     pub info: Option<serde_json::Value>,
 }
@@ -53,7 +96,7 @@ impl JwtKey {
     }
 
     /// An RSA (RS256/384/512) or EC (ES256/384) public key in PEM.
-    pub fn from_public_pem(pem: &[u8]) -> Result<Self, String> {
+    pub fn from_public_pem(pem: &[u8]) -> Result<Self, &'static str> {
         if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
             return Ok(JwtKey {
                 key,
@@ -64,7 +107,7 @@ impl JwtKey {
         if let Ok(key) = DecodingKey::from_ec_pem(pem) {
             return Ok(JwtKey { key, validation: validation(&[Algorithm::ES256, Algorithm::ES384]), kind: "EC" });
         }
-        Err("not a PEM RSA or EC public key".into())
+        Err("not a PEM RSA or EC public key")
     }
 
     /// Requires `aud` / `iss` to be one of these (when not empty).
@@ -81,15 +124,10 @@ impl JwtKey {
 
     /// Verifies signature, algorithm, expiry (and `nbf`, `aud`, `iss` as
     /// configured); returns the claims.
-    pub fn verify(&self, token: &str) -> Result<Claims, String> {
-        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
-            .map(|d| d.claims)
-            .map_err(|e| e.to_string())?;
+    pub fn verify(&self, token: &str) -> Result<Claims, JwtError> {
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)?.claims;
         if claims.sub.is_empty() {
-            return Err("empty sub".into());
-        }
-        if let Some(bad) = claims.channels.iter().find(|c| crate::protocol::validate_channel(c).is_err()) {
-            return Err(format!("invalid channel name in claims: {bad:?}"));
+            return Err(JwtError::EmptySubject);
         }
         Ok(claims)
     }

@@ -1,0 +1,133 @@
+//! Channel names, validated once where they enter (a client frame, the URL,
+//! the API, a hook's or token's answer, the config file) into [`Channel`],
+//! and carried as that type everywhere past the edge.
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::sync::Arc;
+
+/// Longest channel name, in bytes.
+pub const MAX_CHANNEL_LEN: usize = 255;
+
+/// Bytes allowed in a channel name besides ASCII letters and digits.
+const PUNCTUATION: &str = "_-:.@/=+#,!~";
+
+/// Why a string is not a channel name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelError {
+    #[error("channel name is empty")]
+    Empty,
+    #[error("channel name is {0} bytes, the limit is {MAX_CHANNEL_LEN}")]
+    TooLong(usize),
+    #[error("channel name has {0:?}: allowed are A-Z a-z 0-9 and {PUNCTUATION}")]
+    BadChar(char),
+}
+
+/// Checks a name (or a namespace prefix): 1–255 bytes of `A-Z a-z 0-9` and
+/// `_ - : . @ / = + # , ! ~`. Nothing in it needs escaping in JSON, a URL
+/// query or a Redis key.
+pub fn check(name: &str) -> Result<(), ChannelError> {
+    if name.is_empty() {
+        return Err(ChannelError::Empty);
+    }
+    if name.len() > MAX_CHANNEL_LEN {
+        return Err(ChannelError::TooLong(name.len()));
+    }
+    match name.chars().find(|c| !(c.is_ascii_alphanumeric() || PUNCTUATION.contains(*c))) {
+        Some(c) => Err(ChannelError::BadChar(c)),
+        None => Ok(()),
+    }
+}
+
+/// A valid channel name. Cheap to clone (shared), compared and hashed as
+/// its text, so maps keyed by it can be looked up with a `&str`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Channel(Arc<str>);
+
+impl Channel {
+    pub fn parse(name: &str) -> Result<Self, ChannelError> {
+        check(name)?;
+        Ok(Channel(Arc::from(name)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Channel {
+    type Error = ChannelError;
+    fn try_from(s: String) -> Result<Self, ChannelError> {
+        check(&s)?;
+        Ok(Channel(Arc::from(s)))
+    }
+}
+
+impl std::str::FromStr for Channel {
+    type Err = ChannelError;
+    fn from_str(s: &str) -> Result<Self, ChannelError> {
+        Channel::parse(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Channel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Channel::try_from(s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl serde::Serialize for Channel {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl Borrow<str> for Channel {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for Channel {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Channel {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(Channel::parse("user:42").is_ok());
+        assert!(Channel::parse("a/b.c-d_e@f=g+h#i,j!k~l").is_ok());
+        assert_eq!(Channel::parse(""), Err(ChannelError::Empty));
+        assert_eq!(Channel::parse("has space"), Err(ChannelError::BadChar(' ')));
+        assert!(Channel::parse("quote\"").is_err());
+        assert_eq!(Channel::parse(&"x".repeat(256)), Err(ChannelError::TooLong(256)));
+        let c: Channel = serde_json::from_str("\"room:1\"").unwrap();
+        assert_eq!(c.as_str(), "room:1");
+        assert!(serde_json::from_str::<Channel>("\"a b\"").is_err());
+    }
+}

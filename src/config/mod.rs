@@ -1,0 +1,179 @@
+//! Configuration: CLI flags, `WSRELAY_*` environment variables and a TOML
+//! file, merged once (flag > env > file > default) and validated into
+//! [`Config`], whose sub-configs each belong to one component.
+//!
+//! - [`options`]: every option declared once (flag, env, default, range, help);
+//! - [`file`]: layering the config file under the flags and environment;
+//! - [`validate`]: the rules that span several options, and building [`Config`];
+//! - [`keys`]: secrets and the JWT key; [`policy`]: namespaces.
+
+pub mod file;
+pub mod keys;
+pub mod options;
+pub mod policy;
+mod validate;
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use self::file::LoadError;
+pub use self::keys::{JwtKey, Secret};
+pub use self::options::{LogFormat, Options};
+pub use self::policy::{NamespaceRule, Policy};
+
+/// Exit code for a refused configuration (`EX_USAGE` from sysexits.h).
+pub const EXIT_BAD_CONFIG: i32 = 64;
+
+/// A configuration problem, always naming the key it is about.
+#[derive(Debug, thiserror::Error)]
+#[error("{}`{key}`: {message}", source_prefix(.file.as_deref()))]
+pub struct ConfigError {
+    pub file: Option<PathBuf>,
+    pub key: String,
+    pub message: String,
+}
+
+fn source_prefix(file: Option<&Path>) -> String {
+    match file {
+        Some(f) => format!("config file {}: key ", f.display()),
+        None => "config key ".to_owned(),
+    }
+}
+
+impl ConfigError {
+    pub fn new(key: &str, message: impl Into<String>) -> Self {
+        Self { file: None, key: key.to_owned(), message: message.into() }
+    }
+}
+
+/// The configuration and whether only `--check-config` was asked.
+pub struct Loaded {
+    pub config: Config,
+    pub check_only: bool,
+}
+
+/// Reads flags, environment and the config file, and validates the result.
+pub fn load<I, T>(args: I) -> Result<Loaded, LoadError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    let layered = file::layered(args.into_iter().map(Into::into).collect())?;
+    let check_only = layered.options.check_config;
+    let file = layered.file.clone();
+    let config = validate::validate(layered.options, layered.namespaces).map_err(|mut e| {
+        // What cannot be told apart (a cross-field rule) is reported against the file too.
+        e.file = e.file.or(file);
+        e
+    })?;
+    Ok(Loaded { config, check_only })
+}
+
+/// A random identifier of `len` characters from [0-9a-z].
+pub fn random_id(len: usize) -> String {
+    use rand::RngExt;
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::rng();
+    (0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+}
+
+/// The validated configuration, one sub-config per component.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub api_token: Option<Secret>,
+    pub node_id: String,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub drain_timeout: Duration,
+    pub shutdown_delay: Duration,
+    pub session: SessionConfig,
+    pub proxy: ProxyConfig,
+    pub broker: BrokerConfig,
+    pub auth: AuthConfig,
+}
+
+impl Config {
+    /// Parses flags, environment and config file (as the binary does) from
+    /// an argument list.
+    pub fn from_args<I, T>(args: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString>,
+    {
+        match load(args) {
+            Ok(l) => Ok(l.config),
+            Err(LoadError::Config(e)) => Err(e),
+            Err(LoadError::Cli(e)) => Err(ConfigError::new("(command line)", e.to_string())),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub ws_paths: Vec<String>,
+    pub max_message_bytes: usize,
+    pub max_connections: usize,
+    pub max_subscriptions: usize,
+    pub client_queue: usize,
+    /// Frames per second; 0 disables the limit.
+    pub client_rate: u32,
+    pub client_burst: u32,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+    pub handshake_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub upstream: http::Uri,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub redis_url: Option<Secret>,
+    pub prefix: String,
+    pub timeout: Duration,
+    pub probe_interval: Duration,
+    pub probe_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub connect_hook: Option<String>,
+    pub subscribe_hook: Option<String>,
+    pub publish_hook: Option<String>,
+    pub message_hook: Option<String>,
+    pub disconnect_hook: Option<String>,
+    pub hook_secret: Option<Secret>,
+    pub hook_timeout: Duration,
+    pub hook_concurrency: usize,
+    pub disconnect_hook_queue: usize,
+    pub jwt: Option<JwtKey>,
+    /// Lower-cased origins without a trailing slash, or `*`.
+    pub allowed_origins: Vec<String>,
+    /// Longest prefix first.
+    pub namespaces: Vec<NamespaceRule>,
+    pub default_namespace: NamespaceRule,
+}
+
+impl AuthConfig {
+    /// The configured hook paths.
+    pub fn hook_paths(&self) -> impl Iterator<Item = &str> {
+        [&self.connect_hook, &self.subscribe_hook, &self.publish_hook, &self.message_hook, &self.disconnect_hook]
+            .into_iter()
+            .flatten()
+            .map(|p| p.split('?').next().unwrap_or(p))
+    }
+
+    /// The namespace rule that covers `channel`.
+    pub fn rule(&self, channel: &str) -> &NamespaceRule {
+        self.namespaces.iter().find(|r| channel.starts_with(&r.prefix)).unwrap_or(&self.default_namespace)
+    }
+}

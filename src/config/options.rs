@@ -1,0 +1,232 @@
+//! Every option, declared once: its flag, environment variable, default,
+//! range and help text are the clap attributes below, and its config-file
+//! key is the flag's long name (see [`super::file`]). `--help` prints the
+//! defaults from here; nothing else restates them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::RangedU64ValueParser;
+use clap::{Parser, ValueEnum};
+
+use super::keys::Secret;
+
+/// Longest duration any option takes: beyond it a typo (`10000000s`) would
+/// overflow the clock arithmetic instead of meaning anything.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// A duration written the human way (`500ms`, `25s`, `10m`), at most 24 h.
+fn duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("expected a duration like \"500ms\", \"25s\" or \"10m\" ({e})"))?;
+    if d > MAX_DURATION {
+        return Err("must be at most 24h".into());
+    }
+    Ok(d)
+}
+
+/// As [`duration`], and longer than zero.
+fn nonzero_duration(s: &str) -> Result<Duration, String> {
+    match duration(s)? {
+        d if d.is_zero() => Err("must be longer than 0".into()),
+        d => Ok(d),
+    }
+}
+
+/// A count between `min` and `max`.
+fn count(min: u64, max: u64) -> RangedU64ValueParser<usize> {
+    RangedU64ValueParser::new().range(min..=max)
+}
+
+/// A rate between 0 and `max`.
+fn rate(max: u64) -> RangedU64ValueParser<u32> {
+    RangedU64ValueParser::new().range(0..=max)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// wsrelay: a WebSocket relay sidecar. Terminates client WebSockets, fans
+/// messages out through Redis, and proxies every other request to the app.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "wsrelay", version, about, long_about = None)]
+pub struct Options {
+    /// TOML config file with the same keys as the flags (plus namespaces)
+    #[arg(long, env = "WSRELAY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Validate the configuration and exit (0 when valid, 64 when not)
+    #[arg(long)]
+    pub check_config: bool,
+
+    /// Public listener: WebSocket upgrades and the proxied app
+    #[arg(long, env = "WSRELAY_LISTEN", value_name = "ADDR", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// The app every non-relay request is forwarded to
+    #[arg(long, env = "WSRELAY_UPSTREAM", value_name = "URL", default_value = "http://127.0.0.1:3000")]
+    pub upstream: String,
+
+    /// Path whose WebSocket upgrades wsrelay terminates; repeatable
+    #[arg(long, env = "WSRELAY_WS_PATH", value_name = "PATH", value_delimiter = ',', default_value = "/ws")]
+    pub ws_path: Vec<String>,
+
+    /// Admin listener: /api/*, /metrics, /healthz, /readyz
+    #[arg(long, env = "WSRELAY_ADMIN_LISTEN", value_name = "ADDR", default_value = "127.0.0.1:8081")]
+    pub admin_listen: SocketAddr,
+
+    /// Bearer token required on /api/* (required when the admin listener is not loopback)
+    #[arg(long, env = "WSRELAY_API_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub api_token: Option<Secret>,
+
+    /// Redis or Valkey URL (redis:// or rediss://); unset: in-memory broker, single instance
+    #[arg(long, env = "WSRELAY_REDIS_URL", value_name = "URL", hide_env_values = true)]
+    pub redis_url: Option<Secret>,
+
+    /// Prefix of every Redis key and channel, so several apps can share a Redis
+    #[arg(long, env = "WSRELAY_REDIS_PREFIX", value_name = "PREFIX", default_value = "wsrelay:")]
+    pub redis_prefix: String,
+
+    /// Timeout for connecting to Redis and for each Redis command
+    #[arg(long, env = "WSRELAY_REDIS_TIMEOUT", value_name = "DURATION", default_value = "2s", value_parser = nonzero_duration)]
+    pub redis_timeout: Duration,
+
+    /// How often the node checks its Redis subscriber end to end
+    #[arg(long, env = "WSRELAY_REDIS_PROBE_INTERVAL", value_name = "DURATION", default_value = "1s", value_parser = nonzero_duration)]
+    pub redis_probe_interval: Duration,
+
+    /// A probe not received back within this is a dead subscriber: reconnect
+    #[arg(long, env = "WSRELAY_REDIS_PROBE_TIMEOUT", value_name = "DURATION", default_value = "3s", value_parser = nonzero_duration)]
+    pub redis_probe_timeout: Duration,
+
+    /// Name of this node in logs and metrics [default: random]
+    #[arg(long, env = "WSRELAY_NODE_ID", value_name = "ID")]
+    pub node_id: Option<String>,
+
+    /// Log format
+    #[arg(long, env = "WSRELAY_LOG_FORMAT", value_name = "FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log level or tracing filter directives, e.g. `info` or `wsrelay=debug`
+    #[arg(long, env = "WSRELAY_LOG_LEVEL", value_name = "FILTER", default_value = "info")]
+    pub log_level: String,
+
+    /// Largest frame a client may send, in bytes (at most 16 MiB); larger closes with 1009
+    #[arg(long, env = "WSRELAY_MAX_MESSAGE_BYTES", value_name = "BYTES", default_value = "65536", value_parser = count(1, 16 << 20))]
+    pub max_message_bytes: usize,
+
+    /// Most concurrent WebSocket sessions; more are refused with 503
+    #[arg(long, env = "WSRELAY_MAX_CONNECTIONS", value_name = "N", default_value = "10000", value_parser = count(1, 10_000_000))]
+    pub max_connections: usize,
+
+    /// Most channels one connection may subscribe to
+    #[arg(long, env = "WSRELAY_MAX_SUBSCRIPTIONS", value_name = "N", default_value = "128", value_parser = count(1, 100_000))]
+    pub max_subscriptions: usize,
+
+    /// Outbound messages queued per connection; a full queue closes it with 1013
+    #[arg(long, env = "WSRELAY_CLIENT_QUEUE", value_name = "N", default_value = "1024", value_parser = count(1, 1_000_000))]
+    pub client_queue: usize,
+
+    /// Frames per second a client may send, 0 for no limit
+    #[arg(long, env = "WSRELAY_CLIENT_RATE", value_name = "PER_SECOND", default_value = "100", value_parser = rate(1_000_000))]
+    pub client_rate: u32,
+
+    /// Frames a client may send in a burst above --client-rate [default: 2 × client-rate]
+    #[arg(long, env = "WSRELAY_CLIENT_BURST", value_name = "N", value_parser = rate(1_000_000))]
+    pub client_burst: Option<u32>,
+
+    /// WebSocket ping sent to each client this often; keep below proxies' idle timeouts
+    #[arg(long, env = "WSRELAY_PING_INTERVAL", value_name = "DURATION", default_value = "25s", value_parser = nonzero_duration)]
+    pub ping_interval: Duration,
+
+    /// A client silent (no frame, no pong) for this long is closed
+    #[arg(long, env = "WSRELAY_IDLE_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = nonzero_duration)]
+    pub idle_timeout: Duration,
+
+    /// Time allowed for a client to send its request headers and finish the upgrade
+    #[arg(long, env = "WSRELAY_HANDSHAKE_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = nonzero_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Longest wait for the app's response headers before 504
+    #[arg(long, env = "WSRELAY_UPSTREAM_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = nonzero_duration)]
+    pub upstream_timeout: Duration,
+
+    /// Longest wait to connect to the app before 502
+    #[arg(long, env = "WSRELAY_UPSTREAM_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "5s", value_parser = nonzero_duration)]
+    pub upstream_connect_timeout: Duration,
+
+    /// Idle pooled connections to the app are closed after this; keep it below the app's keep-alive
+    #[arg(long, env = "WSRELAY_UPSTREAM_IDLE_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = nonzero_duration)]
+    pub upstream_idle_timeout: Duration,
+
+    /// On SIGTERM, keep serving this long (readyz 503, upgrades refused) before closing clients,
+    /// while load balancers take the replica out
+    #[arg(long, env = "WSRELAY_SHUTDOWN_DELAY", value_name = "DURATION", default_value = "0s", value_parser = duration)]
+    pub shutdown_delay: Duration,
+
+    /// On SIGTERM, the window over which clients are closed and requests finish
+    #[arg(long, env = "WSRELAY_DRAIN_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = nonzero_duration)]
+    pub drain_timeout: Duration,
+
+    /// App path called (POST) to authorize each WebSocket connection
+    #[arg(long, env = "WSRELAY_CONNECT_HOOK", value_name = "PATH")]
+    pub connect_hook: Option<String>,
+
+    /// App path asked (POST) about subscriptions in namespaces with `subscribe = "hook"`
+    #[arg(long, env = "WSRELAY_SUBSCRIBE_HOOK", value_name = "PATH")]
+    pub subscribe_hook: Option<String>,
+
+    /// App path asked (POST) about client publishes in namespaces with `publish = "hook"`
+    #[arg(long, env = "WSRELAY_PUBLISH_HOOK", value_name = "PATH")]
+    pub publish_hook: Option<String>,
+
+    /// App path that receives clients' `send` frames (POST); its JSON answer is the reply
+    #[arg(long, env = "WSRELAY_MESSAGE_HOOK", value_name = "PATH")]
+    pub message_hook: Option<String>,
+
+    /// App path told (POST, best effort) when a client disconnects
+    #[arg(long, env = "WSRELAY_DISCONNECT_HOOK", value_name = "PATH")]
+    pub disconnect_hook: Option<String>,
+
+    /// Sent to every hook as `X-Wsrelay-Hook-Secret`, for apps reachable other than through wsrelay
+    #[arg(long, env = "WSRELAY_HOOK_SECRET", value_name = "SECRET", hide_env_values = true)]
+    pub hook_secret: Option<Secret>,
+
+    /// Longest wait for any hook's answer; a late hook fails closed
+    #[arg(long, env = "WSRELAY_HOOK_TIMEOUT", value_name = "DURATION", default_value = "5s", value_parser = nonzero_duration)]
+    pub hook_timeout: Duration,
+
+    /// Most hook requests in flight at once; more wait their turn within --hook-timeout
+    #[arg(long, env = "WSRELAY_HOOK_CONCURRENCY", value_name = "N", default_value = "64", value_parser = count(1, 10_000))]
+    pub hook_concurrency: usize,
+
+    /// Disconnect notifications queued for the disconnect hook; overflow is dropped and counted
+    #[arg(long, env = "WSRELAY_DISCONNECT_HOOK_QUEUE", value_name = "N", default_value = "1024", value_parser = count(1, 1_000_000))]
+    pub disconnect_hook_queue: usize,
+
+    /// HS256 secret that signs client JWTs
+    #[arg(long, env = "WSRELAY_JWT_SECRET", value_name = "SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<Secret>,
+
+    /// PEM file with the RSA or EC public key that verifies client JWTs (RS256 / ES256)
+    #[arg(long, env = "WSRELAY_JWT_PUBLIC_KEY", value_name = "FILE")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// Accepted JWT `aud` values; repeatable. Unset: `aud` is not checked
+    #[arg(long, env = "WSRELAY_JWT_AUDIENCE", value_name = "AUD", value_delimiter = ',')]
+    pub jwt_audience: Vec<String>,
+
+    /// Accepted JWT `iss` values; repeatable. Unset: `iss` is not checked
+    #[arg(long, env = "WSRELAY_JWT_ISSUER", value_name = "ISS", value_delimiter = ',')]
+    pub jwt_issuer: Vec<String>,
+
+    /// Origin allowed to open WebSockets (scheme://host[:port]); repeatable; `*` allows all
+    /// [default: same host as the request]
+    #[arg(long, env = "WSRELAY_ALLOWED_ORIGIN", value_name = "ORIGIN", value_delimiter = ',')]
+    pub allowed_origin: Vec<String>,
+}

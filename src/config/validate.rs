@@ -1,0 +1,299 @@
+//! The rules that span several options (or need more than a parser), and
+//! the building of [`Config`]. Single values were range-checked where they
+//! were declared ([`super::options`]).
+
+use std::path::PathBuf;
+
+use super::keys::{JwtKey, Secret};
+use super::options::Options;
+use super::policy::{self, NamespaceTables, Policy};
+use super::{AuthConfig, BrokerConfig, Config, ConfigError, ProxyConfig, SessionConfig, random_id};
+
+pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config, ConfigError> {
+    let upstream = parse_upstream(&o.upstream)?;
+    for p in &o.ws_path {
+        if !p.starts_with('/') || p.contains(['?', '#', ' ']) {
+            return Err(ConfigError::new("ws-path", format!("{p:?} must be a path starting with '/'")));
+        }
+    }
+    let api_token = nonempty(o.api_token);
+    if !o.admin_listen.ip().is_loopback() && api_token.is_none() {
+        return Err(ConfigError::new(
+            "api-token",
+            format!(
+                "required when admin-listen ({}) is not a loopback address: the API can publish to every client",
+                o.admin_listen
+            ),
+        ));
+    }
+    if o.idle_timeout <= o.ping_interval {
+        return Err(ConfigError::new(
+            "idle-timeout",
+            format!(
+                "must be longer than ping-interval ({:?}) or idle clients answering pings would be closed",
+                o.ping_interval
+            ),
+        ));
+    }
+    let client_burst = o.client_burst.unwrap_or(o.client_rate.saturating_mul(2).max(1));
+    if o.client_rate > 0 && client_burst == 0 {
+        return Err(ConfigError::new("client-burst", "must be at least 1 when client-rate is set"));
+    }
+    let session = SessionConfig {
+        ws_paths: o.ws_path,
+        max_message_bytes: o.max_message_bytes,
+        max_connections: o.max_connections,
+        max_subscriptions: o.max_subscriptions,
+        client_queue: o.client_queue,
+        client_rate: o.client_rate,
+        client_burst,
+        ping_interval: o.ping_interval,
+        idle_timeout: o.idle_timeout,
+        handshake_timeout: o.handshake_timeout,
+    };
+    let proxy = ProxyConfig {
+        upstream,
+        timeout: o.upstream_timeout,
+        connect_timeout: o.upstream_connect_timeout,
+        idle_timeout: o.upstream_idle_timeout,
+    };
+
+    let node_id = match o.node_id {
+        Some(id) => {
+            if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+                return Err(ConfigError::new("node-id", "must be 1-64 characters of [A-Za-z0-9._-]"));
+            }
+            id
+        }
+        None => random_id(8),
+    };
+
+    let broker = BrokerConfig {
+        redis_url: nonempty(o.redis_url).map(validate_redis_url).transpose()?,
+        prefix: o.redis_prefix,
+        timeout: o.redis_timeout,
+        probe_interval: o.redis_probe_interval,
+        probe_timeout: o.redis_probe_timeout,
+    };
+    if broker.prefix.contains(char::is_whitespace) {
+        return Err(ConfigError::new("redis-prefix", "must not contain whitespace"));
+    }
+
+    if o.shutdown_delay >= o.drain_timeout {
+        return Err(ConfigError::new(
+            "shutdown-delay",
+            format!("must be shorter than drain-timeout ({:?}), which bounds the whole drain", o.drain_timeout),
+        ));
+    }
+    if tracing_subscriber::EnvFilter::try_new(&o.log_level).is_err() {
+        return Err(ConfigError::new(
+            "log-level",
+            format!("{:?} is not a level (error, warn, info, debug, trace) or filter directive", o.log_level),
+        ));
+    }
+
+    let (namespaces, default_namespace) = policy::rules(namespaces)?;
+    let auth = AuthConfig {
+        connect_hook: hook_path("connect-hook", o.connect_hook)?,
+        subscribe_hook: hook_path("subscribe-hook", o.subscribe_hook)?,
+        publish_hook: hook_path("publish-hook", o.publish_hook)?,
+        message_hook: hook_path("message-hook", o.message_hook)?,
+        disconnect_hook: hook_path("disconnect-hook", o.disconnect_hook)?,
+        hook_secret: nonempty(o.hook_secret),
+        hook_timeout: o.hook_timeout,
+        hook_concurrency: o.hook_concurrency,
+        disconnect_hook_queue: o.disconnect_hook_queue,
+        jwt: jwt_key(nonempty(o.jwt_secret), o.jwt_public_key)?.map(|k| k.with_claims(&o.jwt_audience, &o.jwt_issuer)),
+        allowed_origins: validate_origins(o.allowed_origin)?,
+        namespaces,
+        default_namespace,
+    };
+    check_hooks_for_policies(&auth)?;
+
+    Ok(Config {
+        listen: o.listen,
+        admin_listen: o.admin_listen,
+        api_token,
+        node_id,
+        log_format: o.log_format,
+        log_level: o.log_level,
+        drain_timeout: o.drain_timeout,
+        shutdown_delay: o.shutdown_delay,
+        session,
+        proxy,
+        broker,
+        auth,
+    })
+}
+
+/// An empty secret (e.g. `WSRELAY_API_TOKEN=`) is no secret.
+fn nonempty(s: Option<Secret>) -> Option<Secret> {
+    s.filter(|s| !s.expose().is_empty())
+}
+
+fn parse_upstream(s: &str) -> Result<http::Uri, ConfigError> {
+    let uri: http::Uri = s.parse().map_err(|e| ConfigError::new("upstream", format!("{s:?} is not a URL: {e}")))?;
+    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        return Err(ConfigError::new(
+            "upstream",
+            format!("{s:?} must be an http:// URL with a host (the app beside the sidecar)"),
+        ));
+    }
+    if uri.path() != "/" && !uri.path().is_empty() {
+        return Err(ConfigError::new("upstream", format!("{s:?} must not have a path")));
+    }
+    Ok(uri)
+}
+
+fn validate_redis_url(url: Secret) -> Result<Secret, ConfigError> {
+    let s = url.expose();
+    if !(s.starts_with("redis://") || s.starts_with("rediss://")) {
+        return Err(ConfigError::new("redis-url", "must start with redis:// or rediss://"));
+    }
+    redis::Client::open(s).map_err(|e| ConfigError::new("redis-url", format!("not a valid Redis URL: {e}")))?;
+    Ok(url)
+}
+
+fn hook_path(key: &str, v: Option<String>) -> Result<Option<String>, ConfigError> {
+    match v {
+        None => Ok(None),
+        Some(p) if p.is_empty() => Ok(None),
+        Some(p) if p.starts_with('/') && p.parse::<http::uri::PathAndQuery>().is_ok() => Ok(Some(p)),
+        Some(p) => Err(ConfigError::new(key, format!("{p:?} must be a path on the upstream starting with '/'"))),
+    }
+}
+
+fn jwt_key(secret: Option<Secret>, public_key: Option<PathBuf>) -> Result<Option<JwtKey>, ConfigError> {
+    match (secret, public_key) {
+        (Some(_), Some(_)) => Err(ConfigError::new(
+            "jwt-public-key",
+            "set either jwt-secret (HS256) or jwt-public-key (RS256/ES256), not both",
+        )),
+        (Some(s), None) => Ok(Some(JwtKey::hs256(&s))),
+        (None, Some(path)) => {
+            let pem = std::fs::read(&path)
+                .map_err(|e| ConfigError::new("jwt-public-key", format!("cannot read {}: {e}", path.display())))?;
+            JwtKey::from_public_pem(&pem)
+                .map(Some)
+                .map_err(|e| ConfigError::new("jwt-public-key", format!("{}: {e}", path.display())))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+fn validate_origins(origins: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    for o in &origins {
+        if o == "*" {
+            continue;
+        }
+        let ok = o
+            .parse::<http::Uri>()
+            .ok()
+            .is_some_and(|u| u.scheme().is_some() && u.authority().is_some() && matches!(u.path(), "" | "/"));
+        if !ok {
+            return Err(ConfigError::new(
+                "allowed-origin",
+                format!("{o:?} must be `*` or an origin like https://app.example.com"),
+            ));
+        }
+    }
+    Ok(origins.into_iter().map(|o| o.trim_end_matches('/').to_ascii_lowercase()).collect())
+}
+
+/// A `hook` policy without its hook path would deny everything: refuse it.
+fn check_hooks_for_policies(auth: &AuthConfig) -> Result<(), ConfigError> {
+    let rules = auth.namespaces.iter().chain(std::iter::once(&auth.default_namespace));
+    for r in rules {
+        if r.subscribe == Policy::Hook && auth.subscribe_hook.is_none() {
+            return Err(ConfigError::new(
+                "subscribe-hook",
+                format!("required: namespace {:?} has subscribe = \"hook\"", r.prefix),
+            ));
+        }
+        if r.publish == Policy::Hook && auth.publish_hook.is_none() {
+            return Err(ConfigError::new(
+                "publish-hook",
+                format!("required: namespace {:?} has publish = \"hook\"", r.prefix),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::super::{Config, LoadError, load};
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    fn file_error(text: &str) -> super::ConfigError {
+        let f = file(text);
+        match load(["wsrelay", "--config", f.path().to_str().unwrap()]) {
+            Err(LoadError::Config(e)) => e,
+            Err(LoadError::Cli(e)) => panic!("expected a config error, got {e}"),
+            Ok(_) => panic!("expected {text:?} to be refused"),
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        assert_eq!(file_error("listen = \"127.0.0.1:1\"\nmax-mesage-bytes = 3\n").key, "max-mesage-bytes");
+        assert_eq!(file_error("check-config = true\n").key, "check-config");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        assert_eq!(file_error("ping-interval = \"soon\"\n").key, "ping-interval");
+        assert_eq!(file_error("max-connections = \"lots\"\n").key, "max-connections");
+        assert_eq!(file_error("hook-concurrency = 100000000\n").key, "hook-concurrency");
+        assert_eq!(file_error("[[namespace]]\nprefix = \"a:\"\nsubscribe = \"maybe\"\n").key, "namespace[0].subscribe");
+        let e = file_error("drain-timeout = \"100000000s\"\n");
+        assert_eq!(e.key, "drain-timeout");
+        assert!(e.message.contains("24h"), "{}", e.message);
+    }
+
+    #[test]
+    fn flag_beats_env_beats_file_beats_default() {
+        let f = file("client-queue = 7\nmax-subscriptions = 9\nws-path = [\"/a\", \"/b\"]\n");
+        let path = f.path().to_str().unwrap();
+        let cfg = Config::from_args(["wsrelay", "--config", path, "--client-queue", "5"]).unwrap();
+        assert_eq!(cfg.session.client_queue, 5);
+        assert_eq!(cfg.session.max_subscriptions, 9);
+        assert_eq!(cfg.session.max_message_bytes, 65_536);
+        assert_eq!(cfg.session.ws_paths, ["/a", "/b"]);
+    }
+
+    #[test]
+    fn admin_on_public_address_needs_token() {
+        let err = Config::from_args(["wsrelay", "--admin-listen", "0.0.0.0:9000"]).unwrap_err();
+        assert_eq!(err.key, "api-token");
+        assert!(Config::from_args(["wsrelay", "--admin-listen", "0.0.0.0:9000", "--api-token", "t"]).is_ok());
+    }
+
+    #[test]
+    fn numbers_are_range_checked() {
+        for args in [
+            ["--hook-concurrency", "18446744073709551615"],
+            ["--max-connections", "0"],
+            ["--max-message-bytes", "999999999"],
+            ["--ping-interval", "0s"],
+        ] {
+            let err = Config::from_args(["wsrelay", args[0], args[1]]).unwrap_err();
+            assert!(err.message.contains(args[0]), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let cfg =
+            Config::from_args(["wsrelay", "--api-token", "hunter2", "--redis-url", "redis://:pw@localhost/"]).unwrap();
+        let dbg = format!("{cfg:?}");
+        assert!(!dbg.contains("hunter2") && !dbg.contains("pw@"), "{dbg}");
+    }
+}

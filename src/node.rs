@@ -1,0 +1,149 @@
+//! The node: everything one sidecar's sessions, API and proxy share — the
+//! configuration, metrics, hub, broker, authorization and proxy — plus the
+//! few operations that belong to no single one of them: the one publish
+//! path (used by the admin API and by client publishes alike), connection
+//! slots, the drain schedule and the hook-path guard.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Auth;
+use crate::broker::Broker;
+use crate::channel::Channel;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::hub::{Hub, now_us};
+use crate::metrics::Metrics;
+use crate::protocol::Message;
+use crate::proxy::Proxy;
+use crate::upstream::normalized_path;
+
+/// Who published a message: the `source` label of
+/// `wsrelay_messages_published_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The app, through `POST /api/publish`.
+    Api,
+    /// A client's `publish` frame.
+    Client,
+}
+
+pub struct Node {
+    pub cfg: Config,
+    pub metrics: Arc<Metrics>,
+    pub hub: Arc<Hub>,
+    pub broker: Broker,
+    pub auth: Auth,
+    pub proxy: Proxy,
+    /// Cancelled on SIGTERM: readyz turns 503, upgrades are refused,
+    /// sessions close.
+    pub drain: CancellationToken,
+    /// Every session task, so the drain can wait for them.
+    pub sessions: TaskTracker,
+    /// `--max-connections` permits; a session holds one for its life.
+    slots: Arc<Semaphore>,
+    /// Hook paths, normalized once (see [`is_hook_path`](Self::is_hook_path)).
+    hook_paths: Vec<String>,
+}
+
+/// A connection slot under `--max-connections`; given back when dropped,
+/// whichever way the session ends.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.metrics.connections.dec();
+    }
+}
+
+impl Node {
+    pub fn new(cfg: Config, metrics: Arc<Metrics>, hub: Arc<Hub>, broker: Broker, auth: Auth, proxy: Proxy) -> Self {
+        let hook_paths = cfg.auth.hook_paths().map(normalized_path).filter(|h| h != "/").collect();
+        let slots = Arc::new(Semaphore::new(cfg.session.max_connections));
+        Node {
+            cfg,
+            metrics,
+            hub,
+            broker,
+            auth,
+            proxy,
+            drain: CancellationToken::new(),
+            sessions: TaskTracker::new(),
+            slots,
+            hook_paths,
+        }
+    }
+
+    /// Takes a connection slot, or None at `--max-connections`.
+    pub fn take_slot(&self) -> Option<Slot> {
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        self.metrics.connections.inc();
+        Some(Slot { _permit: permit, metrics: self.metrics.clone() })
+    }
+
+    fn open_sessions(&self) -> usize {
+        self.cfg.session.max_connections.saturating_sub(self.slots.available_permits())
+    }
+
+    /// When a session closes after the drain starts: after `--shutdown-delay`,
+    /// spread over 2 ms per open session, within 80 % of what is left of
+    /// `--drain-timeout`, so a full replica does not send every client
+    /// reconnecting at the same instant.
+    pub fn drain_delay(&self) -> Duration {
+        use rand::RngExt;
+        let n = u32::try_from(self.open_sessions()).unwrap_or(u32::MAX);
+        let room = self.cfg.drain_timeout.saturating_sub(self.cfg.shutdown_delay).mul_f64(0.8);
+        let window = Duration::from_millis(2).saturating_mul(n).min(room);
+        if window.is_zero() {
+            return self.cfg.shutdown_delay;
+        }
+        self.cfg.shutdown_delay + rand::rng().random_range(Duration::ZERO..window)
+    }
+
+    /// Whether a client request would reach a hook: the hook paths and
+    /// everything starting with them, however spelled (case, `%`-escapes,
+    /// `//`, `..`, trailing `/` or `.json`).
+    pub fn is_hook_path(&self, path: &str) -> bool {
+        if self.hook_paths.is_empty() {
+            return false;
+        }
+        let path = normalized_path(path);
+        self.hook_paths.iter().any(|h| path.starts_with(h.as_str()))
+    }
+
+    /// Publishes `data` to `channels`: the one publish path. The message is
+    /// built once (the data copied once, shared by every channel of a
+    /// broadcast), stamped, handed to the broker, and counted once the
+    /// broker has it. Fails with `unavailable` when the broker does not
+    /// take it: never reported as done when it was not.
+    pub async fn publish(
+        &self,
+        channels: Vec<Channel>,
+        data: &RawValue,
+        exclude: Option<&str>,
+        source: Source,
+    ) -> Result<(), ApiError> {
+        let data = Utf8Bytes::from(data.get().to_owned());
+        let published_us = now_us();
+        let n = channels.len() as u64;
+        let messages = channels
+            .into_iter()
+            .map(|c| Arc::new(Message::new(c, data.clone(), exclude.map(Into::into), published_us)))
+            .collect();
+        self.broker.publish(messages).await?;
+        match source {
+            Source::Api => self.metrics.published_api.inc_by(n),
+            Source::Client => self.metrics.published_client.inc_by(n),
+        }
+        Ok(())
+    }
+}
