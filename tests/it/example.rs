@@ -1,12 +1,13 @@
 //! The README's example app (examples/app.py, Python standard library only)
 //! behind a real wsrelay: every hook it implements does what the README says.
 
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
 use http::StatusCode;
 use serde_json::json;
 
-use crate::common::{Relay, STEP, eventually, ws_connect_with};
+use crate::common::{Relay, ws_connect_with};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -21,24 +22,31 @@ impl Drop for App {
 
 #[tokio::test]
 async fn the_python_example_app_works_behind_wsrelay() {
-    // Admin port first, so the app knows where to publish.
-    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let app_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let _app = App(Command::new("python3")
+    // The admin listener first (bound and kept), so the app knows where to
+    // publish; the app binds port 0 itself and says which port it got.
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_port = admin.local_addr().unwrap().port();
+    let mut child = Command::new("python3")
         .arg(format!("{ROOT}/examples/app.py"))
-        .args(["--port", &app_port.to_string(), "--admin", &format!("http://127.0.0.1:{admin}")])
+        .args(["--port", "0", "--admin", &format!("http://127.0.0.1:{admin_port}")])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
-        .expect("python3 runs"));
+        .expect("python3 runs");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let _app = App(child);
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let app_port: u16 = line
+        .trim()
+        .strip_prefix("app listening on 127.0.0.1:")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("the app did not say its port: {line:?}"));
+    // Keep reading its log so it never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
     let upstream = format!("http://127.0.0.1:{app_port}");
-    eventually(STEP, "the app is up", || {
-        let url = format!("{upstream}/health");
-        async move { crate::common::try_request(http::Method::GET, &url, None, &[]).await.is_ok() }
-    })
-    .await;
     let config = format!("{ROOT}/examples/wsrelay.toml");
-    let relay = Relay::start_on_admin_port(&upstream, &["--config", &config], admin).await;
+    let relay = Relay::start_with_admin(&upstream, &["--config", &config], admin).await;
 
     let url = relay.ws_url("/ws");
     assert_eq!(ws_connect_with(&url, &[]).await.err(), Some(StatusCode::UNAUTHORIZED), "no session cookie");

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod api;
+mod arch;
 mod auth;
 mod cluster;
 mod common;

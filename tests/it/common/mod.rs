@@ -42,17 +42,18 @@ pub struct Relay {
 impl Relay {
     /// Starts wsrelay with `--upstream <upstream>` and `args`.
     pub async fn start(upstream: &str, args: &[&str]) -> Relay {
-        Self::start_on_admin_port(upstream, args, 0).await
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_with_admin(upstream, args, admin).await
     }
 
-    /// As `start`, with the admin listener on a given port (0: any).
-    pub async fn start_on_admin_port(upstream: &str, args: &[&str], admin_port: u16) -> Relay {
+    /// As `start`, on an admin listener the caller bound (and kept, so no
+    /// other test can take its port meanwhile).
+    pub async fn start_with_admin(upstream: &str, args: &[&str], admin: TcpListener) -> Relay {
         let mut argv = vec!["wsrelay", "--upstream", upstream];
         argv.extend_from_slice(args);
         init_log();
         let config = wsrelay::config::Config::from_args(argv).expect("valid test config");
         let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin = TcpListener::bind(("127.0.0.1", admin_port)).await.unwrap();
         let (public_addr, admin_addr) = (public.local_addr().unwrap(), admin.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {

@@ -1,0 +1,131 @@
+//! The module graph: dependencies between top-level modules of `src/` point
+//! one way, down the layers below. The test reads every `crate::<module>`
+//! path in the sources; a new edge upward, a cycle, or a module missing
+//! from the list fails it (add a new module to the layer it belongs to).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// Lowest first. A module may name modules of its own layer or below.
+const LAYERS: &[&[&str]] = &[
+    &["error", "channel"],
+    &["config", "metrics"],
+    &["protocol"],
+    &["hub"],
+    &["broker"],
+    &["body", "upstream"],
+    &["auth", "proxy"],
+    &["node"],
+    &["session", "admin"],
+    &["server"],
+];
+
+fn layer(module: &str) -> Option<usize> {
+    LAYERS.iter().position(|l| l.contains(&module))
+}
+
+/// module → the top-level modules its files name through `crate::`.
+fn edges() -> BTreeMap<String, BTreeSet<String>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut files = vec![];
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
+        if path.is_dir() {
+            for f in std::fs::read_dir(&path).unwrap() {
+                files.push((name.clone(), f.unwrap().path()));
+            }
+        } else if name != "lib" && name != "main" {
+            files.push((name, path));
+        }
+    }
+    for (module, file) in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        // Comments (doc links included) are not dependencies.
+        let code: String = text.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n");
+        let text = code;
+        let deps = graph.entry(module.clone()).or_default();
+        for (i, _) in text.match_indices("crate::") {
+            // `crate::{a, b}` names several at once.
+            let rest = &text[i + "crate::".len()..];
+            let names: Vec<&str> = match rest.strip_prefix('{') {
+                Some(group) => group[..group.find('}').unwrap()].split(',').collect(),
+                None => vec![rest],
+            };
+            for n in names {
+                let n = n.trim();
+                let end = n.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(n.len());
+                let dep = &n[..end];
+                if !dep.is_empty() && dep != module {
+                    deps.insert(dep.to_owned());
+                }
+            }
+        }
+    }
+    graph
+}
+
+#[test]
+fn module_dependencies_point_down_the_layers() {
+    let graph = edges();
+    assert!(graph.len() >= 15, "read too few modules: {graph:?}");
+    let mut wrong = vec![];
+    for (module, deps) in &graph {
+        let Some(own) = layer(module) else {
+            wrong.push(format!("{module} is in no layer of tests/it/arch.rs"));
+            continue;
+        };
+        for dep in deps {
+            match layer(dep) {
+                None => wrong.push(format!("{module} names crate::{dep}, which is in no layer")),
+                Some(l) if l > own => wrong.push(format!("{module} (layer {own}) names {dep} (layer {l}): upward")),
+                Some(_) => {}
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn no_cycle_between_top_level_modules() {
+    let graph = edges();
+    // Depth-first search for a back edge; reports the cycle it finds.
+    fn visit<'a>(
+        m: &'a str,
+        graph: &'a BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<&'a str>,
+        done: &mut BTreeSet<&'a str>,
+    ) -> Option<String> {
+        if let Some(i) = path.iter().position(|p| *p == m) {
+            return Some(format!("{} -> {m}", path[i..].join(" -> ")));
+        }
+        if !done.insert(m) {
+            return None;
+        }
+        path.push(m);
+        for d in graph.get(m).into_iter().flatten() {
+            if let Some(c) = visit(d, graph, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        None
+    }
+    let mut done = BTreeSet::new();
+    for m in graph.keys() {
+        let mut path = vec![];
+        if let Some(cycle) = visit(m, &graph, &mut path, &mut done) {
+            panic!("import cycle: {cycle}");
+        }
+    }
+}
+
+#[test]
+fn the_checker_reads_real_edges() {
+    // The graph as read has real edges (so the checks above can fail).
+    let graph = edges();
+    assert!(graph["server"].contains("session"), "{:?}", graph["server"]);
+    assert!(graph["hub"].contains("protocol"), "{:?}", graph["hub"]);
+    assert!(!graph["hub"].contains("broker"), "the hub must not know the broker");
+}
