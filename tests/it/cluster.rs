@@ -2,8 +2,6 @@
 //! subscribe-only-what-is-needed, Redis outages, killed and silently dead
 //! subscriber connections, prefixes.
 
-use std::time::Duration;
-
 use http::{Method, StatusCode};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
