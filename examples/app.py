@@ -26,6 +26,7 @@ ROOMS = {"room:lobby": {"alice", "bob"}, "room:staff": {"alice"}}
 
 ADMIN = "http://127.0.0.1:8081"
 API_TOKEN = ""
+HOOK_SECRET = ""
 
 PAGE = b"""<!doctype html><meta charset=utf-8><title>wsrelay demo</title>
 <pre id=log></pre><script>
@@ -129,6 +130,15 @@ class App(BaseHTTPRequestHandler):
             "/internal/ws/disconnect": self.disconnect_hook,
         }
         if url.path in hooks:
+            # Only wsrelay calls hooks: it sets X-Wsrelay-Hook (and strips any
+            # x-wsrelay-* header a client sends through it), and with
+            # --hook-secret also X-Wsrelay-Hook-Secret. Refuse anything else,
+            # so a client that reaches the app some other way (or through a
+            # path spelling a router reads differently) cannot forge a user.
+            if self.headers.get("x-wsrelay-hook") is None:
+                return self.reply(403, {"error": "hooks are called by wsrelay only"})
+            if HOOK_SECRET and self.headers.get("x-wsrelay-hook-secret") != HOOK_SECRET:
+                return self.reply(403, {"error": "bad hook secret"})
             return hooks[url.path]()
         if url.path == "/notify":
             user = parse_qs(url.query).get("user", [""])[0]
@@ -144,13 +154,14 @@ class App(BaseHTTPRequestHandler):
 
 
 def main():
-    global ADMIN, API_TOKEN
+    global ADMIN, API_TOKEN, HOOK_SECRET
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--admin", default=ADMIN, help="wsrelay's admin listener")
     p.add_argument("--api-token", default="")
+    p.add_argument("--hook-secret", default="", help="the same value as wsrelay's --hook-secret")
     args = p.parse_args()
-    ADMIN, API_TOKEN = args.admin, args.api_token
+    ADMIN, API_TOKEN, HOOK_SECRET = args.admin, args.api_token, args.hook_secret
     server = ThreadingHTTPServer(("127.0.0.1", args.port), App)
     print(f"app listening on 127.0.0.1:{server.server_port}", file=sys.stderr, flush=True)
     server.serve_forever()

@@ -17,6 +17,7 @@ use crate::channel::Channel;
 use crate::error::{ApiError, ErrorCode};
 use crate::hub::DisconnectTarget;
 use crate::node::{Node, Source};
+use crate::protocol::check_depth;
 
 /// Channels one broadcast may name at most.
 pub const MAX_BROADCAST: usize = 1000;
@@ -33,7 +34,7 @@ pub(crate) async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<
             r
         }
         (_, p) if p.starts_with("/api/") => {
-            if let Err(e) = check_token(&node, &req) {
+            if let Err(e) = check_token(&node, &req).and_then(|()| check_json(&req)) {
                 return json_error(&node, &e);
             }
             let result = match (req.method(), p) {
@@ -91,6 +92,22 @@ fn check_token(node: &Node, req: &Request<Incoming>) -> Result<(), ApiError> {
     }
 }
 
+/// A POST must say it carries JSON. A browser can send a "simple"
+/// cross-site POST (text/plain, form data) to a loopback admin listener
+/// without any preflight; it cannot send `application/json` without one.
+fn check_json(req: &Request<Incoming>) -> Result<(), ApiError> {
+    if req.method() != Method::POST {
+        return Ok(());
+    }
+    let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    if mime.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(ApiError::new(ErrorCode::UnsupportedMediaType, "send the body as Content-Type: application/json"))
+    }
+}
+
 fn json(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
     let mut r = Response::new(full(body.to_string()));
     *r.status_mut() = status;
@@ -138,6 +155,7 @@ async fn publish(node: &Node, req: Request<Incoming>) -> Result<serde_json::Valu
     let max = node.cfg.session.max_message_bytes;
     let body: PublishBody = read_json(req, max + 64 * 1024).await?;
     let data = body.data.ok_or_else(|| ApiError::bad_request("missing field \"data\""))?;
+    check_depth(data.get())?;
     if data.get().len() > max {
         return Err(ApiError::new(
             ErrorCode::TooLarge,

@@ -66,6 +66,8 @@ pub enum ErrorCode {
     LimitExceeded,
     /// An operation this build or configuration does not offer.
     NotSupported,
+    /// Admin API: a body that is not declared as JSON.
+    UnsupportedMediaType,
     /// The broker (or a hook the operation depends on) is unreachable.
     Unavailable,
     Internal,
@@ -82,6 +84,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::NotSupported => "not_supported",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
@@ -96,6 +99,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::RateLimited | ErrorCode::LimitExceeded => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::NotSupported => StatusCode::NOT_IMPLEMENTED,
+            ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -56,7 +56,7 @@ use crate::auth::Auth;
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::error::CloseReason;
-use crate::hub::{Hub, Interest};
+use crate::hub::{Hub, HubLimits, Interest};
 use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::proxy::Proxy;
@@ -84,7 +84,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let node_span = tracing::info_span!("node", node = %config.node_id);
     let metrics = Arc::new(Metrics::new(&config.node_id)?);
     let interest = Broker::needs_interest(&config.broker).then(|| Arc::new(Interest::default()));
-    let hub = Arc::new(Hub::new(interest.clone(), metrics.clone()));
+    let limits =
+        HubLimits { channels: config.session.max_channels, subscriptions: config.session.max_node_subscriptions };
+    let hub = Arc::new(Hub::new(interest.clone(), metrics.clone(), limits));
     let background = CancellationToken::new();
     let broker = node_span.in_scope(|| {
         Broker::start(&config.broker, &config.node_id, hub.clone(), interest, metrics.clone(), background.clone())
@@ -97,8 +99,13 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let public_addr = listeners.public.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
     let drain_timeout = config.drain_timeout;
-    let handshake_timeout = config.session.handshake_timeout;
-    let builder = server::builder(handshake_timeout);
+    let builder = server::builder(config.server.handshake_timeout);
+    let public_limits = server::Limits {
+        connections: config.server.max_http_connections,
+        first_request: config.server.handshake_timeout,
+        idle: config.server.http_idle_timeout,
+    };
+    let admin_limits = server::Limits { connections: config.server.max_admin_connections, ..public_limits };
     let node = Arc::new(Node::new(config, metrics, hub, broker, auth, proxy));
     info!(
         public = %public_addr,
@@ -115,7 +122,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         server::serve(
             listeners.public,
             builder.clone(),
-            handshake_timeout,
+            public_limits,
             move |req, remote| server::public(n.clone(), req, remote),
             stop_public.clone(),
         )
@@ -126,7 +133,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         server::serve(
             listeners.admin,
             builder,
-            handshake_timeout,
+            admin_limits,
             move |req, _| admin::handle(n.clone(), req),
             stop_admin.clone(),
         )
@@ -149,6 +156,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
             info!("drain timeout: in-flight requests cut");
         }
     }
+    // The app's own WebSockets (tunnels) go too: their clients reconnect elsewhere.
+    node.proxy.close_tunnels(Duration::from_secs(1)).await;
     // Sessions that outlived the window (stuck writes) are told once more.
     for s in node.hub.all_sessions() {
         s.kill(CloseReason::Shutdown);

@@ -34,6 +34,7 @@ pub struct Metrics {
     pub disconnect_hook_dropped: IntCounter,
     upstream_requests: IntCounterVec,
     pub upstream_seconds: Histogram,
+    pub tunnels: IntGauge,
     errors: [IntCounter; 4],
 }
 
@@ -125,6 +126,7 @@ impl Metrics {
                 &["status"],
             )?,
             upstream_seconds: r.histogram("upstream_seconds", "Time to the app's response headers")?,
+            tunnels: r.gauge("tunnels", "WebSockets on other paths tunnelled to the app")?,
             errors: {
                 let errors = r.counters(
                     "errors_total",

@@ -16,6 +16,8 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, warn};
 
 use crate::body::{Body, full, text};
@@ -27,8 +29,16 @@ pub struct Proxy {
     client: UpstreamClient,
     upstream: Uri,
     timeout: Duration,
+    min_upload_rate: usize,
+    tunnel_idle: Duration,
     metrics: Arc<Metrics>,
+    /// Every open tunnel, so the drain can close and wait for them.
+    tunnels: TaskTracker,
+    close_tunnels: CancellationToken,
 }
+
+/// Headers some routers take as the request's real path.
+const REWRITE_HEADERS: [&str; 2] = ["x-original-url", "x-rewrite-url"];
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -88,7 +98,24 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
 
 impl Proxy {
     pub fn new(cfg: &ProxyConfig, client: UpstreamClient, metrics: Arc<Metrics>) -> Self {
-        Proxy { client, upstream: cfg.upstream.clone(), timeout: cfg.timeout, metrics }
+        Proxy {
+            client,
+            upstream: cfg.upstream.clone(),
+            timeout: cfg.timeout,
+            min_upload_rate: cfg.min_upload_rate,
+            tunnel_idle: cfg.tunnel_idle_timeout,
+            metrics,
+            tunnels: TaskTracker::new(),
+            close_tunnels: CancellationToken::new(),
+        }
+    }
+
+    /// Closes every tunnel (the drain: the app's own WebSockets reconnect
+    /// to another replica) and waits for them, at most `within`.
+    pub async fn close_tunnels(&self, within: Duration) {
+        self.close_tunnels.cancel();
+        self.tunnels.close();
+        let _ = tokio::time::timeout(within, self.tunnels.wait()).await;
     }
 
     /// Forwards one request and returns the app's response (or 502/504).
@@ -115,9 +142,16 @@ impl Proxy {
         if upgrade {
             parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        // Hooks carry x-wsrelay-* headers; a client must not be able to forge them.
-        let ours: Vec<HeaderName> =
-            parts.headers.keys().filter(|k| k.as_str().starts_with("x-wsrelay-")).cloned().collect();
+        // Hooks carry x-wsrelay-* headers; a client must not be able to forge
+        // them. X-Original-URL / X-Rewrite-URL make some routers (IIS,
+        // Symfony, Spring) route by the header instead of the path: a way
+        // around the hook-path guard.
+        let ours: Vec<HeaderName> = parts
+            .headers
+            .keys()
+            .filter(|k| k.as_str().starts_with("x-wsrelay-") || REWRITE_HEADERS.contains(&k.as_str()))
+            .cloned()
+            .collect();
         for k in ours {
             parts.headers.remove(k);
         }
@@ -134,7 +168,7 @@ impl Proxy {
             Err(_) => return self.done(text(StatusCode::BAD_REQUEST, "bad request target"), started),
         };
         parts.version = Version::HTTP_11;
-        let progress = Arc::new(Progress::new());
+        let progress = Arc::new(Progress::new(self.min_upload_rate));
         let body = Watched { inner: body, progress: progress.clone() };
         let upstream_req = Request::from_parts(parts, body.boxed());
 
@@ -155,7 +189,8 @@ impl Proxy {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(down) = downstream_upgrade {
                 let up = hyper::upgrade::on(&mut resp);
-                tokio::spawn(tunnel(down, up).instrument(tracing::debug_span!("tunnel", remote.addr = %remote)));
+                let t = tunnel(down, up, self.tunnel_idle, self.close_tunnels.clone(), self.metrics.clone());
+                self.tunnels.spawn(t.instrument(tracing::debug_span!("tunnel", remote.addr = %remote)));
                 let (parts, _) = resp.into_parts();
                 return self.done(Response::from_parts(parts, full(Bytes::new())), started);
             }
@@ -165,16 +200,18 @@ impl Proxy {
     }
 
     /// Waits for the app's response headers. The clock starts again at every
-    /// chunk of request body the app reads: an upload that takes minutes is
-    /// fine while it moves, and a 504 comes `timeout` after the last progress.
+    /// chunk of request body the app reads, so an upload that takes minutes
+    /// is fine while it moves; but it must move at `--upstream-min-upload-rate`
+    /// on average, or a client trickling a byte now and then would hold the
+    /// request (and a connection to the app) forever.
     async fn with_deadline<F: std::future::Future>(&self, fut: F, progress: &Progress) -> Result<F::Output, ()> {
         tokio::pin!(fut);
         loop {
-            let deadline = progress.last() + self.timeout;
+            let deadline = progress.deadline(self.timeout);
             tokio::select! {
                 out = &mut fut => return Ok(out),
                 _ = tokio::time::sleep_until(deadline.into()) => {
-                    if progress.last() + self.timeout <= Instant::now() {
+                    if progress.deadline(self.timeout) <= Instant::now() {
                         return Err(());
                     }
                 }
@@ -188,23 +225,36 @@ impl Proxy {
     }
 }
 
-/// When a request body last moved toward the app.
+/// How a request body moves toward the app.
 struct Progress {
     base: Instant,
-    /// Nanoseconds after `base`.
+    min_rate: u64,
+    /// Nanoseconds after `base` of the last chunk.
     last: AtomicU64,
+    /// Bytes so far.
+    bytes: AtomicU64,
 }
 
 impl Progress {
-    fn new() -> Self {
-        Progress { base: Instant::now(), last: AtomicU64::new(0) }
+    fn new(min_rate: usize) -> Self {
+        Progress { base: Instant::now(), min_rate: min_rate as u64, last: AtomicU64::new(0), bytes: AtomicU64::new(0) }
     }
-    fn touch(&self) {
+
+    fn touch(&self, bytes: usize) {
         let n = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.last.store(n, Ordering::Release);
+        self.bytes.fetch_add(bytes as u64, Ordering::AcqRel);
     }
-    fn last(&self) -> Instant {
-        self.base + Duration::from_nanos(self.last.load(Ordering::Acquire))
+
+    /// `timeout` after the last progress, but no later than `timeout` plus
+    /// the time the bytes so far earn at the minimum rate.
+    fn deadline(&self, timeout: Duration) -> Instant {
+        let last = self.base + Duration::from_nanos(self.last.load(Ordering::Acquire)) + timeout;
+        if self.min_rate == 0 {
+            return last;
+        }
+        let earned = Duration::from_secs_f64(self.bytes.load(Ordering::Acquire) as f64 / self.min_rate as f64);
+        last.min(self.base + timeout + earned)
     }
 }
 
@@ -227,8 +277,12 @@ impl hyper::body::Body for Watched {
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
-        if polled.is_ready() {
-            this.progress.touch();
+        if let std::task::Poll::Ready(r) = &polled {
+            let n = match r {
+                Some(Ok(frame)) => frame.data_ref().map_or(0, Bytes::len),
+                _ => 0,
+            };
+            this.progress.touch(n);
         }
         polled
     }
@@ -242,8 +296,15 @@ impl hyper::body::Body for Watched {
     }
 }
 
-/// Copies bytes both ways between the client and the app after an upgrade.
-async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+/// Copies bytes both ways between the client and the app after an upgrade,
+/// until either side closes, nothing moves for `idle`, or the drain.
+async fn tunnel(
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    idle: Duration,
+    close: CancellationToken,
+    metrics: Arc<Metrics>,
+) {
     let (down, up) = match tokio::try_join!(down, up) {
         Ok(pair) => pair,
         Err(e) => {
@@ -251,9 +312,78 @@ async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) 
             return;
         }
     };
-    let mut down = TokioIo::new(down);
-    let mut up = TokioIo::new(up);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
-        debug!(error = %e, "upgrade tunnel ended with an error");
+    metrics.tunnels.inc();
+    let moved = Arc::new(Progress::new(0));
+    let mut down = Counted { inner: TokioIo::new(down), moved: moved.clone() };
+    let mut up = Counted { inner: TokioIo::new(up), moved: moved.clone() };
+    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+    tokio::pin!(copy);
+    loop {
+        tokio::select! {
+            r = &mut copy => {
+                if let Err(e) = r {
+                    debug!(error = %e, "upgrade tunnel ended with an error");
+                }
+                break;
+            }
+            _ = tokio::time::sleep_until(moved.deadline(idle).into()) => {
+                if moved.deadline(idle) <= Instant::now() {
+                    debug!("upgrade tunnel idle: closed");
+                    break;
+                }
+            }
+            _ = close.cancelled() => {
+                debug!("upgrade tunnel closed by the drain");
+                break;
+            }
+        }
+    }
+    metrics.tunnels.dec();
+}
+
+pin_project_lite::pin_project! {
+    /// A tunnel's stream, noting when bytes move in either direction.
+    struct Counted<S> {
+        #[pin]
+        inner: S,
+        moved: Arc<Progress>,
+    }
+}
+
+impl<S: tokio::io::AsyncRead> tokio::io::AsyncRead for Counted<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.moved.touch(buf.filled().len() - before);
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite> tokio::io::AsyncWrite for Counted<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
     }
 }

@@ -63,12 +63,15 @@ pub fn uri(upstream: &Uri, path_and_query: &str) -> Result<Uri, http::Error> {
 }
 
 /// A path as a lenient app framework would route it: percent-decoded,
-/// lower-cased, `//` collapsed, `.`/`..` resolved, no trailing slash. Used
-/// to keep clients away from hook paths whatever spelling they try.
+/// lower-cased, `//` collapsed, `;` path parameters dropped from every
+/// segment (Tomcat, Jetty and Spring route `/a;x/b` and `/a/..;/b` as `/a/b`
+/// and `/b`), `.`/`..` resolved, no trailing slash. Used to keep clients
+/// away from hook paths whatever spelling they try.
 pub fn normalized_path(raw: &str) -> String {
     let decoded = percent_encoding::percent_decode_str(raw).decode_utf8_lossy().to_lowercase();
     let mut parts: Vec<&str> = Vec::new();
     for seg in decoded.split(['/', '\\']) {
+        let seg = seg.split(';').next().unwrap_or(seg);
         match seg {
             "" | "." => {}
             ".." => {
@@ -90,6 +93,10 @@ mod tests {
         assert_eq!(normalized_path("//internal/./ws/x/../message"), "/internal/ws/message");
         assert_eq!(normalized_path("/"), "/");
         assert_eq!(normalized_path("/a%2Fb"), "/a/b");
+        assert_eq!(normalized_path("/internal;x/ws/connect"), "/internal/ws/connect");
+        assert_eq!(normalized_path("/internal/..;/internal/ws/connect"), "/internal/ws/connect");
+        assert_eq!(normalized_path("/internal/ws;x/connect"), "/internal/ws/connect");
+        assert_eq!(normalized_path("/internal/ws/connect%3Bjsessionid=1"), "/internal/ws/connect");
     }
 
     #[test]

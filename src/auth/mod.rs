@@ -118,9 +118,11 @@ impl Auth {
     }
 
     /// Cross-site WebSocket hijacking guard. With no `--allowed-origin`, a
-    /// browser's `Origin` must name the host it connects to (`Host` or, behind
-    /// a proxy, `X-Forwarded-Host`); requests without `Origin` (non-browser
-    /// clients) pass.
+    /// browser's `Origin` must be the very origin it connects to: same
+    /// scheme, host and port (the `Host`, or behind a trusted proxy its
+    /// `X-Forwarded-Host` and `X-Forwarded-Proto`; the server drops those
+    /// headers from untrusted peers before this runs). Requests without
+    /// `Origin` (non-browser clients) pass.
     pub fn check_origin(&self, headers: &HeaderMap) -> Result<(), Reject> {
         let Some(origin) = headers.get(header::ORIGIN) else {
             return Ok(());
@@ -134,18 +136,22 @@ impl Auth {
         if !allowed.is_empty() {
             return Err(forbidden());
         }
-        let origin_host =
-            origin.parse::<http::Uri>().ok().and_then(|u| u.host().map(str::to_owned)).ok_or_else(forbidden)?;
-        let host_of = |name: &str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.split(',').next())
-                .and_then(|v| format!("http://{}", v.trim()).parse::<http::Uri>().ok())
-                .and_then(|u| u.host().map(str::to_ascii_lowercase))
+        let origin = origin.parse::<http::Uri>().ok().and_then(|u| Site::of(&u)).ok_or_else(forbidden)?;
+        let first = |name: &str| {
+            headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.split(',').next()).map(str::trim)
         };
-        let same = [host_of("host"), host_of("x-forwarded-host")].into_iter().flatten().any(|h| h == origin_host);
-        if same { Ok(()) } else { Err(forbidden()) }
+        let scheme = first("x-forwarded-proto").unwrap_or("http").to_ascii_lowercase();
+        let served = [first("host"), first("x-forwarded-host")]
+            .into_iter()
+            .flatten()
+            .filter_map(|host| format!("{scheme}://{host}").parse::<http::Uri>().ok())
+            .filter_map(|u| Site::of(&u));
+        for site in served {
+            if site == origin {
+                return Ok(());
+            }
+        }
+        Err(forbidden())
     }
 
     /// Establishes who connects: a JWT when one is presented (and a key is
@@ -307,6 +313,25 @@ impl Auth {
         if let Some(d) = &self.disconnects {
             d.flush(within).await;
         }
+    }
+}
+
+/// An origin: scheme, host and port (the scheme's default when not given).
+#[derive(Debug, PartialEq, Eq)]
+struct Site {
+    scheme: String,
+    host: String,
+    port: u16,
+}
+
+impl Site {
+    fn of(u: &http::Uri) -> Option<Site> {
+        let scheme = u.scheme_str()?.to_ascii_lowercase();
+        let default = match scheme.as_str() {
+            "https" | "wss" => 443,
+            _ => 80,
+        };
+        Some(Site { port: u.port_u16().unwrap_or(default), host: u.host()?.to_ascii_lowercase(), scheme })
     }
 }
 

@@ -27,6 +27,6 @@ impl MemoryBroker {
     }
 
     pub fn disconnect(&self, target: &DisconnectTarget) {
-        self.hub.disconnect(target);
+        self.hub.disconnect(target, None);
     }
 }

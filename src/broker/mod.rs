@@ -31,7 +31,7 @@ use crate::protocol::Message;
 
 pub enum Broker {
     Memory(memory::MemoryBroker),
-    Redis(redis::RedisBroker),
+    Redis(Box<redis::RedisBroker>),
 }
 
 impl Broker {
@@ -46,9 +46,9 @@ impl Broker {
         shutdown: CancellationToken,
     ) -> Result<Broker, BrokerError> {
         match (&cfg.redis_url, interest) {
-            (Some(url), Some(interest)) => {
-                Ok(Broker::Redis(redis::RedisBroker::start(url, cfg, node_id, hub, interest, metrics, shutdown)?))
-            }
+            (Some(url), Some(interest)) => Ok(Broker::Redis(Box::new(redis::RedisBroker::start(
+                url, cfg, node_id, hub, interest, metrics, shutdown,
+            )?))),
             (None, _) => {
                 metrics.broker_up.set(1);
                 Ok(Broker::Memory(memory::MemoryBroker::new(hub, metrics)))

@@ -20,6 +20,13 @@
 //!   probe. Either way the node is marked down (`/readyz` 503, publishes
 //!   503), reconnects with backoff and jitter, and resubscribes everything.
 //!
+//! - Commands to every node (`/api/disconnect`): one Lua script appends the
+//!   command to the stream `{prefix}ctl:log` and publishes it with its
+//!   stream id on `{prefix}ctl`. Each node remembers the last id it applied
+//!   and, after any subscriber gap, replays what it missed (to sessions
+//!   older than the command), so a reconnecting node does not keep a revoked
+//!   user connected.
+//!
 //! Wire format on Redis channel `{prefix}ch:{channel}`: one JSON header line
 //! (`{"t":µs,"x":"exclude"}`), `\n`, then the message's `data` as JSON. Each
 //! node frames it for its clients' protocols once.
@@ -30,7 +37,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use deadpool_redis::{Pool, Runtime};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use redis::AsyncConnectionConfig;
 use redis::io::tcp::TcpSettings;
 use serde::{Deserialize, Serialize};
@@ -57,6 +64,9 @@ const SUBSCRIBE_CHUNK: usize = 500;
 pub struct RedisBroker {
     keys: Keys,
     publisher: mpsc::Sender<Job>,
+    /// For commands (rare): a checkout each, never the publish queue.
+    pool: Pool,
+    control_script: redis::Script,
     interest: Arc<Interest>,
     timeout: Duration,
     description: String,
@@ -68,6 +78,7 @@ struct Keys {
     prefix: String,
     channel_prefix: String,
     control: String,
+    control_log: String,
     probe: String,
 }
 
@@ -77,6 +88,7 @@ impl Keys {
             prefix: prefix.to_owned(),
             channel_prefix: format!("{prefix}ch:"),
             control: format!("{prefix}ctl"),
+            control_log: format!("{prefix}ctl:log"),
             probe: format!("{prefix}probe:{node_id}"),
         }
     }
@@ -101,6 +113,45 @@ struct Header<'a> {
 #[serde(rename_all = "lowercase")]
 enum Control {
     Disconnect(DisconnectTarget),
+}
+
+/// A command to every node, as logged and published.
+#[derive(Serialize, Deserialize)]
+struct Command {
+    /// When it was issued (µs since the Unix epoch, the issuing node's clock).
+    t: u64,
+    #[serde(flatten)]
+    op: Control,
+}
+
+/// Commands kept in the control log (approximately).
+const CONTROL_LOG_LEN: usize = 10_000;
+/// How long the control log outlives its last command.
+const CONTROL_LOG_TTL_MS: u64 = 24 * 3600 * 1000;
+
+/// Appends a command to the log and publishes it with its id, atomically.
+const CONTROL_SCRIPT: &str = r"
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'c', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PUBLISH', KEYS[2], id .. ' ' .. ARGV[1])
+return id
+";
+
+/// A Redis stream id, `<ms>-<seq>`, ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct StreamId(u64, u64);
+
+impl StreamId {
+    fn parse(s: &str) -> Option<StreamId> {
+        let (ms, seq) = s.split_once('-')?;
+        Some(StreamId(ms.parse().ok()?, seq.parse().ok()?))
+    }
+}
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
 }
 
 impl RedisBroker {
@@ -142,6 +193,7 @@ impl RedisBroker {
         metrics.broker_up.set(0);
         let publisher_task = publisher(pool.clone(), rx, generation.clone(), cfg.timeout, metrics.clone());
         tokio::spawn(publisher_task.instrument(tracing::info_span!("redis_publisher")));
+        let command_pool = pool.clone();
         let sub = Subscriber {
             client,
             keys: keys.clone(),
@@ -159,6 +211,8 @@ impl RedisBroker {
             description: format!("using redis broker at {} (prefix {})", redact(url.expose()), cfg.prefix),
             keys,
             publisher: tx,
+            pool: command_pool,
+            control_script: redis::Script::new(CONTROL_SCRIPT),
             interest,
             timeout: cfg.timeout,
         })
@@ -187,10 +241,24 @@ impl RedisBroker {
         self.interest.wait_active(channel, self.timeout).await
     }
 
+    /// Closes the targeted sessions on every node: logged, then published.
     pub async fn disconnect(&self, target: &DisconnectTarget) -> Result<(), BrokerError> {
+        if !self.is_up() {
+            return Err(BrokerError::NotConnected);
+        }
+        let cmd = Command { t: crate::hub::now_us(), op: Control::Disconnect(target.clone()) };
         // A struct of strings always serializes.
-        let payload = serde_json::to_vec(&Control::Disconnect(target.clone())).unwrap_or_default();
-        self.send(vec![(self.keys.control.clone(), payload)]).await
+        let payload = serde_json::to_string(&cmd).unwrap_or_default();
+        let run = async {
+            let mut c = self.pool.get().await?;
+            let mut inv = self.control_script.key(&self.keys.control_log);
+            inv.key(&self.keys.control).arg(&payload).arg(CONTROL_LOG_LEN).arg(CONTROL_LOG_TTL_MS);
+            inv.invoke_async::<String>(&mut c).await.map_err(BrokerError::from)
+        };
+        match tokio::time::timeout(self.timeout, run).await {
+            Ok(r) => r.map(|_| ()),
+            Err(_) => Err(BrokerError::Timeout(self.timeout)),
+        }
     }
 
     async fn send(&self, messages: Vec<(String, Vec<u8>)>) -> Result<(), BrokerError> {
@@ -344,8 +412,11 @@ impl Subscriber {
     async fn run(self, shutdown: CancellationToken) {
         let mut attempt: u32 = 0;
         let mut ever_connected = false;
+        // Commands issued since this node started may concern its sessions.
+        let started_ms = crate::hub::now_us() / 1000;
+        let mut applied = StreamId(started_ms.saturating_sub(1), u64::MAX);
         loop {
-            let result = self.connection(&shutdown, &mut attempt, &mut ever_connected).await;
+            let result = self.connection(&shutdown, &mut attempt, &mut ever_connected, &mut applied).await;
             self.generation.fetch_add(1, Ordering::AcqRel);
             self.interest.set_up(false);
             self.metrics.broker_up.set(0);
@@ -367,7 +438,13 @@ impl Subscriber {
     }
 
     /// One subscriber connection, from connect to loss.
-    async fn connection(&self, shutdown: &CancellationToken, attempt: &mut u32, ever: &mut bool) -> Lost {
+    async fn connection(
+        &self,
+        shutdown: &CancellationToken,
+        attempt: &mut u32,
+        ever: &mut bool,
+        applied: &mut StreamId,
+    ) -> Lost {
         let pubsub = match tokio::time::timeout(self.timeout, self.client.get_async_pubsub()).await {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => return Lost::Error(format!("connect: {e}")),
@@ -377,6 +454,11 @@ impl Subscriber {
         let own = [self.keys.control.as_str(), self.keys.probe.as_str()];
         if let Err(e) = self.with_timeout(sink.subscribe(&own)).await {
             return Lost::Error(format!("subscribe: {e}"));
+        }
+        // Commands published while this node was not listening, now that
+        // new ones reach it (a command in both is applied once, by id).
+        if let Err(e) = self.replay_commands(applied).await {
+            return Lost::Error(format!("reading the control log: {e}"));
         }
         // Everything the hub wants, resubscribed before the node says it is up.
         if let Err(e) = self.sync(&mut sink).await {
@@ -401,13 +483,15 @@ impl Subscriber {
         probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq: u64 = 0;
         let mut outstanding: Option<(u64, Instant)> = None;
+        let mut last_rx = Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Lost::Shutdown,
                 msg = stream.next() => match msg {
                     None => return Lost::Error("connection closed by Redis".into()),
                     Some(msg) => {
-                        if let Some(got) = self.on_message(&msg) {
+                        last_rx = Instant::now();
+                        if let Some(got) = self.on_message(&msg, applied) {
                             if outstanding.is_some_and(|(want, _)| got >= want) {
                                 outstanding = None;
                             }
@@ -420,15 +504,34 @@ impl Subscriber {
                     }
                 }
                 _ = probe_tick.tick() => match outstanding {
-                    Some((_, sent)) if sent.elapsed() > self.probe_timeout => {
-                        self.metrics.broker_probe_failures.inc();
-                        return Lost::Error("self-probe not received back: subscriber is not delivering".into());
+                    Some((want, sent)) if sent.elapsed() > self.probe_timeout => {
+                        // The probe measures Redis, not this node: a node that
+                        // was starved of CPU, or is working through a backlog,
+                        // first reads what has already arrived.
+                        for _ in 0..100_000 {
+                            match stream.next().now_or_never() {
+                                Some(Some(msg)) => {
+                                    last_rx = Instant::now();
+                                    if self.on_message(&msg, applied).is_some_and(|got| got >= want) {
+                                        outstanding = None;
+                                    }
+                                }
+                                Some(None) => return Lost::Error("connection closed by Redis".into()),
+                                None => break,
+                            }
+                        }
+                        // Still missing, and nothing at all arrived lately: dead.
+                        if outstanding.is_some() && last_rx.elapsed() > self.probe_timeout {
+                            self.metrics.broker_probe_failures.inc();
+                            return Lost::Error("self-probe not received back: subscriber is not delivering".into());
+                        }
                     }
                     Some(_) => {}
                     None => {
                         seq += 1;
                         outstanding = Some((seq, Instant::now()));
-                        tokio::spawn(probe(self.pool.clone(), self.keys.probe.clone(), seq, self.timeout));
+                        let probe = probe(self.pool.clone(), self.keys.probe.clone(), seq, self.timeout);
+                        tokio::spawn(probe.in_current_span());
                     }
                 },
             }
@@ -461,8 +564,53 @@ impl Subscriber {
         Ok(())
     }
 
+    /// Applies the logged commands after `applied` to the sessions older
+    /// than each command, and moves `applied` past them.
+    async fn replay_commands(&self, applied: &mut StreamId) -> Result<(), BrokerError> {
+        let read = async {
+            let mut c = self.pool.get().await?;
+            let start = format!("({applied}");
+            let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+                .arg(&self.keys.control_log)
+                .arg(start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(CONTROL_LOG_LEN)
+                .query_async(&mut c)
+                .await?;
+            Ok::<_, BrokerError>(entries)
+        };
+        let entries = match tokio::time::timeout(self.timeout, read).await {
+            Ok(r) => r?,
+            Err(_) => return Err(BrokerError::Timeout(self.timeout)),
+        };
+        for (id, fields) in entries {
+            let Some(id) = StreamId::parse(&id) else { continue };
+            if let Some((_, payload)) = fields.iter().find(|(k, _)| k == "c") {
+                self.apply(id, payload, applied, true);
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one command once (by id). A replayed one spares the sessions
+    /// that connected after it was issued.
+    fn apply(&self, id: StreamId, payload: &str, applied: &mut StreamId, replayed: bool) {
+        if id <= *applied {
+            return;
+        }
+        *applied = id;
+        match serde_json::from_str::<Command>(payload) {
+            Ok(Command { t, op: Control::Disconnect(target) }) => {
+                let n = self.hub.disconnect(&target, replayed.then_some(t));
+                debug!(?target, closed = n, replayed, "disconnect command");
+            }
+            Err(e) => warn!(error = %e, "ignoring a malformed command"),
+        }
+    }
+
     /// Handles one message from Redis; returns the probe number if it was one.
-    fn on_message(&self, msg: &redis::Msg) -> Option<u64> {
+    fn on_message(&self, msg: &redis::Msg, applied: &mut StreamId) -> Option<u64> {
         let name = msg.get_channel_name();
         let payload = msg.get_payload_bytes();
         if let Some(channel) = name.strip_prefix(&self.keys.channel_prefix) {
@@ -471,12 +619,13 @@ impl Subscriber {
         } else if name == self.keys.probe {
             std::str::from_utf8(payload).ok()?.parse().ok()
         } else if name == self.keys.control {
-            match serde_json::from_slice::<Control>(payload) {
-                Ok(Control::Disconnect(target)) => {
-                    let n = self.hub.disconnect(&target);
-                    debug!(?target, closed = n, "disconnect from control channel");
-                }
-                Err(e) => warn!(error = %e, "ignoring malformed control message"),
+            let parsed = std::str::from_utf8(payload)
+                .ok()
+                .and_then(|p| p.split_once(' '))
+                .and_then(|(id, cmd)| Some((StreamId::parse(id)?, cmd)));
+            match parsed {
+                Some((id, cmd)) => self.apply(id, cmd, applied, false),
+                None => warn!("ignoring a malformed control message"),
             }
             None
         } else {

@@ -90,6 +90,7 @@ pub struct Config {
     pub log_level: String,
     pub drain_timeout: Duration,
     pub shutdown_delay: Duration,
+    pub server: ServerConfig,
     pub session: SessionConfig,
     pub proxy: ProxyConfig,
     pub broker: BrokerConfig,
@@ -125,6 +126,29 @@ pub struct SessionConfig {
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
+    pub max_channels: usize,
+    pub max_node_subscriptions: usize,
+}
+
+/// The listeners' limits.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Connections on the public listener at most.
+    pub max_http_connections: usize,
+    /// Connections on the admin listener at most: its own budget, so
+    /// `/healthz` and `/metrics` answer while the public side is full.
+    pub max_admin_connections: usize,
+    pub http_idle_timeout: Duration,
+    pub handshake_timeout: Duration,
+    /// Peers whose `X-Forwarded-*` headers are believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+impl ServerConfig {
+    pub fn is_trusted(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.trusted_proxies.iter().any(|n| n.contains(&ip))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -133,6 +157,9 @@ pub struct ProxyConfig {
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Bytes per second an upload must average (0: any progress will do).
+    pub min_upload_rate: usize,
+    pub tunnel_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]

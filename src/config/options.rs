@@ -39,6 +39,16 @@ fn count(min: u64, max: u64) -> RangedU64ValueParser<usize> {
     RangedU64ValueParser::new().range(min..=max)
 }
 
+/// An address or a network: `10.0.0.0/8`, `192.168.1.7`, `::1`.
+fn network(s: &str) -> Result<ipnet::IpNet, String> {
+    if let Ok(net) = s.parse::<ipnet::IpNet>() {
+        return Ok(net.trunc());
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(ipnet::IpNet::from)
+        .map_err(|_| format!("{s:?} is neither an IP address nor a network like 10.0.0.0/8"))
+}
+
 /// A rate between 0 and `max`.
 fn rate(max: u64) -> RangedU64ValueParser<u32> {
     RangedU64ValueParser::new().range(0..=max)
@@ -148,6 +158,28 @@ pub struct Options {
     #[arg(long, env = "WSRELAY_IDLE_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = nonzero_duration)]
     pub idle_timeout: Duration,
 
+    /// Connections on the public listener at most (plain HTTP and upgrades in progress); more wait
+    /// in the kernel's backlog. [default: derived from the file-descriptor limit]
+    #[arg(long, env = "WSRELAY_MAX_HTTP_CONNECTIONS", value_name = "N", value_parser = count(1, 1_000_000))]
+    pub max_http_connections: Option<usize>,
+
+    /// An HTTP connection (HTTP/1 keep-alive or HTTP/2) with no request in flight for this long is closed
+    #[arg(long, env = "WSRELAY_HTTP_IDLE_TIMEOUT", value_name = "DURATION", default_value = "75s", value_parser = nonzero_duration)]
+    pub http_idle_timeout: Duration,
+
+    /// Channels with local subscribers on this node at most; more subscribe with limit_exceeded
+    #[arg(long, env = "WSRELAY_MAX_CHANNELS", value_name = "N", default_value = "100000", value_parser = count(1, 10_000_000))]
+    pub max_channels: usize,
+
+    /// Subscriptions of all sessions on this node at most; more subscribe with limit_exceeded
+    #[arg(long, env = "WSRELAY_MAX_NODE_SUBSCRIPTIONS", value_name = "N", default_value = "200000", value_parser = count(1, 100_000_000))]
+    pub max_node_subscriptions: usize,
+
+    /// Peer (IP or CIDR; repeatable) whose X-Forwarded-* headers are believed; from any other peer
+    /// they are replaced [default: none]
+    #[arg(long, env = "WSRELAY_TRUSTED_PROXY", value_name = "CIDR", value_delimiter = ',', value_parser = network)]
+    pub trusted_proxy: Vec<ipnet::IpNet>,
+
     /// Time allowed for a client to send its request headers and finish the upgrade
     #[arg(long, env = "WSRELAY_HANDSHAKE_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = nonzero_duration)]
     pub handshake_timeout: Duration,
@@ -159,6 +191,15 @@ pub struct Options {
     /// Longest wait to connect to the app before 502
     #[arg(long, env = "WSRELAY_UPSTREAM_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "5s", value_parser = nonzero_duration)]
     pub upstream_connect_timeout: Duration,
+
+    /// A request body must move toward the app at this many bytes/s on average, or the request is
+    /// cut with 504 after --upstream-timeout (0: any progress resets the clock)
+    #[arg(long, env = "WSRELAY_UPSTREAM_MIN_UPLOAD_RATE", value_name = "BYTES_PER_SECOND", default_value = "1024", value_parser = count(0, 1 << 30))]
+    pub upstream_min_upload_rate: usize,
+
+    /// A WebSocket tunnelled to the app (not on a ws-path) that moves no byte for this long is closed
+    #[arg(long, env = "WSRELAY_TUNNEL_IDLE_TIMEOUT", value_name = "DURATION", default_value = "10m", value_parser = nonzero_duration)]
+    pub tunnel_idle_timeout: Duration,
 
     /// Idle pooled connections to the app are closed after this; keep it below the app's keep-alive
     #[arg(long, env = "WSRELAY_UPSTREAM_IDLE_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = nonzero_duration)]

@@ -7,7 +7,28 @@ use std::path::PathBuf;
 use super::keys::{JwtKey, Secret};
 use super::options::Options;
 use super::policy::{self, NamespaceTables, Policy};
-use super::{AuthConfig, BrokerConfig, Config, ConfigError, ProxyConfig, SessionConfig, random_id};
+use super::{AuthConfig, BrokerConfig, Config, ConfigError, ProxyConfig, ServerConfig, SessionConfig, random_id};
+
+/// Connections the admin listener takes at most (Prometheus, probes, the
+/// app's API calls): its own share of file descriptors.
+const ADMIN_CONNECTIONS: usize = 256;
+/// File descriptors kept for everything else: Redis, logs, the admin
+/// listener, the runtime.
+const FD_RESERVE: u64 = 128;
+
+/// The process's file-descriptor limit, raised to the hard limit first (as
+/// nginx and Go do): the soft default of 1024 is far below what a relay needs.
+fn fd_limit() -> u64 {
+    rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024)
+}
+
+/// The default public connection cap: each proxied request may hold two
+/// descriptors (client and app), and WebSocket sessions hold their own
+/// under --max-connections; this keeps the admin listener's share free.
+fn http_connections_for_fds(fds: u64) -> usize {
+    let usable = fds.saturating_sub(FD_RESERVE + ADMIN_CONNECTIONS as u64) / 2;
+    usize::try_from(usable).unwrap_or(usize::MAX).clamp(16, 65_536)
+}
 
 pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config, ConfigError> {
     let upstream = parse_upstream(&o.upstream)?;
@@ -50,12 +71,23 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
         ping_interval: o.ping_interval,
         idle_timeout: o.idle_timeout,
         handshake_timeout: o.handshake_timeout,
+        max_channels: o.max_channels,
+        max_node_subscriptions: o.max_node_subscriptions,
     };
     let proxy = ProxyConfig {
         upstream,
         timeout: o.upstream_timeout,
         connect_timeout: o.upstream_connect_timeout,
         idle_timeout: o.upstream_idle_timeout,
+        min_upload_rate: o.upstream_min_upload_rate,
+        tunnel_idle_timeout: o.tunnel_idle_timeout,
+    };
+    let server = ServerConfig {
+        max_http_connections: o.max_http_connections.unwrap_or_else(|| http_connections_for_fds(fd_limit())),
+        max_admin_connections: ADMIN_CONNECTIONS,
+        http_idle_timeout: o.http_idle_timeout,
+        handshake_timeout: o.handshake_timeout,
+        trusted_proxies: o.trusted_proxy,
     };
 
     let node_id = match o.node_id {
@@ -119,6 +151,7 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
         log_level: o.log_level,
         drain_timeout: o.drain_timeout,
         shutdown_delay: o.shutdown_delay,
+        server,
         session,
         proxy,
         broker,

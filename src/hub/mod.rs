@@ -17,7 +17,7 @@ pub mod interest;
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 pub use self::interest::Interest;
 use crate::channel::Channel;
-use crate::error::CloseReason;
+use crate::error::{ApiError, CloseReason, ErrorCode, Fault};
 use crate::metrics::Metrics;
 use crate::protocol::Message;
 
@@ -55,6 +55,9 @@ pub struct SessionHandle {
     /// The connection id clients and the API see.
     pub id: Arc<str>,
     pub user: Option<Arc<str>>,
+    /// When it connected (µs since the Unix epoch): commands replayed after
+    /// a broker gap apply only to sessions older than the command.
+    pub connected_us: u64,
     tx: mpsc::Sender<Outbound>,
     kill: Notify,
     kill_reason: AtomicU8,
@@ -114,6 +117,36 @@ pub enum DisconnectTarget {
 
 type Shard = Mutex<HashMap<Channel, Subscribers>>;
 
+/// A node-wide limit a subscribe would pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NodeLimit {
+    #[error("this node holds its maximum of channels (max-channels)")]
+    Channels,
+    #[error("this node holds its maximum of subscriptions (max-node-subscriptions)")]
+    Subscriptions,
+}
+
+impl From<NodeLimit> for ApiError {
+    fn from(e: NodeLimit) -> Self {
+        ApiError::new(ErrorCode::LimitExceeded, e.to_string()).blame(Fault::Internal)
+    }
+}
+
+/// Node-wide caps, so per-connection limits cannot multiply past memory.
+#[derive(Debug, Clone, Copy)]
+pub struct HubLimits {
+    pub channels: usize,
+    pub subscriptions: usize,
+}
+
+/// Takes one unit of `counter` under `max`.
+fn take(counter: &AtomicUsize, max: usize) -> Result<(), ()> {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+        .map(|_| ())
+        .map_err(|_| ())
+}
+
 pub struct Hub {
     shards: Box<[Shard]>,
     hasher: std::collections::hash_map::RandomState,
@@ -121,6 +154,9 @@ pub struct Hub {
     next_key: AtomicU64,
     interest: Option<Arc<Interest>>,
     metrics: Arc<Metrics>,
+    limits: HubLimits,
+    channels: AtomicUsize,
+    subscriptions: AtomicUsize,
 }
 
 /// Locks a mutex, recovering the data if a panic poisoned it: every critical
@@ -132,7 +168,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Hub {
     /// `interest` is the broker's view of which channels this node needs
     /// (None for the in-memory broker, where the hub is the whole routing).
-    pub fn new(interest: Option<Arc<Interest>>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(interest: Option<Arc<Interest>>, metrics: Arc<Metrics>, limits: HubLimits) -> Self {
         Hub {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: Default::default(),
@@ -140,6 +176,9 @@ impl Hub {
             next_key: AtomicU64::new(1),
             interest,
             metrics,
+            limits,
+            channels: AtomicUsize::new(0),
+            subscriptions: AtomicUsize::new(0),
         }
     }
 
@@ -160,6 +199,7 @@ impl Hub {
             key: self.next_key.fetch_add(1, Ordering::Relaxed),
             id,
             user,
+            connected_us: now_us(),
             tx,
             kill: Notify::new(),
             kill_reason: AtomicU8::new(0),
@@ -187,12 +227,25 @@ impl Hub {
         }
     }
 
-    /// Adds a subscriber. Returns false if it was already subscribed.
-    pub fn subscribe(&self, channel: &Channel, session: &Arc<SessionHandle>) -> bool {
+    /// Adds a subscriber. Returns false if it was already subscribed, and
+    /// [`NodeLimit`] when the node holds `--max-node-subscriptions`
+    /// subscriptions, or `--max-channels` channels and this is a new one.
+    pub fn subscribe(&self, channel: &Channel, session: &Arc<SessionHandle>) -> Result<bool, NodeLimit> {
         let mut shard = lock(self.shard(channel));
-        let added = match shard.get_mut(channel.as_str()) {
-            Some(ch) => ch.sessions.insert(session.key, session.clone()).is_none(),
+        let existing = shard.get_mut(channel.as_str());
+        if existing.as_ref().is_some_and(|ch| ch.sessions.contains_key(&session.key)) {
+            return Ok(false);
+        }
+        take(&self.subscriptions, self.limits.subscriptions).map_err(|()| NodeLimit::Subscriptions)?;
+        match existing {
+            Some(ch) => {
+                ch.sessions.insert(session.key, session.clone());
+            }
             None => {
+                if take(&self.channels, self.limits.channels).is_err() {
+                    self.subscriptions.fetch_sub(1, Ordering::AcqRel);
+                    return Err(NodeLimit::Channels);
+                }
                 if let Some(i) = &self.interest {
                     i.want(channel);
                 }
@@ -200,13 +253,10 @@ impl Hub {
                 ch.sessions.insert(session.key, session.clone());
                 shard.insert(channel.clone(), ch);
                 self.metrics.channels.inc();
-                true
             }
-        };
-        if added {
-            self.metrics.subscriptions.inc();
         }
-        added
+        self.metrics.subscriptions.inc();
+        Ok(true)
     }
 
     /// Removes a subscriber; the channel goes with its last subscriber.
@@ -221,9 +271,11 @@ impl Hub {
             if let Some(i) = &self.interest {
                 i.unwant(channel);
             }
+            self.channels.fetch_sub(1, Ordering::AcqRel);
             self.metrics.channels.dec();
         }
         if removed {
+            self.subscriptions.fetch_sub(1, Ordering::AcqRel);
             self.metrics.subscriptions.dec();
         }
         removed
@@ -251,14 +303,16 @@ impl Hub {
         n
     }
 
-    /// Closes the targeted local sessions; returns how many.
-    pub fn disconnect(&self, target: &DisconnectTarget) -> usize {
+    /// Closes the targeted local sessions that connected before `before_us`
+    /// (all of them with None); returns how many.
+    pub fn disconnect(&self, target: &DisconnectTarget, before_us: Option<u64>) -> usize {
         let victims: Vec<Arc<SessionHandle>> = {
             let s = lock(&self.sessions);
-            match target {
+            let all = match target {
                 DisconnectTarget::Connection(id) => s.by_id.get(id.as_str()).cloned().into_iter().collect(),
                 DisconnectTarget::User(user) => s.by_user.get(user.as_str()).cloned().unwrap_or_default(),
-            }
+            };
+            all.into_iter().filter(|h| before_us.is_none_or(|t| h.connected_us < t)).collect()
         };
         for v in &victims {
             v.kill(CloseReason::Disconnected);

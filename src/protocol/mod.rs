@@ -18,6 +18,39 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use crate::channel::Channel;
 use crate::error::ApiError;
 
+/// Deepest nesting of arrays and objects accepted in client or API `data`:
+/// it is relayed to every subscriber, whose JSON parsers may recurse.
+pub const MAX_JSON_DEPTH: usize = 64;
+
+/// Refuses JSON (already known to be valid) nested deeper than
+/// [`MAX_JSON_DEPTH`]. A linear scan; strings are skipped.
+pub fn check_depth(json: &str) -> Result<(), ApiError> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return Err(ApiError::bad_request(format!("data is nested deeper than {MAX_JSON_DEPTH} levels")));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Protocols known to this build; each has a slot in [`Message`]'s cache.
 pub const PROTOCOLS: usize = 1;
 
@@ -97,5 +130,20 @@ impl Message {
             // A codec without a slot still works, uncached.
             None => codec.encode_message(self),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depth_is_limited_outside_strings() {
+        let deep = "[".repeat(65) + &"]".repeat(65);
+        assert!(check_depth(&deep).is_err());
+        let ok = "[".repeat(64) + &"]".repeat(64);
+        assert!(check_depth(&ok).is_ok());
+        let in_string = format!("{{\"a\":\"{}\\\"\"}}", "[".repeat(100));
+        assert!(check_depth(&in_string).is_ok(), "{in_string}");
     }
 }

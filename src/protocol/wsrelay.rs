@@ -92,6 +92,9 @@ pub fn parse_frame(text: &str) -> Decoded<Box<RawValue>> {
     }
     let request = (|| {
         let op = string(loose.op, "op")?;
+        if let Some(d) = &loose.data {
+            super::check_depth(d.get())?;
+        }
         let channel = string(loose.channel, "channel");
         let need = |v: Result<Option<String>, ApiError>, field: &'static str| {
             let name = v?.ok_or_else(|| missing(field))?;

@@ -153,7 +153,7 @@ impl<C: Codec> Session<C> {
             if !self.subs.insert(ch.clone()) {
                 continue;
             }
-            self.node.hub.subscribe(ch, &self.handle);
+            self.node.hub.subscribe(ch, &self.handle)?;
             self.node.broker.ensure_subscribed(ch).await?;
         }
         Ok(())
@@ -406,7 +406,7 @@ impl<C: Codec> Session<C> {
         Ok(Some(async move {
             let result = async {
                 node.auth.authorize(Action::Subscribe, &ident, &handle.id, &channel, None).await?;
-                node.hub.subscribe(&channel, &handle);
+                node.hub.subscribe(&channel, &handle)?;
                 if let Err(e) = node.broker.ensure_subscribed(&channel).await {
                     node.hub.unsubscribe(&channel, handle.key);
                     return Err(ApiError::from(e));

@@ -61,7 +61,7 @@ async fn connect_hook_accepts_with_user_and_channels_and_sees_the_original_reque
         "/auth/connect",
         HookReply::new(200, &json!({"user":"42","channels":["user:42"],"info":{"name":"Ann"}})),
     );
-    let relay = Relay::start(&app.url(), &["--connect-hook", "/auth/connect"]).await;
+    let relay = Relay::start(&app.url(), &["--connect-hook", "/auth/connect", "--trusted-proxy", "127.0.0.1"]).await;
     let headers = [("cookie", "session=abc123"), ("x-forwarded-for", "203.0.113.9"), ("authorization", "Basic Zm9v")];
     let mut c = ws_connect_with(&relay.ws_url("/ws?room=5"), &headers).await.expect("accepted");
     assert_eq!(c.welcome["user"], "42");
@@ -295,10 +295,29 @@ async fn cross_site_origins_are_refused() {
     assert_eq!(evil, Some(StatusCode::FORBIDDEN));
     let same = format!("http://{}", relay.public);
     assert!(ws_connect_with(&url, &[("origin", &same)]).await.is_ok(), "same host");
-    let proxied = [("origin", "https://app.example.com"), ("x-forwarded-host", "app.example.com")];
-    assert!(ws_connect_with(&url, &proxied).await.is_ok(), "same host behind a proxy");
+    let other_port = format!("http://127.0.0.1:{}", relay.public.port().wrapping_add(1));
+    let refused = ws_connect_with(&url, &[("origin", &other_port)]).await.err();
+    assert_eq!(refused, Some(StatusCode::FORBIDDEN), "same host, other port: another origin");
+    let https = format!("https://{}", relay.public);
+    let refused = ws_connect_with(&url, &[("origin", &https)]).await.err();
+    assert_eq!(refused, Some(StatusCode::FORBIDDEN), "same host and port, other scheme: another origin");
+    // X-Forwarded-* from a peer that is not a trusted proxy are not believed.
+    let proxied = [
+        ("origin", "https://app.example.com"),
+        ("x-forwarded-host", "app.example.com"),
+        ("x-forwarded-proto", "https"),
+    ];
+    let refused = ws_connect_with(&url, &proxied).await.err();
+    assert_eq!(refused, Some(StatusCode::FORBIDDEN), "forwarded headers from an untrusted peer");
     assert!(ws_connect_with(&url, &[]).await.is_ok(), "no Origin: not a browser");
-    assert_eq!(relay.metric("wsrelay_connections_total{result=\"forbidden\"}").await, 1.0);
+    assert_eq!(relay.metric("wsrelay_connections_total{result=\"forbidden\"}").await, 4.0);
+
+    let behind_proxy = Relay::start(&app.url(), &["--trusted-proxy", "127.0.0.0/8"]).await;
+    let url = behind_proxy.ws_url("/ws");
+    assert!(ws_connect_with(&url, &proxied).await.is_ok(), "same origin behind a trusted proxy");
+    let http_only = [("origin", "https://app.example.com"), ("x-forwarded-host", "app.example.com")];
+    let refused = ws_connect_with(&url, &http_only).await.err();
+    assert_eq!(refused, Some(StatusCode::FORBIDDEN), "the proxy says http, the page was https");
 
     let listed = Relay::start(&app.url(), &["--allowed-origin", "https://app.example.com"]).await;
     let url = listed.ws_url("/ws");
@@ -370,11 +389,23 @@ async fn hook_calls_are_marked_and_hook_paths_are_blocked_however_spelled() {
         "//internal/ws/message",
         "/internal/ws/x/../message",
         "/internal/ws/message.json",
+        "/internal;x/ws/message",
+        "/internal/..;/internal/ws/message",
+        "/internal/ws;x/message",
+        "/internal/ws/message;jsessionid=1",
     ] {
         let (status, _, _) = request(Method::POST, &relay.http_url(path), Some("{}".into()), &[]).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{path} must not reach the hook");
     }
     assert_eq!(app.state.recorded.lock().unwrap().iter().filter(|r| r.path.contains("essage")).count(), 0);
+    // Headers that make some routers use another path than the request's.
+    let headers =
+        [("x-original-url", "/internal/ws/message".to_owned()), ("x-rewrite-url", "/internal/ws/message".to_owned())];
+    let (status, _, _) = request(Method::POST, &relay.http_url("/harmless"), Some("{}".into()), &headers).await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = app.recorded("/harmless");
+    assert_eq!(seen[0].header("x-original-url"), None, "stripped");
+    assert_eq!(seen[0].header("x-rewrite-url"), None, "stripped");
 }
 
 #[tokio::test]

@@ -48,6 +48,11 @@ async fn the_python_example_app_works_behind_wsrelay() {
     let config = format!("{ROOT}/examples/wsrelay.toml");
     let relay = Relay::start_with_admin(&upstream, &["--config", &config], admin).await;
 
+    // The app's own guard: a hook called without wsrelay's header is refused.
+    let direct = format!("{upstream}/internal/ws/connect");
+    let (status, _, _) = crate::common::request(http::Method::POST, &direct, Some("{}".into()), &[]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "hooks answer wsrelay only");
+
     let url = relay.ws_url("/ws");
     assert_eq!(ws_connect_with(&url, &[]).await.err(), Some(StatusCode::UNAUTHORIZED), "no session cookie");
     let mut alice = ws_connect_with(&url, &[("cookie", "session=alice-session")]).await.unwrap();

@@ -9,6 +9,7 @@ mod auth;
 mod cluster;
 mod common;
 mod example;
+mod hardening;
 mod lifecycle;
 mod limits;
 mod proxy;

@@ -32,6 +32,22 @@ async fn get_and_post_reach_the_app_with_forwarding_headers() {
     assert_eq!(echo["headers"]["x-forwarded-host"], relay.public.to_string());
     assert_eq!(echo["headers"]["host"], relay.public.to_string(), "the original Host is kept");
 
+    // Forwarding headers from a peer that is not a trusted proxy are replaced.
+    let forged = [
+        ("x-forwarded-for", "10.9.9.9".to_owned()),
+        ("x-forwarded-proto", "https".to_owned()),
+        ("x-forwarded-host", "evil.example".to_owned()),
+        ("forwarded", "for=10.9.9.9;host=evil.example".to_owned()),
+    ];
+    let (_, _, body) = request(Method::GET, &relay.http_url("/things"), None, &forged).await;
+    let echo: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["headers"]["x-forwarded-for"], "127.0.0.1", "{echo}");
+    assert_eq!(echo["headers"]["x-forwarded-proto"], "http");
+    assert_eq!(echo["headers"]["x-forwarded-host"], relay.public.to_string());
+    assert!(echo["headers"].get("forwarded").is_none(), "{echo}");
+
+    // From a trusted proxy they are kept, and the peer appended.
+    let relay = Relay::start(&app.url(), &["--trusted-proxy", "127.0.0.0/8,::1"]).await;
     let headers = [
         ("x-custom", "kept".to_owned()),
         ("x-forwarded-for", "10.1.2.3".to_owned()),
@@ -180,16 +196,17 @@ async fn a_slow_upload_that_keeps_moving_is_not_cut_by_the_upstream_timeout() {
     let app = Upstream::start().await;
     let relay = Relay::start(&app.url(), &["--upstream-timeout", "1s"]).await;
     let (tx, pending) = streaming_post(relay.http_url("/upload"));
-    // Five chunks, 400 ms apart: two seconds, twice the timeout.
+    // Five chunks of 1 KiB, 400 ms apart: two seconds, twice the timeout,
+    // at 2.5 KiB/s, above --upstream-min-upload-rate (1 KiB/s).
     for _ in 0..5 {
-        tx.send(Bytes::from_static(b"0123456789")).await.unwrap();
+        tx.send(Bytes::from(vec![b'x'; 1024])).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     }
     drop(tx);
     let resp = tokio::time::timeout(STEP, pending).await.unwrap().unwrap().unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let body: Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
-    assert_eq!(body["received"], 50);
+    assert_eq!(body["received"], 5120);
 }
 
 #[tokio::test]
