@@ -84,8 +84,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let node_span = tracing::info_span!("node", node = %config.node_id);
     let metrics = Arc::new(Metrics::new(&config.node_id)?);
     let interest = Broker::needs_interest(&config.broker).then(|| Arc::new(Interest::default()));
-    let limits =
-        HubLimits { channels: config.session.max_channels, subscriptions: config.session.max_node_subscriptions };
+    let limits = HubLimits {
+        channels: config.session.max_channels,
+        subscriptions: config.session.max_node_subscriptions,
+        queued_bytes: config.session.max_queued_bytes,
+    };
     let hub = Arc::new(Hub::new(interest.clone(), metrics.clone(), limits));
     let background = CancellationToken::new();
     let broker = node_span.in_scope(|| {

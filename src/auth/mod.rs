@@ -277,6 +277,10 @@ impl Auth {
             if resp.body.iter().all(u8::is_ascii_whitespace) {
                 return Ok(None);
             }
+            if resp.body.len() > self.cfg.max_result_bytes {
+                let msg = format!("the app's answer is larger than max-message-bytes ({})", self.cfg.max_result_bytes);
+                return Err(ApiError::new(ErrorCode::TooLarge, msg).blame(Fault::App));
+            }
             return serde_json::from_slice::<Box<RawValue>>(&resp.body).map(Some).map_err(|_| {
                 ApiError::new(ErrorCode::Internal, "the app answered with invalid JSON").blame(Fault::App)
             });

@@ -484,6 +484,7 @@ impl Subscriber {
         let mut seq: u64 = 0;
         let mut outstanding: Option<(u64, Instant)> = None;
         let mut last_rx = Instant::now();
+        let mut last_tick = Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Lost::Shutdown,
@@ -504,7 +505,16 @@ impl Subscriber {
                     }
                 }
                 _ = probe_tick.tick() => match outstanding {
+                    // This task itself was not scheduled for longer than a
+                    // probe may take (a CPU-starved or stopped process):
+                    // that says nothing about Redis. Probe afresh.
+                    Some(_) if last_tick.elapsed() > self.probe_interval + self.probe_timeout => {
+                        debug!(stalled = ?last_tick.elapsed(), "the node was stalled; probing afresh");
+                        outstanding = None;
+                        last_tick = Instant::now();
+                    }
                     Some((want, sent)) if sent.elapsed() > self.probe_timeout => {
+                        last_tick = Instant::now();
                         // The probe measures Redis, not this node: a node that
                         // was starved of CPU, or is working through a backlog,
                         // first reads what has already arrived.
@@ -526,8 +536,9 @@ impl Subscriber {
                             return Lost::Error("self-probe not received back: subscriber is not delivering".into());
                         }
                     }
-                    Some(_) => {}
+                    Some(_) => last_tick = Instant::now(),
                     None => {
+                        last_tick = Instant::now();
                         seq += 1;
                         outstanding = Some((seq, Instant::now()));
                         let probe = probe(self.pool.clone(), self.keys.probe.clone(), seq, self.timeout);

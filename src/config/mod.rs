@@ -128,6 +128,7 @@ pub struct SessionConfig {
     pub handshake_timeout: Duration,
     pub max_channels: usize,
     pub max_node_subscriptions: usize,
+    pub max_queued_bytes: usize,
 }
 
 /// The listeners' limits.
@@ -183,6 +184,8 @@ pub struct AuthConfig {
     pub hook_concurrency: usize,
     pub disconnect_hook_queue: usize,
     pub jwt: Option<JwtKey>,
+    /// Largest message-hook answer relayed to a client (max-message-bytes).
+    pub max_result_bytes: usize,
     /// Lower-cased origins without a trailing slash, or `*`.
     pub allowed_origins: Vec<String>,
     /// Longest prefix first.

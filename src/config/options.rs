@@ -175,6 +175,11 @@ pub struct Options {
     #[arg(long, env = "WSRELAY_MAX_NODE_SUBSCRIPTIONS", value_name = "N", default_value = "200000", value_parser = count(1, 100_000_000))]
     pub max_node_subscriptions: usize,
 
+    /// Bytes of messages queued for clients on this node at most; past it, clients already behind
+    /// are closed with 1013
+    #[arg(long, env = "WSRELAY_MAX_QUEUED_BYTES", value_name = "BYTES", default_value = "67108864", value_parser = count(65_536, 1 << 40))]
+    pub max_queued_bytes: usize,
+
     /// Peer (IP or CIDR; repeatable) whose X-Forwarded-* headers are believed; from any other peer
     /// they are replaced [default: none]
     #[arg(long, env = "WSRELAY_TRUSTED_PROXY", value_name = "CIDR", value_delimiter = ',', value_parser = network)]

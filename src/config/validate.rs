@@ -73,6 +73,7 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
         handshake_timeout: o.handshake_timeout,
         max_channels: o.max_channels,
         max_node_subscriptions: o.max_node_subscriptions,
+        max_queued_bytes: o.max_queued_bytes,
     };
     let proxy = ProxyConfig {
         upstream,
@@ -136,6 +137,7 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
         hook_concurrency: o.hook_concurrency,
         disconnect_hook_queue: o.disconnect_hook_queue,
         jwt: jwt_key(nonempty(o.jwt_secret), o.jwt_public_key)?.map(|k| k.with_claims(&o.jwt_audience, &o.jwt_issuer)),
+        max_result_bytes: o.max_message_bytes,
         allowed_origins: validate_origins(o.allowed_origin)?,
         namespaces,
         default_namespace,

@@ -33,6 +33,31 @@ use crate::protocol::Message;
 
 const SHARDS: usize = 64;
 
+/// Bytes of channel messages queued on this node, across every session,
+/// under `--max-queued-bytes`: per-connection queue limits alone multiply
+/// (10 000 connections × 1024 messages × 64 KiB).
+#[derive(Debug, Default)]
+pub struct QueueBudget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl QueueBudget {
+    pub fn new(max: usize) -> Self {
+        QueueBudget { used: AtomicUsize::new(0), max }
+    }
+    /// Bytes queued now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+    /// Written or dropped: no longer queued.
+    pub fn release(&self, bytes: usize) {
+        if bytes > 0 {
+            self.used.fetch_sub(bytes, Ordering::AcqRel);
+        }
+    }
+}
+
 /// One item queued for a session's socket.
 #[derive(Debug, Clone)]
 pub enum Outbound {
@@ -40,6 +65,17 @@ pub enum Outbound {
     Message(Arc<Message>),
     /// A frame already encoded for this session (a reply, a control frame).
     Frame(Utf8Bytes),
+}
+
+impl Outbound {
+    /// What it counts against the node's [`QueueBudget`]: channel messages
+    /// (replies are one per request, bounded by the session's read loop).
+    pub fn weight(&self) -> usize {
+        match self {
+            Outbound::Message(m) => m.weight(),
+            Outbound::Frame(_) => 0,
+        }
+    }
 }
 
 /// Microseconds since the Unix epoch (comparable across nodes, give or
@@ -61,6 +97,13 @@ pub struct SessionHandle {
     tx: mpsc::Sender<Outbound>,
     kill: Notify,
     kill_reason: AtomicU8,
+}
+
+impl SessionHandle {
+    /// Items waiting in its queue.
+    fn backlog(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
 }
 
 impl SessionHandle {
@@ -137,6 +180,8 @@ impl From<NodeLimit> for ApiError {
 pub struct HubLimits {
     pub channels: usize,
     pub subscriptions: usize,
+    /// Bytes of channel messages queued for sessions, node-wide.
+    pub queued_bytes: usize,
 }
 
 /// Takes one unit of `counter` under `max`.
@@ -157,6 +202,7 @@ pub struct Hub {
     limits: HubLimits,
     channels: AtomicUsize,
     subscriptions: AtomicUsize,
+    budget: QueueBudget,
 }
 
 /// Locks a mutex, recovering the data if a panic poisoned it: every critical
@@ -176,6 +222,7 @@ impl Hub {
             next_key: AtomicU64::new(1),
             interest,
             metrics,
+            budget: QueueBudget::new(limits.queued_bytes),
             limits,
             channels: AtomicUsize::new(0),
             subscriptions: AtomicUsize::new(0),
@@ -283,15 +330,26 @@ impl Hub {
 
     /// Hands one message to every local subscriber of its channel except
     /// the `exclude` connection. Never waits. Returns how many sessions got it.
+    ///
+    /// While the node's queued bytes are over `--max-queued-bytes`, the
+    /// subscribers that are already behind (a non-empty queue) are closed as
+    /// slow consumers instead of being handed more; those keeping up still
+    /// get it.
     pub fn deliver(&self, msg: &Arc<Message>) -> usize {
         let shard = lock(self.shard(&msg.channel));
         let Some(ch) = shard.get(msg.channel.as_str()) else {
             return 0;
         };
         let exclude = msg.exclude.as_deref();
+        let over = self.budget.used() >= self.budget.max;
         let mut n = 0;
         for sub in ch.sessions.values() {
             if exclude.is_some_and(|x| *x == *sub.id) {
+                continue;
+            }
+            if over && sub.backlog() > 0 {
+                sub.kill(CloseReason::SlowConsumer);
+                self.metrics.dropped_slow_consumer.inc();
                 continue;
             }
             if sub.enqueue(Outbound::Message(msg.clone())) {
@@ -300,7 +358,14 @@ impl Hub {
                 self.metrics.dropped_slow_consumer.inc();
             }
         }
+        // One atomic update per fan-out, not per subscriber.
+        self.budget.used.fetch_add(n * msg.weight(), Ordering::AcqRel);
         n
+    }
+
+    /// The node's queued-bytes budget (sessions release what they write).
+    pub fn budget(&self) -> &QueueBudget {
+        &self.budget
     }
 
     /// Closes the targeted local sessions that connected before `before_us`

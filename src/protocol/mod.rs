@@ -123,6 +123,11 @@ impl Message {
         Message { channel, data, offset: None, exclude, published_us, frames: Default::default() }
     }
 
+    /// Bytes it stands for in a session's queue (its frame, roughly).
+    pub fn weight(&self) -> usize {
+        self.data.len() + self.channel.len() + 64
+    }
+
     /// The message as `C` frames it, encoded on first use and shared after.
     pub fn encoded<C: Codec>(&self, codec: &C) -> Utf8Bytes {
         match self.frames.get(C::SLOT) {

@@ -98,6 +98,9 @@ pub(crate) struct Session<C: Codec> {
     ident: Arc<Identity>,
     /// Held for the session's life; given back on drop.
     _slot: Slot,
+    /// Its outbound queue, owned here so that whatever is left in it is
+    /// given back to the node's queue budget however the session ends.
+    rx: Option<mpsc::Receiver<Outbound>>,
     /// Channels subscribed, or reserved by a pending subscribe.
     subs: HashSet<Channel>,
     bucket: Bucket,
@@ -116,6 +119,15 @@ impl<C: Codec> Drop for Session<C> {
             hub.unsubscribe(&ch, self.handle.key);
         }
         hub.unregister(&self.handle);
+        // Nothing more can be queued (unsubscribed above): release the rest.
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            let mut left = 0;
+            while let Ok(out) = rx.try_recv() {
+                left += out.weight();
+            }
+            hub.budget().release(left);
+        }
         // A session that ended without run() finishing (a panic) still counts.
         self.report(CloseReason::Error);
     }
@@ -129,7 +141,14 @@ async fn maybe<F: Future + Unpin>(f: &mut Option<F>) -> F::Output {
 }
 
 impl<C: Codec> Session<C> {
-    pub(crate) fn new(node: Arc<Node>, codec: C, handle: Arc<SessionHandle>, ident: Arc<Identity>, slot: Slot) -> Self {
+    pub(crate) fn new(
+        node: Arc<Node>,
+        codec: C,
+        handle: Arc<SessionHandle>,
+        ident: Arc<Identity>,
+        slot: Slot,
+        rx: mpsc::Receiver<Outbound>,
+    ) -> Self {
         let cfg = &node.cfg.session;
         let bucket = Bucket::new(cfg.client_rate, cfg.client_burst);
         Session {
@@ -138,6 +157,7 @@ impl<C: Codec> Session<C> {
             handle,
             ident,
             _slot: slot,
+            rx: Some(rx),
             subs: HashSet::new(),
             bucket,
             strikes: 0,
@@ -160,9 +180,13 @@ impl<C: Codec> Session<C> {
     }
 
     /// Runs the session until it ends, then closes the socket.
-    pub(crate) async fn run(mut self, mut ws: Ws, mut rx: mpsc::Receiver<Outbound>, welcome: Utf8Bytes) {
+    pub(crate) async fn run(mut self, mut ws: Ws, welcome: Utf8Bytes) {
         self.started = true;
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
         let reason = self.serve(&mut ws, &mut rx, welcome).await;
+        self.rx = Some(rx);
         // Counted when decided, not when the close handshake ends: a client
         // that does not read can hold the socket for CLOSE_TIMEOUT.
         self.report(reason);
@@ -259,9 +283,11 @@ impl<C: Codec> Session<C> {
         let now = now_us();
         let metrics = &self.node.metrics;
         let mut messages: u64 = 0;
+        let mut bytes = 0;
         let mut next = Some(first);
         let mut n = 0;
         while let Some(out) = next.take() {
+            bytes += out.weight();
             let frame = match out {
                 Outbound::Message(m) => {
                     messages += 1;
@@ -277,6 +303,7 @@ impl<C: Codec> Session<C> {
             }
         }
         ws.flush().await.map_err(|_| CloseReason::Error)?;
+        self.node.hub.budget().release(bytes);
         metrics.delivered.inc_by(messages);
         Ok(())
     }

@@ -20,7 +20,6 @@ use crate::auth::Action;
 use crate::body::{Body, full, text};
 use crate::channel::Channel;
 use crate::error::{ApiError, ConnResult, Reject};
-use crate::hub::Outbound;
 use crate::node::Node;
 use crate::protocol::Codec;
 use crate::protocol::wsrelay::{SUBPROTOCOL, WsrelayV1};
@@ -35,9 +34,10 @@ pub(crate) fn ws_config(max_message_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
-        // Room for the buffer plus the largest frames we send; beyond it a
-        // write fails instead of growing without bound.
-        .max_write_buffer_size(WRITE_BUFFER + 4 * (max_message_bytes + 1024))
+        // Room for the buffer plus two of the largest frames we send (a
+        // message's data and a hook's answer are both capped at
+        // max-message-bytes); beyond it a write fails instead of growing.
+        .max_write_buffer_size(WRITE_BUFFER + 2 * (max_message_bytes + 1024))
         .max_message_size(Some(max_message_bytes))
         .max_frame_size(Some(max_message_bytes))
 }
@@ -64,7 +64,7 @@ pub(crate) async fn accept(node: Arc<Node>, mut req: Request<Incoming>, remote: 
         Ok(p) => p,
         Err(r) => return reject(&node, &r),
     };
-    let Prepared { key, protocol, mut session, rx, channels } = prepared;
+    let Prepared { key, protocol, mut session, channels } = prepared;
 
     // Subscriptions are in place before the 101, so a client never sees a
     // welcome for channels that are not delivering.
@@ -90,7 +90,7 @@ pub(crate) async fn accept(node: Arc<Node>, mut req: Request<Incoming>, remote: 
                     metrics.connection_result(ConnResult::Accepted);
                     let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_cfg)).await;
                     tracing::debug!("session open");
-                    session.run(ws, rx, welcome).await;
+                    session.run(ws, welcome).await;
                 }
                 _ => {
                     metrics.connection_result(ConnResult::HandshakeFailed);
@@ -119,7 +119,6 @@ struct Prepared {
     key: String,
     protocol: bool,
     session: Session<WsrelayV1>,
-    rx: tokio::sync::mpsc::Receiver<Outbound>,
     channels: Vec<Channel>,
 }
 
@@ -182,7 +181,7 @@ async fn prepare(node: &Arc<Node>, req: &Request<Incoming>, remote: SocketAddr) 
     let ident = Arc::new(ident);
     // The session owns the slot and the registration from here: its Drop
     // gives both back whichever way this ends.
-    let session = Session::new(node.clone(), WsrelayV1, handle, ident.clone(), slot);
+    let session = Session::new(node.clone(), WsrelayV1, handle, ident.clone(), slot, rx);
 
     // The limit is checked before any hook is asked about a URL channel.
     let url_channels: Vec<Channel> = url_channels.into_iter().filter(|c| !ident.channels.contains(c)).collect();
@@ -195,5 +194,5 @@ async fn prepare(node: &Arc<Node>, req: &Request<Incoming>, remote: SocketAddr) 
         node.auth.authorize(Action::Subscribe, &ident, &id, ch, None).await?;
     }
     let channels = ident.channels.iter().cloned().chain(url_channels).collect();
-    Ok(Prepared { key, protocol, session, rx, channels })
+    Ok(Prepared { key, protocol, session, channels })
 }

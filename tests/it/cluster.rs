@@ -260,3 +260,42 @@ async fn rediss_connects_with_tls_and_verifies_certificates() {
     assert_eq!(strict.readyz_broker().await, StatusCode::SERVICE_UNAVAILABLE, "an unverifiable certificate is refused");
     assert_eq!(strict.metric("wsrelay_broker_up").await, 0.0);
 }
+
+fn user_token(user: &str) -> String {
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
+    let claims = json!({"sub": user, "exp": exp});
+    let key = jsonwebtoken::EncodingKey::from_secret(b"k");
+    jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256), &claims, &key).unwrap()
+}
+
+#[tokio::test]
+async fn a_disconnect_missed_by_a_reconnecting_node_is_applied_when_it_is_back() {
+    let redis = RedisServer::start();
+    let proxy = FreezeProxy::start(redis.port).await;
+    let app = Upstream::start().await;
+    let probe = ["--redis-probe-interval", "300ms", "--redis-probe-timeout", "1500ms", "--redis-timeout", "1s"];
+    let jwt = ["--jwt-secret", "k"];
+    let a = node(&app, &proxy.url(), &[&probe[..], &jwt[..]].concat()).await;
+    let b = node(&app, &redis.url(), &jwt).await;
+    let url = a.ws_url(&format!("/ws?token={}", user_token("42")));
+    let mut revoked = ws_connect(&url).await;
+    let mut bystander = ws_connect(&a.ws_url(&format!("/ws?token={}", user_token("7")))).await;
+
+    // Node a's subscriber stops delivering, silently: it cannot hear b.
+    proxy.freeze(0);
+    let (status, _) = b.api("/api/disconnect", json!({"user": "42"}), None).await;
+    assert_eq!(status, StatusCode::OK);
+    // The same user signs in again on node a after the command: that session is new.
+    let mut fresh = ws_connect(&url).await;
+
+    // Node a notices, reconnects, and replays what it missed.
+    a.wait_metric("wsrelay_broker_probe_failures_total", |v| v >= 1.0).await;
+    let close = revoked.expect_close(STEP * 2).await.expect("a close frame");
+    assert_eq!(close.code, CloseCode::Policy);
+    assert_eq!(fresh.request(json!({"op":"ping"})).await["ok"], true, "a session newer than the command stays");
+    assert_eq!(bystander.request(json!({"op":"ping"})).await["ok"], true, "other users stay");
+    // Replayed once: a later reconnect does not close the fresh session.
+    let (status, _) = b.api("/api/disconnect", json!({"user": "nobody"}), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(fresh.request(json!({"op":"ping"})).await["ok"], true);
+}

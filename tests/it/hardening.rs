@@ -3,8 +3,7 @@
 //! node-wide subscription floods, trickled uploads, idle keep-alives and
 //! tunnels, deep JSON, cross-site posts to the admin API, expired tokens.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
@@ -16,10 +15,9 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
+use crate::common::redis::RedisServer;
 use crate::common::upstream::HookReply;
-use crate::common::{Relay, STEP, Upstream, eventually, request, try_request, ws_connect, ws_connect_with};
-
-const BIN: &str = env!("CARGO_BIN_EXE_wsrelay");
+use crate::common::{Binary, Relay, STEP, Upstream, eventually, request, try_request, ws_connect, ws_connect_with};
 
 /// Reads until the peer closes; true if it did within `within`.
 async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
@@ -72,53 +70,11 @@ async fn idle_keep_alive_connections_are_closed_but_busy_ones_are_not() {
     assert_eq!(status, StatusCode::OK);
 }
 
-/// The release binary under a file-descriptor limit, its addresses read from its log.
-struct Limited {
-    child: Child,
-    public: String,
-    admin: String,
-}
-
-impl Drop for Limited {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn_with_fd_limit(fds: u32, args: &[&str]) -> Limited {
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(format!("ulimit -n {fds} && exec \"$0\" \"$@\""))
-        .arg(BIN)
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json"])
-        .args(args)
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut limited = Limited { child, public: String::new(), admin: String::new() };
-    for line in lines.by_ref().map_while(Result::ok) {
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["message"] == "listening" {
-            limited.public = v["public"].as_str().unwrap().to_owned();
-            limited.admin = v["admin"].as_str().unwrap().to_owned();
-            break;
-        }
-    }
-    assert!(!limited.admin.is_empty(), "the binary started");
-    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
-    limited
-}
-
 #[tokio::test]
 async fn silent_sockets_cannot_starve_health_checks_or_the_app_under_a_low_fd_limit() {
     let app = Upstream::start().await;
     // 64 descriptors: before the fix, ~55 silent sockets took the process down.
-    let bin = spawn_with_fd_limit(64, &["--upstream", &app.url(), "--handshake-timeout", "30s"]);
+    let bin = Binary::spawn(Some(64), &["--upstream", &app.url(), "--handshake-timeout", "30s"]);
     let mut silent = Vec::new();
     for _ in 0..100 {
         silent.push(TcpStream::connect(&bin.public).await.unwrap());
@@ -307,4 +263,108 @@ async fn a_jwt_session_is_closed_when_its_token_expires() {
     assert_eq!(close.code, CloseCode::Policy);
     assert!(close.reason.contains("expired"), "{close:?}");
     assert_eq!(relay.metric("wsrelay_disconnects_total{reason=\"token_expired\"}").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_cpu_starved_node_does_not_take_itself_for_a_dead_redis() {
+    let redis = RedisServer::start();
+    let app = Upstream::start().await;
+    let args = ["--upstream", &app.url(), "--redis-url", &redis.url(), "--redis-probe-interval", "200ms"];
+    let bin = Binary::spawn(None, &[&args[..], &["--redis-probe-timeout", "1s"]].concat());
+    eventually(STEP, "broker up", || async { bin.metric("wsrelay_broker_up").await == Some(1.0) }).await;
+    // Several probes fit in the stop: the node must not blame Redis for it.
+    let pid = bin.child.id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(bin.metric("wsrelay_broker_probe_failures_total").await, Some(0.0));
+    assert_eq!(bin.metric("wsrelay_broker_reconnects_total").await, Some(0.0));
+    assert_eq!(bin.metric("wsrelay_broker_up").await, Some(1.0));
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// A WebSocket opened by hand (so a frame can be left half sent).
+async fn raw_ws(addr: &str, path: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    s
+}
+
+#[tokio::test]
+async fn the_worst_case_the_limits_allow_stays_within_the_memory_budget() {
+    const CONNS: u64 = 150;
+    const MAX_MSG: u64 = 65_536;
+    const QUEUED: u64 = 4 << 20;
+    let app = Upstream::start().await;
+    let bin = Binary::spawn(
+        None,
+        &[
+            "--upstream",
+            &app.url(),
+            "--max-connections",
+            &CONNS.to_string(),
+            "--max-queued-bytes",
+            &QUEUED.to_string(),
+            "--client-rate",
+            "0",
+        ],
+    );
+    let pid = bin.child.id();
+    let base = rss_kib(pid);
+    // Every connection subscribed, never reading, and holding a frame that
+    // announces the largest size and sends most of it.
+    let mut socks = Vec::new();
+    for _ in 0..CONNS {
+        let mut s = raw_ws(&bin.public, "/ws?channel=flood").await;
+        let mut frame = vec![0x81u8, 0xFF];
+        frame.extend_from_slice(&MAX_MSG.to_be_bytes());
+        frame.extend_from_slice(&[1, 2, 3, 4]);
+        frame.extend(std::iter::repeat_n(b'a', 60_000));
+        s.write_all(&frame).await.unwrap();
+        socks.push(s);
+    }
+    // The app floods the channel with the largest messages.
+    let data = "x".repeat(60_000);
+    for _ in 0..60 {
+        let body = json!({"channel":"flood","data": data}).to_string();
+        let (status, _, _) = request(
+            Method::POST,
+            &format!("http://{}/api/publish", bin.admin),
+            Some(body),
+            &[("content-type", "application/json".to_owned())],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let peak = rss_kib(pid);
+    // README "Memory budget": per connection, the read buffer (4 KiB) and a
+    // partial frame (max-message-bytes), the write buffer (16 KiB + 2 frames)
+    // and the session (~4 KiB); plus --max-queued-bytes node-wide.
+    let per_conn_kib = 4 + MAX_MSG / 1024 + 16 + 2 * (MAX_MSG / 1024 + 1) + 4;
+    let budget = base + CONNS * per_conn_kib + QUEUED / 1024;
+    eprintln!("RSS base {base} KiB, peak {peak} KiB, budget {budget} KiB");
+    assert!(peak <= budget, "RSS {peak} KiB over the budget {budget} KiB (base {base} KiB)");
+    drop(socks);
 }

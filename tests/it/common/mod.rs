@@ -357,3 +357,59 @@ pub fn init_log() {
         let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
     }
 }
+
+/// The wsrelay binary in its own process (optionally under a file-descriptor
+/// limit), its addresses read from its JSON log.
+pub struct Binary {
+    pub child: std::process::Child,
+    pub public: String,
+    pub admin: String,
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Binary {
+    pub fn spawn(fd_limit: Option<u32>, args: &[&str]) -> Binary {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        const BIN: &str = env!("CARGO_BIN_EXE_wsrelay");
+        let limit = fd_limit.map_or(String::new(), |n| format!("ulimit -n {n} && "));
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{limit}exec \"$0\" \"$@\""))
+            .arg(BIN)
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(args)
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut bin = Binary { child, public: String::new(), admin: String::new() };
+        for line in lines.by_ref().map_while(Result::ok) {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["message"] == "listening" {
+                bin.public = v["public"].as_str().unwrap().to_owned();
+                bin.admin = v["admin"].as_str().unwrap().to_owned();
+                break;
+            }
+        }
+        assert!(!bin.admin.is_empty(), "the binary started");
+        // Keep reading its log so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+        bin
+    }
+
+    /// One series from its /metrics, None if absent.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let (_, _, body) = request(Method::GET, &format!("http://{}/metrics", self.admin), None, &[]).await;
+        metric_value(&String::from_utf8_lossy(&body), series)
+    }
+}
