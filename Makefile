@@ -1,10 +1,11 @@
+SHELL := /bin/bash
 # wsrelay — common tasks. `make run` starts the sidecar (in-memory broker),
 # `make test` runs the whole suite (it installs redis-server if it can).
 
 CARGO ?= cargo
 ARGS  ?=
 
-.PHONY: run build test check fmt clippy deps need bench clean
+.PHONY: run build test check fmt clippy deps need bench clean fuzz fuzz-smoke
 
 ## Build in release mode and run the sidecar with its defaults
 ## (public :8080, admin 127.0.0.1:8081, app at http://127.0.0.1:3000, in-memory broker).
@@ -59,6 +60,26 @@ check:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(MAKE) test
+
+## Fuzz every parser that reads untrusted input (client frames, admin API
+## bodies, what arrives from Redis, config files) for FUZZ_SECONDS each,
+## with cargo-fuzz on the nightly toolchain. A crash stops with the input
+## saved under fuzz/artifacts/ (make it a regression test).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := client_frame admin_body redis_envelope config_file
+
+fuzz:
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	@rustup toolchain list | grep -q nightly || { echo "make: fuzzing needs the nightly toolchain (rustup toolchain install nightly)"; exit 1; }
+	@for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus/$$t; \
+		echo "== fuzz $$t for $(FUZZ_SECONDS)s"; \
+		(cd fuzz && $(CARGO) +nightly fuzz run $$t corpus/$$t seeds/$$t -- -max_total_time=$(FUZZ_SECONDS) 2>&1 | grep -E "^Done|ERROR|SUMMARY" ; exit $${PIPESTATUS[0]}) || exit 1; \
+	done
+
+## What CI runs: each target briefly.
+fuzz-smoke:
+	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=10
 
 clean:
 	$(CARGO) clean

@@ -125,13 +125,16 @@ fn json_error(node: &Node, e: &ApiError) -> Response<Body> {
     r
 }
 
-/// Reads a JSON body of at most `limit` bytes into `T`.
-async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>, limit: usize) -> Result<T, ApiError> {
-    let body = read_limited(req.into_body(), limit).await.map_err(|e| match e {
+/// Reads a body of at most `limit` bytes.
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    read_limited(req.into_body(), limit).await.map_err(|e| match e {
         ReadError::TooLarge(_) => ApiError::new(ErrorCode::TooLarge, e.to_string()),
         ReadError::Io(_) => ApiError::bad_request(e.to_string()),
-    })?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    })
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 #[derive(Deserialize)]
@@ -151,9 +154,17 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue
     Box::<RawValue>::deserialize(d).map(Some)
 }
 
-async fn publish(node: &Node, req: Request<Incoming>) -> Result<serde_json::Value, ApiError> {
-    let max = node.cfg.session.max_message_bytes;
-    let body: PublishBody = read_json(req, max + 64 * 1024).await?;
+/// A validated `POST /api/publish` body.
+#[derive(Debug)]
+pub struct PublishRequest {
+    pub channels: Vec<Channel>,
+    pub data: Box<RawValue>,
+    pub exclude: Option<String>,
+}
+
+/// Parses and validates a `POST /api/publish` body (`max`: max-message-bytes).
+pub fn parse_publish(body: &[u8], max: usize) -> Result<PublishRequest, ApiError> {
+    let body: PublishBody = parse_json(body)?;
     let data = body.data.ok_or_else(|| ApiError::bad_request("missing field \"data\""))?;
     check_depth(data.get())?;
     if data.get().len() > max {
@@ -182,7 +193,13 @@ async fn publish(node: &Node, req: Request<Incoming>) -> Result<serde_json::Valu
     if body.exclude.as_ref().is_some_and(|x| x.len() > 256) {
         return Err(ApiError::bad_request("\"exclude\" is not a connection id"));
     }
-    node.publish(channels, &data, body.exclude.as_deref(), Source::Api).await?;
+    Ok(PublishRequest { channels, data, exclude: body.exclude })
+}
+
+async fn publish(node: &Node, req: Request<Incoming>) -> Result<serde_json::Value, ApiError> {
+    let max = node.cfg.session.max_message_bytes;
+    let p = parse_publish(&read_body(req, max + 64 * 1024).await?, max)?;
+    node.publish(p.channels, &p.data, p.exclude.as_deref(), Source::Api).await?;
     Ok(serde_json::json!({}))
 }
 
@@ -196,16 +213,21 @@ struct DisconnectBody {
     connection: Option<String>,
 }
 
-async fn disconnect(node: &Node, req: Request<Incoming>) -> Result<serde_json::Value, ApiError> {
-    let body: DisconnectBody = read_json(req, 64 * 1024).await?;
+/// Parses and validates a `POST /api/disconnect` body.
+pub fn parse_disconnect(body: &[u8]) -> Result<DisconnectTarget, ApiError> {
+    let body: DisconnectBody = parse_json(body)?;
     let user =
         crate::auth::user_id(body.user).map_err(|_| ApiError::bad_request("\"user\" must be a string or a number"))?;
-    let target = match (user, body.connection) {
-        (Some(u), None) if !u.is_empty() => DisconnectTarget::User(u),
-        (None, Some(c)) if !c.is_empty() => DisconnectTarget::Connection(c),
-        (Some(_), Some(_)) => return Err(ApiError::bad_request("give \"user\" or \"connection\", not both")),
-        _ => return Err(ApiError::bad_request("missing field \"user\" or \"connection\"")),
-    };
+    match (user, body.connection) {
+        (Some(u), None) if !u.is_empty() => Ok(DisconnectTarget::User(u)),
+        (None, Some(c)) if !c.is_empty() => Ok(DisconnectTarget::Connection(c)),
+        (Some(_), Some(_)) => Err(ApiError::bad_request("give \"user\" or \"connection\", not both")),
+        _ => Err(ApiError::bad_request("missing field \"user\" or \"connection\"")),
+    }
+}
+
+async fn disconnect(node: &Node, req: Request<Incoming>) -> Result<serde_json::Value, ApiError> {
+    let target = parse_disconnect(&read_body(req, 64 * 1024).await?)?;
     node.broker.disconnect(target).await?;
     Ok(serde_json::json!({}))
 }

@@ -645,26 +645,45 @@ impl Subscriber {
     }
 
     fn deliver(&self, name: &str, payload: &[u8]) {
-        let Some(nl) = payload.iter().position(|b| *b == b'\n') else {
-            warn!(prefix = %self.keys.prefix, "ignoring a message without a wsrelay header (published by something else?)");
-            return;
-        };
-        let header: Header<'_> = match serde_json::from_slice(&payload[..nl]) {
-            Ok(h) => h,
-            Err(e) => {
-                warn!(error = %e, "ignoring a message with a malformed header");
-                return;
+        match decode_message(name, payload) {
+            Ok(msg) => {
+                self.hub.deliver(&Arc::new(msg));
             }
-        };
-        let (Ok(channel), Ok(data)) =
-            (Channel::parse(name), Utf8Bytes::try_from(Bytes::copy_from_slice(&payload[nl + 1..])))
-        else {
-            warn!("ignoring a message with an invalid channel name or data that is not UTF-8");
-            return;
-        };
-        let msg = Message::new(channel, data, header.x.map(|x| x.into_owned().into_boxed_str()), header.t);
-        self.hub.deliver(&Arc::new(msg));
+            Err(e) => warn!(prefix = %self.keys.prefix, error = %e, "ignoring a message"),
+        }
     }
+}
+
+/// Why a message read from a Redis channel is not one of ours.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("no wsrelay header (published by something else?)")]
+    NoHeader,
+    #[error("malformed header: {0}")]
+    Header(#[from] serde_json::Error),
+    #[error("invalid channel name: {0}")]
+    Channel(#[from] crate::channel::ChannelError),
+    #[error("data is not UTF-8")]
+    NotUtf8,
+}
+
+/// Decodes a message published on `{prefix}ch:{channel}` (`channel` without
+/// the prefix): only the small header is parsed; the data is taken as it
+/// came (it was validated by the node that published it).
+pub fn decode_message(channel: &str, payload: &[u8]) -> Result<Message, EnvelopeError> {
+    let nl = payload.iter().position(|b| *b == b'\n').ok_or(EnvelopeError::NoHeader)?;
+    let header: Header<'_> = serde_json::from_slice(&payload[..nl])?;
+    let channel = Channel::parse(channel)?;
+    let data = Utf8Bytes::try_from(Bytes::copy_from_slice(&payload[nl + 1..])).map_err(|_| EnvelopeError::NotUtf8)?;
+    Ok(Message::new(channel, data, header.x.map(|x| x.into_owned().into_boxed_str()), header.t))
+}
+
+/// Decodes a control message (`<stream id> <command JSON>`); None if malformed.
+pub fn decode_command(payload: &[u8]) -> Option<(String, String)> {
+    let (id, cmd) = std::str::from_utf8(payload).ok()?.split_once(' ')?;
+    let id = StreamId::parse(id)?;
+    serde_json::from_str::<Command>(cmd).ok()?;
+    Some((id.to_string(), cmd.to_owned()))
 }
 
 /// Exponential backoff from 100 ms to 2 s, each delay drawn from the upper

@@ -9,7 +9,7 @@
 
 use std::collections::HashSet;
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::error::{ContextKind, ContextValue};
 use clap::parser::ValueSource;
@@ -56,7 +56,25 @@ pub fn layered(args: Vec<OsString>) -> Result<Layered, LoadError> {
         e.file = Some(path.clone());
         e
     };
-    let mut table = read(&path).map_err(in_file)?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| in_file(ConfigError::new("config", format!("cannot read the file: {e}"))))?;
+    with_file_text(args, &matches, &text, path)
+}
+
+/// As [`layered`], with the config file's text already read (`path` names
+/// it in errors). Public for the config fuzz target.
+pub fn with_file_text(
+    args: Vec<OsString>,
+    matches: &clap::ArgMatches,
+    text: &str,
+    path: PathBuf,
+) -> Result<Layered, LoadError> {
+    let cmd = Options::command();
+    let in_file = |mut e: ConfigError| {
+        e.file = Some(path.clone());
+        e
+    };
+    let mut table = text.parse::<toml::Table>().map_err(|e| in_file(ConfigError::new("(syntax)", e.message())))?;
     let namespaces = namespace_tables(&mut table).map_err(in_file)?;
 
     let mut extra: Vec<OsString> = Vec::new();
@@ -76,7 +94,7 @@ pub fn layered(args: Vec<OsString>) -> Result<Layered, LoadError> {
         from_file.insert(key);
     }
     if extra.is_empty() {
-        let options = Options::from_arg_matches(&matches).map_err(LoadError::Cli)?;
+        let options = Options::from_arg_matches(matches).map_err(LoadError::Cli)?;
         return Ok(Layered { options, namespaces, file: Some(path) });
     }
     let all = args.into_iter().chain(extra);
@@ -86,12 +104,6 @@ pub fn layered(args: Vec<OsString>) -> Result<Layered, LoadError> {
     })?;
     let options = Options::from_arg_matches(&matches).map_err(LoadError::Cli)?;
     Ok(Layered { options, namespaces, file: Some(path) })
-}
-
-fn read(path: &Path) -> Result<toml::Table, ConfigError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| ConfigError::new("config", format!("cannot read the file: {e}")))?;
-    text.parse::<toml::Table>().map_err(|e| ConfigError::new("(syntax)", e.message()))
 }
 
 /// Takes the namespace tables out of the file and reads them.

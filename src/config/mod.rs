@@ -71,6 +71,16 @@ where
     Ok(Loaded { config, check_only })
 }
 
+/// Validates a config file's text as `wsrelay --config FILE` would (no
+/// flags or environment): for the config fuzz target and tools.
+pub fn from_toml_text(text: &str) -> Result<Config, LoadError> {
+    use clap::CommandFactory;
+    let args: Vec<OsString> = vec!["wsrelay".into()];
+    let matches = Options::command().try_get_matches_from(&args).map_err(LoadError::Cli)?;
+    let layered = file::with_file_text(args, &matches, text, PathBuf::from("(text)"))?;
+    Ok(validate::validate(layered.options, layered.namespaces)?)
+}
+
 /// A random identifier of `len` characters from [0-9a-z].
 pub fn random_id(len: usize) -> String {
     use rand::RngExt;

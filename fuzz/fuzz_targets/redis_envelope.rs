@@ -1,0 +1,18 @@
+//! What a node reads from Redis (anything may publish there): message
+//! envelopes and control commands never panic, and a decoded message frames
+//! into valid JSON when its data is JSON.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use wsrelay::broker::redis::{decode_command, decode_message};
+use wsrelay::protocol::wsrelay::WsrelayV1;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = decode_command(data);
+    if let Ok(msg) = decode_message("room:1", data) {
+        let frame = msg.encoded(&WsrelayV1);
+        if serde_json::from_str::<serde_json::Value>(msg.data.as_str()).is_ok() {
+            serde_json::from_str::<serde_json::Value>(frame.as_str()).expect("a frame around JSON is JSON");
+        }
+    }
+});
