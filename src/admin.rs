@@ -17,7 +17,7 @@ use crate::channel::Channel;
 use crate::error::{ApiError, ErrorCode};
 use crate::hub::DisconnectTarget;
 use crate::node::{Node, Source};
-use crate::protocol::check_depth;
+use crate::protocol::{Offset, check_depth};
 
 /// Channels one broadcast may name at most.
 pub const MAX_BROADCAST: usize = 1000;
@@ -40,13 +40,11 @@ pub(crate) async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<
             let result = match (req.method(), p) {
                 (&Method::POST, "/api/publish") => publish(&node, req).await,
                 (&Method::POST, "/api/disconnect") => disconnect(&node, req).await,
-                (&Method::GET, p)
-                    if p.starts_with("/api/channels/") && (p.ends_with("/presence") || p.ends_with("/history")) =>
-                {
-                    Err(ApiError::new(
-                        ErrorCode::NotSupported,
-                        "presence and history are not available in this version",
-                    ))
+                (&Method::GET, p) if p.starts_with("/api/channels/") && p.ends_with("/history") => {
+                    history(&node, &p["/api/channels/".len()..p.len() - "/history".len()], req.uri().query()).await
+                }
+                (&Method::GET, p) if p.starts_with("/api/channels/") && p.ends_with("/presence") => {
+                    Err(ApiError::new(ErrorCode::NotSupported, "presence is not available in this version"))
                 }
                 (_, "/api/publish" | "/api/disconnect") => {
                     Err(ApiError::new(ErrorCode::BadRequest, "use POST with a JSON body"))
@@ -199,8 +197,24 @@ pub fn parse_publish(body: &[u8], max: usize) -> Result<PublishRequest, ApiError
 async fn publish(node: &Node, req: Request<Incoming>) -> Result<serde_json::Value, ApiError> {
     let max = node.cfg.session.max_message_bytes;
     let p = parse_publish(&read_body(req, max + 64 * 1024).await?, max)?;
-    node.publish(p.channels, &p.data, p.exclude.as_deref(), Source::Api).await?;
-    Ok(serde_json::json!({}))
+    let channels = p.channels.clone();
+    let offsets = node.publish(p.channels, &p.data, p.exclude.as_deref(), Source::Api).await?;
+    Ok(publish_answer(&channels, &offsets))
+}
+
+/// `{}`; `{"offset":…}` for one channel with history; for a broadcast,
+/// `{"offsets":{channel: offset}}` for those with history.
+fn publish_answer(channels: &[Channel], offsets: &[Option<crate::protocol::Offset>]) -> serde_json::Value {
+    let with: serde_json::Map<String, serde_json::Value> = channels
+        .iter()
+        .zip(offsets)
+        .filter_map(|(c, o)| o.as_ref().map(|o| (c.to_string(), serde_json::Value::from(o.to_string()))))
+        .collect();
+    match (channels.len(), with.values().next()) {
+        (_, None) => serde_json::json!({}),
+        (1, Some(o)) => serde_json::json!({ "offset": o }),
+        _ => serde_json::json!({ "offsets": with }),
+    }
 }
 
 #[derive(Deserialize)]
@@ -230,4 +244,61 @@ async fn disconnect(node: &Node, req: Request<Incoming>) -> Result<serde_json::V
     let target = parse_disconnect(&read_body(req, 64 * 1024).await?)?;
     node.broker.disconnect(target).await?;
     Ok(serde_json::json!({}))
+}
+
+/// Most messages one history request returns.
+const MAX_HISTORY_LIMIT: usize = 1000;
+
+/// `GET /api/channels/{channel}/history?since=<offset>&limit=N`:
+/// `{"messages":[{"data","offset"}…],"offset","epoch","recovered"}` —
+/// `recovered` says whether everything after `since` is there (no `since`:
+/// the newest `limit` messages kept, and `recovered` is false).
+async fn history(node: &Node, channel: &str, query: Option<&str>) -> Result<serde_json::Value, ApiError> {
+    let channel = percent_encoding::percent_decode_str(channel).decode_utf8_lossy();
+    let channel = Channel::parse(&channel).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let Some(policy) = node.cfg.namespaces.rule(&channel).history else {
+        return Err(ApiError::new(ErrorCode::NotFound, format!("no history is kept for {channel:?}")));
+    };
+    let mut since = None;
+    let mut limit = policy.size.min(MAX_HISTORY_LIMIT);
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*k {
+            "since" => {
+                since = Some(Offset::parse(&v).ok_or_else(|| ApiError::bad_request("\"since\" is not an offset"))?)
+            }
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_HISTORY_LIMIT).contains(n))
+                    .ok_or_else(|| ApiError::bad_request(format!("\"limit\" must be 1 to {MAX_HISTORY_LIMIT}")))?;
+            }
+            _ => {}
+        }
+    }
+    node.metrics.history_reads.inc();
+    // Without since: the newest `limit` (read from where they start).
+    let after = match &since {
+        Some(o) => o.seq,
+        None => {
+            let top = node.broker.history(&channel, policy, u64::MAX - 1, 1).await?.top;
+            top.saturating_sub(limit as u64)
+        }
+    };
+    let h = node.broker.history(&channel, policy, after, limit).await?;
+    let recovered = since.as_ref().is_some_and(|s| h.covers(s));
+    let messages: Vec<serde_json::Value> = h
+        .messages
+        .iter()
+        .map(|m| {
+            let data: serde_json::Value = serde_json::from_str(m.data.as_str()).unwrap_or(serde_json::Value::Null);
+            serde_json::json!({ "data": data, "offset": m.offset.as_ref().map(ToString::to_string) })
+        })
+        .collect();
+    Ok(serde_json::json!({
+        "messages": messages,
+        "offset": h.top_offset().to_string(),
+        "epoch": &*h.epoch,
+        "recovered": recovered,
+    }))
 }

@@ -91,9 +91,14 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     };
     let hub = Arc::new(Hub::new(interest.clone(), metrics.clone(), limits));
     let background = CancellationToken::new();
-    let broker = node_span.in_scope(|| {
-        Broker::start(&config.broker, &config.node_id, hub.clone(), interest, metrics.clone(), background.clone())
-    })?;
+    let wiring = broker::Wiring {
+        node_id: config.node_id.clone(),
+        hub: hub.clone(),
+        metrics: metrics.clone(),
+        namespaces: config.namespaces.clone(),
+        shutdown: background.clone(),
+    };
+    let broker = node_span.in_scope(|| Broker::start(&config.broker, wiring, interest))?;
     info!("{}", broker.describe());
     let client = upstream::client(&config.proxy);
     let proxy = Proxy::new(&config.proxy, client.clone(), metrics.clone());

@@ -35,6 +35,9 @@ pub struct Metrics {
     upstream_requests: IntCounterVec,
     pub upstream_seconds: Histogram,
     pub tunnels: IntGauge,
+    pub history_reads: IntCounter,
+    pub history_recovered: IntCounter,
+    pub history_gaps: IntCounter,
     errors: [IntCounter; 4],
 }
 
@@ -127,6 +130,16 @@ impl Metrics {
             )?,
             upstream_seconds: r.histogram("upstream_seconds", "Time to the app's response headers")?,
             tunnels: r.gauge("tunnels", "WebSockets on other paths tunnelled to the app")?,
+            history_reads: r
+                .counter("history_reads_total", "Reads of a channel's history (recovery, catch-up, the API)")?,
+            history_recovered: r.counter(
+                "history_recovered_total",
+                "Messages delivered from history: recovered by clients (since) or caught up by this node after a gap",
+            )?,
+            history_gaps: r.counter(
+                "history_gaps_total",
+                "Gaps history could not cover: subscribers told to reload (gap frame, recovered:false)",
+            )?,
             errors: {
                 let errors = r.counters(
                     "errors_total",

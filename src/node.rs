@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::hub::{Hub, now_us};
 use crate::metrics::Metrics;
-use crate::protocol::Message;
+use crate::protocol::{Message, Offset};
 use crate::proxy::Proxy;
 use crate::upstream::normalized_path;
 
@@ -123,15 +123,16 @@ impl Node {
     /// Publishes `data` to `channels`: the one publish path. The message is
     /// built once (the data copied once, shared by every channel of a
     /// broadcast), stamped, handed to the broker, and counted once the
-    /// broker has it. Fails with `unavailable` when the broker does not
-    /// take it: never reported as done when it was not.
+    /// broker has it, with each channel's offset where history is kept.
+    /// Fails with `unavailable` when the broker does not take it: never
+    /// reported as done when it was not.
     pub async fn publish(
         &self,
         channels: Vec<Channel>,
         data: &RawValue,
         exclude: Option<&str>,
         source: Source,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Vec<Option<Offset>>, ApiError> {
         let data = Utf8Bytes::from(data.get().to_owned());
         let published_us = now_us();
         let n = channels.len() as u64;
@@ -139,11 +140,11 @@ impl Node {
             .into_iter()
             .map(|c| Arc::new(Message::new(c, data.clone(), exclude.map(Into::into), published_us)))
             .collect();
-        self.broker.publish(messages).await?;
+        let offsets = self.broker.publish(messages).await?;
         match source {
             Source::Api => self.metrics.published_api.inc_by(n),
             Source::Client => self.metrics.published_client.inc_by(n),
         }
-        Ok(())
+        Ok(offsets)
     }
 }

@@ -1,29 +1,141 @@
 //! In-memory broker: one process, publish goes straight to the local hub.
 //! Ordering per channel comes from the hub's shard lock, taken once per
-//! message.
+//! message; where a namespace keeps history, from the channel's ring lock,
+//! held while the offset is assigned and the message delivered.
+//!
+//! History is a ring per channel: the last `size` messages younger than
+//! `ttl`, with an epoch per ring (a ring dropped after its `ttl` and made
+//! again gets a new one, so an old offset can never match).
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
+use super::History;
+use crate::channel::Channel;
+use crate::config::{HistoryPolicy, Namespaces};
 use crate::hub::{DisconnectTarget, Hub};
 use crate::metrics::Metrics;
-use crate::protocol::Message;
+use crate::protocol::{Message, Offset};
+
+/// Publishes between two sweeps of expired rings.
+const SWEEP_EVERY: u64 = 1024;
 
 pub struct MemoryBroker {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
+    namespaces: Arc<Namespaces>,
+    rings: Mutex<HashMap<Channel, Arc<Mutex<Ring>>>>,
+    /// Random per process; rings add a generation.
+    process_epoch: String,
+    generation: AtomicU64,
+    publishes: AtomicU64,
+}
+
+struct Ring {
+    epoch: Arc<str>,
+    top: u64,
+    entries: VecDeque<(Instant, Arc<Message>)>,
+}
+
+impl Ring {
+    fn trim(&mut self, policy: HistoryPolicy, now: Instant) {
+        while self.entries.len() > policy.size {
+            self.entries.pop_front();
+        }
+        while self.entries.front().is_some_and(|(at, _)| now.duration_since(*at) > policy.ttl) {
+            self.entries.pop_front();
+        }
+    }
+
+    fn first(&self) -> u64 {
+        self.entries.front().and_then(|(_, m)| m.offset.as_ref()).map_or(self.top + 1, |o| o.seq)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl MemoryBroker {
-    pub fn new(hub: Arc<Hub>, metrics: Arc<Metrics>) -> Self {
-        MemoryBroker { hub, metrics }
+    pub fn new(hub: Arc<Hub>, metrics: Arc<Metrics>, namespaces: Arc<Namespaces>) -> Self {
+        MemoryBroker {
+            hub,
+            metrics,
+            namespaces,
+            rings: Mutex::new(HashMap::new()),
+            process_epoch: crate::config::random_id(6),
+            generation: AtomicU64::new(0),
+            publishes: AtomicU64::new(0),
+        }
     }
 
-    pub fn publish(&self, pubs: &[Arc<Message>]) {
+    fn ring(&self, channel: &Channel) -> Arc<Mutex<Ring>> {
+        let mut rings = lock(&self.rings);
+        rings
+            .entry(channel.clone())
+            .or_insert_with(|| {
+                let g = self.generation.fetch_add(1, Ordering::Relaxed);
+                let epoch = Arc::from(format!("{}{g}", self.process_epoch));
+                Arc::new(Mutex::new(Ring { epoch, top: 0, entries: VecDeque::new() }))
+            })
+            .clone()
+    }
+
+    /// Drops the rings whose every message expired (their channels went quiet).
+    fn sweep(&self, now: Instant) {
+        let mut rings = lock(&self.rings);
+        rings.retain(|channel, ring| {
+            let Some(policy) = self.namespaces.rule(channel).history else { return false };
+            let mut r = lock(ring);
+            r.trim(policy, now);
+            !r.entries.is_empty()
+        });
+    }
+
+    pub fn publish(&self, pubs: &[Arc<Message>]) -> Vec<Option<Offset>> {
         let timer = self.metrics.broker_publish_seconds.start_timer();
+        let now = Instant::now();
+        let mut offsets = Vec::with_capacity(pubs.len());
         for m in pubs {
-            self.hub.deliver(m);
+            let Some(policy) = self.namespaces.rule(&m.channel).history else {
+                self.hub.deliver(m);
+                offsets.push(None);
+                continue;
+            };
+            let ring = self.ring(&m.channel);
+            let mut r = lock(&ring);
+            r.top += 1;
+            let offset = Offset { epoch: r.epoch.clone(), seq: r.top };
+            let stored = Arc::new(m.with_offset(offset.clone()));
+            r.entries.push_back((now, stored.clone()));
+            r.trim(policy, now);
+            // Delivered under the ring's lock: offsets reach subscribers in order.
+            self.hub.deliver(&stored);
+            offsets.push(Some(offset));
+        }
+        if self.publishes.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            self.sweep(now);
         }
         timer.observe_duration();
+        offsets
+    }
+
+    /// The channel's history after sequence `after`, at most `limit` messages.
+    pub fn history(&self, channel: &Channel, policy: HistoryPolicy, after: u64, limit: usize) -> History {
+        let ring = self.ring(channel);
+        let mut r = lock(&ring);
+        r.trim(policy, Instant::now());
+        let messages = r
+            .entries
+            .iter()
+            .map(|(_, m)| m)
+            .filter(|m| m.offset.as_ref().is_some_and(|o| o.seq > after))
+            .take(limit)
+            .cloned()
+            .collect();
+        History { epoch: r.epoch.clone(), top: r.top, first: r.first(), messages }
     }
 
     pub fn disconnect(&self, target: &DisconnectTarget) {

@@ -23,11 +23,48 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::BrokerConfig;
+use crate::channel::Channel;
+use crate::config::{BrokerConfig, HistoryPolicy, Namespaces};
 pub use crate::error::BrokerError;
 use crate::hub::{DisconnectTarget, Hub, Interest};
 use crate::metrics::Metrics;
-use crate::protocol::Message;
+use crate::protocol::{Message, Offset};
+
+/// What a broker is wired to.
+pub struct Wiring {
+    pub node_id: String,
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    pub namespaces: Arc<Namespaces>,
+    /// Its background tasks stop when this is cancelled.
+    pub shutdown: CancellationToken,
+}
+
+/// A channel's history as read at one moment.
+#[derive(Debug)]
+pub struct History {
+    /// The history's epoch (a new one whenever it was lost).
+    pub epoch: Arc<str>,
+    /// The last sequence number assigned (0: none yet).
+    pub top: u64,
+    /// The oldest sequence number still kept (`top + 1` when none is).
+    pub first: u64,
+    /// The messages asked for, oldest first, each with its offset.
+    pub messages: Vec<Arc<Message>>,
+}
+
+impl History {
+    /// Whether everything after `since` is here (or can be read): same
+    /// epoch, and nothing between it and the oldest kept message dropped.
+    pub fn covers(&self, since: &Offset) -> bool {
+        *since.epoch == *self.epoch && since.seq <= self.top && since.seq + 1 >= self.first
+    }
+
+    /// The offset of the newest message.
+    pub fn top_offset(&self) -> Offset {
+        Offset { epoch: self.epoch.clone(), seq: self.top }
+    }
+}
 
 pub enum Broker {
     Memory(memory::MemoryBroker),
@@ -37,21 +74,14 @@ pub enum Broker {
 impl Broker {
     /// Builds the broker the configuration names and starts its tasks; they
     /// stop when `shutdown` is cancelled.
-    pub fn start(
-        cfg: &BrokerConfig,
-        node_id: &str,
-        hub: Arc<Hub>,
-        interest: Option<Arc<Interest>>,
-        metrics: Arc<Metrics>,
-        shutdown: CancellationToken,
-    ) -> Result<Broker, BrokerError> {
+    pub fn start(cfg: &BrokerConfig, w: Wiring, interest: Option<Arc<Interest>>) -> Result<Broker, BrokerError> {
         match (&cfg.redis_url, interest) {
-            (Some(url), Some(interest)) => Ok(Broker::Redis(Box::new(redis::RedisBroker::start(
-                url, cfg, node_id, hub, interest, metrics, shutdown,
-            )?))),
+            (Some(url), Some(interest)) => {
+                Ok(Broker::Redis(Box::new(redis::RedisBroker::start(url, cfg, w, interest)?)))
+            }
             (None, _) => {
-                metrics.broker_up.set(1);
-                Ok(Broker::Memory(memory::MemoryBroker::new(hub, metrics)))
+                w.metrics.broker_up.set(1);
+                Ok(Broker::Memory(memory::MemoryBroker::new(w.hub, w.metrics, w.namespaces)))
             }
             (Some(_), None) => Err(BrokerError::Config("the Redis broker needs the hub's interest".into())),
         }
@@ -72,14 +102,27 @@ impl Broker {
         }
     }
 
-    /// Publishes messages (one or a broadcast); Ok once the broker has them.
-    pub async fn publish(&self, pubs: Vec<Arc<Message>>) -> Result<(), BrokerError> {
+    /// Publishes messages (one or a broadcast); Ok once the broker has
+    /// them, with each one's offset where its namespace keeps history.
+    pub async fn publish(&self, pubs: Vec<Arc<Message>>) -> Result<Vec<Option<Offset>>, BrokerError> {
         match self {
-            Broker::Memory(m) => {
-                m.publish(&pubs);
-                Ok(())
-            }
+            Broker::Memory(m) => Ok(m.publish(&pubs)),
             Broker::Redis(r) => r.publish(pubs).await,
+        }
+    }
+
+    /// A channel's history after sequence `after` (0: from the start), at
+    /// most `limit` messages.
+    pub async fn history(
+        &self,
+        channel: &Channel,
+        policy: HistoryPolicy,
+        after: u64,
+        limit: usize,
+    ) -> Result<History, BrokerError> {
+        match self {
+            Broker::Memory(m) => Ok(m.history(channel, policy, after, limit)),
+            Broker::Redis(r) => r.history(channel, after, limit).await,
         }
     }
 

@@ -31,6 +31,7 @@
 //! (`{"t":µs,"x":"exclude"}`), `\n`, then the message's `data` as JSON. Each
 //! node frames it for its clients' protocols once.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -47,12 +48,12 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
-use super::BrokerError;
+use super::{BrokerError, History, Wiring};
 use crate::channel::Channel;
-use crate::config::{BrokerConfig, Secret};
+use crate::config::{BrokerConfig, Namespaces, Secret};
 use crate::hub::{DisconnectTarget, Hub, Interest};
 use crate::metrics::Metrics;
-use crate::protocol::Message;
+use crate::protocol::{Kind, Message, Offset};
 
 /// Publishes taken into one pipeline at most.
 const MAX_BATCH: usize = 512;
@@ -67,6 +68,8 @@ pub struct RedisBroker {
     /// For commands (rare): a checkout each, never the publish queue.
     pool: Pool,
     control_script: redis::Script,
+    history_script: redis::Script,
+    namespaces: Arc<Namespaces>,
     interest: Arc<Interest>,
     timeout: Duration,
     description: String,
@@ -95,15 +98,82 @@ impl Keys {
     fn channel(&self, channel: &str) -> String {
         format!("{}{channel}", self.channel_prefix)
     }
+    /// A channel's history stream and meta hash. The `{channel}` hash tag
+    /// keeps both in one slot, for a later Redis Cluster mode.
+    fn stream(&self, channel: &str) -> String {
+        format!("{}hist:{{{channel}}}:s", self.prefix)
+    }
+    fn meta(&self, channel: &str) -> String {
+        format!("{}hist:{{{channel}}}:m", self.prefix)
+    }
 }
+
+/// What the publisher sends for one message.
+enum Out {
+    /// No history: a plain PUBLISH.
+    Publish { channel: String, payload: Vec<u8> },
+    /// History kept: the publish script (offset, XADD, TTLs, PUBLISH).
+    History {
+        stream: String,
+        meta: String,
+        channel: String,
+        header: Vec<u8>,
+        data: Utf8Bytes,
+        size: usize,
+        ttl_ms: u64,
+    },
+}
+
+/// How long a channel's meta (epoch and top offset) outlives its last
+/// publish: much longer than any history, so an offset is never reused
+/// with the same epoch while a client could still present it.
+const META_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
+
+/// Assigns the next offset, appends to the stream (trimmed), refreshes the
+/// TTLs and publishes the message with its offset and epoch, atomically.
+/// A missing meta (expired, flushed, new) starts a new epoch, from ARGV[6].
+const PUBLISH_SCRIPT: &str = r#"
+local epoch = redis.call('HGET', KEYS[2], 'e')
+if not epoch then
+  epoch = ARGV[6]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'e', epoch, 's', 0)
+end
+local seq = redis.call('HINCRBY', KEYS[2], 's', 1)
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'h', ARGV[1], 'd', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+local header = '{"o":' .. seq .. ',"e":"' .. epoch .. '",' .. string.sub(ARGV[1], 2)
+redis.call('PUBLISH', KEYS[3], header .. '\n' .. ARGV[2])
+return {seq, epoch}
+"#;
+
+/// Reads a channel's epoch, top offset, oldest kept offset and the entries
+/// after ARGV[1] (at most ARGV[2]), atomically.
+const HISTORY_SCRIPT: &str = r"
+local m = redis.call('HMGET', KEYS[2], 'e', 's')
+if not m[1] then return {'', 0, 1, {}} end
+local top = tonumber(m[2])
+local first = top + 1
+local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+if oldest[1] then first = tonumber(string.match(oldest[1][1], '^(%d+)')) end
+local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1] .. '-0', '+', 'COUNT', ARGV[2])
+return {m[1], top, first, entries}
+";
 
 struct Job {
-    messages: Vec<(String, Vec<u8>)>,
-    done: Option<oneshot::Sender<Result<(), BrokerError>>>,
+    messages: Vec<Out>,
+    done: Option<oneshot::Sender<Result<Vec<Option<Offset>>, BrokerError>>>,
 }
 
+/// The envelope's header. `o`/`e` (offset, epoch) are added by the publish
+/// script where history is kept.
 #[derive(Serialize, Deserialize)]
 struct Header<'a> {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    o: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    e: Option<std::borrow::Cow<'a, str>>,
     t: u64,
     #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
     x: Option<std::borrow::Cow<'a, str>>,
@@ -155,15 +225,8 @@ impl std::fmt::Display for StreamId {
 }
 
 impl RedisBroker {
-    pub fn start(
-        url: &Secret,
-        cfg: &BrokerConfig,
-        node_id: &str,
-        hub: Arc<Hub>,
-        interest: Arc<Interest>,
-        metrics: Arc<Metrics>,
-        shutdown: CancellationToken,
-    ) -> Result<Self, BrokerError> {
+    pub fn start(url: &Secret, cfg: &BrokerConfig, w: Wiring, interest: Arc<Interest>) -> Result<Self, BrokerError> {
+        let Wiring { node_id, hub, metrics, namespaces, shutdown } = w;
         if url.expose().starts_with("rediss://") {
             // rustls needs one process-wide crypto provider; a second install is a no-op error.
             let _ = rustls::crypto::ring::default_provider().install_default();
@@ -187,7 +250,7 @@ impl RedisBroker {
             .build()
             .map_err(|e| BrokerError::Config(format!("cannot build the Redis pool: {e}")))?;
 
-        let keys = Keys::new(&cfg.prefix, node_id);
+        let keys = Keys::new(&cfg.prefix, &node_id);
         let (tx, rx) = mpsc::channel(PUBLISH_QUEUE);
         let generation = Arc::new(AtomicU64::new(0));
         metrics.broker_up.set(0);
@@ -196,6 +259,8 @@ impl RedisBroker {
         let command_pool = pool.clone();
         let sub = Subscriber {
             client,
+            namespaces: namespaces.clone(),
+            history_script: redis::Script::new(HISTORY_SCRIPT),
             keys: keys.clone(),
             hub,
             interest: interest.clone(),
@@ -213,6 +278,8 @@ impl RedisBroker {
             publisher: tx,
             pool: command_pool,
             control_script: redis::Script::new(CONTROL_SCRIPT),
+            history_script: redis::Script::new(HISTORY_SCRIPT),
+            namespaces,
             interest,
             timeout: cfg.timeout,
         })
@@ -226,15 +293,35 @@ impl RedisBroker {
         self.interest.is_up()
     }
 
-    pub async fn publish(&self, pubs: Vec<Arc<Message>>) -> Result<(), BrokerError> {
+    pub async fn publish(&self, pubs: Vec<Arc<Message>>) -> Result<Vec<Option<Offset>>, BrokerError> {
         let messages = pubs
             .iter()
             .map(|m| {
-                let header = Header { t: m.published_us, x: m.exclude.as_deref().map(Into::into) };
-                (self.keys.channel(&m.channel), envelope(&header, m.data.as_bytes()))
+                let header = Header { o: None, e: None, t: m.published_us, x: m.exclude.as_deref().map(Into::into) };
+                match self.namespaces.rule(&m.channel).history {
+                    None => Out::Publish {
+                        channel: self.keys.channel(&m.channel),
+                        payload: envelope(&header, m.data.as_bytes()),
+                    },
+                    Some(h) => Out::History {
+                        stream: self.keys.stream(&m.channel),
+                        meta: self.keys.meta(&m.channel),
+                        channel: self.keys.channel(&m.channel),
+                        // A struct of an integer and a string always serializes.
+                        header: serde_json::to_vec(&header).unwrap_or_default(),
+                        data: m.data.clone(),
+                        size: h.size,
+                        ttl_ms: u64::try_from(h.ttl.as_millis()).unwrap_or(u64::MAX),
+                    },
+                }
             })
             .collect();
         self.send(messages).await
+    }
+
+    /// A channel's history after `after` (at most `limit` messages).
+    pub async fn history(&self, channel: &Channel, after: u64, limit: usize) -> Result<History, BrokerError> {
+        read_history(&self.pool, &self.history_script, &self.keys, channel, after, limit, self.timeout).await
     }
 
     pub async fn ensure_subscribed(&self, channel: &str) -> Result<(), BrokerError> {
@@ -261,7 +348,7 @@ impl RedisBroker {
         }
     }
 
-    async fn send(&self, messages: Vec<(String, Vec<u8>)>) -> Result<(), BrokerError> {
+    async fn send(&self, messages: Vec<Out>) -> Result<Vec<Option<Offset>>, BrokerError> {
         // Fail fast while down: readyz already says so, and a caller waiting
         // for a connect timeout helps nobody.
         if !self.is_up() {
@@ -316,62 +403,144 @@ async fn publisher(
     timeout: Duration,
     metrics: Arc<Metrics>,
 ) {
-    let mut held: Option<(deadpool_redis::Connection, u64)> = None;
+    let mut held: Option<Held> = None;
     let mut batch: Vec<Job> = Vec::with_capacity(64);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let now = generation.load(Ordering::Acquire);
-        if held.as_ref().is_some_and(|(_, g)| *g != now) {
+        if held.as_ref().is_some_and(|(_, g, _)| *g != now) {
             discard(&mut held);
         }
         let timer = metrics.broker_publish_seconds.start_timer();
         let result = run_batch(&pool, &mut held, now, &batch, timeout).await;
         timer.observe_duration();
-        if let Err(e) = &result {
-            debug!(error = %e, "publish failed");
-        }
-        for mut job in batch.drain(..) {
-            if let Some(done) = job.done.take() {
-                let _ = done.send(result.clone());
+        match result {
+            Ok(mut offsets) => {
+                for mut job in batch.drain(..) {
+                    let rest = offsets.split_off(job.messages.len().min(offsets.len()));
+                    let mine = std::mem::replace(&mut offsets, rest);
+                    if let Some(done) = job.done.take() {
+                        let _ = done.send(Ok(mine));
+                    }
+                }
+            }
+            Err(e) => {
+                debug!(error = %e, "publish failed");
+                for mut job in batch.drain(..) {
+                    if let Some(done) = job.done.take() {
+                        let _ = done.send(Err(e.clone()));
+                    }
+                }
             }
         }
     }
 }
 
+/// The publisher's connection: its generation, and the publish script's
+/// SHA as loaded on it (a Redis restart forgets scripts; a new connection
+/// loads it again).
+type Held = (deadpool_redis::Connection, u64, String);
+
 /// Takes a connection out of the pool for good: it may be half-broken.
-fn discard(held: &mut Option<(deadpool_redis::Connection, u64)>) {
-    if let Some((c, _)) = held.take() {
+fn discard(held: &mut Option<Held>) {
+    if let Some((c, _, _)) = held.take() {
         drop(deadpool_redis::Connection::take(c));
     }
 }
 
 async fn run_batch(
     pool: &Pool,
-    held: &mut Option<(deadpool_redis::Connection, u64)>,
+    held: &mut Option<Held>,
     generation: u64,
     batch: &[Job],
     timeout: Duration,
-) -> Result<(), BrokerError> {
-    let (c, _) = match held {
-        Some(h) => h,
-        None => {
-            let c = pool.get().await?;
-            held.insert((c, generation))
+) -> Result<Vec<Option<Offset>>, BrokerError> {
+    let r = tokio::time::timeout(timeout, async {
+        if held.is_none() {
+            let mut c = pool.get().await?;
+            let sha: String = redis::cmd("SCRIPT").arg("LOAD").arg(PUBLISH_SCRIPT).query_async(&mut c).await?;
+            *held = Some((c, generation, sha));
         }
-    };
-    let mut pipe = redis::pipe();
-    for job in batch {
-        for (channel, payload) in &job.messages {
-            pipe.publish(channel, payload).ignore();
+        let Some((c, _, sha)) = held.as_mut() else {
+            return Err(BrokerError::NotConnected);
+        };
+        let mut pipe = redis::pipe();
+        for job in batch {
+            for out in &job.messages {
+                match out {
+                    Out::Publish { channel, payload } => {
+                        pipe.publish(channel, payload);
+                    }
+                    Out::History { stream, meta, channel, header, data, size, ttl_ms } => {
+                        pipe.cmd("EVALSHA")
+                            .arg(&*sha)
+                            .arg(3)
+                            .arg(stream)
+                            .arg(meta)
+                            .arg(channel)
+                            .arg(header)
+                            .arg(data.as_bytes())
+                            .arg(*size)
+                            .arg(*ttl_ms)
+                            .arg(META_TTL_MS)
+                            .arg(crate::config::random_id(8));
+                    }
+                }
+            }
         }
-    }
-    let r = match tokio::time::timeout(timeout, pipe.query_async::<()>(c)).await {
-        Ok(r) => r.map_err(BrokerError::from),
-        Err(_) => Err(BrokerError::Timeout(timeout)),
-    };
+        let replies: Vec<redis::Value> = pipe.query_async(c).await?;
+        Ok(replies.iter().map(offset_of).collect())
+    })
+    .await
+    .unwrap_or(Err(BrokerError::Timeout(timeout)));
     if r.is_err() {
         discard(held);
     }
     r
+}
+
+/// The offset a publish script answered (`[seq, epoch]`); None for a PUBLISH.
+fn offset_of(v: &redis::Value) -> Option<Offset> {
+    let redis::Value::Array(parts) = v else { return None };
+    let seq = match parts.first()? {
+        redis::Value::Int(n) => u64::try_from(*n).ok()?,
+        _ => return None,
+    };
+    let epoch: String = redis::from_redis_value_ref(parts.get(1)?).ok()?;
+    Some(Offset { epoch: Arc::from(epoch), seq })
+}
+
+/// Reads a channel's history with the history script.
+async fn read_history(
+    pool: &Pool,
+    script: &redis::Script,
+    keys: &Keys,
+    channel: &Channel,
+    after: u64,
+    limit: usize,
+    timeout: Duration,
+) -> Result<History, BrokerError> {
+    type Entry = (String, Vec<(String, Vec<u8>)>);
+    let read = async {
+        let mut c = pool.get().await?;
+        let mut inv = script.key(keys.stream(channel));
+        inv.key(keys.meta(channel)).arg(after).arg(limit);
+        let (epoch, top, first, entries): (String, u64, u64, Vec<Entry>) = inv.invoke_async(&mut c).await?;
+        Ok::<_, BrokerError>((epoch, top, first, entries))
+    };
+    let (epoch, top, first, entries) =
+        tokio::time::timeout(timeout, read).await.unwrap_or(Err(BrokerError::Timeout(timeout)))?;
+    let epoch: Arc<str> = Arc::from(epoch);
+    let mut messages = Vec::with_capacity(entries.len());
+    for (id, fields) in entries {
+        let Some(seq) = id.split_once('-').and_then(|(s, _)| s.parse::<u64>().ok()) else { continue };
+        let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice());
+        let (Some(h), Some(d)) = (field("h"), field("d")) else { continue };
+        let Ok(header) = serde_json::from_slice::<Header<'_>>(h) else { continue };
+        let Ok(data) = Utf8Bytes::try_from(Bytes::copy_from_slice(d)) else { continue };
+        let msg = Message::new(channel.clone(), data, header.x.map(|x| x.into_owned().into_boxed_str()), header.t);
+        messages.push(Arc::new(msg.with_offset(Offset { epoch: epoch.clone(), seq })));
+    }
+    Ok(History { epoch, top, first, messages })
 }
 
 /// Publishes probe `seq` to this node's probe channel on a pooled connection.
@@ -388,6 +557,8 @@ async fn probe(pool: Pool, channel: String, seq: u64, timeout: Duration) {
 
 struct Subscriber {
     client: redis::Client,
+    namespaces: Arc<Namespaces>,
+    history_script: redis::Script,
     keys: Keys,
     hub: Arc<Hub>,
     interest: Arc<Interest>,
@@ -408,15 +579,24 @@ enum Lost {
     Error(String),
 }
 
+/// What the subscriber keeps across reconnects.
+struct SubState {
+    /// The last command applied from the control log.
+    applied: StreamId,
+    /// The last offset delivered on this node, per channel with history
+    /// (an empty epoch: the channel had no history when subscribed).
+    tracked: HashMap<Channel, Offset>,
+}
+
 impl Subscriber {
     async fn run(self, shutdown: CancellationToken) {
         let mut attempt: u32 = 0;
         let mut ever_connected = false;
         // Commands issued since this node started may concern its sessions.
         let started_ms = crate::hub::now_us() / 1000;
-        let mut applied = StreamId(started_ms.saturating_sub(1), u64::MAX);
+        let mut st = SubState { applied: StreamId(started_ms.saturating_sub(1), u64::MAX), tracked: HashMap::new() };
         loop {
-            let result = self.connection(&shutdown, &mut attempt, &mut ever_connected, &mut applied).await;
+            let result = self.connection(&shutdown, &mut attempt, &mut ever_connected, &mut st).await;
             self.generation.fetch_add(1, Ordering::AcqRel);
             self.interest.set_up(false);
             self.metrics.broker_up.set(0);
@@ -443,7 +623,7 @@ impl Subscriber {
         shutdown: &CancellationToken,
         attempt: &mut u32,
         ever: &mut bool,
-        applied: &mut StreamId,
+        st: &mut SubState,
     ) -> Lost {
         let pubsub = match tokio::time::timeout(self.timeout, self.client.get_async_pubsub()).await {
             Ok(Ok(p)) => p,
@@ -457,16 +637,22 @@ impl Subscriber {
         }
         // Commands published while this node was not listening, now that
         // new ones reach it (a command in both is applied once, by id).
-        if let Err(e) = self.replay_commands(applied).await {
+        if let Err(e) = self.replay_commands(&mut st.applied).await {
             return Lost::Error(format!("reading the control log: {e}"));
         }
         // Everything the hub wants, resubscribed before the node says it is up.
-        if let Err(e) = self.sync(&mut sink).await {
+        if let Err(e) = self.sync(&mut sink, st).await {
             return Lost::Error(e);
+        }
+        // What was published while this node was not listening, from the
+        // streams, before any new message (those wait in the connection and
+        // are de-duplicated by offset).
+        if let Err(e) = self.catch_up(st).await {
+            return Lost::Error(format!("catching up from history: {e}"));
         }
         self.interest.set_up(true);
         // Channels wanted while the first pass ran.
-        if let Err(e) = self.sync(&mut sink).await {
+        if let Err(e) = self.sync(&mut sink, st).await {
             return Lost::Error(e);
         }
         self.metrics.broker_up.set(1);
@@ -492,7 +678,7 @@ impl Subscriber {
                     None => return Lost::Error("connection closed by Redis".into()),
                     Some(msg) => {
                         last_rx = Instant::now();
-                        if let Some(got) = self.on_message(&msg, applied) {
+                        if let Some(got) = self.on_message(&msg, st).await {
                             if outstanding.is_some_and(|(want, _)| got >= want) {
                                 outstanding = None;
                             }
@@ -500,7 +686,7 @@ impl Subscriber {
                     }
                 },
                 _ = self.interest.changed.notified() => {
-                    if let Err(e) = self.sync(&mut sink).await {
+                    if let Err(e) = self.sync(&mut sink, st).await {
                         return Lost::Error(e);
                     }
                 }
@@ -522,7 +708,7 @@ impl Subscriber {
                             match stream.next().now_or_never() {
                                 Some(Some(msg)) => {
                                     last_rx = Instant::now();
-                                    if self.on_message(&msg, applied).is_some_and(|got| got >= want) {
+                                    if self.on_message(&msg, st).await.is_some_and(|got| got >= want) {
                                         outstanding = None;
                                     }
                                 }
@@ -560,13 +746,20 @@ impl Subscriber {
     /// Applies the hub's wanted channels to the connection, in batches of
     /// [`SUBSCRIBE_CHUNK`]. One pass per call: changes made meanwhile wake the
     /// loop again, so a steady churn cannot keep it from reading messages.
-    async fn sync(&self, sink: &mut redis::aio::PubSubSink) -> Result<(), String> {
+    async fn sync(&self, sink: &mut redis::aio::PubSubSink, st: &mut SubState) -> Result<(), String> {
         let (add, remove) = self.interest.take_changes();
         for chunk in remove.chunks(SUBSCRIBE_CHUNK) {
             let names: Vec<String> = chunk.iter().map(|c| self.keys.channel(c)).collect();
             self.with_timeout(sink.unsubscribe(&names)).await.map_err(|e| format!("unsubscribe: {e}"))?;
+            for c in chunk {
+                st.tracked.remove(c);
+            }
         }
         for chunk in add.chunks(SUBSCRIBE_CHUNK) {
+            // Where each history channel stands, read *before* subscribing:
+            // what is published in between shows up as a gap and is read
+            // from the stream, never lost.
+            self.track(chunk, st).await.map_err(|e| format!("reading history meta: {e}"))?;
             let names: Vec<String> = chunk.iter().map(|c| self.keys.channel(c)).collect();
             self.with_timeout(sink.subscribe(&names)).await.map_err(|e| format!("subscribe: {e}"))?;
             self.interest.confirm(chunk);
@@ -620,12 +813,154 @@ impl Subscriber {
         }
     }
 
+    /// Records the current top offset of the history channels in `chunk`
+    /// that are not tracked yet.
+    async fn track(&self, chunk: &[Channel], st: &mut SubState) -> Result<(), BrokerError> {
+        let todo: Vec<&Channel> = chunk
+            .iter()
+            .filter(|c| self.namespaces.rule(c).history.is_some() && !st.tracked.contains_key(*c))
+            .collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let read = async {
+            let mut c = self.pool.get().await?;
+            let mut pipe = redis::pipe();
+            for ch in &todo {
+                pipe.cmd("HMGET").arg(self.keys.meta(ch)).arg("e").arg("s");
+            }
+            let metas: Vec<(Option<String>, Option<u64>)> = pipe.query_async(&mut c).await?;
+            Ok::<_, BrokerError>(metas)
+        };
+        let metas =
+            tokio::time::timeout(self.timeout, read).await.unwrap_or(Err(BrokerError::Timeout(self.timeout)))?;
+        for (ch, (epoch, top)) in todo.into_iter().zip(metas) {
+            let offset = Offset { epoch: Arc::from(epoch.unwrap_or_default()), seq: top.unwrap_or(0) };
+            st.tracked.insert(ch.clone(), offset);
+        }
+        Ok(())
+    }
+
+    /// After a gap in this node's subscription (a reconnect): every tracked
+    /// channel gets what was published since its last delivered offset.
+    async fn catch_up(&self, st: &mut SubState) -> Result<(), BrokerError> {
+        let channels: Vec<(Channel, Offset)> = st.tracked.iter().map(|(c, o)| (c.clone(), o.clone())).collect();
+        for (channel, last) in channels {
+            self.fill(&channel, &last, None, st).await?;
+        }
+        Ok(())
+    }
+
+    /// Delivers what history holds after `last` (up to, not including,
+    /// sequence `before` when given) and moves the channel's tracked offset.
+    /// Where history no longer covers it, the channel's subscribers are told
+    /// (a gap notice) and tracking restarts at the top.
+    async fn fill(
+        &self,
+        channel: &Channel,
+        last: &Offset,
+        before: Option<u64>,
+        st: &mut SubState,
+    ) -> Result<(), BrokerError> {
+        let Some(policy) = self.namespaces.rule(channel).history else { return Ok(()) };
+        // Nothing was ever published when it was tracked: everything in the
+        // (new) epoch is missed, from the start.
+        let after = if last.epoch.is_empty() { 0 } else { last.seq };
+        let limit = before.map_or(policy.size, |b| usize::try_from(b.saturating_sub(after + 1)).unwrap_or(policy.size));
+        if before.is_some() && limit == 0 {
+            return Ok(());
+        }
+        self.metrics.history_reads.inc();
+        let h = read_history(&self.pool, &self.history_script, &self.keys, channel, after, limit.max(1), self.timeout)
+            .await?;
+        if h.epoch.is_empty() {
+            // No history at all (never published, or lost with nothing since).
+            if !last.epoch.is_empty() && last.seq > 0 {
+                self.gap(channel, st, Offset { epoch: h.epoch.clone(), seq: 0 });
+            }
+            return Ok(());
+        }
+        let start = Offset { epoch: h.epoch.clone(), seq: after };
+        let same_life = last.epoch.is_empty() || *last.epoch == *h.epoch;
+        if !same_life || !h.covers(&start) {
+            self.gap(channel, st, h.top_offset());
+            return Ok(());
+        }
+        let mut n = 0u64;
+        for m in h.messages.iter().filter(|m| before.is_none_or(|b| m.offset.as_ref().is_some_and(|o| o.seq < b))) {
+            self.hub.deliver(m);
+            n += 1;
+            if let Some(o) = &m.offset {
+                st.tracked.insert(channel.clone(), o.clone());
+            }
+        }
+        if n > 0 {
+            self.metrics.history_recovered.inc_by(n);
+            debug!(%channel, messages = n, "caught up from history");
+        }
+        Ok(())
+    }
+
+    /// Tells the channel's local subscribers that messages were lost beyond
+    /// history, and tracks it from `at` on.
+    fn gap(&self, channel: &Channel, st: &mut SubState, at: Offset) {
+        self.metrics.history_gaps.inc();
+        warn!(%channel, "messages lost beyond history: subscribers told to reload");
+        let notice = Message::event(Kind::Gap, channel.clone(), Utf8Bytes::from_static("null"));
+        self.hub.deliver(&Arc::new(notice));
+        st.tracked.insert(channel.clone(), at);
+    }
+
+    /// A message with an offset: delivered once, in order, gaps filled first.
+    async fn on_offset_message(&self, msg: Message, off: Offset, st: &mut SubState) {
+        let channel = msg.channel.clone();
+        match st.tracked.get(&channel).cloned() {
+            Some(last) if !last.epoch.is_empty() && *last.epoch == *off.epoch && off.seq <= last.seq => {
+                // Already delivered (caught up from history, or a duplicate).
+                return;
+            }
+            Some(last) if !last.epoch.is_empty() && *last.epoch != *off.epoch => {
+                // The history was lost and started again: what the old epoch
+                // did not deliver is gone; the new one is read from its start.
+                self.gap(&channel, st, Offset { epoch: off.epoch.clone(), seq: 0 });
+                if off.seq > 1 {
+                    let from = Offset { epoch: off.epoch.clone(), seq: 0 };
+                    if let Err(e) = self.fill(&channel, &from, Some(off.seq), st).await {
+                        warn!(%channel, error = %e, "cannot read history to fill a gap");
+                    }
+                }
+            }
+            Some(last) => {
+                let expected = if last.epoch.is_empty() { 1 } else { last.seq + 1 };
+                if off.seq > expected {
+                    if let Err(e) = self.fill(&channel, &last, Some(off.seq), st).await {
+                        warn!(%channel, error = %e, "cannot read history to fill a gap");
+                        self.gap(&channel, st, off.clone());
+                    }
+                }
+            }
+            None => {}
+        }
+        if self.namespaces.rule(&channel).history.is_some() {
+            st.tracked.insert(channel, off);
+        }
+        self.hub.deliver(&Arc::new(msg));
+    }
+
     /// Handles one message from Redis; returns the probe number if it was one.
-    fn on_message(&self, msg: &redis::Msg, applied: &mut StreamId) -> Option<u64> {
+    async fn on_message(&self, msg: &redis::Msg, st: &mut SubState) -> Option<u64> {
         let name = msg.get_channel_name();
         let payload = msg.get_payload_bytes();
         if let Some(channel) = name.strip_prefix(&self.keys.channel_prefix) {
-            self.deliver(channel, payload);
+            match decode_message(channel, payload) {
+                Ok(m) => match m.offset.clone() {
+                    Some(off) => self.on_offset_message(m, off, st).await,
+                    None => {
+                        self.hub.deliver(&Arc::new(m));
+                    }
+                },
+                Err(e) => warn!(prefix = %self.keys.prefix, error = %e, "ignoring a message"),
+            }
             None
         } else if name == self.keys.probe {
             std::str::from_utf8(payload).ok()?.parse().ok()
@@ -635,21 +970,12 @@ impl Subscriber {
                 .and_then(|p| p.split_once(' '))
                 .and_then(|(id, cmd)| Some((StreamId::parse(id)?, cmd)));
             match parsed {
-                Some((id, cmd)) => self.apply(id, cmd, applied, false),
+                Some((id, cmd)) => self.apply(id, cmd, &mut st.applied, false),
                 None => warn!("ignoring a malformed control message"),
             }
             None
         } else {
             None
-        }
-    }
-
-    fn deliver(&self, name: &str, payload: &[u8]) {
-        match decode_message(name, payload) {
-            Ok(msg) => {
-                self.hub.deliver(&Arc::new(msg));
-            }
-            Err(e) => warn!(prefix = %self.keys.prefix, error = %e, "ignoring a message"),
         }
     }
 }
@@ -675,7 +1001,11 @@ pub fn decode_message(channel: &str, payload: &[u8]) -> Result<Message, Envelope
     let header: Header<'_> = serde_json::from_slice(&payload[..nl])?;
     let channel = Channel::parse(channel)?;
     let data = Utf8Bytes::try_from(Bytes::copy_from_slice(&payload[nl + 1..])).map_err(|_| EnvelopeError::NotUtf8)?;
-    Ok(Message::new(channel, data, header.x.map(|x| x.into_owned().into_boxed_str()), header.t))
+    let msg = Message::new(channel, data, header.x.map(|x| x.into_owned().into_boxed_str()), header.t);
+    Ok(match (header.o, header.e) {
+        (Some(seq), Some(epoch)) => msg.with_offset(Offset { epoch: Arc::from(&*epoch), seq }),
+        _ => msg,
+    })
 }
 
 /// Decodes a control message (`<stream id> <command JSON>`); None if malformed.
@@ -709,7 +1039,7 @@ mod tests {
 
     #[test]
     fn envelope_roundtrip() {
-        let h = Header { t: 42, x: Some("c1".into()) };
+        let h = Header { o: None, e: None, t: 42, x: Some("c1".into()) };
         let e = envelope(&h, br#"{"op":"message"}"#);
         let nl = e.iter().position(|b| *b == b'\n').unwrap();
         let back: Header<'_> = serde_json::from_slice(&e[..nl]).unwrap();

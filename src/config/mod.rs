@@ -16,12 +16,13 @@ mod validate;
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use self::file::LoadError;
 pub use self::keys::{JwtKey, Secret};
 pub use self::options::{LogFormat, Options};
-pub use self::policy::{NamespaceRule, Policy};
+pub use self::policy::{HistoryPolicy, NamespaceRule, Namespaces, Policy};
 
 /// Exit code for a refused configuration (`EX_USAGE` from sysexits.h).
 pub const EXIT_BAD_CONFIG: i32 = 64;
@@ -105,6 +106,8 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub broker: BrokerConfig,
     pub auth: AuthConfig,
+    /// Shared by the broker (history), the hub (presence) and auth (policies).
+    pub namespaces: Arc<Namespaces>,
 }
 
 impl Config {
@@ -198,9 +201,7 @@ pub struct AuthConfig {
     pub max_result_bytes: usize,
     /// Lower-cased origins without a trailing slash, or `*`.
     pub allowed_origins: Vec<String>,
-    /// Longest prefix first.
-    pub namespaces: Vec<NamespaceRule>,
-    pub default_namespace: NamespaceRule,
+    pub namespaces: Arc<Namespaces>,
 }
 
 impl AuthConfig {
@@ -214,6 +215,6 @@ impl AuthConfig {
 
     /// The namespace rule that covers `channel`.
     pub fn rule(&self, channel: &str) -> &NamespaceRule {
-        self.namespaces.iter().find(|r| channel.starts_with(&r.prefix)).unwrap_or(&self.default_namespace)
+        self.namespaces.rule(channel)
     }
 }

@@ -3,10 +3,44 @@
 //! `[default-namespace]` tables; the authorization code applies them.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::ConfigError;
+
+/// Messages kept per channel at most, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryPolicy {
+    pub size: usize,
+    pub ttl: Duration,
+}
+
+/// The namespaces, resolved once: which rule covers a channel.
+#[derive(Debug, Clone)]
+pub struct Namespaces {
+    /// Longest prefix first.
+    pub rules: Vec<NamespaceRule>,
+    pub default: NamespaceRule,
+}
+
+impl Namespaces {
+    /// The rule that covers `channel`: the longest matching prefix, or the default.
+    pub fn rule(&self, channel: &str) -> &NamespaceRule {
+        self.rules.iter().find(|r| channel.starts_with(&r.prefix)).unwrap_or(&self.default)
+    }
+
+    /// Every rule, the default included.
+    pub fn all(&self) -> impl Iterator<Item = &NamespaceRule> {
+        self.rules.iter().chain(std::iter::once(&self.default))
+    }
+}
+
+impl Default for Namespaces {
+    fn default() -> Self {
+        Namespaces { rules: Vec::new(), default: NamespaceRule::default_rule() }
+    }
+}
 
 /// Who may subscribe to, or publish on, a namespace's channels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -30,6 +64,25 @@ pub struct NamespaceRule {
     pub prefix: String,
     pub subscribe: Policy,
     pub publish: Policy,
+    /// Kept history (offsets, recovery), if any.
+    pub history: Option<HistoryPolicy>,
+    /// Who is subscribed is tracked across nodes.
+    pub presence: bool,
+    /// Subscribers are told of joins and leaves (needs presence).
+    pub join_leave: bool,
+}
+
+impl NamespaceRule {
+    fn default_rule() -> Self {
+        NamespaceRule {
+            prefix: String::new(),
+            subscribe: Policy::Anyone,
+            publish: Policy::None,
+            history: None,
+            presence: false,
+            join_leave: false,
+        }
+    }
 }
 
 /// The file's namespace tables.
@@ -51,12 +104,21 @@ pub struct NamespaceFile {
     pub subscribe: Option<Policy>,
     #[serde(default)]
     pub publish: Option<Policy>,
-    /// Reserved by the contract; refused until history is implemented.
+    /// `history = { size = 100, ttl = "10m" }`
     #[serde(default)]
-    pub history: Option<toml::Value>,
-    /// Reserved by the contract; refused until presence is implemented.
+    pub history: Option<HistoryFile>,
     #[serde(default)]
     pub presence: Option<bool>,
+    #[serde(default)]
+    pub join_leave: Option<bool>,
+}
+
+/// A namespace's `history` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryFile {
+    pub size: usize,
+    pub ttl: String,
 }
 
 /// The `[default-namespace]` table.
@@ -67,10 +129,41 @@ pub struct DefaultNamespaceFile {
     pub subscribe: Option<Policy>,
     #[serde(default)]
     pub publish: Option<Policy>,
+    #[serde(default)]
+    pub history: Option<HistoryFile>,
+    #[serde(default)]
+    pub presence: Option<bool>,
+    #[serde(default)]
+    pub join_leave: Option<bool>,
+}
+
+/// Most messages a namespace may keep per channel.
+const MAX_HISTORY_SIZE: usize = 100_000;
+/// Longest a namespace may keep them.
+const MAX_HISTORY_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+fn history(key: &str, h: Option<HistoryFile>) -> Result<Option<HistoryPolicy>, ConfigError> {
+    let Some(h) = h else { return Ok(None) };
+    if h.size == 0 || h.size > MAX_HISTORY_SIZE {
+        return Err(ConfigError::new(&format!("{key}.size"), format!("must be 1 to {MAX_HISTORY_SIZE}")));
+    }
+    let ttl = humantime::parse_duration(&h.ttl)
+        .map_err(|e| ConfigError::new(&format!("{key}.ttl"), format!("expected a duration like \"10m\" ({e})")))?;
+    if ttl < Duration::from_secs(1) || ttl > MAX_HISTORY_TTL {
+        return Err(ConfigError::new(&format!("{key}.ttl"), "must be 1s to 7 days"));
+    }
+    Ok(Some(HistoryPolicy { size: h.size, ttl }))
+}
+
+fn join_leave(key: &str, presence: bool, join_leave: Option<bool>) -> Result<bool, ConfigError> {
+    match join_leave {
+        Some(true) if !presence => Err(ConfigError::new(key, "needs presence = true")),
+        j => Ok(j.unwrap_or(false)),
+    }
 }
 
 /// The namespace rules, longest prefix first, and the default rule.
-pub fn rules(tables: NamespaceTables) -> Result<(Vec<NamespaceRule>, NamespaceRule), ConfigError> {
+pub fn rules(tables: NamespaceTables) -> Result<Namespaces, ConfigError> {
     let mut seen = HashSet::new();
     let mut rules = Vec::with_capacity(tables.namespace.len());
     for (i, ns) in tables.namespace.into_iter().enumerate() {
@@ -84,28 +177,25 @@ pub fn rules(tables: NamespaceTables) -> Result<(Vec<NamespaceRule>, NamespaceRu
         if !seen.insert(ns.prefix.clone()) {
             return Err(ConfigError::new(&key("prefix"), format!("{:?} is listed twice", ns.prefix)));
         }
-        if ns.history.is_some() {
-            return Err(ConfigError::new(
-                &key("history"),
-                "history and recovery are not available in this version yet",
-            ));
-        }
-        if ns.presence == Some(true) {
-            return Err(ConfigError::new(&key("presence"), "presence is not available in this version yet"));
-        }
+        let presence = ns.presence.unwrap_or(false);
         rules.push(NamespaceRule {
             prefix: ns.prefix,
             subscribe: ns.subscribe.unwrap_or(Policy::Anyone),
             publish: ns.publish.unwrap_or(Policy::None),
+            history: history(&key("history"), ns.history)?,
+            presence,
+            join_leave: join_leave(&key("join-leave"), presence, ns.join_leave)?,
         });
     }
     // Longest prefix first, so the most specific namespace wins.
     rules.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
-    let d = tables.default_namespace;
-    let default = NamespaceRule {
-        prefix: String::new(),
-        subscribe: d.as_ref().and_then(|d| d.subscribe).unwrap_or(Policy::Anyone),
-        publish: d.as_ref().and_then(|d| d.publish).unwrap_or(Policy::None),
-    };
-    Ok((rules, default))
+    let mut default = NamespaceRule::default_rule();
+    if let Some(d) = tables.default_namespace {
+        default.subscribe = d.subscribe.unwrap_or(Policy::Anyone);
+        default.publish = d.publish.unwrap_or(Policy::None);
+        default.history = history("default-namespace.history", d.history)?;
+        default.presence = d.presence.unwrap_or(false);
+        default.join_leave = join_leave("default-namespace.join-leave", default.presence, d.join_leave)?;
+    }
+    Ok(Namespaces { rules, default })
 }

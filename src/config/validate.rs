@@ -125,7 +125,7 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
         ));
     }
 
-    let (namespaces, default_namespace) = policy::rules(namespaces)?;
+    let namespaces = std::sync::Arc::new(policy::rules(namespaces)?);
     let auth = AuthConfig {
         connect_hook: hook_path("connect-hook", o.connect_hook)?,
         subscribe_hook: hook_path("subscribe-hook", o.subscribe_hook)?,
@@ -139,8 +139,7 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
         jwt: jwt_key(nonempty(o.jwt_secret), o.jwt_public_key)?.map(|k| k.with_claims(&o.jwt_audience, &o.jwt_issuer)),
         max_result_bytes: o.max_message_bytes,
         allowed_origins: validate_origins(o.allowed_origin)?,
-        namespaces,
-        default_namespace,
+        namespaces: namespaces.clone(),
     };
     check_hooks_for_policies(&auth)?;
 
@@ -158,6 +157,7 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
         proxy,
         broker,
         auth,
+        namespaces,
     })
 }
 
@@ -237,7 +237,7 @@ fn validate_origins(origins: Vec<String>) -> Result<Vec<String>, ConfigError> {
 
 /// A `hook` policy without its hook path would deny everything: refuse it.
 fn check_hooks_for_policies(auth: &AuthConfig) -> Result<(), ConfigError> {
-    let rules = auth.namespaces.iter().chain(std::iter::once(&auth.default_namespace));
+    let rules = auth.namespaces.all();
     for r in rules {
         if r.subscribe == Policy::Hook && auth.subscribe_hook.is_none() {
             return Err(ConfigError::new(

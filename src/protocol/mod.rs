@@ -10,7 +10,7 @@
 
 pub mod wsrelay;
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -87,8 +87,15 @@ pub trait Codec: Send + Sync + 'static {
     /// Index of this protocol's slot in [`Message`]'s encoding cache.
     const SLOT: usize;
 
-    /// The first frame of a session.
-    fn welcome(&self, connection: &str, user: Option<&str>, channels: &[Channel]) -> Utf8Bytes;
+    /// The first frame of a session; `recovered` tells, for URL channels
+    /// given with `since`, whether their history was recovered.
+    fn welcome(
+        &self,
+        connection: &str,
+        user: Option<&str>,
+        channels: &[Channel],
+        recovered: &[(Channel, bool)],
+    ) -> Utf8Bytes;
     /// Parses one client frame. Never fails: a bad frame is a request error
     /// (with the id when it could be read), answered with an error reply.
     fn decode(&self, frame: Frame<'_>) -> Decoded<Self::Id>;
@@ -101,15 +108,57 @@ pub trait Codec: Send + Sync + 'static {
     fn encode_message(&self, msg: &Message) -> Utf8Bytes;
 }
 
+/// Where a message sits in its channel's history: the history's epoch (a
+/// new one whenever the history is lost) and the message's sequence number.
+/// Clients see it as the opaque string `<epoch>:<seq>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Offset {
+    pub epoch: Arc<str>,
+    pub seq: u64,
+}
+
+impl Offset {
+    /// Parses `<epoch>:<seq>`; None for anything else (a client's `since`
+    /// that is not ours simply cannot be recovered).
+    pub fn parse(s: &str) -> Option<Offset> {
+        let (epoch, seq) = s.rsplit_once(':')?;
+        if epoch.is_empty() || epoch.len() > 64 || !epoch.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return None;
+        }
+        Some(Offset { epoch: Arc::from(epoch), seq: seq.parse().ok()? })
+    }
+}
+
+impl std::fmt::Display for Offset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.epoch, self.seq)
+    }
+}
+
+/// What a channel frame says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A published message; `data` is its data.
+    Publication,
+    /// A client joined (presence events); `data` is `{"user","connection","info"}`.
+    Join,
+    /// A client left; `data` as for `Join`.
+    Leave,
+    /// Messages of this channel were lost beyond what history covers: the
+    /// client should reload the channel's state. `data` is `null`.
+    Gap,
+}
+
 /// A message published to a channel, as it reaches a node's hub: the raw
 /// JSON data (validated where it entered), never re-parsed on the way.
 #[derive(Debug)]
 pub struct Message {
+    pub kind: Kind,
     pub channel: Channel,
     /// The `data` as JSON text.
     pub data: Utf8Bytes,
-    /// Where history is kept: the message's offset (opaque to clients).
-    pub offset: Option<String>,
+    /// Where history is kept: the message's offset.
+    pub offset: Option<Offset>,
     /// A connection that must not receive it (the publisher's own).
     pub exclude: Option<Box<str>>,
     /// µs since the Unix epoch when it was published (any node's clock),
@@ -120,7 +169,33 @@ pub struct Message {
 
 impl Message {
     pub fn new(channel: Channel, data: Utf8Bytes, exclude: Option<Box<str>>, published_us: u64) -> Self {
-        Message { channel, data, offset: None, exclude, published_us, frames: Default::default() }
+        Message {
+            kind: Kind::Publication,
+            channel,
+            data,
+            offset: None,
+            exclude,
+            published_us,
+            frames: Default::default(),
+        }
+    }
+
+    /// A presence event or a gap notice for `channel`.
+    pub fn event(kind: Kind, channel: Channel, data: Utf8Bytes) -> Self {
+        Message { kind, ..Message::new(channel, data, None, 0) }
+    }
+
+    /// The same message at `offset` (the broker assigns it).
+    pub fn with_offset(&self, offset: Offset) -> Self {
+        Message {
+            kind: self.kind,
+            channel: self.channel.clone(),
+            data: self.data.clone(),
+            offset: Some(offset),
+            exclude: self.exclude.clone(),
+            published_us: self.published_us,
+            frames: Default::default(),
+        }
     }
 
     /// Bytes it stands for in a session's queue (its frame, roughly).
@@ -150,5 +225,20 @@ mod tests {
         assert!(check_depth(&ok).is_ok());
         let in_string = format!("{{\"a\":\"{}\\\"\"}}", "[".repeat(100));
         assert!(check_depth(&in_string).is_ok(), "{in_string}");
+    }
+}
+
+#[cfg(test)]
+mod offset_tests {
+    use super::*;
+
+    #[test]
+    fn offsets_round_trip_and_refuse_garbage() {
+        let o = Offset::parse("ab12:42").unwrap();
+        assert_eq!(o.seq, 42);
+        assert_eq!(o.to_string(), "ab12:42");
+        for bad in ["", "42", ":42", "ab:", "ab:x", "a b:1", "ab:-1"] {
+            assert!(Offset::parse(bad).is_none(), "{bad}");
+        }
     }
 }

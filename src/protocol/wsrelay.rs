@@ -6,7 +6,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::{Codec, Decoded, Frame, Message, Request};
+use super::{Codec, Decoded, Frame, Kind, Message, Request};
 use crate::channel::Channel;
 use crate::error::ApiError;
 
@@ -21,8 +21,14 @@ impl Codec for WsrelayV1 {
     type Id = Box<RawValue>;
     const SLOT: usize = 0;
 
-    fn welcome(&self, connection: &str, user: Option<&str>, channels: &[Channel]) -> Utf8Bytes {
-        welcome(connection, user, channels)
+    fn welcome(
+        &self,
+        connection: &str,
+        user: Option<&str>,
+        channels: &[Channel],
+        recovered: &[(Channel, bool)],
+    ) -> Utf8Bytes {
+        welcome(connection, user, channels, recovered)
     }
 
     fn decode(&self, frame: Frame<'_>) -> Decoded<Box<RawValue>> {
@@ -44,7 +50,15 @@ impl Codec for WsrelayV1 {
     }
 
     fn encode_message(&self, msg: &Message) -> Utf8Bytes {
-        message(&msg.channel, msg.data.as_str(), msg.offset.as_deref())
+        match msg.kind {
+            Kind::Publication => {
+                let offset = msg.offset.as_ref().map(ToString::to_string);
+                message(&msg.channel, msg.data.as_str(), offset.as_deref())
+            }
+            Kind::Join => event("join", &msg.channel, msg.data.as_str()),
+            Kind::Leave => event("leave", &msg.channel, msg.data.as_str()),
+            Kind::Gap => event("gap", &msg.channel, r#"{"recovered":false}"#),
+        }
     }
 }
 
@@ -149,15 +163,24 @@ fn encode<T: Serialize>(v: &T) -> Utf8Bytes {
 }
 
 /// `{"op":"welcome","connection":…,"user":…,"channels":[…]}`
-pub fn welcome(connection: &str, user: Option<&str>, channels: &[Channel]) -> Utf8Bytes {
+/// With `"recovered":{channel: bool}` when URL channels came with `since`.
+pub fn welcome(connection: &str, user: Option<&str>, channels: &[Channel], recovered: &[(Channel, bool)]) -> Utf8Bytes {
     #[derive(Serialize)]
     struct Welcome<'a> {
         op: &'static str,
         connection: &'a str,
         user: Option<&'a str>,
         channels: Vec<&'a str>,
+        #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        recovered: std::collections::BTreeMap<&'a str, bool>,
     }
-    encode(&Welcome { op: "welcome", connection, user, channels: channels.iter().map(AsRef::as_ref).collect() })
+    encode(&Welcome {
+        op: "welcome",
+        connection,
+        user,
+        channels: channels.iter().map(AsRef::as_ref).collect(),
+        recovered: recovered.iter().map(|(c, r)| (c.as_str(), *r)).collect(),
+    })
 }
 
 #[derive(Serialize)]
@@ -193,6 +216,22 @@ pub fn message(channel: &str, data: &str, offset: Option<&str>) -> Utf8Bytes {
     if let Some(off) = offset {
         s.push_str(r#","offset":"#);
         push_json_str(&mut s, off);
+    }
+    s.push('}');
+    Utf8Bytes::from(s)
+}
+
+/// `{"op":<op>,"channel":…,<the fields of the object `fields`>}`.
+fn event(op: &str, channel: &str, fields: &str) -> Utf8Bytes {
+    let mut s = String::with_capacity(32 + channel.len() + fields.len());
+    s.push_str(r#"{"op":""#);
+    s.push_str(op);
+    s.push_str(r#"","channel":"#);
+    push_json_str(&mut s, channel);
+    let inner = fields.trim().strip_prefix('{').and_then(|f| f.strip_suffix('}')).unwrap_or("").trim();
+    if !inner.is_empty() {
+        s.push(',');
+        s.push_str(inner);
     }
     s.push('}');
     Utf8Bytes::from(s)

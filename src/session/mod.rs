@@ -16,7 +16,7 @@
 
 pub mod upgrade;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -36,11 +36,12 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage, Utf8Bytes};
 
 use crate::auth::{Action, DisconnectEvent, Identity};
+use crate::broker::History;
 use crate::channel::Channel;
 use crate::error::{ApiError, CloseReason, ErrorCode};
 use crate::hub::{Outbound, SessionHandle, now_us};
 use crate::node::{Node, Slot, Source};
-use crate::protocol::{Codec, Decoded, Frame, Request};
+use crate::protocol::{Codec, Decoded, Frame, Message, Offset, Request};
 
 type Ws = WebSocketStream<TokioIo<Upgraded>>;
 type Pending<Id> = Pin<Box<dyn Future<Output = Outcome<Id>> + Send>>;
@@ -56,8 +57,40 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 struct Outcome<Id> {
     id: Option<Id>,
     result: Result<Option<Box<RawValue>>, ApiError>,
+    /// A subscribe with `since`: what history holds after it.
+    recovery: Option<Recovery>,
     /// A subscribe that failed after its channel was reserved.
     release: Option<Channel>,
+}
+
+/// What a request's future ends with.
+struct Done {
+    result: Result<Option<Box<RawValue>>, ApiError>,
+    recovery: Option<Recovery>,
+    release: Option<Channel>,
+}
+
+/// A subscribe with `since`, after reading the channel's history.
+struct Recovery {
+    channel: Channel,
+    since: Option<Offset>,
+    history: History,
+    /// Everything after `since` is in `history`: no gap.
+    recovered: bool,
+}
+
+impl Recovery {
+    fn new(channel: Channel, since: Option<Offset>, history: History) -> Self {
+        let recovered = since.as_ref().is_some_and(|s| history.covers(s));
+        Recovery { channel, since, history, recovered }
+    }
+
+    /// The subscribe reply's result: `{"recovered":…,"offset":…}`.
+    fn answer(&self) -> Box<RawValue> {
+        let v = serde_json::json!({ "recovered": self.recovered, "offset": self.history.top_offset().to_string() });
+        // A JSON value printed as JSON is valid raw JSON.
+        RawValue::from_string(v.to_string()).unwrap_or_else(|_| Box::<RawValue>::default())
+    }
 }
 
 /// Token bucket for `--client-rate` / `--client-burst`.
@@ -103,6 +136,15 @@ pub(crate) struct Session<C: Codec> {
     rx: Option<mpsc::Receiver<Outbound>>,
     /// Channels subscribed, or reserved by a pending subscribe.
     subs: HashSet<Channel>,
+    /// Channels being recovered (`since`): their live messages wait here
+    /// until history has been read, then follow it.
+    recovering: HashMap<Channel, Vec<Arc<Message>>>,
+    /// Frames to write before the queue: a recovery's reply and messages.
+    /// The flag says whether the item counts against the queue budget.
+    front: VecDeque<(Outbound, bool)>,
+    /// Recovered channels: the last sequence written, so a live message
+    /// that history already delivered is not written twice.
+    seen: HashMap<Channel, u64>,
     bucket: Bucket,
     strikes: u32,
     last_seen: Instant,
@@ -159,6 +201,9 @@ impl<C: Codec> Session<C> {
             _slot: slot,
             rx: Some(rx),
             subs: HashSet::new(),
+            recovering: HashMap::new(),
+            front: VecDeque::new(),
+            seen: HashMap::new(),
             bucket,
             strikes: 0,
             last_seen: Instant::now(),
@@ -167,16 +212,37 @@ impl<C: Codec> Session<C> {
         }
     }
 
-    /// Subscribes before the upgrade (URL, hook and token channels).
-    pub(crate) async fn subscribe_initial(&mut self, channels: &[Channel]) -> Result<(), ApiError> {
+    /// Subscribes before the upgrade (URL, hook and token channels); a URL
+    /// channel with `since` is recovered: its history after that offset is
+    /// written right after the welcome. Returns each recovery's outcome.
+    pub(crate) async fn subscribe_initial(
+        &mut self,
+        channels: &[Channel],
+        since: &HashMap<Channel, String>,
+    ) -> Result<Vec<(Channel, bool)>, ApiError> {
+        let mut recovered = Vec::new();
         for ch in channels {
             if !self.subs.insert(ch.clone()) {
                 continue;
             }
             self.node.hub.subscribe(ch, &self.handle)?;
             self.node.broker.ensure_subscribed(ch).await?;
+            let Some(offset) = since.get(ch) else { continue };
+            let Some(policy) = self.node.cfg.namespaces.rule(ch).history else {
+                recovered.push((ch.clone(), false));
+                continue;
+            };
+            let offset = Offset::parse(offset);
+            let after = offset.as_ref().map_or(0, |o| o.seq);
+            self.node.metrics.history_reads.inc();
+            let h = self.node.broker.history(ch, policy, after, policy.size).await?;
+            let r = Recovery::new(ch.clone(), offset, h);
+            recovered.push((ch.clone(), r.recovered));
+            // Live messages already queued are newer or duplicates: `seen`
+            // drops the latter when they are written, after these.
+            self.recover(r);
         }
-        Ok(())
+        Ok(recovered)
     }
 
     /// Runs the session until it ends, then closes the socket.
@@ -232,9 +298,19 @@ impl<C: Codec> Session<C> {
                 }
                 _ = maybe(&mut drain_at) => return CloseReason::Shutdown,
                 _ = maybe(&mut expiry) => return CloseReason::TokenExpired,
+                () = std::future::ready(()), if !self.front.is_empty() => {
+                    tokio::select! {
+                        r = tokio::time::timeout(idle_timeout, self.write_batch(ws, rx, None)) => match r {
+                            Ok(Ok(())) => {}
+                            Ok(Err(r)) => return r,
+                            Err(_) => return CloseReason::SlowConsumer,
+                        },
+                        r = handle.killed() => return r,
+                    }
+                }
                 Some(first) = rx.recv() => {
                     tokio::select! {
-                        r = tokio::time::timeout(idle_timeout, self.write_batch(ws, rx, first)) => match r {
+                        r = tokio::time::timeout(idle_timeout, self.write_batch(ws, rx, Some(first))) => match r {
                             Ok(Ok(())) => {}
                             Ok(Err(r)) => return r,
                             // Not a byte accepted for a whole idle timeout: it stopped reading.
@@ -245,7 +321,7 @@ impl<C: Codec> Session<C> {
                 }
                 outcome = maybe(&mut pending) => {
                     pending = None;
-                    self.apply(&outcome);
+                    self.apply(outcome);
                 }
                 frame = ws.next(), if pending.is_none() => match frame {
                     None => return CloseReason::Client,
@@ -272,40 +348,84 @@ impl<C: Codec> Session<C> {
         }
     }
 
-    /// Writes `first` and whatever else is queued, then flushes once.
+    /// Writes what waits in front, `first` and whatever else is queued,
+    /// then flushes once.
     async fn write_batch(
         &mut self,
         ws: &mut Ws,
         rx: &mut mpsc::Receiver<Outbound>,
-        first: Outbound,
+        first: Option<Outbound>,
     ) -> Result<(), CloseReason> {
         // One clock read per batch: "publish to socket write" to within a batch.
         let now = now_us();
-        let metrics = &self.node.metrics;
+        let node = self.node.clone();
+        let metrics = &node.metrics;
         let mut messages: u64 = 0;
         let mut bytes = 0;
-        let mut next = Some(first);
+        let mut first = first;
         let mut n = 0;
-        while let Some(out) = next.take() {
-            bytes += out.weight();
+        while n < WRITE_BATCH {
+            let (out, counted) = match self.front.pop_front() {
+                Some(item) => item,
+                None => match first.take().or_else(|| rx.try_recv().ok()) {
+                    Some(out) => (out, true),
+                    None => break,
+                },
+            };
+            n += 1;
+            let weight = if counted { out.weight() } else { 0 };
             let frame = match out {
                 Outbound::Message(m) => {
+                    if !self.admit(&m, counted)? {
+                        // Held for a recovery (still queued), or already written.
+                        continue;
+                    }
                     messages += 1;
-                    metrics.delivery_seconds.observe(now.saturating_sub(m.published_us) as f64 / 1e6);
+                    if m.published_us != 0 {
+                        metrics.delivery_seconds.observe(now.saturating_sub(m.published_us) as f64 / 1e6);
+                    }
                     m.encoded(&self.codec)
                 }
                 Outbound::Frame(f) => f,
             };
+            bytes += weight;
             ws.feed(WsMessage::Text(frame)).await.map_err(|_| CloseReason::Error)?;
-            n += 1;
-            if n < WRITE_BATCH {
-                next = rx.try_recv().ok();
-            }
+        }
+        if let Some(out) = first {
+            // The batch filled up before `first` was taken: keep its place.
+            self.front.push_front((out, true));
         }
         ws.flush().await.map_err(|_| CloseReason::Error)?;
-        self.node.hub.budget().release(bytes);
+        node.hub.budget().release(bytes);
         metrics.delivered.inc_by(messages);
         Ok(())
+    }
+
+    /// Whether a channel message is written now: not while its channel is
+    /// being recovered (it waits for the history), and not when history
+    /// already delivered it (by offset). Errs when a recovery's wait list
+    /// outgrows the client queue.
+    fn admit(&mut self, m: &Arc<Message>, counted: bool) -> Result<bool, CloseReason> {
+        if self.recovering.is_empty() && self.seen.is_empty() {
+            return Ok(true);
+        }
+        if let Some(waiting) = self.recovering.get_mut(&m.channel) {
+            if waiting.len() >= self.node.cfg.session.client_queue {
+                return Err(CloseReason::SlowConsumer);
+            }
+            waiting.push(m.clone());
+            return Ok(false);
+        }
+        if let (Some(last), Some(off)) = (self.seen.get_mut(&m.channel), &m.offset) {
+            if off.seq <= *last {
+                if counted {
+                    self.node.hub.budget().release(m.weight());
+                }
+                return Ok(false);
+            }
+            *last = off.seq;
+        }
+        Ok(true)
     }
 
     fn send_frame(&self, frame: Utf8Bytes) {
@@ -326,11 +446,50 @@ impl<C: Codec> Session<C> {
         }
     }
 
-    fn apply(&mut self, outcome: &Outcome<C::Id>) {
+    fn apply(&mut self, outcome: Outcome<C::Id>) {
         if let Some(channel) = &outcome.release {
             self.subs.remove(channel);
+            self.recovering.remove(channel);
         }
-        self.reply(outcome.id.as_ref(), outcome.result.as_ref().map(Option::as_deref));
+        match outcome.recovery {
+            Some(r) if outcome.result.is_ok() => {
+                // The reply first, then history, then what arrived meanwhile.
+                let reply = self.codec.reply_ok(outcome.id.as_ref(), Some(&r.answer()));
+                self.front.push_back((Outbound::Frame(reply), false));
+                self.recover(r);
+            }
+            _ => self.reply(outcome.id.as_ref(), outcome.result.as_ref().map(Option::as_deref)),
+        }
+    }
+
+    /// Queues (in front) what history holds after the client's offset, then
+    /// the live messages that waited, each once and in order.
+    fn recover(&mut self, r: Recovery) {
+        let waiting = self.recovering.remove(&r.channel).unwrap_or_default();
+        let mut last = r.since.as_ref().filter(|_| r.recovered).map_or(0, |o| o.seq);
+        let mut n = 0u64;
+        if r.recovered {
+            for m in &r.history.messages {
+                if let Some(off) = m.offset.as_ref().filter(|o| o.seq > last) {
+                    last = off.seq;
+                    self.front.push_back((Outbound::Message(m.clone()), false));
+                    n += 1;
+                }
+            }
+        }
+        for m in waiting {
+            match &m.offset {
+                Some(off) if *off.epoch == *r.history.epoch && off.seq <= last => {
+                    self.node.hub.budget().release(m.weight());
+                }
+                off => {
+                    last = last.max(off.as_ref().map_or(0, |o| o.seq));
+                    self.front.push_back((Outbound::Message(m), true));
+                }
+            }
+        }
+        self.node.metrics.history_recovered.inc_by(n);
+        self.seen.insert(r.channel, last);
     }
 
     fn on_message(&mut self, msg: &WsMessage) -> Result<Option<Pending<C::Id>>, CloseReason> {
@@ -372,7 +531,7 @@ impl<C: Codec> Session<C> {
                 self.send_frame(self.codec.reply_ok(id.as_ref(), None));
                 return None;
             }
-            Request::Subscribe { channel, since } => match self.subscribe(channel, since.is_some()) {
+            Request::Subscribe { channel, since } => match self.subscribe(channel, since) {
                 Ok(Some(fut)) => return Some(Self::pending(id, fut)),
                 Ok(None) => Ok(()),
                 Err(e) => Err(e),
@@ -394,27 +553,21 @@ impl<C: Codec> Session<C> {
     }
 
     /// Wraps a request's future with its reply address.
-    fn pending(
-        id: Option<C::Id>,
-        fut: impl Future<Output = (Result<Option<Box<RawValue>>, ApiError>, Option<Channel>)> + Send + 'static,
-    ) -> Pending<C::Id> {
+    fn pending(id: Option<C::Id>, fut: impl Future<Output = Done> + Send + 'static) -> Pending<C::Id> {
         Box::pin(async move {
-            let (result, release) = fut.await;
-            Outcome { id, result, release }
+            let done = fut.await;
+            Outcome { id, result: done.result, recovery: done.recovery, release: done.release }
         })
     }
 
     /// Reserves the channel and returns the future that authorizes and
-    /// subscribes, or None when already subscribed.
-    #[allow(clippy::type_complexity)]
+    /// subscribes (and, with `since`, reads the history to recover), or None
+    /// when already subscribed.
     fn subscribe(
         &mut self,
         channel: Channel,
-        since: bool,
-    ) -> Result<
-        Option<impl Future<Output = (Result<Option<Box<RawValue>>, ApiError>, Option<Channel>)> + Send + 'static>,
-        ApiError,
-    > {
+        since: Option<String>,
+    ) -> Result<Option<impl Future<Output = Done> + Send + 'static>, ApiError> {
         if self.subs.contains(&channel) {
             return Ok(None);
         }
@@ -427,10 +580,16 @@ impl<C: Codec> Session<C> {
         }
         // Reserved now, so a session dropped mid-way cleans it up.
         self.subs.insert(channel.clone());
+        let history = self.node.cfg.namespaces.rule(&channel).history;
+        if since.is_some() && history.is_some() {
+            // Live messages wait from the moment the hub has us.
+            self.recovering.insert(channel.clone(), Vec::new());
+        }
         let node = self.node.clone();
         let handle = self.handle.clone();
         let ident = self.ident.clone();
         Ok(Some(async move {
+            let asked = since.is_some();
             let result = async {
                 node.auth.authorize(Action::Subscribe, &ident, &handle.id, &channel, None).await?;
                 node.hub.subscribe(&channel, &handle)?;
@@ -438,43 +597,58 @@ impl<C: Codec> Session<C> {
                     node.hub.unsubscribe(&channel, handle.key);
                     return Err(ApiError::from(e));
                 }
-                // Without history there is nothing to recover from: say so, so
-                // the client reloads instead of trusting a gap-free stream.
-                Ok(since.then(|| RawValue::from_string(r#"{"recovered":false}"#.to_owned()).ok()).flatten())
+                match (since, history) {
+                    (Some(since), Some(policy)) => {
+                        let since = Offset::parse(&since);
+                        let after = since.as_ref().map_or(0, |o| o.seq);
+                        node.metrics.history_reads.inc();
+                        let h = node.broker.history(&channel, policy, after, policy.size).await?;
+                        Ok(Some(Recovery::new(channel.clone(), since, h)))
+                    }
+                    // Without history there is nothing to recover from: say
+                    // so, so the client reloads instead of trusting a
+                    // gap-free stream.
+                    (Some(_), None) => Ok(None),
+                    (None, _) => Ok(None),
+                }
             }
             .await;
-            let release = result.is_err().then_some(channel);
-            (result, release)
+            match result {
+                Ok(Some(recovery)) => Done { result: Ok(None), recovery: Some(recovery), release: None },
+                Ok(None) if asked => Done {
+                    result: Ok(RawValue::from_string(r#"{"recovered":false}"#.to_owned()).ok()),
+                    recovery: None,
+                    release: None,
+                },
+                Ok(None) => Done { result: Ok(None), recovery: None, release: None },
+                Err(e) => Done { result: Err(e), recovery: None, release: Some(channel) },
+            }
         }))
     }
 
-    fn publish(
-        &self,
-        channel: Channel,
-        data: Box<RawValue>,
-    ) -> impl Future<Output = (Result<Option<Box<RawValue>>, ApiError>, Option<Channel>)> + Send + 'static {
+    fn publish(&self, channel: Channel, data: Box<RawValue>) -> impl Future<Output = Done> + Send + 'static {
         let node = self.node.clone();
         let handle = self.handle.clone();
         let ident = self.ident.clone();
         async move {
             let result = async {
                 node.auth.authorize(Action::Publish, &ident, &handle.id, &channel, Some(&data)).await?;
-                node.publish(vec![channel], &data, None, Source::Client).await?;
-                Ok(None)
+                let offsets = node.publish(vec![channel], &data, None, Source::Client).await?;
+                // Where history is kept, the reply says where the message went.
+                Ok(offsets.into_iter().flatten().next().and_then(|o| {
+                    RawValue::from_string(serde_json::json!({ "offset": o.to_string() }).to_string()).ok()
+                }))
             }
             .await;
-            (result, None)
+            Done { result, recovery: None, release: None }
         }
     }
 
-    fn send(
-        &self,
-        data: Box<RawValue>,
-    ) -> impl Future<Output = (Result<Option<Box<RawValue>>, ApiError>, Option<Channel>)> + Send + 'static {
+    fn send(&self, data: Box<RawValue>) -> impl Future<Output = Done> + Send + 'static {
         let node = self.node.clone();
         let handle = self.handle.clone();
         let ident = self.ident.clone();
-        async move { (node.auth.send(&ident, &handle.id, &data).await, None) }
+        async move { Done { result: node.auth.send(&ident, &handle.id, &data).await, recovery: None, release: None } }
     }
 }
 

@@ -3,6 +3,7 @@
 //! plain HTTP status it can act on (400, 401, 403, 426, 503), not an opened
 //! and immediately closed socket.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -64,16 +65,17 @@ pub(crate) async fn accept(node: Arc<Node>, mut req: Request<Incoming>, remote: 
         Ok(p) => p,
         Err(r) => return reject(&node, &r),
     };
-    let Prepared { key, protocol, mut session, channels } = prepared;
+    let Prepared { key, protocol, mut session, channels, since } = prepared;
 
     // Subscriptions are in place before the 101, so a client never sees a
     // welcome for channels that are not delivering.
-    if let Err(e) = session.subscribe_initial(&channels).await {
-        return reject(&node, &Reject::from(e));
-    }
+    let recovered = match session.subscribe_initial(&channels, &since).await {
+        Ok(r) => r,
+        Err(e) => return reject(&node, &Reject::from(e)),
+    };
 
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let welcome = session.codec.welcome(&session.handle.id, session.ident.user.as_deref(), &channels);
+    let welcome = session.codec.welcome(&session.handle.id, session.ident.user.as_deref(), &channels, &recovered);
     let span = tracing::info_span!(
         "session",
         conn.id = %session.handle.id,
@@ -120,6 +122,8 @@ struct Prepared {
     protocol: bool,
     session: Session<WsrelayV1>,
     channels: Vec<Channel>,
+    /// `since` of URL channels (`?channel=a&since=<offset>`).
+    since: HashMap<Channel, String>,
 }
 
 async fn prepare(node: &Arc<Node>, req: &Request<Incoming>, remote: SocketAddr) -> Result<Prepared, Reject> {
@@ -160,8 +164,17 @@ async fn prepare(node: &Arc<Node>, req: &Request<Incoming>, remote: SocketAddr) 
 
     // Channels named in the URL, checked like a subscribe.
     let mut url_channels: Vec<Channel> = Vec::new();
+    let mut since: HashMap<Channel, String> = HashMap::new();
     if let Some(q) = req.uri().query() {
         for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+            if k == "since" {
+                // `since` recovers the channel named just before it.
+                let Some(last) = url_channels.last() else {
+                    return Err(bad("`since` must follow the `channel` it applies to"));
+                };
+                since.insert(last.clone(), v.into_owned());
+                continue;
+            }
             if k == "channel" {
                 let c = Channel::parse(&v).map_err(|e| bad(e.to_string()))?;
                 if !url_channels.contains(&c) {
@@ -194,5 +207,5 @@ async fn prepare(node: &Arc<Node>, req: &Request<Incoming>, remote: SocketAddr) 
         node.auth.authorize(Action::Subscribe, &ident, &id, ch, None).await?;
     }
     let channels = ident.channels.iter().cloned().chain(url_channels).collect();
-    Ok(Prepared { key, protocol, session, channels })
+    Ok(Prepared { key, protocol, session, channels, since })
 }
