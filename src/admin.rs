@@ -264,7 +264,8 @@ async fn history(node: &Node, channel: &str, query: Option<&str>) -> Result<serd
     for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match &*k {
             "since" => {
-                since = Some(Offset::parse(&v).ok_or_else(|| ApiError::bad_request("\"since\" is not an offset"))?)
+                let o = Offset::parse(&v).ok_or_else(|| ApiError::bad_request("\"since\" is not an offset"))?;
+                since = Some(o);
             }
             "limit" => {
                 limit = v

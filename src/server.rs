@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
 
@@ -81,6 +81,8 @@ struct Activity {
     last: AtomicU64,
     in_flight: AtomicUsize,
     seen: AtomicBool,
+    /// Woken when a request starts or ends: the deadline moved.
+    changed: Notify,
 }
 
 impl Activity {
@@ -90,6 +92,7 @@ impl Activity {
             last: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             seen: AtomicBool::new(false),
+            changed: Notify::new(),
         }
     }
     fn touch(&self) {
@@ -116,6 +119,7 @@ impl InFlight {
         a.seen.store(true, Ordering::Relaxed);
         a.in_flight.fetch_add(1, Ordering::AcqRel);
         a.touch();
+        a.changed.notify_one();
         InFlight(a.clone())
     }
 }
@@ -124,6 +128,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.touch();
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_one();
     }
 }
 
@@ -231,6 +236,7 @@ where
                             }
                             return;
                         }
+                        () = activity.changed.notified() => {}
                         () = wait => {
                             // Still past its deadline (nothing happened meanwhile)?
                             if activity.deadline(&limits).is_some_and(|d| d <= Instant::now()) {

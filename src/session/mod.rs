@@ -63,6 +63,15 @@ struct Outcome<Id> {
     release: Option<Channel>,
 }
 
+/// An item to write before the queue.
+struct Front {
+    out: Outbound,
+    /// It came from the queue: it counts against the node's queue budget.
+    counted: bool,
+    /// Already de-duplicated (a recovery's output): written as it is.
+    checked: bool,
+}
+
 /// What a request's future ends with.
 struct Done {
     result: Result<Option<Box<RawValue>>, ApiError>,
@@ -140,8 +149,7 @@ pub(crate) struct Session<C: Codec> {
     /// until history has been read, then follow it.
     recovering: HashMap<Channel, Vec<Arc<Message>>>,
     /// Frames to write before the queue: a recovery's reply and messages.
-    /// The flag says whether the item counts against the queue budget.
-    front: VecDeque<(Outbound, bool)>,
+    front: VecDeque<Front>,
     /// Recovered channels: the last sequence written, so a live message
     /// that history already delivered is not written twice.
     seen: HashMap<Channel, u64>,
@@ -365,10 +373,10 @@ impl<C: Codec> Session<C> {
         let mut first = first;
         let mut n = 0;
         while n < WRITE_BATCH {
-            let (out, counted) = match self.front.pop_front() {
-                Some(item) => item,
+            let (out, counted, checked) = match self.front.pop_front() {
+                Some(f) => (f.out, f.counted, f.checked),
                 None => match first.take().or_else(|| rx.try_recv().ok()) {
-                    Some(out) => (out, true),
+                    Some(out) => (out, true, false),
                     None => break,
                 },
             };
@@ -376,7 +384,7 @@ impl<C: Codec> Session<C> {
             let weight = if counted { out.weight() } else { 0 };
             let frame = match out {
                 Outbound::Message(m) => {
-                    if !self.admit(&m, counted)? {
+                    if !checked && !self.admit(&m)? {
                         // Held for a recovery (still queued), or already written.
                         continue;
                     }
@@ -392,8 +400,9 @@ impl<C: Codec> Session<C> {
             ws.feed(WsMessage::Text(frame)).await.map_err(|_| CloseReason::Error)?;
         }
         if let Some(out) = first {
-            // The batch filled up before `first` was taken: keep its place.
-            self.front.push_front((out, true));
+            // The batch filled up before `first` was taken: it goes next,
+            // still to be checked like anything from the queue.
+            self.front.push_front(Front { out, counted: true, checked: false });
         }
         ws.flush().await.map_err(|_| CloseReason::Error)?;
         node.hub.budget().release(bytes);
@@ -405,7 +414,7 @@ impl<C: Codec> Session<C> {
     /// being recovered (it waits for the history), and not when history
     /// already delivered it (by offset). Errs when a recovery's wait list
     /// outgrows the client queue.
-    fn admit(&mut self, m: &Arc<Message>, counted: bool) -> Result<bool, CloseReason> {
+    fn admit(&mut self, m: &Arc<Message>) -> Result<bool, CloseReason> {
         if self.recovering.is_empty() && self.seen.is_empty() {
             return Ok(true);
         }
@@ -418,9 +427,7 @@ impl<C: Codec> Session<C> {
         }
         if let (Some(last), Some(off)) = (self.seen.get_mut(&m.channel), &m.offset) {
             if off.seq <= *last {
-                if counted {
-                    self.node.hub.budget().release(m.weight());
-                }
+                self.node.hub.budget().release(m.weight());
                 return Ok(false);
             }
             *last = off.seq;
@@ -455,7 +462,7 @@ impl<C: Codec> Session<C> {
             Some(r) if outcome.result.is_ok() => {
                 // The reply first, then history, then what arrived meanwhile.
                 let reply = self.codec.reply_ok(outcome.id.as_ref(), Some(&r.answer()));
-                self.front.push_back((Outbound::Frame(reply), false));
+                self.front.push_back(Front { out: Outbound::Frame(reply), counted: false, checked: true });
                 self.recover(r);
             }
             _ => self.reply(outcome.id.as_ref(), outcome.result.as_ref().map(Option::as_deref)),
@@ -472,7 +479,7 @@ impl<C: Codec> Session<C> {
             for m in &r.history.messages {
                 if let Some(off) = m.offset.as_ref().filter(|o| o.seq > last) {
                     last = off.seq;
-                    self.front.push_back((Outbound::Message(m.clone()), false));
+                    self.front.push_back(Front { out: Outbound::Message(m.clone()), counted: false, checked: true });
                     n += 1;
                 }
             }
@@ -484,7 +491,7 @@ impl<C: Codec> Session<C> {
                 }
                 off => {
                     last = last.max(off.as_ref().map_or(0, |o| o.seq));
-                    self.front.push_back((Outbound::Message(m), true));
+                    self.front.push_back(Front { out: Outbound::Message(m), counted: true, checked: true });
                 }
             }
         }

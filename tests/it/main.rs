@@ -10,6 +10,7 @@ mod cluster;
 mod common;
 mod example;
 mod hardening;
+mod history;
 mod lifecycle;
 mod limits;
 mod proxy;

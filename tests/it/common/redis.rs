@@ -15,6 +15,8 @@ pub struct RedisServer {
     pub port: u16,
     /// A TLS port as well (self-signed certificate from tests/fixtures).
     pub tls_port: Option<u16>,
+    /// Append-only file, fsync'd on every write: survives SIGKILL.
+    aof: bool,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
@@ -27,8 +29,30 @@ impl RedisServer {
     /// Starts a throwaway redis-server (no persistence) on a free port.
     pub fn start() -> RedisServer {
         for _ in 0..5 {
-            let mut s =
-                RedisServer { port: free_port(), tls_port: None, child: None, dir: tempfile::tempdir().unwrap() };
+            let mut s = RedisServer {
+                port: free_port(),
+                tls_port: None,
+                aof: false,
+                child: None,
+                dir: tempfile::tempdir().unwrap(),
+            };
+            if s.spawn() {
+                return s;
+            }
+        }
+        panic!("could not start redis-server on a free port");
+    }
+
+    /// With an append-only file (`appendfsync always`): a SIGKILL loses nothing.
+    pub fn start_aof() -> RedisServer {
+        for _ in 0..5 {
+            let mut s = RedisServer {
+                port: free_port(),
+                tls_port: None,
+                aof: true,
+                child: None,
+                dir: tempfile::tempdir().unwrap(),
+            };
             if s.spawn() {
                 return s;
             }
@@ -42,6 +66,7 @@ impl RedisServer {
             let mut s = RedisServer {
                 port: free_port(),
                 tls_port: Some(free_port()),
+                aof: false,
                 child: None,
                 dir: tempfile::tempdir().unwrap(),
             };
@@ -54,7 +79,12 @@ impl RedisServer {
 
     fn spawn(&mut self) -> bool {
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(if self.aof {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "everysec"]
+            })
             .arg("--dir")
             .arg(self.dir.path());
         if let Some(tls) = self.tls_port {

@@ -1,0 +1,295 @@
+//! History and recovery: offsets, `since` (frame and URL), the history API,
+//! and the guarantees across failures — a killed Redis (with and without
+//! persistence), a killed subscriber connection, a killed sidecar: every
+//! message the API acknowledged reaches every subscriber exactly once, in
+//! offset order, or the subscriber is told it must reload.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use http::StatusCode;
+use serde_json::{Value, json};
+
+use crate::common::redis::RedisServer;
+use crate::common::{Binary, Relay, STEP, Upstream, WsClient, eventually, ws_connect};
+
+const NS: &str = "[[namespace]]\nprefix = \"h:\"\npublish = \"anyone\"\nhistory = { size = 1000, ttl = \"10m\" }\n";
+
+fn config(extra: &str) -> tempfile::NamedTempFile {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), format!("{NS}{extra}")).unwrap();
+    f
+}
+
+fn seq(offset: &Value) -> u64 {
+    offset.as_str().unwrap().rsplit_once(':').unwrap().1.parse().unwrap()
+}
+
+/// Reads messages of `channel` until one with data n == `until` arrives; returns
+/// every n in arrival order (gap frames as -1).
+async fn read_until(c: &mut WsClient, until: i64) -> Vec<i64> {
+    let mut got = Vec::new();
+    loop {
+        let m = c.recv().await;
+        match m["op"].as_str() {
+            Some("message") => {
+                let n = m["data"]["n"].as_i64().unwrap();
+                got.push(n);
+                if n == until {
+                    return got;
+                }
+            }
+            Some("gap") => got.push(-1),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn offsets_recovery_and_the_history_api_in_memory() {
+    let app = Upstream::start().await;
+    let cfg = config("[[namespace]]\nprefix = \"small:\"\nhistory = { size = 3, ttl = \"10m\" }\n");
+    let relay = Relay::start(&app.url(), &["--config", cfg.path().to_str().unwrap()]).await;
+    let mut live = ws_connect(&relay.ws_url("/ws")).await;
+    live.subscribe("h:a").await;
+    let mut offsets = Vec::new();
+    for n in 1..=3 {
+        let (status, body) = relay.publish(json!({"channel":"h:a","data":{"n":n}})).await;
+        assert_eq!(status, StatusCode::OK);
+        offsets.push(body["offset"].clone());
+    }
+    assert_eq!(offsets.iter().map(seq).collect::<Vec<_>>(), [1, 2, 3]);
+    let m = live.recv().await;
+    assert_eq!(m["offset"], offsets[0], "message frames carry their offset");
+    // Without history: no offset.
+    let (_, body) = relay.publish(json!({"channel":"plain","data":1})).await;
+    assert_eq!(body, json!({}));
+
+    // Recover after the first: 2 and 3 from history, then live 4, once each.
+    let mut late = ws_connect(&relay.ws_url("/ws")).await;
+    let r = late.request(json!({"op":"subscribe","channel":"h:a","since": offsets[0]})).await;
+    assert_eq!(r["result"]["recovered"], true, "{r}");
+    assert_eq!(r["result"]["offset"], offsets[2]);
+    relay.publish(json!({"channel":"h:a","data":{"n":4}})).await;
+    assert_eq!(read_until(&mut late, 4).await, [2, 3, 4]);
+
+    // The URL form: `since` follows its channel.
+    let since = offsets[1].as_str().unwrap();
+    let mut url = ws_connect(&relay.ws_url(&format!("/ws?channel=h:a&since={since}"))).await;
+    assert_eq!(url.welcome["recovered"]["h:a"], true, "{}", url.welcome);
+    assert_eq!(read_until(&mut url, 4).await, [3, 4]);
+
+    // Another epoch, or an offset older than what is kept: reload.
+    let r = late.request(json!({"op":"subscribe","channel":"h:b","since":"zzz:1"})).await;
+    assert_eq!(r["result"]["recovered"], false, "{r}");
+    for n in 1..=5 {
+        relay.publish(json!({"channel":"small:x","data":{"n":n}})).await;
+    }
+    let r = late.request(json!({"op":"subscribe","channel":"small:x","since": format!("{}:1", offsets[0].as_str().unwrap().split(':').next().unwrap())})).await;
+    assert_eq!(r["result"]["recovered"], false, "only the last 3 are kept: {r}");
+    // Without history, `since` cannot be honoured.
+    let r = late.request(json!({"op":"subscribe","channel":"plain","since":"x:1"})).await;
+    assert_eq!(r["result"]["recovered"], false);
+
+    // The API: the newest messages, or those after an offset.
+    let (status, _, body) =
+        crate::common::request(http::Method::GET, &relay.admin_url("/api/channels/h:a/history?limit=2"), None, &[])
+            .await;
+    assert_eq!(status, StatusCode::OK);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        v["messages"].as_array().unwrap().iter().map(|m| m["data"]["n"].as_i64().unwrap()).collect::<Vec<_>>(),
+        [3, 4]
+    );
+    assert_eq!(seq(&v["offset"]), 4);
+    let url = format!("/api/channels/h:a/history?since={}", offsets[0].as_str().unwrap());
+    let (_, _, body) = crate::common::request(http::Method::GET, &relay.admin_url(&url), None, &[]).await;
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["recovered"], true);
+    assert_eq!(v["messages"].as_array().unwrap().len(), 3);
+    let (status, _, _) =
+        crate::common::request(http::Method::GET, &relay.admin_url("/api/channels/plain/history"), None, &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // A client publish is told its offset too.
+    let r = live.request(json!({"op":"publish","channel":"h:a","data":{"n":5}})).await;
+    assert_eq!(seq(&r["result"]["offset"]), 5, "{r}");
+}
+
+/// Publishes {"n": i} through `nodes` in turn until `stop`; returns the
+/// acknowledged n's and the refused ones.
+async fn publish_throughout(nodes: Vec<String>, channel: &'static str, stop: Arc<AtomicBool>) -> (Vec<i64>, Vec<i64>) {
+    let (mut acked, mut refused) = (Vec::new(), Vec::new());
+    let mut n = 0i64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let admin = &nodes[n as usize % nodes.len()];
+        let body = json!({"channel": channel, "data": {"n": n}}).to_string();
+        let headers = [("content-type", "application/json".to_owned())];
+        match crate::common::try_request(http::Method::POST, &format!("{admin}/api/publish"), Some(body), &headers)
+            .await
+        {
+            Ok((StatusCode::OK, _, _)) => acked.push(n),
+            _ => refused.push(n),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (acked, refused)
+}
+
+/// Reads until every acknowledged n arrived (or the time is up); returns all.
+async fn collect(c: &mut WsClient, want: &[i64]) -> Vec<i64> {
+    let last = *want.last().unwrap();
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + STEP * 2;
+    while tokio::time::Instant::now() < deadline {
+        let Some(m) = c.recv_wire(Duration::from_millis(500)).await else {
+            if got.last() == Some(&last) {
+                break;
+            }
+            continue;
+        };
+        match m["op"].as_str() {
+            Some("message") => got.push(m["data"]["n"].as_i64().unwrap()),
+            Some("gap") => got.push(-1),
+            _ => {}
+        }
+    }
+    got
+}
+
+async fn node(app: &Upstream, redis: &RedisServer, cfg: &tempfile::NamedTempFile) -> Relay {
+    let args =
+        ["--redis-url", &redis.url(), "--config", cfg.path().to_str().unwrap(), "--redis-probe-timeout", "1500ms"];
+    let relay = Relay::start(&app.url(), &args).await;
+    eventually(STEP, "broker up", || async { relay.readyz_broker().await == StatusCode::OK }).await;
+    relay
+}
+
+#[tokio::test]
+async fn a_redis_restart_with_aof_loses_and_duplicates_nothing_acknowledged() {
+    let mut redis = RedisServer::start_aof();
+    let app = Upstream::start().await;
+    let cfg = config("");
+    let a = node(&app, &redis, &cfg).await;
+    let b = node(&app, &redis, &cfg).await;
+    let mut on_a = ws_connect(&a.ws_url("/ws?channel=h:r")).await;
+    let mut on_b = ws_connect(&b.ws_url("/ws?channel=h:r")).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = tokio::spawn(publish_throughout(vec![a.admin_url(""), b.admin_url("")], "h:r", stop.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    redis.restart();
+    for n in [&a, &b] {
+        eventually(STEP, "broker back", || async { n.readyz_broker().await == StatusCode::OK }).await;
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (acked, refused) = publisher.await.unwrap();
+    assert!(!refused.is_empty(), "the outage was seen by the publisher");
+    assert!(acked.len() > 50, "{}", acked.len());
+    for c in [&mut on_a, &mut on_b] {
+        let got = collect(c, &acked).await;
+        assert_eq!(got, acked, "every acknowledged message once, in order; no refused one");
+    }
+}
+
+#[tokio::test]
+async fn a_killed_subscriber_connection_catches_up_from_the_stream() {
+    let redis = RedisServer::start();
+    let app = Upstream::start().await;
+    let cfg = config("");
+    let a = node(&app, &redis, &cfg).await;
+    let b = node(&app, &redis, &cfg).await;
+    let mut on_b = ws_connect(&b.ws_url("/ws?channel=h:k")).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = tokio::spawn(publish_throughout(vec![a.admin_url("")], "h:k", stop.clone()));
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (acked, _) = publisher.await.unwrap();
+    assert!(b.metric("wsrelay_broker_reconnects_total").await >= 1.0);
+    assert_eq!(collect(&mut on_b, &acked).await, acked, "nothing lost while b reconnected, nothing twice");
+}
+
+#[tokio::test]
+async fn a_redis_restart_without_persistence_is_signalled_never_silent() {
+    let mut redis = RedisServer::start();
+    let app = Upstream::start().await;
+    let cfg = config("");
+    let a = node(&app, &redis, &cfg).await;
+    let b = node(&app, &redis, &cfg).await;
+    let mut on_b = ws_connect(&b.ws_url("/ws?channel=h:v")).await;
+    for n in 1..=3 {
+        assert_eq!(a.publish(json!({"channel":"h:v","data":{"n":n}})).await.0, StatusCode::OK);
+    }
+    assert_eq!(read_until(&mut on_b, 3).await, [1, 2, 3]);
+    redis.kill();
+    redis.restart();
+    for n in [&a, &b] {
+        eventually(STEP, "broker back", || async { n.readyz_broker().await == StatusCode::OK }).await;
+    }
+    // The history died with Redis: the stream starts again in a new epoch.
+    let (status, body) = a.publish(json!({"channel":"h:v","data":{"n":4}})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(seq(&body["offset"]), 1);
+    let got = read_until(&mut on_b, 4).await;
+    assert_eq!(got, [-1, 4], "a gap frame before the new epoch's first message");
+    assert!(b.metric("wsrelay_history_gaps_total").await >= 1.0);
+    // A client presenting an offset from before: reload.
+    let mut c = ws_connect(&a.ws_url("/ws")).await;
+    let r = c.request(json!({"op":"subscribe","channel":"h:v","since":"00000000:3"})).await;
+    assert_eq!(r["result"]["recovered"], false);
+}
+
+#[tokio::test]
+async fn flushall_means_recovered_false_never_stale_data() {
+    let redis = RedisServer::start();
+    let app = Upstream::start().await;
+    let cfg = config("");
+    let a = node(&app, &redis, &cfg).await;
+    let (_, body) = a.publish(json!({"channel":"h:f","data":{"n":1}})).await;
+    let old = body["offset"].as_str().unwrap().to_owned();
+    redis.cmd(&["FLUSHALL"]).await;
+    a.publish(json!({"channel":"h:f","data":{"n":2}})).await;
+    let mut c = ws_connect(&a.ws_url("/ws")).await;
+    let r = c.request(json!({"op":"subscribe","channel":"h:f","since": old})).await;
+    assert_eq!(r["result"]["recovered"], false, "{r}");
+    assert_ne!(r["result"]["offset"].as_str().unwrap().split(':').next(), old.split(':').next(), "a new epoch");
+}
+
+#[tokio::test]
+async fn clients_of_a_killed_sidecar_recover_everything_on_another() {
+    let redis = RedisServer::start();
+    let app = Upstream::start().await;
+    let cfg = config("");
+    let cfg_path = cfg.path().to_str().unwrap().to_owned();
+    let doomed = Binary::spawn(None, &["--upstream", &app.url(), "--redis-url", &redis.url(), "--config", &cfg_path]);
+    eventually(STEP, "broker up", || async { doomed.metric("wsrelay_broker_up").await == Some(1.0) }).await;
+    let survivor = node(&app, &redis, &cfg).await;
+    let mut c = ws_connect(&format!("ws://{}/ws?channel=h:s", doomed.public)).await;
+    let mut last = Value::Null;
+    for n in 1..=3 {
+        survivor.publish(json!({"channel":"h:s","data":{"n":n}})).await;
+        let m = c.recv().await;
+        last = m["offset"].clone();
+    }
+    drop(doomed); // SIGKILL
+    let mut acked = BTreeMap::new();
+    for n in 4..=8 {
+        let (status, body) = survivor.publish(json!({"channel":"h:s","data":{"n":n}})).await;
+        assert_eq!(status, StatusCode::OK);
+        acked.insert(n, body["offset"].clone());
+    }
+    // The client reconnects elsewhere with the last offset it saw.
+    let since = last.as_str().unwrap();
+    let mut again = ws_connect(&survivor.ws_url(&format!("/ws?channel=h:s&since={since}"))).await;
+    assert_eq!(again.welcome["recovered"]["h:s"], true);
+    survivor.publish(json!({"channel":"h:s","data":{"n":9}})).await;
+    assert_eq!(read_until(&mut again, 9).await, [4, 5, 6, 7, 8, 9]);
+}
