@@ -15,7 +15,7 @@ use subtle::ConstantTimeEq;
 use crate::body::{Body, ReadError, bearer_token, full, read_limited, text};
 use crate::channel::Channel;
 use crate::error::{ApiError, ErrorCode};
-use crate::hub::DisconnectTarget;
+use crate::hub::{DisconnectTarget, NodeCommand};
 use crate::node::{Node, Source};
 use crate::protocol::{Offset, check_depth};
 
@@ -40,13 +40,15 @@ pub(crate) async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<
             let result = match (req.method(), p) {
                 (&Method::POST, "/api/publish") => publish(&node, req).await,
                 (&Method::POST, "/api/disconnect") => disconnect(&node, req).await,
+                (&Method::POST, "/api/subscribe") => server_subscribe(&node, req, true).await,
+                (&Method::POST, "/api/unsubscribe") => server_subscribe(&node, req, false).await,
                 (&Method::GET, p) if p.starts_with("/api/channels/") && p.ends_with("/history") => {
                     history(&node, &p["/api/channels/".len()..p.len() - "/history".len()], req.uri().query()).await
                 }
                 (&Method::GET, p) if p.starts_with("/api/channels/") && p.ends_with("/presence") => {
-                    Err(ApiError::new(ErrorCode::NotSupported, "presence is not available in this version"))
+                    presence(&node, &p["/api/channels/".len()..p.len() - "/presence".len()]).await
                 }
-                (_, "/api/publish" | "/api/disconnect") => {
+                (_, "/api/publish" | "/api/disconnect" | "/api/subscribe" | "/api/unsubscribe") => {
                     Err(ApiError::new(ErrorCode::BadRequest, "use POST with a JSON body"))
                 }
                 _ => Err(ApiError::new(ErrorCode::NotFound, format!("no such endpoint: {p}"))),
@@ -242,7 +244,7 @@ pub fn parse_disconnect(body: &[u8]) -> Result<DisconnectTarget, ApiError> {
 
 async fn disconnect(node: &Node, req: Request<Incoming>) -> Result<serde_json::Value, ApiError> {
     let target = parse_disconnect(&read_body(req, 64 * 1024).await?)?;
-    node.broker.disconnect(target).await?;
+    node.broker.command(NodeCommand::Disconnect(target)).await?;
     Ok(serde_json::json!({}))
 }
 
@@ -302,4 +304,46 @@ async fn history(node: &Node, channel: &str, query: Option<&str>) -> Result<serd
         "epoch": &*h.epoch,
         "recovered": recovered,
     }))
+}
+
+/// `GET /api/channels/{channel}/presence`: `{"count","clients":[{"connection","user","info"}…]}`
+/// (`clients` left out past 1000 members).
+async fn presence(node: &Node, channel: &str) -> Result<serde_json::Value, ApiError> {
+    let channel = percent_encoding::percent_decode_str(channel).decode_utf8_lossy();
+    let channel = Channel::parse(&channel).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if !node.cfg.namespaces.rule(&channel).presence {
+        return Err(ApiError::new(ErrorCode::NotFound, format!("no presence is kept for {channel:?}")));
+    }
+    Ok(node.broker.presence(&channel).await?.to_json())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscribeBody {
+    channel: String,
+    #[serde(default)]
+    user: Option<serde_json::Value>,
+    #[serde(default)]
+    connection: Option<String>,
+}
+
+/// Parses a `POST /api/subscribe` or `/api/unsubscribe` body.
+pub fn parse_subscribe(body: &[u8]) -> Result<(DisconnectTarget, Channel), ApiError> {
+    let body: SubscribeBody = parse_json(body)?;
+    let channel = Channel::parse(&body.channel).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let target = serde_json::json!({ "user": body.user, "connection": body.connection });
+    let target = parse_disconnect(target.to_string().as_bytes())?;
+    Ok((target, channel))
+}
+
+/// `POST /api/subscribe` / `/api/unsubscribe` `{"channel","connection"|"user"}`:
+/// subscribes (or unsubscribes) those sessions on every node, without any
+/// policy check (the app decides); each session is told with a
+/// `subscribed`/`unsubscribed` frame.
+async fn server_subscribe(node: &Node, req: Request<Incoming>, on: bool) -> Result<serde_json::Value, ApiError> {
+    let (target, channel) = parse_subscribe(&read_body(req, 64 * 1024).await?)?;
+    let cmd =
+        if on { NodeCommand::Subscribe { target, channel } } else { NodeCommand::Unsubscribe { target, channel } };
+    node.broker.command(cmd).await?;
+    Ok(serde_json::json!({}))
 }

@@ -13,11 +13,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use super::History;
+use super::presence::{LocalPresence, PresenceList};
 use crate::channel::Channel;
 use crate::config::{HistoryPolicy, Namespaces};
-use crate::hub::{DisconnectTarget, Hub};
+use crate::hub::{Hub, NodeCommand};
 use crate::metrics::Metrics;
-use crate::protocol::{Message, Offset};
+use crate::protocol::{Kind, Message, Offset};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// Publishes between two sweeps of expired rings.
 const SWEEP_EVERY: u64 = 1024;
@@ -31,6 +33,7 @@ pub struct MemoryBroker {
     process_epoch: String,
     generation: AtomicU64,
     publishes: AtomicU64,
+    presence: LocalPresence,
 }
 
 struct Ring {
@@ -68,6 +71,7 @@ impl MemoryBroker {
             process_epoch: crate::config::random_id(6),
             generation: AtomicU64::new(0),
             publishes: AtomicU64::new(0),
+            presence: LocalPresence::default(),
         }
     }
 
@@ -138,7 +142,35 @@ impl MemoryBroker {
         History { epoch: r.epoch.clone(), top: r.top, first: r.first(), messages }
     }
 
-    pub fn disconnect(&self, target: &DisconnectTarget) {
-        self.hub.disconnect(target, None);
+    pub fn presence_join(&self, channel: &Channel, connection: &Arc<str>, entry: String, announce: bool) {
+        self.presence.add(channel, connection, entry.clone());
+        if announce {
+            self.hub.deliver(&Arc::new(Message::event(
+                Kind::Join,
+                channel.clone(),
+                Utf8Bytes::from(entry),
+                Some(connection.as_ref().into()),
+            )));
+        }
+    }
+
+    pub fn presence_leave(&self, channel: &Channel, connection: &Arc<str>, entry: String, announce: bool) {
+        self.presence.remove(channel, connection);
+        if announce {
+            self.hub.deliver(&Arc::new(Message::event(
+                Kind::Leave,
+                channel.clone(),
+                Utf8Bytes::from(entry),
+                Some(connection.as_ref().into()),
+            )));
+        }
+    }
+
+    pub fn presence(&self, channel: &Channel) -> PresenceList {
+        self.presence.list(channel)
+    }
+
+    pub fn command(&self, cmd: &NodeCommand) {
+        self.hub.apply(cmd, None);
     }
 }

@@ -17,16 +17,18 @@
 //! return the offsets it assigned.
 
 pub mod memory;
+pub mod presence;
 pub mod redis;
 
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+pub use self::presence::PresenceList;
 use crate::channel::Channel;
 use crate::config::{BrokerConfig, HistoryPolicy, Namespaces};
 pub use crate::error::BrokerError;
-use crate::hub::{DisconnectTarget, Hub, Interest};
+use crate::hub::{Hub, Interest, NodeCommand};
 use crate::metrics::Metrics;
 use crate::protocol::{Message, Offset};
 
@@ -135,14 +137,59 @@ impl Broker {
         }
     }
 
-    /// Closes the targeted sessions on every node.
-    pub async fn disconnect(&self, target: DisconnectTarget) -> Result<(), BrokerError> {
+    /// `connection` (described by `entry`, `{"connection","user","info"}`)
+    /// is subscribed to `channel`: it is listed in its presence, and with
+    /// `announce` the channel's subscribers get a `join` frame.
+    pub async fn presence_join(
+        &self,
+        channel: &Channel,
+        connection: &Arc<str>,
+        entry: String,
+        announce: bool,
+    ) -> Result<(), BrokerError> {
         match self {
             Broker::Memory(m) => {
-                m.disconnect(&target);
+                m.presence_join(channel, connection, entry, announce);
                 Ok(())
             }
-            Broker::Redis(r) => r.disconnect(&target).await,
+            Broker::Redis(r) => r.presence_join(channel, connection, entry, announce).await,
+        }
+    }
+
+    /// The reverse of [`presence_join`](Self::presence_join) (`leave` frame).
+    pub async fn presence_leave(
+        &self,
+        channel: &Channel,
+        connection: &Arc<str>,
+        entry: String,
+        announce: bool,
+    ) -> Result<(), BrokerError> {
+        match self {
+            Broker::Memory(m) => {
+                m.presence_leave(channel, connection, entry, announce);
+                Ok(())
+            }
+            Broker::Redis(r) => r.presence_leave(channel, connection, entry, announce).await,
+        }
+    }
+
+    /// Who is subscribed to `channel`, on every node.
+    pub async fn presence(&self, channel: &Channel) -> Result<PresenceList, BrokerError> {
+        match self {
+            Broker::Memory(m) => Ok(m.presence(channel)),
+            Broker::Redis(r) => r.presence(channel).await,
+        }
+    }
+
+    /// Applies a command (disconnect, server-side subscribe) on every node,
+    /// including nodes whose subscriber is reconnecting (they replay it).
+    pub async fn command(&self, cmd: NodeCommand) -> Result<(), BrokerError> {
+        match self {
+            Broker::Memory(m) => {
+                m.command(&cmd);
+                Ok(())
+            }
+            Broker::Redis(r) => r.command(&cmd).await,
         }
     }
 

@@ -51,7 +51,7 @@ use tracing::{Instrument, debug, info, warn};
 use super::{BrokerError, History, Wiring};
 use crate::channel::Channel;
 use crate::config::{BrokerConfig, Namespaces, Secret};
-use crate::hub::{DisconnectTarget, Hub, Interest};
+use crate::hub::{Hub, Interest, NodeCommand};
 use crate::metrics::Metrics;
 use crate::protocol::{Kind, Message, Offset};
 
@@ -69,6 +69,10 @@ pub struct RedisBroker {
     pool: Pool,
     control_script: redis::Script,
     history_script: redis::Script,
+    presence_script: redis::Script,
+    presence_read_script: redis::Script,
+    /// This node's presence entries, refreshed by the heartbeat task.
+    local_presence: Arc<super::presence::LocalPresence>,
     namespaces: Arc<Namespaces>,
     interest: Arc<Interest>,
     timeout: Duration,
@@ -106,7 +110,42 @@ impl Keys {
     fn meta(&self, channel: &str) -> String {
         format!("{}hist:{{{channel}}}:m", self.prefix)
     }
+    /// A channel's presence: members (hash) and their expiry (sorted set).
+    fn presence(&self, channel: &str) -> (String, String) {
+        (format!("{}pres:{{{channel}}}:h", self.prefix), format!("{}pres:{{{channel}}}:z", self.prefix))
+    }
 }
+
+/// Adds or removes a presence member and, with ARGV[4] = "1", announces it
+/// on the channel (a `j`oin or `l`eave envelope), atomically.
+/// KEYS: hash, zset, pubsub channel. ARGV: connection, entry, expiry (ms since
+/// the epoch; "" to remove), announce, envelope header, keys' TTL (ms).
+const PRESENCE_SCRIPT: &str = r"
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+end
+if ARGV[4] == '1' then
+  redis.call('PUBLISH', KEYS[3], ARGV[5] .. ARGV[2])
+end
+return 1
+";
+
+/// Drops expired members, then answers the count and (within ARGV[2]) the
+/// members. KEYS: hash, zset. ARGV: now (ms), most listed.
+const PRESENCE_READ_SCRIPT: &str = r"
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+for _, c in ipairs(gone) do redis.call('HDEL', KEYS[1], c) end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+local n = redis.call('HLEN', KEYS[1])
+if n > tonumber(ARGV[2]) then return {n, {}} end
+return {n, redis.call('HVALS', KEYS[1])}
+";
 
 /// What the publisher sends for one message.
 enum Out {
@@ -170,6 +209,9 @@ struct Job {
 /// script where history is kept.
 #[derive(Serialize, Deserialize)]
 struct Header<'a> {
+    /// `j`oin or `l`eave (presence events); absent for a publication.
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    k: Option<std::borrow::Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     o: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
@@ -179,19 +221,13 @@ struct Header<'a> {
     x: Option<std::borrow::Cow<'a, str>>,
 }
 
-#[derive(Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum Control {
-    Disconnect(DisconnectTarget),
-}
-
 /// A command to every node, as logged and published.
 #[derive(Serialize, Deserialize)]
 struct Command {
     /// When it was issued (µs since the Unix epoch, the issuing node's clock).
     t: u64,
     #[serde(flatten)]
-    op: Control,
+    op: NodeCommand,
 }
 
 /// Commands kept in the control log (approximately).
@@ -257,6 +293,9 @@ impl RedisBroker {
         let publisher_task = publisher(pool.clone(), rx, generation.clone(), cfg.timeout, metrics.clone());
         tokio::spawn(publisher_task.instrument(tracing::info_span!("redis_publisher")));
         let command_pool = pool.clone();
+        let local_presence = Arc::new(super::presence::LocalPresence::default());
+        let beat = heartbeat(pool.clone(), keys.clone(), local_presence.clone(), cfg.timeout, shutdown.clone());
+        tokio::spawn(beat.instrument(tracing::info_span!("redis_presence")));
         let sub = Subscriber {
             client,
             namespaces: namespaces.clone(),
@@ -279,6 +318,9 @@ impl RedisBroker {
             pool: command_pool,
             control_script: redis::Script::new(CONTROL_SCRIPT),
             history_script: redis::Script::new(HISTORY_SCRIPT),
+            presence_script: redis::Script::new(PRESENCE_SCRIPT),
+            presence_read_script: redis::Script::new(PRESENCE_READ_SCRIPT),
+            local_presence,
             namespaces,
             interest,
             timeout: cfg.timeout,
@@ -297,7 +339,8 @@ impl RedisBroker {
         let messages = pubs
             .iter()
             .map(|m| {
-                let header = Header { o: None, e: None, t: m.published_us, x: m.exclude.as_deref().map(Into::into) };
+                let header =
+                    Header { k: None, o: None, e: None, t: m.published_us, x: m.exclude.as_deref().map(Into::into) };
                 match self.namespaces.rule(&m.channel).history {
                     None => Out::Publish {
                         channel: self.keys.channel(&m.channel),
@@ -319,6 +362,76 @@ impl RedisBroker {
         self.send(messages).await
     }
 
+    async fn presence_change(
+        &self,
+        channel: &Channel,
+        connection: &Arc<str>,
+        entry: String,
+        join: bool,
+        announce: bool,
+    ) -> Result<(), BrokerError> {
+        if !self.is_up() {
+            return Err(BrokerError::NotConnected);
+        }
+        if join {
+            self.local_presence.add(channel, connection, entry.clone());
+        } else {
+            self.local_presence.remove(channel, connection);
+        }
+        let header = Header {
+            k: Some(if join { "j" } else { "l" }.into()),
+            o: None,
+            e: None,
+            t: 0,
+            x: Some((&**connection).into()),
+        };
+        let mut header = serde_json::to_vec(&header).unwrap_or_default();
+        header.push(b'\n');
+        let (hash, zset) = self.keys.presence(channel);
+        let expiry = if join { (crate::hub::now_us() / 1000 + expiry_ms()).to_string() } else { String::new() };
+        let run = async {
+            let mut c = self.pool.get().await?;
+            let mut inv = self.presence_script.key(hash);
+            inv.key(zset).key(self.keys.channel(channel));
+            inv.arg(&**connection).arg(&entry).arg(expiry).arg(if announce { "1" } else { "0" });
+            inv.arg(header).arg(expiry_ms() * 4);
+            inv.invoke_async::<i64>(&mut c).await.map_err(BrokerError::from)
+        };
+        tokio::time::timeout(self.timeout, run).await.unwrap_or(Err(BrokerError::Timeout(self.timeout))).map(|_| ())
+    }
+
+    pub async fn presence_join(
+        &self,
+        channel: &Channel,
+        connection: &Arc<str>,
+        entry: String,
+        announce: bool,
+    ) -> Result<(), BrokerError> {
+        self.presence_change(channel, connection, entry, true, announce).await
+    }
+
+    pub async fn presence_leave(
+        &self,
+        channel: &Channel,
+        connection: &Arc<str>,
+        entry: String,
+        announce: bool,
+    ) -> Result<(), BrokerError> {
+        self.presence_change(channel, connection, entry, false, announce).await
+    }
+
+    pub async fn presence(&self, channel: &Channel) -> Result<super::PresenceList, BrokerError> {
+        let (hash, zset) = self.keys.presence(channel);
+        let run = async {
+            let mut c = self.pool.get().await?;
+            let mut inv = self.presence_read_script.key(hash);
+            inv.key(zset).arg(crate::hub::now_us() / 1000).arg(super::presence::MAX_LISTED);
+            let (count, entries): (usize, Vec<String>) = inv.invoke_async(&mut c).await?;
+            Ok::<_, BrokerError>(super::PresenceList::from_entries(entries, count))
+        };
+        tokio::time::timeout(self.timeout, run).await.unwrap_or(Err(BrokerError::Timeout(self.timeout)))
+    }
+
     /// A channel's history after `after` (at most `limit` messages).
     pub async fn history(&self, channel: &Channel, after: u64, limit: usize) -> Result<History, BrokerError> {
         read_history(&self.pool, &self.history_script, &self.keys, channel, after, limit, self.timeout).await
@@ -328,12 +441,12 @@ impl RedisBroker {
         self.interest.wait_active(channel, self.timeout).await
     }
 
-    /// Closes the targeted sessions on every node: logged, then published.
-    pub async fn disconnect(&self, target: &DisconnectTarget) -> Result<(), BrokerError> {
+    /// A command for every node: logged, then published.
+    pub async fn command(&self, op: &NodeCommand) -> Result<(), BrokerError> {
         if !self.is_up() {
             return Err(BrokerError::NotConnected);
         }
-        let cmd = Command { t: crate::hub::now_us(), op: Control::Disconnect(target.clone()) };
+        let cmd = Command { t: crate::hub::now_us(), op: op.clone() };
         // A struct of strings always serializes.
         let payload = serde_json::to_string(&cmd).unwrap_or_default();
         let run = async {
@@ -541,6 +654,48 @@ async fn read_history(
         messages.push(Arc::new(msg.with_offset(Offset { epoch: epoch.clone(), seq })));
     }
     Ok(History { epoch, top, first, messages })
+}
+
+fn expiry_ms() -> u64 {
+    u64::try_from(super::presence::EXPIRY.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Refreshes the expiry of this node's presence entries every heartbeat, so
+/// that a node that dies without removing them loses them within the expiry.
+async fn heartbeat(
+    pool: Pool,
+    keys: Keys,
+    local: Arc<super::presence::LocalPresence>,
+    timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(super::presence::HEARTBEAT);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let entries = local.all();
+        if entries.is_empty() {
+            continue;
+        }
+        let until = crate::hub::now_us() / 1000 + expiry_ms();
+        let refresh = async {
+            let mut c = pool.get().await?;
+            let mut pipe = redis::pipe();
+            for (channel, connection, entry) in &entries {
+                let (hash, zset) = keys.presence(channel);
+                pipe.cmd("HSET").arg(&hash).arg(&**connection).arg(entry).ignore();
+                pipe.cmd("ZADD").arg(&zset).arg(until).arg(&**connection).ignore();
+                pipe.cmd("PEXPIRE").arg(&hash).arg(expiry_ms() * 4).ignore();
+                pipe.cmd("PEXPIRE").arg(&zset).arg(expiry_ms() * 4).ignore();
+            }
+            pipe.query_async::<()>(&mut c).await.map_err(BrokerError::from)
+        };
+        if let Err(e) = tokio::time::timeout(timeout, refresh).await.unwrap_or(Err(BrokerError::Timeout(timeout))) {
+            debug!(error = %e, "presence heartbeat failed; retrying at the next");
+        }
+    }
 }
 
 /// Publishes probe `seq` to this node's probe channel on a pooled connection.
@@ -805,9 +960,9 @@ impl Subscriber {
         }
         *applied = id;
         match serde_json::from_str::<Command>(payload) {
-            Ok(Command { t, op: Control::Disconnect(target) }) => {
-                let n = self.hub.disconnect(&target, replayed.then_some(t));
-                debug!(?target, closed = n, replayed, "disconnect command");
+            Ok(Command { t, op }) => {
+                let n = self.hub.apply(&op, replayed.then_some(t));
+                debug!(?op, sessions = n, replayed, "command applied");
             }
             Err(e) => warn!(error = %e, "ignoring a malformed command"),
         }
@@ -906,7 +1061,7 @@ impl Subscriber {
     fn gap(&self, channel: &Channel, st: &mut SubState, at: Offset) {
         self.metrics.history_gaps.inc();
         warn!(%channel, "messages lost beyond history: subscribers told to reload");
-        let notice = Message::event(Kind::Gap, channel.clone(), Utf8Bytes::from_static("null"));
+        let notice = Message::event(Kind::Gap, channel.clone(), Utf8Bytes::from_static("null"), None);
         self.hub.deliver(&Arc::new(notice));
         st.tracked.insert(channel.clone(), at);
     }
@@ -1001,6 +1156,14 @@ pub fn decode_message(channel: &str, payload: &[u8]) -> Result<Message, Envelope
     let header: Header<'_> = serde_json::from_slice(&payload[..nl])?;
     let channel = Channel::parse(channel)?;
     let data = Utf8Bytes::try_from(Bytes::copy_from_slice(&payload[nl + 1..])).map_err(|_| EnvelopeError::NotUtf8)?;
+    let kind = match header.k.as_deref() {
+        Some("j") => Some(Kind::Join),
+        Some("l") => Some(Kind::Leave),
+        _ => None,
+    };
+    if let Some(kind) = kind {
+        return Ok(Message::event(kind, channel, data, header.x.map(|x| x.into_owned().into_boxed_str())));
+    }
     let msg = Message::new(channel, data, header.x.map(|x| x.into_owned().into_boxed_str()), header.t);
     Ok(match (header.o, header.e) {
         (Some(seq), Some(epoch)) => msg.with_offset(Offset { epoch: Arc::from(&*epoch), seq }),
@@ -1039,7 +1202,7 @@ mod tests {
 
     #[test]
     fn envelope_roundtrip() {
-        let h = Header { o: None, e: None, t: 42, x: Some("c1".into()) };
+        let h = Header { k: None, o: None, e: None, t: 42, x: Some("c1".into()) };
         let e = envelope(&h, br#"{"op":"message"}"#);
         let nl = e.iter().position(|b| *b == b'\n').unwrap();
         let back: Header<'_> = serde_json::from_slice(&e[..nl]).unwrap();

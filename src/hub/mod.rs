@@ -65,6 +65,25 @@ pub enum Outbound {
     Message(Arc<Message>),
     /// A frame already encoded for this session (a reply, a control frame).
     Frame(Utf8Bytes),
+    /// Something the app asked of this session (server-side subscribe).
+    Command(SessionCommand),
+}
+
+/// What the app can ask of a session through the hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionCommand {
+    Subscribe(Channel),
+    Unsubscribe(Channel),
+}
+
+/// A command for the sessions of a connection or user, on every node
+/// (`/api/disconnect`, `/api/subscribe`, `/api/unsubscribe`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeCommand {
+    Disconnect(DisconnectTarget),
+    Subscribe { target: DisconnectTarget, channel: Channel },
+    Unsubscribe { target: DisconnectTarget, channel: Channel },
 }
 
 impl Outbound {
@@ -73,7 +92,7 @@ impl Outbound {
     pub fn weight(&self) -> usize {
         match self {
             Outbound::Message(m) => m.weight(),
-            Outbound::Frame(_) => 0,
+            Outbound::Frame(_) | Outbound::Command(_) => 0,
         }
     }
 }
@@ -368,9 +387,14 @@ impl Hub {
         &self.budget
     }
 
-    /// Closes the targeted local sessions that connected before `before_us`
-    /// (all of them with None); returns how many.
-    pub fn disconnect(&self, target: &DisconnectTarget, before_us: Option<u64>) -> usize {
+    /// Applies a command to the targeted local sessions that connected
+    /// before `before_us` (all of them with None); returns how many.
+    pub fn apply(&self, cmd: &NodeCommand, before_us: Option<u64>) -> usize {
+        let target = match cmd {
+            NodeCommand::Disconnect(t)
+            | NodeCommand::Subscribe { target: t, .. }
+            | NodeCommand::Unsubscribe { target: t, .. } => t,
+        };
         let victims: Vec<Arc<SessionHandle>> = {
             let s = lock(&self.sessions);
             let all = match target {
@@ -380,9 +404,22 @@ impl Hub {
             all.into_iter().filter(|h| before_us.is_none_or(|t| h.connected_us < t)).collect()
         };
         for v in &victims {
-            v.kill(CloseReason::Disconnected);
+            match cmd {
+                NodeCommand::Disconnect(_) => v.kill(CloseReason::Disconnected),
+                NodeCommand::Subscribe { channel, .. } => {
+                    v.enqueue(Outbound::Command(SessionCommand::Subscribe(channel.clone())));
+                }
+                NodeCommand::Unsubscribe { channel, .. } => {
+                    v.enqueue(Outbound::Command(SessionCommand::Unsubscribe(channel.clone())));
+                }
+            }
         }
         victims.len()
+    }
+
+    /// Closes the targeted local sessions; returns how many.
+    pub fn disconnect(&self, target: &DisconnectTarget) -> usize {
+        self.apply(&NodeCommand::Disconnect(target.clone()), None)
     }
 
     /// Sessions currently registered on this node.

@@ -103,6 +103,8 @@ pub trait Codec: Send + Sync + 'static {
     fn reply_ok(&self, id: Option<&Self::Id>, result: Option<&RawValue>) -> Utf8Bytes;
     /// An error reply.
     fn reply_err(&self, id: Option<&Self::Id>, err: &ApiError) -> Utf8Bytes;
+    /// The app subscribed (`on`) or unsubscribed the client server-side.
+    fn server_subscription(&self, channel: &Channel, on: bool) -> Utf8Bytes;
     /// A channel message, encoded for this protocol (called through
     /// [`Message::encoded`], so once per message per node).
     fn encode_message(&self, msg: &Message) -> Utf8Bytes;
@@ -180,9 +182,10 @@ impl Message {
         }
     }
 
-    /// A presence event or a gap notice for `channel`.
-    pub fn event(kind: Kind, channel: Channel, data: Utf8Bytes) -> Self {
-        Message { kind, ..Message::new(channel, data, None, 0) }
+    /// A presence event or a gap notice for `channel` (not for `exclude`:
+    /// a client is not told of its own join).
+    pub fn event(kind: Kind, channel: Channel, data: Utf8Bytes, exclude: Option<Box<str>>) -> Self {
+        Message { kind, ..Message::new(channel, data, exclude, 0) }
     }
 
     /// The same message at `offset` (the broker assigns it).

@@ -49,6 +49,10 @@ impl Codec for WsrelayV1 {
         reply_err(id.map(AsRef::as_ref), err)
     }
 
+    fn server_subscription(&self, channel: &Channel, on: bool) -> Utf8Bytes {
+        event(if on { "subscribed" } else { "unsubscribed" }, channel, "{}")
+    }
+
     fn encode_message(&self, msg: &Message) -> Utf8Bytes {
         match msg.kind {
             Kind::Publication => {

@@ -39,7 +39,7 @@ use crate::auth::{Action, DisconnectEvent, Identity};
 use crate::broker::History;
 use crate::channel::Channel;
 use crate::error::{ApiError, CloseReason, ErrorCode};
-use crate::hub::{Outbound, SessionHandle, now_us};
+use crate::hub::{Outbound, SessionCommand, SessionHandle, now_us};
 use crate::node::{Node, Slot, Source};
 use crate::protocol::{Codec, Decoded, Frame, Message, Offset, Request};
 
@@ -164,9 +164,10 @@ pub(crate) struct Session<C: Codec> {
 
 impl<C: Codec> Drop for Session<C> {
     fn drop(&mut self) {
-        let hub = &self.node.hub;
-        for ch in self.subs.drain() {
+        let hub = self.node.hub.clone();
+        for ch in self.subs.drain().collect::<Vec<_>>() {
             hub.unsubscribe(&ch, self.handle.key);
+            self.leave(&ch);
         }
         hub.unregister(&self.handle);
         // Nothing more can be queued (unsubscribed above): release the rest.
@@ -220,6 +221,33 @@ impl<C: Codec> Session<C> {
         }
     }
 
+    /// This session as its channels' presence lists it.
+    fn presence_entry(&self) -> String {
+        let v = serde_json::json!({
+            "connection": &*self.handle.id,
+            "user": self.ident.user.as_deref(),
+            "info": self.ident.info,
+        });
+        v.to_string()
+    }
+
+    /// Leaves `channel`'s presence, in the background (from Drop too).
+    fn leave(&self, channel: &Channel) {
+        let rule = self.node.cfg.namespaces.rule(channel);
+        if !rule.presence {
+            return;
+        }
+        let (node, channel, id, entry, announce) =
+            (self.node.clone(), channel.clone(), self.handle.id.clone(), self.presence_entry(), rule.join_leave);
+        // From Drop too: only where a runtime still runs (else the entry expires).
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        rt.spawn(async move {
+            if let Err(e) = node.broker.presence_leave(&channel, &id, entry, announce).await {
+                tracing::debug!(error = %e, "presence leave not recorded (the entry expires)");
+            }
+        });
+    }
+
     /// Subscribes before the upgrade (URL, hook and token channels); a URL
     /// channel with `since` is recovered: its history after that offset is
     /// written right after the welcome. Returns each recovery's outcome.
@@ -235,6 +263,10 @@ impl<C: Codec> Session<C> {
             }
             self.node.hub.subscribe(ch, &self.handle)?;
             self.node.broker.ensure_subscribed(ch).await?;
+            let rule = self.node.cfg.namespaces.rule(ch);
+            if rule.presence {
+                self.node.broker.presence_join(ch, &self.handle.id, self.presence_entry(), rule.join_leave).await?;
+            }
             let Some(offset) = since.get(ch) else { continue };
             let Some(policy) = self.node.cfg.namespaces.rule(ch).history else {
                 recovered.push((ch.clone(), false));
@@ -395,6 +427,10 @@ impl<C: Codec> Session<C> {
                     m.encoded(&self.codec)
                 }
                 Outbound::Frame(f) => f,
+                Outbound::Command(cmd) => {
+                    self.server_command(cmd);
+                    continue;
+                }
             };
             bytes += weight;
             ws.feed(WsMessage::Text(frame)).await.map_err(|_| CloseReason::Error)?;
@@ -546,14 +582,16 @@ impl<C: Codec> Session<C> {
             Request::Unsubscribe { channel } => {
                 if let Some(ch) = self.subs.take(&channel) {
                     self.node.hub.unsubscribe(&ch, self.handle.key);
+                    self.leave(&ch);
                 }
                 Ok(())
             }
             Request::Publish { channel, data } => return Some(Self::pending(id, self.publish(channel, data))),
             Request::Send { data } => return Some(Self::pending(id, self.send(data))),
-            Request::Presence { .. } => {
-                Err(ApiError::new(ErrorCode::NotSupported, "presence is not available in this version"))
-            }
+            Request::Presence { channel } => match self.presence(channel) {
+                Ok(fut) => return Some(Self::pending(id, fut)),
+                Err(e) => Err(e),
+            },
         };
         self.reply(id.as_ref(), result.as_ref().map(|()| None));
         None
@@ -587,7 +625,9 @@ impl<C: Codec> Session<C> {
         }
         // Reserved now, so a session dropped mid-way cleans it up.
         self.subs.insert(channel.clone());
-        let history = self.node.cfg.namespaces.rule(&channel).history;
+        let rule = self.node.cfg.namespaces.rule(&channel);
+        let history = rule.history;
+        let presence = rule.presence.then(|| (self.presence_entry(), rule.join_leave));
         if since.is_some() && history.is_some() {
             // Live messages wait from the moment the hub has us.
             self.recovering.insert(channel.clone(), Vec::new());
@@ -603,6 +643,12 @@ impl<C: Codec> Session<C> {
                 if let Err(e) = node.broker.ensure_subscribed(&channel).await {
                     node.hub.unsubscribe(&channel, handle.key);
                     return Err(ApiError::from(e));
+                }
+                if let Some((entry, announce)) = presence {
+                    if let Err(e) = node.broker.presence_join(&channel, &handle.id, entry, announce).await {
+                        node.hub.unsubscribe(&channel, handle.key);
+                        return Err(ApiError::from(e));
+                    }
                 }
                 match (since, history) {
                     (Some(since), Some(policy)) => {
@@ -631,6 +677,69 @@ impl<C: Codec> Session<C> {
                 Err(e) => Done { result: Err(e), recovery: None, release: Some(channel) },
             }
         }))
+    }
+
+    /// Applies what the app asked (`/api/subscribe`, `/api/unsubscribe`): no
+    /// policy check, the app decides; the per-connection and node limits
+    /// still hold. The client is told with a `subscribed`/`unsubscribed`
+    /// frame (once the broker delivers the channel, for a subscribe).
+    fn server_command(&mut self, cmd: SessionCommand) {
+        match cmd {
+            SessionCommand::Subscribe(channel) => {
+                if self.subs.contains(&channel) {
+                    return;
+                }
+                if self.subs.len() >= self.node.cfg.session.max_subscriptions {
+                    tracing::warn!(%channel, "server-side subscribe over max-subscriptions: ignored");
+                    return;
+                }
+                if let Err(e) = self.node.hub.subscribe(&channel, &self.handle) {
+                    tracing::warn!(%channel, error = %e, "server-side subscribe refused");
+                    return;
+                }
+                self.subs.insert(channel.clone());
+                let frame = self.codec.server_subscription(&channel, true);
+                let rule = self.node.cfg.namespaces.rule(&channel);
+                let presence = rule.presence.then(|| (self.presence_entry(), rule.join_leave));
+                let (node, handle) = (self.node.clone(), self.handle.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = node.broker.ensure_subscribed(&channel).await {
+                        tracing::warn!(%channel, error = %e, "server-side subscribe not confirmed by the broker");
+                    }
+                    if let Some((entry, announce)) = presence {
+                        let _ = node.broker.presence_join(&channel, &handle.id, entry, announce).await;
+                    }
+                    handle.enqueue(Outbound::Frame(frame));
+                });
+            }
+            SessionCommand::Unsubscribe(channel) => {
+                if let Some(ch) = self.subs.take(&channel) {
+                    self.node.hub.unsubscribe(&ch, self.handle.key);
+                    self.recovering.remove(&ch);
+                    self.leave(&ch);
+                    self.send_frame(self.codec.server_subscription(&ch, false));
+                }
+            }
+        }
+    }
+
+    /// Who is subscribed to `channel` (a channel this session is subscribed
+    /// to, in a namespace with presence).
+    fn presence(&self, channel: Channel) -> Result<impl Future<Output = Done> + Send + 'static, ApiError> {
+        if !self.node.cfg.namespaces.rule(&channel).presence {
+            return Err(ApiError::new(ErrorCode::NotFound, format!("no presence is kept for {channel:?}")));
+        }
+        if !self.subs.contains(&channel) {
+            return Err(ApiError::forbidden(format!("subscribe to {channel:?} to see who else is")));
+        }
+        let node = self.node.clone();
+        Ok(async move {
+            let result = match node.broker.presence(&channel).await {
+                Ok(list) => Ok(RawValue::from_string(list.to_json().to_string()).ok()),
+                Err(e) => Err(ApiError::from(e)),
+            };
+            Done { result, recovery: None, release: None }
+        })
     }
 
     fn publish(&self, channel: Channel, data: Box<RawValue>) -> impl Future<Output = Done> + Send + 'static {

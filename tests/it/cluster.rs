@@ -261,7 +261,7 @@ async fn rediss_connects_with_tls_and_verifies_certificates() {
     assert_eq!(strict.metric("wsrelay_broker_up").await, 0.0);
 }
 
-fn user_token(user: &str) -> String {
+pub fn user_token(user: &str) -> String {
     let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
     let claims = json!({"sub": user, "exp": exp});
     let key = jsonwebtoken::EncodingKey::from_secret(b"k");

@@ -293,3 +293,85 @@ async fn clients_of_a_killed_sidecar_recover_everything_on_another() {
     survivor.publish(json!({"channel":"h:s","data":{"n":9}})).await;
     assert_eq!(read_until(&mut again, 9).await, [4, 5, 6, 7, 8, 9]);
 }
+
+const PRESENCE_NS: &str =
+    "[[namespace]]\nprefix = \"room:\"\npublish = \"anyone\"\npresence = true\njoin-leave = true\n";
+
+#[tokio::test]
+async fn presence_and_join_leave_in_memory_and_server_side_subscribe() {
+    let app = Upstream::start().await;
+    let cfg = config(PRESENCE_NS);
+    let relay = Relay::start(&app.url(), &["--config", cfg.path().to_str().unwrap(), "--jwt-secret", "k"]).await;
+    let ann = crate::cluster::user_token("ann");
+    let bob = crate::cluster::user_token("bob");
+    let mut a = ws_connect(&relay.ws_url(&format!("/ws?token={ann}"))).await;
+    a.subscribe("room:1").await;
+    let mut b = ws_connect(&relay.ws_url(&format!("/ws?token={bob}"))).await;
+    b.subscribe("room:1").await;
+    let join = a.recv().await;
+    assert_eq!((join["op"].as_str(), join["user"].as_str()), (Some("join"), Some("bob")), "{join}");
+    let r = a.request(json!({"op":"presence","channel":"room:1"})).await;
+    let mut users: Vec<&str> =
+        r["result"]["clients"].as_array().unwrap().iter().map(|c| c["user"].as_str().unwrap()).collect();
+    users.sort_unstable();
+    assert_eq!(users, ["ann", "bob"], "{r}");
+    let (status, _, body) =
+        crate::common::request(http::Method::GET, &relay.admin_url("/api/channels/room:1/presence"), None, &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap()["count"], 2);
+    // Only subscribers may ask, and only where presence is kept.
+    let carl = crate::cluster::user_token("carl");
+    let mut outsider = ws_connect(&relay.ws_url(&format!("/ws?token={carl}"))).await;
+    let r = outsider.request(json!({"op":"presence","channel":"room:1"})).await;
+    assert_eq!(r["error"]["code"], "forbidden");
+    drop(b);
+    let leave = a.recv().await;
+    assert_eq!((leave["op"].as_str(), leave["user"].as_str()), (Some("leave"), Some("bob")), "{leave}");
+
+    // Server-side subscribe: the app puts ann in a room; she is told, then gets its messages.
+    let (status, _) = relay.api("/api/subscribe", json!({"user":"ann","channel":"news"}), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let m = a.recv().await;
+    assert_eq!((m["op"].as_str(), m["channel"].as_str()), (Some("subscribed"), Some("news")), "{m}");
+    relay.publish(json!({"channel":"news","data":{"n":1}})).await;
+    assert_eq!(a.recv().await["data"]["n"], 1);
+    let (status, _) =
+        relay.api("/api/unsubscribe", json!({"connection": a.connection_id(),"channel":"news"}), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(a.recv().await["op"], "unsubscribed");
+    let (status, _) = relay.api("/api/subscribe", json!({"channel":"news"}), None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "a target is required");
+}
+
+#[tokio::test]
+async fn presence_spans_nodes_and_a_killed_node_leaves_within_the_expiry() {
+    let redis = RedisServer::start();
+    let app = Upstream::start().await;
+    let cfg = config(PRESENCE_NS);
+    let cfg_path = cfg.path().to_str().unwrap().to_owned();
+    let a = node(&app, &redis, &cfg).await;
+    let doomed = Binary::spawn(None, &["--upstream", &app.url(), "--redis-url", &redis.url(), "--config", &cfg_path]);
+    eventually(STEP, "broker up", || async { doomed.metric("wsrelay_broker_up").await == Some(1.0) }).await;
+    let mut on_a = ws_connect(&a.ws_url("/ws")).await;
+    on_a.subscribe("room:x").await;
+    let mut on_doomed = ws_connect(&format!("ws://{}/ws", doomed.public)).await;
+    on_doomed.subscribe("room:x").await;
+    assert_eq!(on_a.recv().await["op"], "join", "a join from the other node");
+    let r = on_a.request(json!({"op":"presence","channel":"room:x"})).await;
+    assert_eq!(r["result"]["count"], 2, "{r}");
+    // Server-side subscribe reaches a session on another node.
+    let (status, _) =
+        a.api("/api/subscribe", json!({"connection": on_doomed.connection_id(), "channel":"room:y"}), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(on_doomed.recv().await["op"], "subscribed");
+    drop(doomed); // SIGKILL, sessions and all: no leave is ever sent
+    drop(on_doomed);
+    let started = std::time::Instant::now();
+    eventually(STEP * 3, "the dead node's member expires", || async {
+        let (_, _, body) =
+            crate::common::request(http::Method::GET, &a.admin_url("/api/channels/room:x/presence"), None, &[]).await;
+        serde_json::from_slice::<Value>(&body).unwrap()["count"] == 1
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(20), "gone within the 15 s expiry (plus a read)");
+}

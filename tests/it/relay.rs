@@ -155,7 +155,7 @@ async fn bad_frames_get_an_error_and_the_connection_stays_open() {
     expect_error(&mut c, r#"{"op":"publish","channel":"a","data":1,"id":10}"#, "forbidden").await;
     // No message hook and no presence in this configuration.
     expect_error(&mut c, r#"{"op":"send","data":{},"id":11}"#, "not_supported").await;
-    expect_error(&mut c, r#"{"op":"presence","channel":"a","id":12}"#, "not_supported").await;
+    expect_error(&mut c, r#"{"op":"presence","channel":"a","id":12}"#, "not_found").await;
     c.ws.send(tokio_tungstenite::tungstenite::Message::binary(vec![1, 2, 3])).await.unwrap();
     assert_eq!(c.recv().await["error"]["code"], "bad_request");
 
