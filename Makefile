@@ -41,6 +41,15 @@ need:
 	fi
 	@command -v $(PROG) >/dev/null 2>&1 || { echo "make: $(PROG) is still missing"; exit 1; }
 
+## The benchmark (release build, loopback, ~5 minutes): fan-out, idle
+## memory, connect rate and HTTP proxy against nginx; rewrites the results
+## in docs/BENCHMARKS.md. Installs redis-server, nginx and wrk if it can.
+bench: deps
+	@$(MAKE) --no-print-directory need PROG=nginx PKG=nginx-light
+	@$(MAKE) --no-print-directory need PROG=wrk PKG=wrk
+	$(CARGO) build --release
+	$(CARGO) bench --bench relay
+
 ## The whole suite: unit tests and integration tests over real sockets and real Redis.
 test: deps
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
