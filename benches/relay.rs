@@ -51,7 +51,13 @@ fn cpu_secs(pid: u32) -> f64 {
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()).unwrap().parse().unwrap()
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 fn free_port() -> u16 {
@@ -264,13 +270,31 @@ async fn fanout(report: &mut String) {
         POINT.as_secs()
     )
     .unwrap();
-    writeln!(report, "| setup | deliveries/s | delivered | lost | p50 | p99 | max | sidecar CPU/delivery | generator CPU/delivery |").unwrap();
+    writeln!(
+        report,
+        "| setup | deliveries/s | delivered | lost | p50 | p99 | max | sidecar CPU/delivery | generator CPU/delivery |"
+    )
+    .unwrap();
     writeln!(report, "|---|---|---|---|---|---|---|---|---|").unwrap();
-    let hist_cfg = tempfile_with(
-        "[[namespace]]\nprefix = \"bench:\"\nhistory = { size = 100, ttl = \"1m\" }\n",
-    );
-    for setup in ["one sidecar, memory", "one sidecar, Redis", "two sidecars, Redis", "one sidecar, memory, history", "two sidecars, Redis, history"] {
-        for rate in rates {
+    let hist_cfg = tempfile_with("[[namespace]]\nprefix = \"bench:\"\nhistory = { size = 100, ttl = \"1m\" }\n");
+    // BENCH_SETUPS=0,2 and BENCH_RATES=100000 narrow a run (for profiling).
+    let pick = |var: &str| -> Option<Vec<u64>> {
+        std::env::var(var).ok().map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+    };
+    let setups = [
+        "one sidecar, memory",
+        "one sidecar, Redis",
+        "two sidecars, Redis",
+        "one sidecar, memory, history",
+        "two sidecars, Redis, history",
+    ];
+    let only_setups = pick("BENCH_SETUPS");
+    let rates: Vec<u64> = pick("BENCH_RATES").unwrap_or_else(|| rates.to_vec());
+    for (n, setup) in setups.into_iter().enumerate() {
+        if only_setups.as_ref().is_some_and(|s| !s.contains(&(n as u64))) {
+            continue;
+        }
+        for &rate in &rates {
             let history = setup.ends_with("history");
             let mut extra: Vec<String> = Vec::new();
             if history {
@@ -490,7 +514,8 @@ async fn proxy(report: &mut String) {
     let node = wsrelay(&["--upstream", &format!("http://{app}")]);
     tokio::time::sleep(Duration::from_millis(300)).await;
     writeln!(report, "### HTTP proxy\n").unwrap();
-    writeln!(report, "wrk, 1 thread, 50 connections, 5 s, `GET /hello` on a small hyper app (its own thread).\n").unwrap();
+    writeln!(report, "wrk, 1 thread, 50 connections, 5 s, `GET /hello` on a small hyper app (its own thread).\n")
+        .unwrap();
     writeln!(report, "| path | requests/s | p50 latency | added p50 over direct |").unwrap();
     writeln!(report, "|---|---|---|---|").unwrap();
     let direct = wrk(&format!("http://{app}/hello"));
@@ -522,7 +547,10 @@ async fn proxy(report: &mut String) {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())))
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
+        })
         .unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();

@@ -40,7 +40,7 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         let bind = |key: &'static str, addr| async move {
-            TcpListener::bind(addr).await.map_err(|e| eprintln!("wsrelay: cannot listen on {addr} ({key}): {e}"))
+            listen(addr).map_err(|e| eprintln!("wsrelay: cannot listen on {addr} ({key}): {e}"))
         };
         let (Ok(public), Ok(admin)) =
             (bind("listen", config.listen).await, bind("admin-listen", config.admin_listen).await)
@@ -55,6 +55,16 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Binds a listener with a deep accept backlog (the kernel caps it at
+/// `net.core.somaxconn`): a burst of clients reconnecting at once must not
+/// overflow it and wait a second for their SYN to be retried.
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 fn init_logging(config: &Config) {

@@ -64,9 +64,11 @@ pub enum Outbound {
     /// A channel message, shared with every other subscriber.
     Message(Arc<Message>),
     /// A frame already encoded for this session (a reply, a control frame).
-    Frame(Utf8Bytes),
+    /// Boxed, like commands: replies are one per request, and every queue
+    /// slot of every session is as large as the largest variant.
+    Frame(Box<Utf8Bytes>),
     /// Something the app asked of this session (server-side subscribe).
-    Command(SessionCommand),
+    Command(Box<SessionCommand>),
 }
 
 /// What the app can ask of a session through the hub.
@@ -407,10 +409,10 @@ impl Hub {
             match cmd {
                 NodeCommand::Disconnect(_) => v.kill(CloseReason::Disconnected),
                 NodeCommand::Subscribe { channel, .. } => {
-                    v.enqueue(Outbound::Command(SessionCommand::Subscribe(channel.clone())));
+                    v.enqueue(Outbound::Command(Box::new(SessionCommand::Subscribe(channel.clone()))));
                 }
                 NodeCommand::Unsubscribe { channel, .. } => {
-                    v.enqueue(Outbound::Command(SessionCommand::Unsubscribe(channel.clone())));
+                    v.enqueue(Outbound::Command(Box::new(SessionCommand::Unsubscribe(channel.clone()))));
                 }
             }
         }
@@ -430,5 +432,16 @@ impl Hub {
     /// Every session, e.g. to stop them all.
     pub fn all_sessions(&self) -> Vec<Arc<SessionHandle>> {
         lock(&self.sessions).by_id.values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queue_slot_is_two_words() {
+        // Every session's queue holds blocks of these: keep them small.
+        assert_eq!(std::mem::size_of::<Outbound>(), 16);
     }
 }

@@ -339,24 +339,13 @@ impl<C: Codec> Session<C> {
                 _ = maybe(&mut drain_at) => return CloseReason::Shutdown,
                 _ = maybe(&mut expiry) => return CloseReason::TokenExpired,
                 () = std::future::ready(()), if !self.front.is_empty() => {
-                    tokio::select! {
-                        r = tokio::time::timeout(idle_timeout, self.write_batch(ws, rx, None)) => match r {
-                            Ok(Ok(())) => {}
-                            Ok(Err(r)) => return r,
-                            Err(_) => return CloseReason::SlowConsumer,
-                        },
-                        r = handle.killed() => return r,
+                    if let Err(r) = self.write(ws, rx, None, &handle, idle_timeout).await {
+                        return r;
                     }
                 }
                 Some(first) = rx.recv() => {
-                    tokio::select! {
-                        r = tokio::time::timeout(idle_timeout, self.write_batch(ws, rx, Some(first))) => match r {
-                            Ok(Ok(())) => {}
-                            Ok(Err(r)) => return r,
-                            // Not a byte accepted for a whole idle timeout: it stopped reading.
-                            Err(_) => return CloseReason::SlowConsumer,
-                        },
-                        r = handle.killed() => return r,
+                    if let Err(r) = self.write(ws, rx, Some(first), &handle, idle_timeout).await {
+                        return r;
                     }
                 }
                 outcome = maybe(&mut pending) => {
@@ -385,6 +374,28 @@ impl<C: Codec> Session<C> {
                     }
                 }
             }
+        }
+    }
+
+    /// Writes a batch. Most complete at once (the socket has room), so the
+    /// timer that closes a client which accepts no byte for `idle` is only
+    /// armed when the write has to wait.
+    async fn write(
+        &mut self,
+        ws: &mut Ws,
+        rx: &mut mpsc::Receiver<Outbound>,
+        first: Option<Outbound>,
+        handle: &SessionHandle,
+        idle: Duration,
+    ) -> Result<(), CloseReason> {
+        let batch = self.write_batch(ws, rx, first);
+        tokio::pin!(batch);
+        if let std::task::Poll::Ready(r) = futures_util::poll!(batch.as_mut()) {
+            return r;
+        }
+        tokio::select! {
+            r = tokio::time::timeout(idle, batch) => r.unwrap_or(Err(CloseReason::SlowConsumer)),
+            r = handle.killed() => Err(r),
         }
     }
 
@@ -426,9 +437,9 @@ impl<C: Codec> Session<C> {
                     }
                     m.encoded(&self.codec)
                 }
-                Outbound::Frame(f) => f,
+                Outbound::Frame(f) => *f,
                 Outbound::Command(cmd) => {
-                    self.server_command(cmd);
+                    self.server_command(*cmd);
                     continue;
                 }
             };
@@ -472,7 +483,7 @@ impl<C: Codec> Session<C> {
     }
 
     fn send_frame(&self, frame: Utf8Bytes) {
-        self.handle.enqueue(Outbound::Frame(frame));
+        self.handle.enqueue(Outbound::Frame(Box::new(frame)));
     }
 
     /// Answers a request: always for an error or a result, and for a bare
@@ -498,7 +509,7 @@ impl<C: Codec> Session<C> {
             Some(r) if outcome.result.is_ok() => {
                 // The reply first, then history, then what arrived meanwhile.
                 let reply = self.codec.reply_ok(outcome.id.as_ref(), Some(&r.answer()));
-                self.front.push_back(Front { out: Outbound::Frame(reply), counted: false, checked: true });
+                self.front.push_back(Front { out: Outbound::Frame(Box::new(reply)), counted: false, checked: true });
                 self.recover(r);
             }
             _ => self.reply(outcome.id.as_ref(), outcome.result.as_ref().map(Option::as_deref)),
@@ -709,7 +720,7 @@ impl<C: Codec> Session<C> {
                     if let Some((entry, announce)) = presence {
                         let _ = node.broker.presence_join(&channel, &handle.id, entry, announce).await;
                     }
-                    handle.enqueue(Outbound::Frame(frame));
+                    handle.enqueue(Outbound::Frame(Box::new(frame)));
                 });
             }
             SessionCommand::Unsubscribe(channel) => {
