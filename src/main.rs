@@ -10,6 +10,11 @@ use tracing_subscriber::EnvFilter;
 use wsrelay::config::{self, Config, EXIT_BAD_CONFIG, LoadError, Loaded, LogFormat};
 use wsrelay::{Listeners, run};
 
+/// mimalloc: less fragmentation than glibc's per-thread arenas for many
+/// small, long-lived session allocations (see docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let Loaded { config, check_only } = match config::load(std::env::args_os()) {
         Ok(l) => l,
@@ -31,7 +36,11 @@ fn main() -> ExitCode {
     }
     init_logging(&config);
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.worker_threads {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("wsrelay: cannot start the runtime: {e}");

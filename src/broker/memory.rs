@@ -142,27 +142,16 @@ impl MemoryBroker {
         History { epoch: r.epoch.clone(), top: r.top, first: r.first(), messages }
     }
 
-    pub fn presence_join(&self, channel: &Channel, connection: &Arc<str>, entry: String, announce: bool) {
-        self.presence.add(channel, connection, entry.clone());
-        if announce {
-            self.hub.deliver(&Arc::new(Message::event(
-                Kind::Join,
-                channel.clone(),
-                Utf8Bytes::from(entry),
-                Some(connection.as_ref().into()),
-            )));
+    pub fn presence_change(&self, channel: &Channel, connection: &Arc<str>, entry: String, join: bool, announce: bool) {
+        if join {
+            self.presence.add(channel, connection, entry.clone());
+        } else {
+            self.presence.remove(channel, connection);
         }
-    }
-
-    pub fn presence_leave(&self, channel: &Channel, connection: &Arc<str>, entry: String, announce: bool) {
-        self.presence.remove(channel, connection);
         if announce {
-            self.hub.deliver(&Arc::new(Message::event(
-                Kind::Leave,
-                channel.clone(),
-                Utf8Bytes::from(entry),
-                Some(connection.as_ref().into()),
-            )));
+            let kind = if join { Kind::Join } else { Kind::Leave };
+            let event = Message::event(kind, channel.clone(), Utf8Bytes::from(entry), Some(connection.as_ref().into()));
+            self.hub.deliver(&Arc::new(event));
         }
     }
 

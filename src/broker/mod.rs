@@ -138,38 +138,22 @@ impl Broker {
     }
 
     /// `connection` (described by `entry`, `{"connection","user","info"}`)
-    /// is subscribed to `channel`: it is listed in its presence, and with
-    /// `announce` the channel's subscribers get a `join` frame.
-    pub async fn presence_join(
+    /// joins (or leaves) `channel`'s presence; with `announce` the channel's
+    /// subscribers get a `join` (or `leave`) frame.
+    pub async fn presence_change(
         &self,
         channel: &Channel,
         connection: &Arc<str>,
         entry: String,
+        join: bool,
         announce: bool,
     ) -> Result<(), BrokerError> {
         match self {
             Broker::Memory(m) => {
-                m.presence_join(channel, connection, entry, announce);
+                m.presence_change(channel, connection, entry, join, announce);
                 Ok(())
             }
-            Broker::Redis(r) => r.presence_join(channel, connection, entry, announce).await,
-        }
-    }
-
-    /// The reverse of [`presence_join`](Self::presence_join) (`leave` frame).
-    pub async fn presence_leave(
-        &self,
-        channel: &Channel,
-        connection: &Arc<str>,
-        entry: String,
-        announce: bool,
-    ) -> Result<(), BrokerError> {
-        match self {
-            Broker::Memory(m) => {
-                m.presence_leave(channel, connection, entry, announce);
-                Ok(())
-            }
-            Broker::Redis(r) => r.presence_leave(channel, connection, entry, announce).await,
+            Broker::Redis(r) => r.presence_change(channel, connection, entry, join, announce).await,
         }
     }
 

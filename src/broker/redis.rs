@@ -362,7 +362,7 @@ impl RedisBroker {
         self.send(messages).await
     }
 
-    async fn presence_change(
+    pub async fn presence_change(
         &self,
         channel: &Channel,
         connection: &Arc<str>,
@@ -398,26 +398,6 @@ impl RedisBroker {
             inv.invoke_async::<i64>(&mut c).await.map_err(BrokerError::from)
         };
         tokio::time::timeout(self.timeout, run).await.unwrap_or(Err(BrokerError::Timeout(self.timeout))).map(|_| ())
-    }
-
-    pub async fn presence_join(
-        &self,
-        channel: &Channel,
-        connection: &Arc<str>,
-        entry: String,
-        announce: bool,
-    ) -> Result<(), BrokerError> {
-        self.presence_change(channel, connection, entry, true, announce).await
-    }
-
-    pub async fn presence_leave(
-        &self,
-        channel: &Channel,
-        connection: &Arc<str>,
-        entry: String,
-        announce: bool,
-    ) -> Result<(), BrokerError> {
-        self.presence_change(channel, connection, entry, false, announce).await
     }
 
     pub async fn presence(&self, channel: &Channel) -> Result<super::PresenceList, BrokerError> {

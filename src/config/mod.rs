@@ -98,6 +98,8 @@ pub struct Config {
     pub api_token: Option<Secret>,
     pub node_id: String,
     pub log_format: LogFormat,
+    /// Runtime worker threads (None: one per core).
+    pub worker_threads: Option<usize>,
     pub log_level: String,
     pub drain_timeout: Duration,
     pub shutdown_delay: Duration,

@@ -118,6 +118,11 @@ pub struct Options {
     #[arg(long, env = "WSRELAY_NODE_ID", value_name = "ID")]
     pub node_id: Option<String>,
 
+    /// Runtime worker threads [default: one per core]. On a small box shared with the app, 1 can
+    /// cut cross-thread wake-ups (see docs/BENCHMARKS.md)
+    #[arg(long, env = "WSRELAY_WORKER_THREADS", value_name = "N", value_parser = count(1, 1024))]
+    pub worker_threads: Option<usize>,
+
     /// Log format
     #[arg(long, env = "WSRELAY_LOG_FORMAT", value_name = "FORMAT", default_value = "text")]
     pub log_format: LogFormat,

@@ -92,14 +92,16 @@ pub struct NamespaceTables {
     #[serde(default)]
     pub namespace: Vec<NamespaceFile>,
     #[serde(default)]
-    pub default_namespace: Option<DefaultNamespaceFile>,
+    pub default_namespace: Option<NamespaceFile>,
 }
 
-/// A `[[namespace]]` table as written in the file.
+/// A `[[namespace]]` table as written in the file; `[default-namespace]`
+/// is the same without a prefix.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct NamespaceFile {
-    pub prefix: String,
+    #[serde(default)]
+    pub prefix: Option<String>,
     #[serde(default)]
     pub subscribe: Option<Policy>,
     #[serde(default)]
@@ -121,20 +123,17 @@ pub struct HistoryFile {
     pub ttl: String,
 }
 
-/// The `[default-namespace]` table.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct DefaultNamespaceFile {
-    #[serde(default)]
-    pub subscribe: Option<Policy>,
-    #[serde(default)]
-    pub publish: Option<Policy>,
-    #[serde(default)]
-    pub history: Option<HistoryFile>,
-    #[serde(default)]
-    pub presence: Option<bool>,
-    #[serde(default)]
-    pub join_leave: Option<bool>,
+/// The rule a table describes (`key` names it in errors).
+fn rule(key: &str, prefix: String, ns: NamespaceFile) -> Result<NamespaceRule, ConfigError> {
+    let presence = ns.presence.unwrap_or(false);
+    Ok(NamespaceRule {
+        prefix,
+        subscribe: ns.subscribe.unwrap_or(Policy::Anyone),
+        publish: ns.publish.unwrap_or(Policy::None),
+        history: history(&format!("{key}.history"), ns.history)?,
+        presence,
+        join_leave: join_leave(&format!("{key}.join-leave"), presence, ns.join_leave)?,
+    })
 }
 
 /// Most messages a namespace may keep per channel.
@@ -167,35 +166,27 @@ pub fn rules(tables: NamespaceTables) -> Result<Namespaces, ConfigError> {
     let mut seen = HashSet::new();
     let mut rules = Vec::with_capacity(tables.namespace.len());
     for (i, ns) in tables.namespace.into_iter().enumerate() {
-        let key = |k: &str| format!("namespace[{i}].{k}");
-        if crate::channel::check(&ns.prefix).is_err() {
+        let key = format!("namespace[{i}]");
+        let prefix = ns.prefix.clone().unwrap_or_default();
+        if crate::channel::check(&prefix).is_err() {
             return Err(ConfigError::new(
-                &key("prefix"),
-                format!("{:?} must be a non-empty channel-name prefix", ns.prefix),
+                &format!("{key}.prefix"),
+                format!("{prefix:?} must be a non-empty channel-name prefix"),
             ));
         }
-        if !seen.insert(ns.prefix.clone()) {
-            return Err(ConfigError::new(&key("prefix"), format!("{:?} is listed twice", ns.prefix)));
+        if !seen.insert(prefix.clone()) {
+            return Err(ConfigError::new(&format!("{key}.prefix"), format!("{prefix:?} is listed twice")));
         }
-        let presence = ns.presence.unwrap_or(false);
-        rules.push(NamespaceRule {
-            prefix: ns.prefix,
-            subscribe: ns.subscribe.unwrap_or(Policy::Anyone),
-            publish: ns.publish.unwrap_or(Policy::None),
-            history: history(&key("history"), ns.history)?,
-            presence,
-            join_leave: join_leave(&key("join-leave"), presence, ns.join_leave)?,
-        });
+        rules.push(rule(&key, prefix, ns)?);
     }
     // Longest prefix first, so the most specific namespace wins.
     rules.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
-    let mut default = NamespaceRule::default_rule();
-    if let Some(d) = tables.default_namespace {
-        default.subscribe = d.subscribe.unwrap_or(Policy::Anyone);
-        default.publish = d.publish.unwrap_or(Policy::None);
-        default.history = history("default-namespace.history", d.history)?;
-        default.presence = d.presence.unwrap_or(false);
-        default.join_leave = join_leave("default-namespace.join-leave", default.presence, d.join_leave)?;
-    }
+    let default = match tables.default_namespace {
+        Some(d) if d.prefix.is_some() => {
+            return Err(ConfigError::new("default-namespace.prefix", "the default namespace has no prefix"));
+        }
+        Some(d) => rule("default-namespace", String::new(), d)?,
+        None => NamespaceRule::default_rule(),
+    };
     Ok(Namespaces { rules, default })
 }

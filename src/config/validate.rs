@@ -149,6 +149,7 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
         api_token,
         node_id,
         log_format: o.log_format,
+        worker_threads: o.worker_threads,
         log_level: o.log_level,
         drain_timeout: o.drain_timeout,
         shutdown_delay: o.shutdown_delay,

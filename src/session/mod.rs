@@ -242,7 +242,7 @@ impl<C: Codec> Session<C> {
         // From Drop too: only where a runtime still runs (else the entry expires).
         let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
         rt.spawn(async move {
-            if let Err(e) = node.broker.presence_leave(&channel, &id, entry, announce).await {
+            if let Err(e) = node.broker.presence_change(&channel, &id, entry, false, announce).await {
                 tracing::debug!(error = %e, "presence leave not recorded (the entry expires)");
             }
         });
@@ -265,7 +265,10 @@ impl<C: Codec> Session<C> {
             self.node.broker.ensure_subscribed(ch).await?;
             let rule = self.node.cfg.namespaces.rule(ch);
             if rule.presence {
-                self.node.broker.presence_join(ch, &self.handle.id, self.presence_entry(), rule.join_leave).await?;
+                self.node
+                    .broker
+                    .presence_change(ch, &self.handle.id, self.presence_entry(), true, rule.join_leave)
+                    .await?;
             }
             let Some(offset) = since.get(ch) else { continue };
             let Some(policy) = self.node.cfg.namespaces.rule(ch).history else {
@@ -656,7 +659,7 @@ impl<C: Codec> Session<C> {
                     return Err(ApiError::from(e));
                 }
                 if let Some((entry, announce)) = presence {
-                    if let Err(e) = node.broker.presence_join(&channel, &handle.id, entry, announce).await {
+                    if let Err(e) = node.broker.presence_change(&channel, &handle.id, entry, true, announce).await {
                         node.hub.unsubscribe(&channel, handle.key);
                         return Err(ApiError::from(e));
                     }
@@ -718,7 +721,7 @@ impl<C: Codec> Session<C> {
                         tracing::warn!(%channel, error = %e, "server-side subscribe not confirmed by the broker");
                     }
                     if let Some((entry, announce)) = presence {
-                        let _ = node.broker.presence_join(&channel, &handle.id, entry, announce).await;
+                        let _ = node.broker.presence_change(&channel, &handle.id, entry, true, announce).await;
                     }
                     handle.enqueue(Outbound::Frame(Box::new(frame)));
                 });

@@ -175,6 +175,22 @@ async fn a_trickled_upload_is_cut_but_a_steady_one_goes_through() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
+/// Whether a WebSocket ends (closed or reset) within `within`.
+async fn ends_within<S>(ws: &mut S, within: Duration) -> bool
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    let end = async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    };
+    tokio::time::timeout(within, end).await.is_ok()
+}
+
 #[tokio::test]
 async fn tunnels_are_counted_closed_when_idle_and_drained() {
     let app = Upstream::start().await;
@@ -184,16 +200,7 @@ async fn tunnels_are_counted_closed_when_idle_and_drained() {
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("echo: hi"));
     assert_eq!(relay.metric("wsrelay_tunnels").await, 1.0);
     // Nothing moves: the tunnel is closed.
-    let end = tokio::time::timeout(STEP, async {
-        loop {
-            match ws.next().await {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await;
-    assert!(end.is_ok(), "an idle tunnel is closed");
+    assert!(ends_within(&mut ws, STEP).await, "an idle tunnel is closed");
     relay.wait_metric("wsrelay_tunnels", |v| v == 0.0).await;
 
     // And the drain closes the ones still moving.
@@ -202,16 +209,7 @@ async fn tunnels_are_counted_closed_when_idle_and_drained() {
     ws.send(Message::text("hi")).await.unwrap();
     ws.next().await.unwrap().unwrap();
     let stopping = tokio::spawn(relay2.stop());
-    let end = tokio::time::timeout(STEP, async {
-        loop {
-            match ws.next().await {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await;
-    assert!(end.is_ok(), "the drain closes tunnels");
+    assert!(ends_within(&mut ws, STEP).await, "the drain closes tunnels");
     tokio::time::timeout(STEP, stopping).await.unwrap().unwrap();
 }
 
