@@ -27,6 +27,7 @@ pub struct Metrics {
     pub broker_reconnects: IntCounter,
     pub broker_probe_failures: IntCounter,
     pub broker_connection_errors: IntCounter,
+    pub broker_receive_overflow: IntCounter,
     pub broker_subscriptions: IntGauge,
     pub delivery_seconds: Histogram,
     hook_requests: IntCounterVec,
@@ -113,6 +114,10 @@ impl Metrics {
             broker_connection_errors: r.counter(
                 "broker_connection_errors_total",
                 "Broker subscriber connections that could not be made or were lost",
+            )?,
+            broker_receive_overflow: r.counter(
+                "broker_receive_overflow_total",
+                "Messages from Redis dropped because the receive buffer was full (history channels are repaired)",
             )?,
             broker_subscriptions: r
                 .gauge("broker_subscriptions", "Channels this node is subscribed to in the broker")?,

@@ -33,12 +33,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use deadpool_redis::{Pool, Runtime};
-use futures_util::{FutureExt, StreamExt};
+
 use redis::AsyncConnectionConfig;
 use redis::io::tcp::TcpSettings;
 use serde::{Deserialize, Serialize};
@@ -272,7 +272,9 @@ impl RedisBroker {
             .map_err(bad)?
             // redis-rs leaves Nagle on; every publish would wait for the previous ACK.
             .set_tcp_settings(TcpSettings::default().set_nodelay(true));
-        let client = redis::Client::open(info.clone()).map_err(bad)?;
+        // The subscriber speaks RESP3: its pushes go to a bounded buffer of ours.
+        let resp3 = info.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP3);
+        let client = redis::Client::open(info.clone().set_redis_settings(resp3)).map_err(bad)?;
         let conn_cfg = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(cfg.timeout))
             .set_response_timeout(Some(cfg.timeout));
@@ -298,6 +300,8 @@ impl RedisBroker {
         tokio::spawn(beat.instrument(tracing::info_span!("redis_presence")));
         let sub = Subscriber {
             client,
+            receive_buffer: cfg.receive_buffer as u64,
+            overflowed: Arc::new(AtomicBool::new(false)),
             namespaces: namespaces.clone(),
             history_script: redis::Script::new(HISTORY_SCRIPT),
             keys: keys.clone(),
@@ -690,8 +694,21 @@ async fn probe(pool: Pool, channel: String, seq: u64, timeout: Duration) {
     }
 }
 
+/// What the subscriber connection hands over.
+enum Received {
+    /// A message, the bytes it holds in the receive buffer, and the buffer's count.
+    Msg(redis::Msg, u64, Arc<AtomicU64>),
+    /// redis-rs saw the connection close.
+    Closed,
+}
+
 struct Subscriber {
     client: redis::Client,
+    /// Bytes the receive buffer holds at most.
+    receive_buffer: u64,
+    /// Set when the receive buffer dropped messages: history channels are
+    /// caught up (the dropped tail would otherwise wait for a next message).
+    overflowed: Arc<AtomicBool>,
     namespaces: Arc<Namespaces>,
     history_script: redis::Script,
     keys: Keys,
@@ -760,12 +777,10 @@ impl Subscriber {
         ever: &mut bool,
         st: &mut SubState,
     ) -> Lost {
-        let pubsub = match tokio::time::timeout(self.timeout, self.client.get_async_pubsub()).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => return Lost::Error(format!("connect: {e}")),
-            Err(_) => return Lost::Error("connect: timed out".into()),
+        let (mut sink, mut stream) = match self.subscriber_connection().await {
+            Ok(pair) => pair,
+            Err(e) => return Lost::Error(format!("connect: {e}")),
         };
-        let (mut sink, mut stream) = pubsub.split();
         let own = [self.keys.control.as_str(), self.keys.probe.as_str()];
         if let Err(e) = self.with_timeout(sink.subscribe(&own)).await {
             return Lost::Error(format!("subscribe: {e}"));
@@ -809,13 +824,21 @@ impl Subscriber {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Lost::Shutdown,
-                msg = stream.next() => match msg {
+                msg = stream.recv() => match msg {
                     None => return Lost::Error("connection closed by Redis".into()),
+                    Some(Received::Closed) => return Lost::Error("connection closed by Redis".into()),
                     Some(msg) => {
                         last_rx = Instant::now();
                         if let Some(got) = self.on_message(&msg, st).await {
                             if outstanding.is_some_and(|(want, _)| got >= want) {
                                 outstanding = None;
+                            }
+                        }
+                        // Messages were dropped: once the buffer is drained,
+                        // read what history has past what was delivered.
+                        if stream.is_empty() && self.overflowed.swap(false, Ordering::AcqRel) {
+                            if let Err(e) = self.catch_up(st).await {
+                                warn!(error = %e, "cannot catch up from history after an overflow");
                             }
                         }
                     }
@@ -840,15 +863,18 @@ impl Subscriber {
                         // was starved of CPU, or is working through a backlog,
                         // first reads what has already arrived.
                         for _ in 0..100_000 {
-                            match stream.next().now_or_never() {
-                                Some(Some(msg)) => {
+                            match stream.try_recv() {
+                                Ok(Received::Closed) => return Lost::Error("connection closed by Redis".into()),
+                                Ok(msg) => {
                                     last_rx = Instant::now();
                                     if self.on_message(&msg, st).await.is_some_and(|got| got >= want) {
                                         outstanding = None;
                                     }
                                 }
-                                Some(None) => return Lost::Error("connection closed by Redis".into()),
-                                None => break,
+                                Err(mpsc::error::TryRecvError::Disconnected) => {
+                                    return Lost::Error("connection closed by Redis".into());
+                                }
+                                Err(mpsc::error::TryRecvError::Empty) => break,
                             }
                         }
                         // Still missing, and nothing at all arrived lately: dead.
@@ -870,6 +896,41 @@ impl Subscriber {
         }
     }
 
+    /// A RESP3 connection whose pushes (the subscribed messages) go into a
+    /// receive buffer bounded by `--redis-receive-buffer` bytes: a node that
+    /// falls behind (CPU-starved, or a burst) drops what does not fit,
+    /// counts it in `wsrelay_broker_receive_overflow_total`, and repairs
+    /// the channels that keep history from their streams when it sees the
+    /// gap in offsets. redis-rs's own pub/sub connection buffers without
+    /// bound.
+    async fn subscriber_connection(
+        &self,
+    ) -> Result<(redis::aio::MultiplexedConnection, mpsc::UnboundedReceiver<Received>), String> {
+        let (tx, rx) = mpsc::unbounded_channel::<Received>();
+        let queued = Arc::new(AtomicU64::new(0));
+        let (budget, metrics, overflowed) = (self.receive_buffer, self.metrics.clone(), self.overflowed.clone());
+        let sender = move |push: redis::PushInfo| -> Result<(), ()> {
+            if push.kind == redis::PushKind::Disconnection {
+                return tx.send(Received::Closed).map_err(|_| ());
+            }
+            let Some(msg) = redis::Msg::from_push_info(push) else { return Ok(()) };
+            let size = msg.get_payload_bytes().len() as u64 + 64;
+            if queued.fetch_add(size, Ordering::AcqRel) + size > budget {
+                queued.fetch_sub(size, Ordering::AcqRel);
+                metrics.broker_receive_overflow.inc();
+                overflowed.store(true, Ordering::Release);
+                return Ok(());
+            }
+            tx.send(Received::Msg(msg, size, queued.clone())).map_err(|_| ())
+        };
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_push_sender(sender);
+        let conn = self.with_timeout(self.client.get_multiplexed_async_connection_with_config(&config)).await?;
+        Ok((conn, rx))
+    }
+
     async fn with_timeout<T>(&self, f: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, String> {
         match tokio::time::timeout(self.timeout, f).await {
             Ok(Ok(v)) => Ok(v),
@@ -881,7 +942,7 @@ impl Subscriber {
     /// Applies the hub's wanted channels to the connection, in batches of
     /// [`SUBSCRIBE_CHUNK`]. One pass per call: changes made meanwhile wake the
     /// loop again, so a steady churn cannot keep it from reading messages.
-    async fn sync(&self, sink: &mut redis::aio::PubSubSink, st: &mut SubState) -> Result<(), String> {
+    async fn sync(&self, sink: &mut redis::aio::MultiplexedConnection, st: &mut SubState) -> Result<(), String> {
         let (add, remove) = self.interest.take_changes();
         for chunk in remove.chunks(SUBSCRIBE_CHUNK) {
             let names: Vec<String> = chunk.iter().map(|c| self.keys.channel(c)).collect();
@@ -1082,8 +1143,16 @@ impl Subscriber {
         self.hub.deliver(&Arc::new(msg));
     }
 
-    /// Handles one message from Redis; returns the probe number if it was one.
-    async fn on_message(&self, msg: &redis::Msg, st: &mut SubState) -> Option<u64> {
+    /// Handles one item of the receive buffer; returns the probe number if
+    /// it was one.
+    async fn on_message(&self, item: &Received, st: &mut SubState) -> Option<u64> {
+        let msg = match item {
+            Received::Msg(msg, size, queued) => {
+                queued.fetch_sub(*size, Ordering::AcqRel);
+                msg
+            }
+            Received::Closed => return None,
+        };
         let name = msg.get_channel_name();
         let payload = msg.get_payload_bytes();
         if let Some(channel) = name.strip_prefix(&self.keys.channel_prefix) {

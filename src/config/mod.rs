@@ -185,6 +185,8 @@ pub struct BrokerConfig {
     pub timeout: Duration,
     pub probe_interval: Duration,
     pub probe_timeout: Duration,
+    /// Bytes the subscriber's receive buffer holds at most.
+    pub receive_buffer: usize,
 }
 
 #[derive(Debug, Clone)]

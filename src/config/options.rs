@@ -114,6 +114,11 @@ pub struct Options {
     #[arg(long, env = "WSRELAY_REDIS_PROBE_TIMEOUT", value_name = "DURATION", default_value = "3s", value_parser = nonzero_duration)]
     pub redis_probe_timeout: Duration,
 
+    /// Bytes of messages from Redis buffered for this node at most; beyond, they are dropped and
+    /// counted (channels with history are repaired from it)
+    #[arg(long, env = "WSRELAY_REDIS_RECEIVE_BUFFER", value_name = "BYTES", default_value = "16777216", value_parser = count(65_536, 1 << 34))]
+    pub redis_receive_buffer: usize,
+
     /// Name of this node in logs and metrics [default: random]
     #[arg(long, env = "WSRELAY_NODE_ID", value_name = "ID")]
     pub node_id: Option<String>,

@@ -107,6 +107,7 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
         timeout: o.redis_timeout,
         probe_interval: o.redis_probe_interval,
         probe_timeout: o.redis_probe_timeout,
+        receive_buffer: o.redis_receive_buffer,
     };
     if broker.prefix.contains(char::is_whitespace) {
         return Err(ConfigError::new("redis-prefix", "must not contain whitespace"));

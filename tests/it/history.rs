@@ -451,3 +451,29 @@ async fn a_rolling_restart_loses_and_duplicates_nothing() {
     }
     drop(a2);
 }
+
+#[tokio::test]
+async fn a_node_behind_its_receive_buffer_repairs_history_channels() {
+    let redis = RedisServer::start();
+    let app = Upstream::start().await;
+    let cfg = config("[[namespace]]\nprefix = \"big:\"\nhistory = { size = 5000, ttl = \"10m\" }\n");
+    let cfg_path = cfg.path().to_str().unwrap().to_owned();
+    let a = node(&app, &redis, &cfg).await;
+    let args = ["--upstream", &app.url(), "--redis-url", &redis.url(), "--config", &cfg_path];
+    let b = Binary::spawn(None, &[&args[..], &["--redis-receive-buffer", "65536", "--client-queue", "4096"]].concat());
+    eventually(STEP, "broker up", || async { b.metric("wsrelay_broker_up").await == Some(1.0) }).await;
+    let mut c = ws_connect(&format!("ws://{}/ws?channel=big:o", b.public)).await;
+    // b falls behind: stopped while 1500 messages (~750 KB) are published.
+    let pid = b.child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let pad = "p".repeat(500);
+    for n in 1..=1500 {
+        assert_eq!(a.publish(json!({"channel":"big:o","data":{"n":n,"pad":pad}})).await.0, StatusCode::OK);
+    }
+    assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    let want: Vec<i64> = (1..=1500).collect();
+    assert_eq!(read_until(&mut c, 1500).await, want, "every message once, in order");
+    assert!(b.metric("wsrelay_broker_receive_overflow_total").await.unwrap() > 0.0, "the buffer overflowed");
+    assert!(b.metric("wsrelay_history_recovered_total").await.unwrap() > 0.0, "and history repaired it");
+    assert_eq!(b.metric("wsrelay_broker_reconnects_total").await, Some(0.0), "without calling Redis dead");
+}
