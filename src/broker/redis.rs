@@ -160,6 +160,9 @@ enum Out {
         data: Utf8Bytes,
         size: usize,
         ttl_ms: u64,
+        /// Stored with the entry, so a publish whose answer was lost can be
+        /// found again (see [`confirm`]).
+        id: String,
     },
 }
 
@@ -179,7 +182,7 @@ if not epoch then
   redis.call('HSET', KEYS[2], 'e', epoch, 's', 0)
 end
 local seq = redis.call('HINCRBY', KEYS[2], 's', 1)
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'h', ARGV[1], 'd', ARGV[2])
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'h', ARGV[1], 'd', ARGV[2], 'i', ARGV[7])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 local header = '{"o":' .. seq .. ',"e":"' .. epoch .. '",' .. string.sub(ARGV[1], 2)
@@ -359,6 +362,7 @@ impl RedisBroker {
                         data: m.data.clone(),
                         size: h.size,
                         ttl_ms: u64::try_from(h.ttl.as_millis()).unwrap_or(u64::MAX),
+                        id: crate::config::random_id(16),
                     },
                 }
             })
@@ -523,7 +527,20 @@ async fn publisher(
             Err(e) => {
                 debug!(error = %e, "publish failed");
                 for mut job in batch.drain(..) {
-                    if let Some(done) = job.done.take() {
+                    let Some(done) = job.done.take() else { continue };
+                    // Where every message keeps history, the connection may
+                    // have broken after Redis applied them: look, rather than
+                    // call them failed and have them delivered anyway.
+                    if job.messages.iter().all(|m| matches!(m, Out::History { .. })) {
+                        let (pool, err) = (pool.clone(), e.clone());
+                        tokio::spawn(
+                            async move {
+                                let r = confirm(&pool, &job.messages, timeout).await.ok_or(err);
+                                let _ = done.send(r);
+                            }
+                            .in_current_span(),
+                        );
+                    } else {
                         let _ = done.send(Err(e.clone()));
                     }
                 }
@@ -567,7 +584,7 @@ async fn run_batch(
                     Out::Publish { channel, payload } => {
                         pipe.publish(channel, payload);
                     }
-                    Out::History { stream, meta, channel, header, data, size, ttl_ms } => {
+                    Out::History { stream, meta, channel, header, data, size, ttl_ms, id } => {
                         pipe.cmd("EVALSHA")
                             .arg(&*sha)
                             .arg(3)
@@ -579,7 +596,8 @@ async fn run_batch(
                             .arg(*size)
                             .arg(*ttl_ms)
                             .arg(META_TTL_MS)
-                            .arg(crate::config::random_id(8));
+                            .arg(crate::config::random_id(8))
+                            .arg(id);
                     }
                 }
             }
@@ -593,6 +611,50 @@ async fn run_batch(
         discard(held);
     }
     r
+}
+
+/// After a failed pipeline: whether Redis applied these history publishes
+/// after all (each entry carries its publish id), retried until `timeout`
+/// (a restarted Redis is back within it). Their offsets when every one is
+/// found; None while Redis is unreachable or one is missing (then it was not
+/// applied, or Redis is still away: the publish stays unconfirmed, 503).
+async fn confirm(pool: &Pool, outs: &[Out], timeout: Duration) -> Option<Vec<Option<Offset>>> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let found = async {
+            let mut c = pool.get().await.ok()?;
+            let mut offsets = Vec::with_capacity(outs.len());
+            for out in outs {
+                let Out::History { stream, meta, id, .. } = out else { return None };
+                type Entry = (String, Vec<(String, String)>);
+                let tail: Vec<Entry> = redis::cmd("XREVRANGE")
+                    .arg(stream)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(MAX_BATCH * 4)
+                    .query_async(&mut c)
+                    .await
+                    .ok()?;
+                let entry = tail.iter().find(|(_, f)| f.iter().any(|(k, v)| k == "i" && v == id));
+                let Some((entry_id, _)) = entry else { return Some(None) };
+                let seq: u64 = entry_id.split_once('-')?.0.parse().ok()?;
+                let epoch: String = redis::cmd("HGET").arg(meta).arg("e").query_async(&mut c).await.ok()?;
+                offsets.push(Some(Offset { epoch: Arc::from(epoch), seq }));
+            }
+            Some(Some(offsets))
+        };
+        match tokio::time::timeout(timeout, found).await {
+            Ok(Some(Some(offsets))) => {
+                debug!("publish confirmed after a failed answer");
+                return Some(offsets);
+            }
+            // Reachable, and not there: it was not applied.
+            Ok(Some(None)) => return None,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    None
 }
 
 /// The offset a publish script answered (`[seq, epoch]`); None for a PUBLISH.
