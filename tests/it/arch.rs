@@ -33,8 +33,13 @@ fn edges() -> BTreeMap<String, BTreeSet<String>> {
         let path = entry.unwrap().path();
         let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
         if path.is_dir() {
-            for f in std::fs::read_dir(&path).unwrap() {
-                files.push((name.clone(), f.unwrap().path()));
+            // Every file below a module's folder belongs to it.
+            let mut dirs = vec![path];
+            while let Some(dir) = dirs.pop() {
+                for f in std::fs::read_dir(&dir).unwrap() {
+                    let f = f.unwrap().path();
+                    if f.is_dir() { dirs.push(f) } else { files.push((name.clone(), f)) }
+                }
             }
         } else if name != "lib" && name != "main" {
             files.push((name, path));

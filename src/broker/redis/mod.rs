@@ -1,0 +1,318 @@
+//! Redis (or Valkey) broker: every sidecar sharing the Redis and the prefix
+//! is one relay cluster.
+//!
+//! - Publishing: a deadpool-redis pool feeds one publisher task, which takes
+//!   every queued publish at once and sends them as one pipeline on a
+//!   connection it keeps checked out (deadpool pings on each checkout, so a
+//!   checkout per message would double the round trips). Messages go out in
+//!   the order they were queued.
+//! - Receiving: one dedicated RESP3 subscriber connection per node (not
+//!   from the pool), subscribed only to channels with local subscribers. A
+//!   message is decoded once per node: only a small header is parsed, the
+//!   data inside is handed to the hub as it came. Its pushes go to a receive
+//!   buffer bounded in bytes (`--redis-receive-buffer`); channels with
+//!   history are caught up from their streams after a reconnect, a gap in
+//!   offsets or an overflow.
+//! - Health: the subscriber task publishes a probe on a node-private channel
+//!   every `probe_interval` (on a pooled connection, not through the publish
+//!   queue) and expects it back within `probe_timeout`. A
+//!   connection Redis closed (`CLIENT KILL`, output-buffer limit) ends the
+//!   message stream at once; one that silently stops delivering fails the
+//!   probe. Either way the node is marked down (`/readyz` 503, publishes
+//!   503), reconnects with backoff and jitter, and resubscribes everything.
+//!
+//! - Commands to every node (`/api/disconnect`): one Lua script appends the
+//!   command to the stream `{prefix}ctl:log` and publishes it with its
+//!   stream id on `{prefix}ctl`. Each node remembers the last id it applied
+//!   and, after any subscriber gap, replays what it missed (to sessions
+//!   older than the command), so a reconnecting node does not keep a revoked
+//!   user connected.
+//!
+//! Wire format on Redis channel `{prefix}ch:{channel}`: one JSON header line
+//! (`{"t":µs,"x":"exclude"}`, plus `"o"`/`"e"` offset and epoch where history
+//! is kept, `"k"` for presence events), `\n`, then the message's `data` as
+//! JSON. Each node frames it for its clients' protocols once.
+//!
+//! Files: `wire.rs` (names, scripts, envelope), `publisher.rs`, `subscriber.rs`,
+//! `presence.rs` (the heartbeat).
+
+mod presence;
+mod publisher;
+mod subscriber;
+mod wire;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::Duration;
+
+use deadpool_redis::{Pool, Runtime};
+
+use redis::AsyncConnectionConfig;
+use redis::io::tcp::TcpSettings;
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+
+use self::presence::*;
+use self::publisher::*;
+use self::subscriber::*;
+use self::wire::*;
+pub use self::wire::{EnvelopeError, decode_command, decode_message};
+use crate::broker::{BrokerError, History, Wiring};
+use crate::channel::Channel;
+use crate::config::{BrokerConfig, Namespaces, Secret};
+use crate::hub::{Interest, NodeCommand};
+use crate::protocol::{Message, Offset};
+
+/// Publishes taken into one pipeline at most.
+pub(super) const MAX_BATCH: usize = 512;
+/// Publish requests waiting for the publisher task at most; beyond, callers wait.
+pub(super) const PUBLISH_QUEUE: usize = 4096;
+/// Channels per SUBSCRIBE/UNSUBSCRIBE command.
+pub(super) const SUBSCRIBE_CHUNK: usize = 500;
+
+pub struct RedisBroker {
+    keys: Keys,
+    publisher: mpsc::Sender<Job>,
+    /// For commands (rare): a checkout each, never the publish queue.
+    pool: Pool,
+    control_script: redis::Script,
+    history_script: redis::Script,
+    presence_script: redis::Script,
+    presence_read_script: redis::Script,
+    /// This node's presence entries, refreshed by the heartbeat task.
+    local_presence: Arc<super::presence::LocalPresence>,
+    namespaces: Arc<Namespaces>,
+    interest: Arc<Interest>,
+    timeout: Duration,
+    description: String,
+}
+
+impl RedisBroker {
+    pub fn start(url: &Secret, cfg: &BrokerConfig, w: Wiring, interest: Arc<Interest>) -> Result<Self, BrokerError> {
+        let Wiring { node_id, hub, metrics, namespaces, shutdown } = w;
+        if url.expose().starts_with("rediss://") {
+            // rustls needs one process-wide crypto provider; a second install is a no-op error.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let bad = |e: redis::RedisError| BrokerError::Config(format!("invalid Redis URL: {e}"));
+        let info = redis::IntoConnectionInfo::into_connection_info(url.expose())
+            .map_err(bad)?
+            // redis-rs leaves Nagle on; every publish would wait for the previous ACK.
+            .set_tcp_settings(TcpSettings::default().set_nodelay(true));
+        // The subscriber speaks RESP3: its pushes go to a bounded buffer of ours.
+        let resp3 = info.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP3);
+        let client = redis::Client::open(info.clone().set_redis_settings(resp3)).map_err(bad)?;
+        let conn_cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(cfg.timeout))
+            .set_response_timeout(Some(cfg.timeout));
+        let manager = deadpool_redis::Manager::new_with_config(info, conn_cfg).map_err(bad)?;
+        let pool = Pool::builder(manager)
+            .max_size(16)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(cfg.timeout))
+            .create_timeout(Some(cfg.timeout))
+            .recycle_timeout(Some(cfg.timeout))
+            .build()
+            .map_err(|e| BrokerError::Config(format!("cannot build the Redis pool: {e}")))?;
+
+        let keys = Keys::new(&cfg.prefix, &node_id);
+        let (tx, rx) = mpsc::channel(PUBLISH_QUEUE);
+        let generation = Arc::new(AtomicU64::new(0));
+        metrics.broker_up.set(0);
+        let publisher_task = publisher(pool.clone(), rx, generation.clone(), cfg.timeout, metrics.clone());
+        tokio::spawn(publisher_task.instrument(tracing::info_span!("redis_publisher")));
+        let command_pool = pool.clone();
+        let local_presence = Arc::new(super::presence::LocalPresence::default());
+        let beat = heartbeat(pool.clone(), keys.clone(), local_presence.clone(), cfg.timeout, shutdown.clone());
+        tokio::spawn(beat.instrument(tracing::info_span!("redis_presence")));
+        let sub = Subscriber {
+            client,
+            receive_buffer: cfg.receive_buffer as u64,
+            overflowed: Arc::new(AtomicBool::new(false)),
+            namespaces: namespaces.clone(),
+            history_script: redis::Script::new(HISTORY_SCRIPT),
+            keys: keys.clone(),
+            hub,
+            interest: interest.clone(),
+            metrics,
+            pool,
+            generation,
+            timeout: cfg.timeout,
+            probe_interval: cfg.probe_interval,
+            probe_timeout: cfg.probe_timeout,
+        };
+        tokio::spawn(sub.run(shutdown).instrument(tracing::info_span!("redis_subscriber")));
+        Ok(RedisBroker {
+            description: format!("using redis broker at {} (prefix {})", redact(url.expose()), cfg.prefix),
+            keys,
+            publisher: tx,
+            pool: command_pool,
+            control_script: redis::Script::new(CONTROL_SCRIPT),
+            history_script: redis::Script::new(HISTORY_SCRIPT),
+            presence_script: redis::Script::new(PRESENCE_SCRIPT),
+            presence_read_script: redis::Script::new(PRESENCE_READ_SCRIPT),
+            local_presence,
+            namespaces,
+            interest,
+            timeout: cfg.timeout,
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        self.description.clone()
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.interest.is_up()
+    }
+
+    pub async fn publish(&self, pubs: Vec<Arc<Message>>) -> Result<Vec<Option<Offset>>, BrokerError> {
+        let messages = pubs
+            .iter()
+            .map(|m| {
+                let header =
+                    Header { k: None, o: None, e: None, t: m.published_us, x: m.exclude.as_deref().map(Into::into) };
+                match self.namespaces.rule(&m.channel).history {
+                    None => Out::Publish {
+                        channel: self.keys.channel(&m.channel),
+                        payload: envelope(&header, m.data.as_bytes()),
+                    },
+                    Some(h) => Out::History {
+                        stream: self.keys.stream(&m.channel),
+                        meta: self.keys.meta(&m.channel),
+                        channel: self.keys.channel(&m.channel),
+                        // A struct of an integer and a string always serializes.
+                        header: serde_json::to_vec(&header).unwrap_or_default(),
+                        data: m.data.clone(),
+                        size: h.size,
+                        ttl_ms: u64::try_from(h.ttl.as_millis()).unwrap_or(u64::MAX),
+                        id: crate::config::random_id(16),
+                    },
+                }
+            })
+            .collect();
+        self.send(messages).await
+    }
+
+    pub async fn presence_change(
+        &self,
+        channel: &Channel,
+        connection: &Arc<str>,
+        entry: String,
+        join: bool,
+        announce: bool,
+    ) -> Result<(), BrokerError> {
+        if !self.is_up() {
+            return Err(BrokerError::NotConnected);
+        }
+        if join {
+            self.local_presence.add(channel, connection, entry.clone());
+        } else {
+            self.local_presence.remove(channel, connection);
+        }
+        let header = Header {
+            k: Some(if join { "j" } else { "l" }.into()),
+            o: None,
+            e: None,
+            t: 0,
+            x: Some((&**connection).into()),
+        };
+        let mut header = serde_json::to_vec(&header).unwrap_or_default();
+        header.push(b'\n');
+        let (hash, zset) = self.keys.presence(channel);
+        let expiry = if join { (crate::hub::now_us() / 1000 + expiry_ms()).to_string() } else { String::new() };
+        let run = async {
+            let mut c = self.pool.get().await?;
+            let mut inv = self.presence_script.key(hash);
+            inv.key(zset).key(self.keys.channel(channel));
+            inv.arg(&**connection).arg(&entry).arg(expiry).arg(if announce { "1" } else { "0" });
+            inv.arg(header).arg(expiry_ms() * 4);
+            inv.invoke_async::<i64>(&mut c).await.map_err(BrokerError::from)
+        };
+        tokio::time::timeout(self.timeout, run).await.unwrap_or(Err(BrokerError::Timeout(self.timeout))).map(|_| ())
+    }
+
+    pub async fn presence(&self, channel: &Channel) -> Result<super::PresenceList, BrokerError> {
+        let (hash, zset) = self.keys.presence(channel);
+        let run = async {
+            let mut c = self.pool.get().await?;
+            let mut inv = self.presence_read_script.key(hash);
+            inv.key(zset).arg(crate::hub::now_us() / 1000).arg(super::presence::MAX_LISTED);
+            let (count, entries): (usize, Vec<String>) = inv.invoke_async(&mut c).await?;
+            Ok::<_, BrokerError>(super::PresenceList::from_entries(entries, count))
+        };
+        tokio::time::timeout(self.timeout, run).await.unwrap_or(Err(BrokerError::Timeout(self.timeout)))
+    }
+
+    /// A channel's history after `after` (at most `limit` messages).
+    pub async fn history(&self, channel: &Channel, after: u64, limit: usize) -> Result<History, BrokerError> {
+        read_history(&self.pool, &self.history_script, &self.keys, channel, after, limit, self.timeout).await
+    }
+
+    pub async fn ensure_subscribed(&self, channel: &str) -> Result<(), BrokerError> {
+        self.interest.wait_active(channel, self.timeout).await
+    }
+
+    /// A command for every node: logged, then published.
+    pub async fn command(&self, op: &NodeCommand) -> Result<(), BrokerError> {
+        if !self.is_up() {
+            return Err(BrokerError::NotConnected);
+        }
+        let cmd = Command { t: crate::hub::now_us(), op: op.clone() };
+        // A struct of strings always serializes.
+        let payload = serde_json::to_string(&cmd).unwrap_or_default();
+        let run = async {
+            let mut c = self.pool.get().await?;
+            let mut inv = self.control_script.key(&self.keys.control_log);
+            inv.key(&self.keys.control).arg(&payload).arg(CONTROL_LOG_LEN).arg(CONTROL_LOG_TTL_MS);
+            inv.invoke_async::<String>(&mut c).await.map_err(BrokerError::from)
+        };
+        match tokio::time::timeout(self.timeout, run).await {
+            Ok(r) => r.map(|_| ()),
+            Err(_) => Err(BrokerError::Timeout(self.timeout)),
+        }
+    }
+
+    async fn send(&self, messages: Vec<Out>) -> Result<Vec<Option<Offset>>, BrokerError> {
+        // Fail fast while down: readyz already says so, and a caller waiting
+        // for a connect timeout helps nobody.
+        if !self.is_up() {
+            return Err(BrokerError::NotConnected);
+        }
+        let (done, rx) = oneshot::channel();
+        let job = Job { messages, done: Some(done) };
+        let sent = tokio::time::timeout(self.timeout, self.publisher.send(job)).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            return Err(BrokerError::QueueFull);
+        }
+        rx.await.unwrap_or(Err(BrokerError::Stopped))
+    }
+}
+
+/// `redis://user:secret@host/0` → `redis://user:***@host/0`
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_password() {
+        assert_eq!(redact("redis://:pw@host:6379/1"), "redis://:***@host:6379/1");
+        assert_eq!(redact("rediss://user:pw@host/0"), "rediss://user:***@host/0");
+        assert_eq!(redact("redis://host:6379"), "redis://host:6379");
+    }
+}

@@ -1,0 +1,54 @@
+//! Presence in Redis: this node's heartbeat over its own entries.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_redis::Pool;
+
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::wire::*;
+use crate::broker::BrokerError;
+
+pub(super) fn expiry_ms() -> u64 {
+    u64::try_from(crate::broker::presence::EXPIRY.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Refreshes the expiry of this node's presence entries every heartbeat, so
+/// that a node that dies without removing them loses them within the expiry.
+pub(super) async fn heartbeat(
+    pool: Pool,
+    keys: Keys,
+    local: Arc<crate::broker::presence::LocalPresence>,
+    timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(crate::broker::presence::HEARTBEAT);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let entries = local.all();
+        if entries.is_empty() {
+            continue;
+        }
+        let until = crate::hub::now_us() / 1000 + expiry_ms();
+        let refresh = async {
+            let mut c = pool.get().await?;
+            let mut pipe = redis::pipe();
+            for (channel, connection, entry) in &entries {
+                let (hash, zset) = keys.presence(channel);
+                pipe.cmd("HSET").arg(&hash).arg(&**connection).arg(entry).ignore();
+                pipe.cmd("ZADD").arg(&zset).arg(until).arg(&**connection).ignore();
+                pipe.cmd("PEXPIRE").arg(&hash).arg(expiry_ms() * 4).ignore();
+                pipe.cmd("PEXPIRE").arg(&zset).arg(expiry_ms() * 4).ignore();
+            }
+            pipe.query_async::<()>(&mut c).await.map_err(BrokerError::from)
+        };
+        if let Err(e) = tokio::time::timeout(timeout, refresh).await.unwrap_or(Err(BrokerError::Timeout(timeout))) {
+            debug!(error = %e, "presence heartbeat failed; retrying at the next");
+        }
+    }
+}

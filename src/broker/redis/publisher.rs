@@ -1,0 +1,222 @@
+//! The publisher task: every queued publish of a moment in one pipeline on
+//! a held connection, and the confirmation of history publishes whose answer
+//! was lost.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use deadpool_redis::Pool;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tracing::{Instrument, debug};
+
+use super::MAX_BATCH;
+use super::wire::*;
+use crate::broker::BrokerError;
+use crate::metrics::Metrics;
+use crate::protocol::Offset;
+
+/// What the publisher sends for one message.
+pub(super) enum Out {
+    /// No history: a plain PUBLISH.
+    Publish { channel: String, payload: Vec<u8> },
+    /// History kept: the publish script (offset, XADD, TTLs, PUBLISH).
+    History {
+        stream: String,
+        meta: String,
+        channel: String,
+        header: Vec<u8>,
+        data: Utf8Bytes,
+        size: usize,
+        ttl_ms: u64,
+        /// Stored with the entry, so a publish whose answer was lost can be
+        /// found again (see [`confirm`]).
+        id: String,
+    },
+}
+
+pub(super) struct Job {
+    pub(super) messages: Vec<Out>,
+    pub(super) done: Option<oneshot::Sender<Result<Vec<Option<Offset>>, BrokerError>>>,
+}
+
+/// The publisher task: drains the queue into pipelines on one held connection.
+///
+/// A failed pipeline is never retried: Redis may have run part of it before
+/// the connection broke, and a retry would deliver those messages twice.
+/// The callers get `unavailable` and decide. The held connection is replaced
+/// after an error and whenever the subscriber lost its connection (a Redis
+/// restart kills both; this avoids one spurious 503 afterwards).
+pub(super) async fn publisher(
+    pool: Pool,
+    mut rx: mpsc::Receiver<Job>,
+    generation: Arc<AtomicU64>,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+) {
+    let mut held: Option<Held> = None;
+    let mut batch: Vec<Job> = Vec::with_capacity(64);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let now = generation.load(Ordering::Acquire);
+        if held.as_ref().is_some_and(|(_, g, _)| *g != now) {
+            discard(&mut held);
+        }
+        let timer = metrics.broker_publish_seconds.start_timer();
+        let result = run_batch(&pool, &mut held, now, &batch, timeout).await;
+        timer.observe_duration();
+        match result {
+            Ok(mut offsets) => {
+                for mut job in batch.drain(..) {
+                    let rest = offsets.split_off(job.messages.len().min(offsets.len()));
+                    let mine = std::mem::replace(&mut offsets, rest);
+                    if let Some(done) = job.done.take() {
+                        let _ = done.send(Ok(mine));
+                    }
+                }
+            }
+            Err(e) => {
+                debug!(error = %e, "publish failed");
+                for mut job in batch.drain(..) {
+                    let Some(done) = job.done.take() else { continue };
+                    // Where every message keeps history, the connection may
+                    // have broken after Redis applied them: look, rather than
+                    // call them failed and have them delivered anyway.
+                    if job.messages.iter().all(|m| matches!(m, Out::History { .. })) {
+                        let (pool, err) = (pool.clone(), e.clone());
+                        tokio::spawn(
+                            async move {
+                                let r = confirm(&pool, &job.messages, timeout).await.ok_or(err);
+                                let _ = done.send(r);
+                            }
+                            .in_current_span(),
+                        );
+                    } else {
+                        let _ = done.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The publisher's connection: its generation, and the publish script's
+/// SHA as loaded on it (a Redis restart forgets scripts; a new connection
+/// loads it again).
+pub(super) type Held = (deadpool_redis::Connection, u64, String);
+
+/// Takes a connection out of the pool for good: it may be half-broken.
+pub(super) fn discard(held: &mut Option<Held>) {
+    if let Some((c, _, _)) = held.take() {
+        drop(deadpool_redis::Connection::take(c));
+    }
+}
+
+pub(super) async fn run_batch(
+    pool: &Pool,
+    held: &mut Option<Held>,
+    generation: u64,
+    batch: &[Job],
+    timeout: Duration,
+) -> Result<Vec<Option<Offset>>, BrokerError> {
+    let r = tokio::time::timeout(timeout, async {
+        if held.is_none() {
+            let mut c = pool.get().await?;
+            let sha: String = redis::cmd("SCRIPT").arg("LOAD").arg(PUBLISH_SCRIPT).query_async(&mut c).await?;
+            *held = Some((c, generation, sha));
+        }
+        let Some((c, _, sha)) = held.as_mut() else {
+            return Err(BrokerError::NotConnected);
+        };
+        let mut pipe = redis::pipe();
+        for job in batch {
+            for out in &job.messages {
+                match out {
+                    Out::Publish { channel, payload } => {
+                        pipe.publish(channel, payload);
+                    }
+                    Out::History { stream, meta, channel, header, data, size, ttl_ms, id } => {
+                        pipe.cmd("EVALSHA")
+                            .arg(&*sha)
+                            .arg(3)
+                            .arg(stream)
+                            .arg(meta)
+                            .arg(channel)
+                            .arg(header)
+                            .arg(data.as_bytes())
+                            .arg(*size)
+                            .arg(*ttl_ms)
+                            .arg(META_TTL_MS)
+                            .arg(crate::config::random_id(8))
+                            .arg(id);
+                    }
+                }
+            }
+        }
+        let replies: Vec<redis::Value> = pipe.query_async(c).await?;
+        Ok(replies.iter().map(offset_of).collect())
+    })
+    .await
+    .unwrap_or(Err(BrokerError::Timeout(timeout)));
+    if r.is_err() {
+        discard(held);
+    }
+    r
+}
+
+/// After a failed pipeline: whether Redis applied these history publishes
+/// after all (each entry carries its publish id), retried until `timeout`
+/// (a restarted Redis is back within it). Their offsets when every one is
+/// found; None while Redis is unreachable or one is missing (then it was not
+/// applied, or Redis is still away: the publish stays unconfirmed, 503).
+pub(super) async fn confirm(pool: &Pool, outs: &[Out], timeout: Duration) -> Option<Vec<Option<Offset>>> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let found = async {
+            let mut c = pool.get().await.ok()?;
+            let mut offsets = Vec::with_capacity(outs.len());
+            for out in outs {
+                let Out::History { stream, meta, id, .. } = out else { return None };
+                type Entry = (String, Vec<(String, String)>);
+                let tail: Vec<Entry> = redis::cmd("XREVRANGE")
+                    .arg(stream)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(MAX_BATCH * 4)
+                    .query_async(&mut c)
+                    .await
+                    .ok()?;
+                let entry = tail.iter().find(|(_, f)| f.iter().any(|(k, v)| k == "i" && v == id));
+                let Some((entry_id, _)) = entry else { return Some(None) };
+                let seq: u64 = entry_id.split_once('-')?.0.parse().ok()?;
+                let epoch: String = redis::cmd("HGET").arg(meta).arg("e").query_async(&mut c).await.ok()?;
+                offsets.push(Some(Offset { epoch: Arc::from(epoch), seq }));
+            }
+            Some(Some(offsets))
+        };
+        match tokio::time::timeout(timeout, found).await {
+            Ok(Some(Some(offsets))) => {
+                debug!("publish confirmed after a failed answer");
+                return Some(offsets);
+            }
+            // Reachable, and not there: it was not applied.
+            Ok(Some(None)) => return None,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    None
+}
+
+/// The offset a publish script answered (`[seq, epoch]`); None for a PUBLISH.
+pub(super) fn offset_of(v: &redis::Value) -> Option<Offset> {
+    let redis::Value::Array(parts) = v else { return None };
+    let seq = match parts.first()? {
+        redis::Value::Int(n) => u64::try_from(*n).ok()?,
+        _ => return None,
+    };
+    let epoch: String = redis::from_redis_value_ref(parts.get(1)?).ok()?;
+    Some(Offset { epoch: Arc::from(epoch), seq })
+}

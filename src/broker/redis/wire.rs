@@ -1,0 +1,279 @@
+//! What travels through Redis: key and channel names, the Lua scripts, the
+//! message envelope and the logged commands.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use deadpool_redis::Pool;
+
+use serde::{Deserialize, Serialize};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::broker::{BrokerError, History};
+use crate::channel::Channel;
+use crate::hub::NodeCommand;
+use crate::protocol::{Kind, Message, Offset};
+
+/// Redis channel names, all under the prefix.
+#[derive(Clone)]
+pub(super) struct Keys {
+    pub(super) prefix: String,
+    pub(super) channel_prefix: String,
+    pub(super) control: String,
+    pub(super) control_log: String,
+    pub(super) probe: String,
+}
+
+impl Keys {
+    pub(super) fn new(prefix: &str, node_id: &str) -> Self {
+        Keys {
+            prefix: prefix.to_owned(),
+            channel_prefix: format!("{prefix}ch:"),
+            control: format!("{prefix}ctl"),
+            control_log: format!("{prefix}ctl:log"),
+            probe: format!("{prefix}probe:{node_id}"),
+        }
+    }
+    pub(super) fn channel(&self, channel: &str) -> String {
+        format!("{}{channel}", self.channel_prefix)
+    }
+    /// A channel's history stream and meta hash. The `{channel}` hash tag
+    /// keeps both in one slot, for a later Redis Cluster mode.
+    pub(super) fn stream(&self, channel: &str) -> String {
+        format!("{}hist:{{{channel}}}:s", self.prefix)
+    }
+    pub(super) fn meta(&self, channel: &str) -> String {
+        format!("{}hist:{{{channel}}}:m", self.prefix)
+    }
+    /// A channel's presence: members (hash) and their expiry (sorted set).
+    pub(super) fn presence(&self, channel: &str) -> (String, String) {
+        (format!("{}pres:{{{channel}}}:h", self.prefix), format!("{}pres:{{{channel}}}:z", self.prefix))
+    }
+}
+
+/// Adds or removes a presence member and, with ARGV[4] = "1", announces it
+/// on the channel (a `j`oin or `l`eave envelope), atomically.
+/// KEYS: hash, zset, pubsub channel. ARGV: connection, entry, expiry (ms since
+/// the epoch; "" to remove), announce, envelope header, keys' TTL (ms).
+pub(super) const PRESENCE_SCRIPT: &str = r"
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+end
+if ARGV[4] == '1' then
+  redis.call('PUBLISH', KEYS[3], ARGV[5] .. ARGV[2])
+end
+return 1
+";
+
+/// Drops expired members, then answers the count and (within ARGV[2]) the
+/// members. KEYS: hash, zset. ARGV: now (ms), most listed.
+pub(super) const PRESENCE_READ_SCRIPT: &str = r"
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+for _, c in ipairs(gone) do redis.call('HDEL', KEYS[1], c) end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+local n = redis.call('HLEN', KEYS[1])
+if n > tonumber(ARGV[2]) then return {n, {}} end
+return {n, redis.call('HVALS', KEYS[1])}
+";
+
+/// How long a channel's meta (epoch and top offset) outlives its last
+/// publish: much longer than any history, so an offset is never reused
+/// with the same epoch while a client could still present it.
+pub(super) const META_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
+
+/// Assigns the next offset, appends to the stream (trimmed), refreshes the
+/// TTLs and publishes the message with its offset and epoch, atomically.
+/// A missing meta (expired, flushed, new) starts a new epoch, from ARGV[6].
+pub(super) const PUBLISH_SCRIPT: &str = r#"
+local epoch = redis.call('HGET', KEYS[2], 'e')
+if not epoch then
+  epoch = ARGV[6]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'e', epoch, 's', 0)
+end
+local seq = redis.call('HINCRBY', KEYS[2], 's', 1)
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'h', ARGV[1], 'd', ARGV[2], 'i', ARGV[7])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+local header = '{"o":' .. seq .. ',"e":"' .. epoch .. '",' .. string.sub(ARGV[1], 2)
+redis.call('PUBLISH', KEYS[3], header .. '\n' .. ARGV[2])
+return {seq, epoch}
+"#;
+
+/// Reads a channel's epoch, top offset, oldest kept offset and the entries
+/// after ARGV[1] (at most ARGV[2]), atomically.
+pub(super) const HISTORY_SCRIPT: &str = r"
+local m = redis.call('HMGET', KEYS[2], 'e', 's')
+if not m[1] then return {'', 0, 1, {}} end
+local top = tonumber(m[2])
+local first = top + 1
+local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+if oldest[1] then first = tonumber(string.match(oldest[1][1], '^(%d+)')) end
+local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1] .. '-0', '+', 'COUNT', ARGV[2])
+return {m[1], top, first, entries}
+";
+
+/// The envelope's header. `o`/`e` (offset, epoch) are added by the publish
+/// script where history is kept.
+#[derive(Serialize, Deserialize)]
+pub(super) struct Header<'a> {
+    /// `j`oin or `l`eave (presence events); absent for a publication.
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    pub(super) k: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) o: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    pub(super) e: Option<std::borrow::Cow<'a, str>>,
+    pub(super) t: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    pub(super) x: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// A command to every node, as logged and published.
+#[derive(Serialize, Deserialize)]
+pub(super) struct Command {
+    /// When it was issued (µs since the Unix epoch, the issuing node's clock).
+    pub(super) t: u64,
+    #[serde(flatten)]
+    pub(super) op: NodeCommand,
+}
+
+/// Commands kept in the control log (approximately).
+pub(super) const CONTROL_LOG_LEN: usize = 10_000;
+/// How long the control log outlives its last command.
+pub(super) const CONTROL_LOG_TTL_MS: u64 = 24 * 3600 * 1000;
+
+/// Appends a command to the log and publishes it with its id, atomically.
+pub(super) const CONTROL_SCRIPT: &str = r"
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'c', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PUBLISH', KEYS[2], id .. ' ' .. ARGV[1])
+return id
+";
+
+/// A Redis stream id, `<ms>-<seq>`, ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct StreamId(pub(super) u64, pub(super) u64);
+
+impl StreamId {
+    pub(super) fn parse(s: &str) -> Option<StreamId> {
+        let (ms, seq) = s.split_once('-')?;
+        Some(StreamId(ms.parse().ok()?, seq.parse().ok()?))
+    }
+}
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
+}
+
+pub(super) fn envelope(header: &Header<'_>, frame: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(frame.len() + 48);
+    // A struct of an integer and a string always serializes.
+    let _ = serde_json::to_writer(&mut out, header);
+    out.push(b'\n');
+    out.extend_from_slice(frame);
+    out
+}
+
+/// Reads a channel's history with the history script.
+pub(super) async fn read_history(
+    pool: &Pool,
+    script: &redis::Script,
+    keys: &Keys,
+    channel: &Channel,
+    after: u64,
+    limit: usize,
+    timeout: Duration,
+) -> Result<History, BrokerError> {
+    type Entry = (String, Vec<(String, Vec<u8>)>);
+    let read = async {
+        let mut c = pool.get().await?;
+        let mut inv = script.key(keys.stream(channel));
+        inv.key(keys.meta(channel)).arg(after).arg(limit);
+        let (epoch, top, first, entries): (String, u64, u64, Vec<Entry>) = inv.invoke_async(&mut c).await?;
+        Ok::<_, BrokerError>((epoch, top, first, entries))
+    };
+    let (epoch, top, first, entries) =
+        tokio::time::timeout(timeout, read).await.unwrap_or(Err(BrokerError::Timeout(timeout)))?;
+    let epoch: Arc<str> = Arc::from(epoch);
+    let mut messages = Vec::with_capacity(entries.len());
+    for (id, fields) in entries {
+        let Some(seq) = id.split_once('-').and_then(|(s, _)| s.parse::<u64>().ok()) else { continue };
+        let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice());
+        let (Some(h), Some(d)) = (field("h"), field("d")) else { continue };
+        let Ok(header) = serde_json::from_slice::<Header<'_>>(h) else { continue };
+        let Ok(data) = Utf8Bytes::try_from(Bytes::copy_from_slice(d)) else { continue };
+        let msg = Message::new(channel.clone(), data, header.x.map(|x| x.into_owned().into_boxed_str()), header.t);
+        messages.push(Arc::new(msg.with_offset(Offset { epoch: epoch.clone(), seq })));
+    }
+    Ok(History { epoch, top, first, messages })
+}
+
+/// Why a message read from a Redis channel is not one of ours.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("no wsrelay header (published by something else?)")]
+    NoHeader,
+    #[error("malformed header: {0}")]
+    Header(#[from] serde_json::Error),
+    #[error("invalid channel name: {0}")]
+    Channel(#[from] crate::channel::ChannelError),
+    #[error("data is not UTF-8")]
+    NotUtf8,
+}
+
+/// Decodes a message published on `{prefix}ch:{channel}` (`channel` without
+/// the prefix): only the small header is parsed; the data is taken as it
+/// came (it was validated by the node that published it).
+pub fn decode_message(channel: &str, payload: &[u8]) -> Result<Message, EnvelopeError> {
+    let nl = payload.iter().position(|b| *b == b'\n').ok_or(EnvelopeError::NoHeader)?;
+    let header: Header<'_> = serde_json::from_slice(&payload[..nl])?;
+    let channel = Channel::parse(channel)?;
+    let data = Utf8Bytes::try_from(Bytes::copy_from_slice(&payload[nl + 1..])).map_err(|_| EnvelopeError::NotUtf8)?;
+    let kind = match header.k.as_deref() {
+        Some("j") => Some(Kind::Join),
+        Some("l") => Some(Kind::Leave),
+        _ => None,
+    };
+    if let Some(kind) = kind {
+        return Ok(Message::event(kind, channel, data, header.x.map(|x| x.into_owned().into_boxed_str())));
+    }
+    let msg = Message::new(channel, data, header.x.map(|x| x.into_owned().into_boxed_str()), header.t);
+    Ok(match (header.o, header.e) {
+        (Some(seq), Some(epoch)) => msg.with_offset(Offset { epoch: Arc::from(&*epoch), seq }),
+        _ => msg,
+    })
+}
+
+/// Decodes a control message (`<stream id> <command JSON>`); None if malformed.
+pub fn decode_command(payload: &[u8]) -> Option<(String, String)> {
+    let (id, cmd) = std::str::from_utf8(payload).ok()?.split_once(' ')?;
+    let id = StreamId::parse(id)?;
+    serde_json::from_str::<Command>(cmd).ok()?;
+    Some((id.to_string(), cmd.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_roundtrip() {
+        let h = Header { k: None, o: None, e: None, t: 42, x: Some("c1".into()) };
+        let e = envelope(&h, br#"{"op":"message"}"#);
+        let nl = e.iter().position(|b| *b == b'\n').unwrap();
+        let back: Header<'_> = serde_json::from_slice(&e[..nl]).unwrap();
+        assert_eq!(back.t, 42);
+        assert_eq!(back.x.as_deref(), Some("c1"));
+        assert_eq!(&e[nl + 1..], br#"{"op":"message"}"#);
+    }
+}
