@@ -14,6 +14,9 @@
 //! Hyper forgets upgraded connections, so the session watches the drain
 //! token itself and closes with 1001 at a spread-out moment.
 
+mod requests;
+
+use self::requests::Outcome;
 pub mod upgrade;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -53,16 +56,6 @@ const RATE_STRIKES: u32 = 20;
 /// How long a close frame may take to go out before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// What a pending request ends with: the reply's address and content.
-struct Outcome<Id> {
-    id: Option<Id>,
-    result: Result<Option<Box<RawValue>>, ApiError>,
-    /// A subscribe with `since`: what history holds after it.
-    recovery: Option<Recovery>,
-    /// A subscribe that failed after its channel was reserved.
-    release: Option<Channel>,
-}
-
 /// An item to write before the queue.
 struct Front {
     out: Outbound,
@@ -70,36 +63,6 @@ struct Front {
     counted: bool,
     /// Already de-duplicated (a recovery's output): written as it is.
     checked: bool,
-}
-
-/// What a request's future ends with.
-struct Done {
-    result: Result<Option<Box<RawValue>>, ApiError>,
-    recovery: Option<Recovery>,
-    release: Option<Channel>,
-}
-
-/// A subscribe with `since`, after reading the channel's history.
-struct Recovery {
-    channel: Channel,
-    since: Option<Offset>,
-    history: History,
-    /// Everything after `since` is in `history`: no gap.
-    recovered: bool,
-}
-
-impl Recovery {
-    fn new(channel: Channel, since: Option<Offset>, history: History) -> Self {
-        let recovered = since.as_ref().is_some_and(|s| history.covers(s));
-        Recovery { channel, since, history, recovered }
-    }
-
-    /// The subscribe reply's result: `{"recovered":…,"offset":…}`.
-    fn answer(&self) -> Box<RawValue> {
-        let v = serde_json::json!({ "recovered": self.recovered, "offset": self.history.top_offset().to_string() });
-        // A JSON value printed as JSON is valid raw JSON.
-        RawValue::from_string(v.to_string()).unwrap_or_else(|_| Box::<RawValue>::default())
-    }
 }
 
 /// Token bucket for `--client-rate` / `--client-burst`.
@@ -219,73 +182,6 @@ impl<C: Codec> Session<C> {
             started: false,
             reported: false,
         }
-    }
-
-    /// This session as its channels' presence lists it.
-    fn presence_entry(&self) -> String {
-        let v = serde_json::json!({
-            "connection": &*self.handle.id,
-            "user": self.ident.user.as_deref(),
-            "info": self.ident.info,
-        });
-        v.to_string()
-    }
-
-    /// Leaves `channel`'s presence, in the background (from Drop too).
-    fn leave(&self, channel: &Channel) {
-        let rule = self.node.cfg.namespaces.rule(channel);
-        if !rule.presence {
-            return;
-        }
-        let (node, channel, id, entry, announce) =
-            (self.node.clone(), channel.clone(), self.handle.id.clone(), self.presence_entry(), rule.join_leave);
-        // From Drop too: only where a runtime still runs (else the entry expires).
-        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
-        rt.spawn(async move {
-            if let Err(e) = node.broker.presence_change(&channel, &id, entry, false, announce).await {
-                tracing::debug!(error = %e, "presence leave not recorded (the entry expires)");
-            }
-        });
-    }
-
-    /// Subscribes before the upgrade (URL, hook and token channels); a URL
-    /// channel with `since` is recovered: its history after that offset is
-    /// written right after the welcome. Returns each recovery's outcome.
-    pub(crate) async fn subscribe_initial(
-        &mut self,
-        channels: &[Channel],
-        since: &HashMap<Channel, String>,
-    ) -> Result<Vec<(Channel, bool)>, ApiError> {
-        let mut recovered = Vec::new();
-        for ch in channels {
-            if !self.subs.insert(ch.clone()) {
-                continue;
-            }
-            self.node.hub.subscribe(ch, &self.handle)?;
-            self.node.broker.ensure_subscribed(ch).await?;
-            let rule = self.node.cfg.namespaces.rule(ch);
-            if rule.presence {
-                self.node
-                    .broker
-                    .presence_change(ch, &self.handle.id, self.presence_entry(), true, rule.join_leave)
-                    .await?;
-            }
-            let Some(offset) = since.get(ch) else { continue };
-            let Some(policy) = self.node.cfg.namespaces.rule(ch).history else {
-                recovered.push((ch.clone(), false));
-                continue;
-            };
-            let offset = Offset::parse(offset);
-            let after = offset.as_ref().map_or(0, |o| o.seq);
-            self.node.metrics.history_reads.inc();
-            let h = self.node.broker.history(ch, policy, after, policy.size).await?;
-            let r = Recovery::new(ch.clone(), offset, h);
-            recovered.push((ch.clone(), r.recovered));
-            // Live messages already queued are newer or duplicates: `seen`
-            // drops the latter when they are written, after these.
-            self.recover(r);
-        }
-        Ok(recovered)
     }
 
     /// Runs the session until it ends, then closes the socket.
@@ -503,52 +399,6 @@ impl<C: Codec> Session<C> {
         }
     }
 
-    fn apply(&mut self, outcome: Outcome<C::Id>) {
-        if let Some(channel) = &outcome.release {
-            self.subs.remove(channel);
-            self.recovering.remove(channel);
-        }
-        match outcome.recovery {
-            Some(r) if outcome.result.is_ok() => {
-                // The reply first, then history, then what arrived meanwhile.
-                let reply = self.codec.reply_ok(outcome.id.as_ref(), Some(&r.answer()));
-                self.front.push_back(Front { out: Outbound::Frame(Box::new(reply)), counted: false, checked: true });
-                self.recover(r);
-            }
-            _ => self.reply(outcome.id.as_ref(), outcome.result.as_ref().map(Option::as_deref)),
-        }
-    }
-
-    /// Queues (in front) what history holds after the client's offset, then
-    /// the live messages that waited, each once and in order.
-    fn recover(&mut self, r: Recovery) {
-        let waiting = self.recovering.remove(&r.channel).unwrap_or_default();
-        let mut last = r.since.as_ref().filter(|_| r.recovered).map_or(0, |o| o.seq);
-        let mut n = 0u64;
-        if r.recovered {
-            for m in &r.history.messages {
-                if let Some(off) = m.offset.as_ref().filter(|o| o.seq > last) {
-                    last = off.seq;
-                    self.front.push_back(Front { out: Outbound::Message(m.clone()), counted: false, checked: true });
-                    n += 1;
-                }
-            }
-        }
-        for m in waiting {
-            match &m.offset {
-                Some(off) if *off.epoch == *r.history.epoch && off.seq <= last => {
-                    self.node.hub.budget().release(m.weight());
-                }
-                off => {
-                    last = last.max(off.as_ref().map_or(0, |o| o.seq));
-                    self.front.push_back(Front { out: Outbound::Message(m), counted: true, checked: true });
-                }
-            }
-        }
-        self.node.metrics.history_recovered.inc_by(n);
-        self.seen.insert(r.channel, last);
-    }
-
     fn on_message(&mut self, msg: &WsMessage) -> Result<Option<Pending<C::Id>>, CloseReason> {
         self.last_seen = Instant::now();
         let frame = match msg {
@@ -570,215 +420,6 @@ impl<C: Codec> Session<C> {
         }
         self.strikes = 0;
         Ok(self.dispatch(self.codec.decode(frame)))
-    }
-
-    /// Answers a request at once, or returns the future that will.
-    fn dispatch(&mut self, decoded: Decoded<C::Id>) -> Option<Pending<C::Id>> {
-        let Decoded { id, request } = decoded;
-        let request = match request {
-            Ok(r) => r,
-            Err(e) => {
-                self.reply(id.as_ref(), Err(&e));
-                return None;
-            }
-        };
-        let result = match request {
-            Request::Ping => {
-                // Always answered, id or not: it is how a client checks the link.
-                self.send_frame(self.codec.reply_ok(id.as_ref(), None));
-                return None;
-            }
-            Request::Subscribe { channel, since } => match self.subscribe(channel, since) {
-                Ok(Some(fut)) => return Some(Self::pending(id, fut)),
-                Ok(None) => Ok(()),
-                Err(e) => Err(e),
-            },
-            Request::Unsubscribe { channel } => {
-                if let Some(ch) = self.subs.take(&channel) {
-                    self.node.hub.unsubscribe(&ch, self.handle.key);
-                    self.leave(&ch);
-                }
-                Ok(())
-            }
-            Request::Publish { channel, data } => return Some(Self::pending(id, self.publish(channel, data))),
-            Request::Send { data } => return Some(Self::pending(id, self.send(data))),
-            Request::Presence { channel } => match self.presence(channel) {
-                Ok(fut) => return Some(Self::pending(id, fut)),
-                Err(e) => Err(e),
-            },
-        };
-        self.reply(id.as_ref(), result.as_ref().map(|()| None));
-        None
-    }
-
-    /// Wraps a request's future with its reply address.
-    fn pending(id: Option<C::Id>, fut: impl Future<Output = Done> + Send + 'static) -> Pending<C::Id> {
-        Box::pin(async move {
-            let done = fut.await;
-            Outcome { id, result: done.result, recovery: done.recovery, release: done.release }
-        })
-    }
-
-    /// Reserves the channel and returns the future that authorizes and
-    /// subscribes (and, with `since`, reads the history to recover), or None
-    /// when already subscribed.
-    fn subscribe(
-        &mut self,
-        channel: Channel,
-        since: Option<String>,
-    ) -> Result<Option<impl Future<Output = Done> + Send + 'static>, ApiError> {
-        if self.subs.contains(&channel) {
-            return Ok(None);
-        }
-        let max = self.node.cfg.session.max_subscriptions;
-        if self.subs.len() >= max {
-            return Err(ApiError::new(
-                ErrorCode::LimitExceeded,
-                format!("subscription limit reached ({max} channels per connection)"),
-            ));
-        }
-        // Reserved now, so a session dropped mid-way cleans it up.
-        self.subs.insert(channel.clone());
-        let rule = self.node.cfg.namespaces.rule(&channel);
-        let history = rule.history;
-        let presence = rule.presence.then(|| (self.presence_entry(), rule.join_leave));
-        if since.is_some() && history.is_some() {
-            // Live messages wait from the moment the hub has us.
-            self.recovering.insert(channel.clone(), Vec::new());
-        }
-        let node = self.node.clone();
-        let handle = self.handle.clone();
-        let ident = self.ident.clone();
-        Ok(Some(async move {
-            let asked = since.is_some();
-            let result = async {
-                node.auth.authorize(Action::Subscribe, &ident, &handle.id, &channel, None).await?;
-                node.hub.subscribe(&channel, &handle)?;
-                if let Err(e) = node.broker.ensure_subscribed(&channel).await {
-                    node.hub.unsubscribe(&channel, handle.key);
-                    return Err(ApiError::from(e));
-                }
-                if let Some((entry, announce)) = presence {
-                    if let Err(e) = node.broker.presence_change(&channel, &handle.id, entry, true, announce).await {
-                        node.hub.unsubscribe(&channel, handle.key);
-                        return Err(ApiError::from(e));
-                    }
-                }
-                match (since, history) {
-                    (Some(since), Some(policy)) => {
-                        let since = Offset::parse(&since);
-                        let after = since.as_ref().map_or(0, |o| o.seq);
-                        node.metrics.history_reads.inc();
-                        let h = node.broker.history(&channel, policy, after, policy.size).await?;
-                        Ok(Some(Recovery::new(channel.clone(), since, h)))
-                    }
-                    // Without history there is nothing to recover from: say
-                    // so, so the client reloads instead of trusting a
-                    // gap-free stream.
-                    (Some(_), None) => Ok(None),
-                    (None, _) => Ok(None),
-                }
-            }
-            .await;
-            match result {
-                Ok(Some(recovery)) => Done { result: Ok(None), recovery: Some(recovery), release: None },
-                Ok(None) if asked => Done {
-                    result: Ok(RawValue::from_string(r#"{"recovered":false}"#.to_owned()).ok()),
-                    recovery: None,
-                    release: None,
-                },
-                Ok(None) => Done { result: Ok(None), recovery: None, release: None },
-                Err(e) => Done { result: Err(e), recovery: None, release: Some(channel) },
-            }
-        }))
-    }
-
-    /// Applies what the app asked (`/api/subscribe`, `/api/unsubscribe`): no
-    /// policy check, the app decides; the per-connection and node limits
-    /// still hold. The client is told with a `subscribed`/`unsubscribed`
-    /// frame (once the broker delivers the channel, for a subscribe).
-    fn server_command(&mut self, cmd: SessionCommand) {
-        match cmd {
-            SessionCommand::Subscribe(channel) => {
-                if self.subs.contains(&channel) {
-                    return;
-                }
-                if self.subs.len() >= self.node.cfg.session.max_subscriptions {
-                    tracing::warn!(%channel, "server-side subscribe over max-subscriptions: ignored");
-                    return;
-                }
-                if let Err(e) = self.node.hub.subscribe(&channel, &self.handle) {
-                    tracing::warn!(%channel, error = %e, "server-side subscribe refused");
-                    return;
-                }
-                self.subs.insert(channel.clone());
-                let frame = self.codec.server_subscription(&channel, true);
-                let rule = self.node.cfg.namespaces.rule(&channel);
-                let presence = rule.presence.then(|| (self.presence_entry(), rule.join_leave));
-                let (node, handle) = (self.node.clone(), self.handle.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = node.broker.ensure_subscribed(&channel).await {
-                        tracing::warn!(%channel, error = %e, "server-side subscribe not confirmed by the broker");
-                    }
-                    if let Some((entry, announce)) = presence {
-                        let _ = node.broker.presence_change(&channel, &handle.id, entry, true, announce).await;
-                    }
-                    handle.enqueue(Outbound::Frame(Box::new(frame)));
-                });
-            }
-            SessionCommand::Unsubscribe(channel) => {
-                if let Some(ch) = self.subs.take(&channel) {
-                    self.node.hub.unsubscribe(&ch, self.handle.key);
-                    self.recovering.remove(&ch);
-                    self.leave(&ch);
-                    self.send_frame(self.codec.server_subscription(&ch, false));
-                }
-            }
-        }
-    }
-
-    /// Who is subscribed to `channel` (a channel this session is subscribed
-    /// to, in a namespace with presence).
-    fn presence(&self, channel: Channel) -> Result<impl Future<Output = Done> + Send + 'static, ApiError> {
-        if !self.node.cfg.namespaces.rule(&channel).presence {
-            return Err(ApiError::new(ErrorCode::NotFound, format!("no presence is kept for {channel:?}")));
-        }
-        if !self.subs.contains(&channel) {
-            return Err(ApiError::forbidden(format!("subscribe to {channel:?} to see who else is")));
-        }
-        let node = self.node.clone();
-        Ok(async move {
-            let result = match node.broker.presence(&channel).await {
-                Ok(list) => Ok(RawValue::from_string(list.to_json().to_string()).ok()),
-                Err(e) => Err(ApiError::from(e)),
-            };
-            Done { result, recovery: None, release: None }
-        })
-    }
-
-    fn publish(&self, channel: Channel, data: Box<RawValue>) -> impl Future<Output = Done> + Send + 'static {
-        let node = self.node.clone();
-        let handle = self.handle.clone();
-        let ident = self.ident.clone();
-        async move {
-            let result = async {
-                node.auth.authorize(Action::Publish, &ident, &handle.id, &channel, Some(&data)).await?;
-                let offsets = node.publish(vec![channel], &data, None, Source::Client).await?;
-                // Where history is kept, the reply says where the message went.
-                Ok(offsets.into_iter().flatten().next().and_then(|o| {
-                    RawValue::from_string(serde_json::json!({ "offset": o.to_string() }).to_string()).ok()
-                }))
-            }
-            .await;
-            Done { result, recovery: None, release: None }
-        }
-    }
-
-    fn send(&self, data: Box<RawValue>) -> impl Future<Output = Done> + Send + 'static {
-        let node = self.node.clone();
-        let handle = self.handle.clone();
-        let ident = self.ident.clone();
-        async move { Done { result: node.auth.send(&ident, &handle.id, &data).await, recovery: None, release: None } }
     }
 }
 
