@@ -314,7 +314,7 @@ async fn presence(node: &Node, channel: &str) -> Result<serde_json::Value, ApiEr
     if !node.cfg.namespaces.rule(&channel).presence {
         return Err(ApiError::new(ErrorCode::NotFound, format!("no presence is kept for {channel:?}")));
     }
-    Ok(node.broker.presence(&channel).await?.to_json())
+    Ok(node.presence(&channel).await?.to_json())
 }
 
 #[derive(Deserialize)]

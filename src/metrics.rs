@@ -39,6 +39,7 @@ pub struct Metrics {
     pub history_reads: IntCounter,
     pub history_recovered: IntCounter,
     pub history_gaps: IntCounter,
+    pub presence_size: Histogram,
     errors: [IntCounter; 4],
 }
 
@@ -141,6 +142,10 @@ impl Metrics {
                 "history_recovered_total",
                 "Messages delivered from history: recovered by clients (since) or caught up by this node after a gap",
             )?,
+            presence_size: r.add(Histogram::with_opts(
+                HistogramOpts::new(prefixed("presence_size"), "Members of a channel's presence, per presence answer")
+                    .buckets(vec![1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 10000.0]),
+            )?)?,
             history_gaps: r.counter(
                 "history_gaps_total",
                 "Gaps history could not cover: subscribers told to reload (gap frame, recovered:false)",

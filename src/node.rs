@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Auth;
-use crate::broker::Broker;
+use crate::broker::{Broker, PresenceList};
 use crate::channel::Channel;
 use crate::config::Config;
 use crate::error::ApiError;
@@ -118,6 +118,14 @@ impl Node {
         }
         let path = normalized_path(path);
         self.hook_paths.iter().any(|h| path.starts_with(h.as_str()))
+    }
+
+    /// Who is subscribed to `channel` across nodes (for the `presence` op and
+    /// the API), measured.
+    pub async fn presence(&self, channel: &Channel) -> Result<PresenceList, ApiError> {
+        let list = self.broker.presence(channel).await?;
+        self.metrics.presence_size.observe(list.count as f64);
+        Ok(list)
     }
 
     /// Publishes `data` to `channels`: the one publish path. The message is

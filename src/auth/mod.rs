@@ -164,7 +164,8 @@ impl Auth {
                     user: Some(Arc::from(claims.sub)),
                     info: claims.info,
                     channels: claims.channels,
-                    expires: Some(claims.exp),
+                    // Closed when the token would no longer be accepted.
+                    expires: Some(claims.exp.saturating_add(key.leeway())),
                 });
             }
             if self.cfg.connect_hook.is_none() {

@@ -122,6 +122,17 @@ impl JwtKey {
         self
     }
 
+    /// Allows `leeway` of clock skew on `exp` and `nbf`.
+    pub fn with_leeway(mut self, leeway: std::time::Duration) -> Self {
+        self.validation.leeway = leeway.as_secs();
+        self
+    }
+
+    /// The allowed clock skew, in seconds.
+    pub fn leeway(&self) -> u64 {
+        self.validation.leeway
+    }
+
     /// Verifies signature, algorithm, expiry (and `nbf`, `aud`, `iss` as
     /// configured); returns the claims.
     pub fn verify(&self, token: &str) -> Result<Claims, JwtError> {

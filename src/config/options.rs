@@ -281,6 +281,10 @@ pub struct Options {
     #[arg(long, env = "WSRELAY_JWT_ISSUER", value_name = "ISS", value_delimiter = ',')]
     pub jwt_issuer: Vec<String>,
 
+    /// Clock skew allowed on JWT `exp` and `nbf`; a session is closed this long after its token's `exp`
+    #[arg(long, env = "WSRELAY_JWT_LEEWAY", value_name = "DURATION", default_value = "5s", value_parser = duration)]
+    pub jwt_leeway: Duration,
+
     /// Origin allowed to open WebSockets (scheme://host[:port]); repeatable; `*` allows all
     /// [default: same host as the request]
     #[arg(long, env = "WSRELAY_ALLOWED_ORIGIN", value_name = "ORIGIN", value_delimiter = ',')]

@@ -137,7 +137,8 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
         hook_timeout: o.hook_timeout,
         hook_concurrency: o.hook_concurrency,
         disconnect_hook_queue: o.disconnect_hook_queue,
-        jwt: jwt_key(nonempty(o.jwt_secret), o.jwt_public_key)?.map(|k| k.with_claims(&o.jwt_audience, &o.jwt_issuer)),
+        jwt: jwt_key(nonempty(o.jwt_secret), o.jwt_public_key)?
+            .map(|k| k.with_claims(&o.jwt_audience, &o.jwt_issuer).with_leeway(o.jwt_leeway)),
         max_result_bytes: o.max_message_bytes,
         allowed_origins: validate_origins(o.allowed_origin)?,
         namespaces: namespaces.clone(),

@@ -334,9 +334,9 @@ impl<C: Codec> Session<C> {
         }
         let node = self.node.clone();
         Ok(async move {
-            let result = match node.broker.presence(&channel).await {
+            let result = match node.presence(&channel).await {
                 Ok(list) => Ok(RawValue::from_string(list.to_json().to_string()).ok()),
-                Err(e) => Err(ApiError::from(e)),
+                Err(e) => Err(e),
             };
             Done { result, recovery: None, release: None }
         })

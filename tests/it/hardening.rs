@@ -250,7 +250,7 @@ async fn the_admin_api_refuses_posts_not_declared_as_json() {
 #[tokio::test]
 async fn a_jwt_session_is_closed_when_its_token_expires() {
     let app = Upstream::start().await;
-    let relay = Relay::start(&app.url(), &["--jwt-secret", "s3cret"]).await;
+    let relay = Relay::start(&app.url(), &["--jwt-secret", "s3cret", "--jwt-leeway", "0s"]).await;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
     let claims = json!({"sub":"9","exp": now + 2});
     let token =
