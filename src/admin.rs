@@ -28,6 +28,8 @@ pub(crate) async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok"),
         (&Method::GET, "/readyz") => readyz(&node, wants_broker(req.uri().query())),
         (&Method::GET, "/metrics") => {
+            // Read at scrape time: the budget's counter is the hot path's.
+            node.metrics.queued_bytes.set(i64::try_from(node.hub.budget().used()).unwrap_or(i64::MAX));
             let mut r = Response::new(full(node.metrics.render()));
             r.headers_mut()
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
@@ -42,11 +44,11 @@ pub(crate) async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<
                 (&Method::POST, "/api/disconnect") => disconnect(&node, req).await,
                 (&Method::POST, "/api/subscribe") => server_subscribe(&node, req, true).await,
                 (&Method::POST, "/api/unsubscribe") => server_subscribe(&node, req, false).await,
-                (&Method::GET, p) if p.starts_with("/api/channels/") && p.ends_with("/history") => {
-                    history(&node, &p["/api/channels/".len()..p.len() - "/history".len()], req.uri().query()).await
+                (&Method::GET, p) if channel_path(p, "/history").is_some() => {
+                    history(&node, channel_path(p, "/history").unwrap_or_default(), req.uri().query()).await
                 }
-                (&Method::GET, p) if p.starts_with("/api/channels/") && p.ends_with("/presence") => {
-                    presence(&node, &p["/api/channels/".len()..p.len() - "/presence".len()]).await
+                (&Method::GET, p) if channel_path(p, "/presence").is_some() => {
+                    presence(&node, channel_path(p, "/presence").unwrap_or_default()).await
                 }
                 (_, "/api/publish" | "/api/disconnect" | "/api/subscribe" | "/api/unsubscribe") => {
                     Err(ApiError::new(ErrorCode::BadRequest, "use POST with a JSON body"))
@@ -60,6 +62,11 @@ pub(crate) async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<
         }
         _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz, /readyz or /api/publish"),
     }
+}
+
+/// The channel of `/api/channels/{channel}{suffix}`, if that is the path.
+fn channel_path<'a>(path: &'a str, suffix: &str) -> Option<&'a str> {
+    path.strip_prefix("/api/channels/")?.strip_suffix(suffix).filter(|c| !c.is_empty())
 }
 
 /// `/readyz?broker` (or `?broker=1`): also require the broker.

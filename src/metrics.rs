@@ -40,6 +40,7 @@ pub struct Metrics {
     pub history_recovered: IntCounter,
     pub history_gaps: IntCounter,
     pub presence_size: Histogram,
+    pub queued_bytes: IntGauge,
     errors: [IntCounter; 4],
 }
 
@@ -141,6 +142,10 @@ impl Metrics {
             history_recovered: r.counter(
                 "history_recovered_total",
                 "Messages delivered from history: recovered by clients (since) or caught up by this node after a gap",
+            )?,
+            queued_bytes: r.gauge(
+                "queued_bytes",
+                "Bytes of channel messages queued for clients on this node (bounded by --max-queued-bytes)",
             )?,
             presence_size: r.add(Histogram::with_opts(
                 HistogramOpts::new(prefixed("presence_size"), "Members of a channel's presence, per presence answer")

@@ -49,6 +49,11 @@ impl Interest {
         self.changed.notify_one();
     }
 
+    /// Whether the hub still wants `channel`.
+    pub fn wants(&self, channel: &str) -> bool {
+        self.lock().desired.contains(channel)
+    }
+
     pub fn is_up(&self) -> bool {
         self.lock().up
     }

@@ -363,6 +363,12 @@ impl Hub {
         };
         let exclude = msg.exclude.as_deref();
         let over = self.budget.used() >= self.budget.max;
+        // Counted before any session can write and release it (a release
+        // racing ahead of the add would wrap the counter); what is not
+        // queued is given back after.
+        let weight = msg.weight();
+        let all = ch.sessions.len();
+        self.budget.used.fetch_add(all * weight, Ordering::AcqRel);
         let mut n = 0;
         for sub in ch.sessions.values() {
             if exclude.is_some_and(|x| *x == *sub.id) {
@@ -379,8 +385,7 @@ impl Hub {
                 self.metrics.dropped_slow_consumer.inc();
             }
         }
-        // One atomic update per fan-out, not per subscriber.
-        self.budget.used.fetch_add(n * msg.weight(), Ordering::AcqRel);
+        self.budget.release((all - n) * weight);
         n
     }
 

@@ -113,9 +113,9 @@ pub(crate) struct Session<C: Codec> {
     recovering: HashMap<Channel, Vec<Arc<Message>>>,
     /// Frames to write before the queue: a recovery's reply and messages.
     front: VecDeque<Front>,
-    /// Recovered channels: the last sequence written, so a live message
-    /// that history already delivered is not written twice.
-    seen: HashMap<Channel, u64>,
+    /// Recovered channels: the last offset written, so a live message that
+    /// history already delivered is not written twice.
+    seen: HashMap<Channel, Offset>,
     bucket: Bucket,
     strikes: u32,
     last_seen: Instant,
@@ -123,6 +123,10 @@ pub(crate) struct Session<C: Codec> {
     started: bool,
     /// Set once the disconnect was counted and reported.
     reported: bool,
+    /// Bytes of channel messages taken out of the queue and not yet written
+    /// or dropped (in a batch, a recovery's wait list, `front`): still
+    /// counted against the node's queue budget, given back on drop.
+    held: usize,
 }
 
 impl<C: Codec> Drop for Session<C> {
@@ -133,15 +137,16 @@ impl<C: Codec> Drop for Session<C> {
             self.leave(&ch);
         }
         hub.unregister(&self.handle);
-        // Nothing more can be queued (unsubscribed above): release the rest.
+        // Nothing more can be queued (unsubscribed above): release the rest,
+        // and what this session held (a batch cut short, wait lists).
+        let mut left = std::mem::take(&mut self.held);
         if let Some(mut rx) = self.rx.take() {
             rx.close();
-            let mut left = 0;
             while let Ok(out) = rx.try_recv() {
                 left += out.weight();
             }
-            hub.budget().release(left);
         }
+        hub.budget().release(left);
         // A session that ended without run() finishing (a panic) still counts.
         self.report(CloseReason::Error);
     }
@@ -176,6 +181,7 @@ impl<C: Codec> Session<C> {
             recovering: HashMap::new(),
             front: VecDeque::new(),
             seen: HashMap::new(),
+            held: 0,
             bucket,
             strikes: 0,
             last_seen: Instant::now(),
@@ -251,7 +257,9 @@ impl<C: Codec> Session<C> {
                     pending = None;
                     self.apply(outcome);
                 }
-                frame = ws.next(), if pending.is_none() => match frame {
+                // No new request while one is pending, nor while a recovery's
+                // output still waits to be written: a client cannot pile them up.
+                frame = ws.next(), if pending.is_none() && self.front.is_empty() => match frame {
                     None => return CloseReason::Client,
                     Some(Err(e)) => return read_error(&e),
                     Some(Ok(msg)) => match self.on_message(&msg) {
@@ -312,12 +320,17 @@ impl<C: Codec> Session<C> {
         let metrics = &node.metrics;
         let mut messages: u64 = 0;
         let mut bytes = 0;
+        // Held from here on: if this batch is cut short (timeout, kill,
+        // error), the session's drop gives it back.
+        if let Some(f) = &first {
+            self.held += f.weight();
+        }
         let mut first = first;
         let mut n = 0;
         while n < WRITE_BATCH {
             let (out, counted, checked) = match self.front.pop_front() {
                 Some(f) => (f.out, f.counted, f.checked),
-                None => match first.take().or_else(|| rx.try_recv().ok()) {
+                None => match first.take().or_else(|| rx.try_recv().ok().inspect(|o| self.held += o.weight())) {
                     Some(out) => (out, true, false),
                     None => break,
                 },
@@ -346,12 +359,13 @@ impl<C: Codec> Session<C> {
             ws.feed(WsMessage::Text(frame)).await.map_err(|_| CloseReason::Error)?;
         }
         if let Some(out) = first {
-            // The batch filled up before `first` was taken: it goes next,
-            // still to be checked like anything from the queue.
-            self.front.push_front(Front { out, counted: true, checked: false });
+            // The batch filled up before `first` was taken: it goes after
+            // what is in front (front always precedes the queue), still to
+            // be checked like anything from the queue.
+            self.front.push_back(Front { out, counted: true, checked: false });
         }
         ws.flush().await.map_err(|_| CloseReason::Error)?;
-        node.hub.budget().release(bytes);
+        self.release(bytes);
         metrics.delivered.inc_by(messages);
         Ok(())
     }
@@ -372,13 +386,29 @@ impl<C: Codec> Session<C> {
             return Ok(false);
         }
         if let (Some(last), Some(off)) = (self.seen.get_mut(&m.channel), &m.offset) {
-            if off.seq <= *last {
-                self.node.hub.budget().release(m.weight());
+            // Only within one epoch: a new history starts again at 1.
+            if last.epoch == off.epoch && off.seq <= last.seq {
+                self.release(m.weight());
                 return Ok(false);
             }
-            *last = off.seq;
+            *last = off.clone();
         }
         Ok(true)
+    }
+
+    /// Gives back held bytes to the node's queue budget.
+    fn release(&mut self, bytes: usize) {
+        self.held = self.held.saturating_sub(bytes);
+        self.node.hub.budget().release(bytes);
+    }
+
+    /// Forgets a channel's recovery state (its wait list given back).
+    fn forget(&mut self, channel: &Channel) {
+        if let Some(waiting) = self.recovering.remove(channel) {
+            let bytes = waiting.iter().map(|m| m.weight()).sum();
+            self.release(bytes);
+        }
+        self.seen.remove(channel);
     }
 
     fn send_frame(&self, frame: Utf8Bytes) {

@@ -12,6 +12,8 @@ pub(super) struct Outcome<Id> {
     recovery: Option<Recovery>,
     /// A subscribe that failed after its channel was reserved.
     release: Option<Channel>,
+    /// A subscribe that succeeded (in the hub, and presence if kept).
+    subscribed: Option<Channel>,
 }
 
 /// What a request's future ends with.
@@ -19,6 +21,13 @@ pub(super) struct Done {
     result: Result<Option<Box<RawValue>>, ApiError>,
     recovery: Option<Recovery>,
     release: Option<Channel>,
+    subscribed: Option<Channel>,
+}
+
+impl Done {
+    fn reply(result: Result<Option<Box<RawValue>>, ApiError>) -> Self {
+        Done { result, recovery: None, release: None, subscribed: None }
+    }
 }
 
 /// A subscribe with `since`, after reading the channel's history.
@@ -32,7 +41,10 @@ pub(super) struct Recovery {
 
 impl Recovery {
     fn new(channel: Channel, since: Option<Offset>, history: History) -> Self {
-        let recovered = since.as_ref().is_some_and(|s| history.covers(s));
+        // Covered, and read up to the top (a stream may keep more than
+        // `size` entries, and the read stops at `size`).
+        let read_to = |s: &Offset| history.messages.last().and_then(|m| m.offset.as_ref()).map_or(s.seq, |o| o.seq);
+        let recovered = since.as_ref().is_some_and(|s| history.covers(s) && read_to(s) >= history.top);
         Recovery { channel, since, history, recovered }
     }
 
@@ -112,10 +124,19 @@ impl<C: Codec> Session<C> {
         Ok(recovered)
     }
 
-    pub(super) fn apply(&mut self, outcome: Outcome<C::Id>) {
+    pub(super) fn apply(&mut self, mut outcome: Outcome<C::Id>) {
         if let Some(channel) = &outcome.release {
             self.subs.remove(channel);
-            self.recovering.remove(channel);
+            self.forget(channel);
+        }
+        if let Some(channel) = &outcome.subscribed {
+            // The app unsubscribed it (server-side) while this was pending.
+            if !self.subs.contains(channel) {
+                self.node.hub.unsubscribe(channel, self.handle.key);
+                self.leave(channel);
+                self.forget(channel);
+                outcome.recovery = None;
+            }
         }
         match outcome.recovery {
             Some(r) if outcome.result.is_ok() => {
@@ -133,6 +154,7 @@ impl<C: Codec> Session<C> {
     pub(super) fn recover(&mut self, r: Recovery) {
         let waiting = self.recovering.remove(&r.channel).unwrap_or_default();
         let mut last = r.since.as_ref().filter(|_| r.recovered).map_or(0, |o| o.seq);
+        let mut dropped = 0;
         let mut n = 0u64;
         if r.recovered {
             for m in &r.history.messages {
@@ -145,17 +167,16 @@ impl<C: Codec> Session<C> {
         }
         for m in waiting {
             match &m.offset {
-                Some(off) if *off.epoch == *r.history.epoch && off.seq <= last => {
-                    self.node.hub.budget().release(m.weight());
-                }
+                Some(off) if *off.epoch == *r.history.epoch && off.seq <= last => dropped += m.weight(),
                 off => {
                     last = last.max(off.as_ref().map_or(0, |o| o.seq));
                     self.front.push_back(Front { out: Outbound::Message(m), counted: true, checked: true });
                 }
             }
         }
+        self.release(dropped);
         self.node.metrics.history_recovered.inc_by(n);
-        self.seen.insert(r.channel, last);
+        self.seen.insert(r.channel, Offset { epoch: r.history.epoch.clone(), seq: last });
     }
 
     /// Answers a request at once, or returns the future that will.
@@ -183,6 +204,7 @@ impl<C: Codec> Session<C> {
                 if let Some(ch) = self.subs.take(&channel) {
                     self.node.hub.unsubscribe(&ch, self.handle.key);
                     self.leave(&ch);
+                    self.forget(&ch);
                 }
                 Ok(())
             }
@@ -201,7 +223,13 @@ impl<C: Codec> Session<C> {
     pub(super) fn pending(id: Option<C::Id>, fut: impl Future<Output = Done> + Send + 'static) -> Pending<C::Id> {
         Box::pin(async move {
             let done = fut.await;
-            Outcome { id, result: done.result, recovery: done.recovery, release: done.release }
+            Outcome {
+                id,
+                result: done.result,
+                recovery: done.recovery,
+                release: done.release,
+                subscribed: done.subscribed,
+            }
         })
     }
 
@@ -244,8 +272,10 @@ impl<C: Codec> Session<C> {
                     node.hub.unsubscribe(&channel, handle.key);
                     return Err(ApiError::from(e));
                 }
-                if let Some((entry, announce)) = presence {
-                    if let Err(e) = node.broker.presence_change(&channel, &handle.id, entry, true, announce).await {
+                if let Some((entry, announce)) = &presence {
+                    let joined =
+                        node.broker.presence_change(&channel, &handle.id, entry.clone(), true, *announce).await;
+                    if let Err(e) = joined {
                         node.hub.unsubscribe(&channel, handle.key);
                         return Err(ApiError::from(e));
                     }
@@ -255,8 +285,18 @@ impl<C: Codec> Session<C> {
                         let since = Offset::parse(&since);
                         let after = since.as_ref().map_or(0, |o| o.seq);
                         node.metrics.history_reads.inc();
-                        let h = node.broker.history(&channel, policy, after, policy.size).await?;
-                        Ok(Some(Recovery::new(channel.clone(), since, h)))
+                        match node.broker.history(&channel, policy, after, policy.size).await {
+                            Ok(h) => Ok(Some(Recovery::new(channel.clone(), since, h))),
+                            Err(e) => {
+                                // Undo what succeeded: the subscribe failed as a whole.
+                                node.hub.unsubscribe(&channel, handle.key);
+                                if let Some((entry, announce)) = presence {
+                                    let _ =
+                                        node.broker.presence_change(&channel, &handle.id, entry, false, announce).await;
+                                }
+                                Err(ApiError::from(e))
+                            }
+                        }
                     }
                     // Without history there is nothing to recover from: say
                     // so, so the client reloads instead of trusting a
@@ -266,15 +306,17 @@ impl<C: Codec> Session<C> {
                 }
             }
             .await;
+            let subscribed = Some(channel.clone());
             match result {
-                Ok(Some(recovery)) => Done { result: Ok(None), recovery: Some(recovery), release: None },
+                Ok(Some(recovery)) => Done { result: Ok(None), recovery: Some(recovery), release: None, subscribed },
                 Ok(None) if asked => Done {
                     result: Ok(RawValue::from_string(r#"{"recovered":false}"#.to_owned()).ok()),
                     recovery: None,
                     release: None,
+                    subscribed,
                 },
-                Ok(None) => Done { result: Ok(None), recovery: None, release: None },
-                Err(e) => Done { result: Err(e), recovery: None, release: Some(channel) },
+                Ok(None) => Done { result: Ok(None), recovery: None, release: None, subscribed },
+                Err(e) => Done { result: Err(e), recovery: None, release: Some(channel), subscribed: None },
             }
         }))
     }
@@ -315,7 +357,7 @@ impl<C: Codec> Session<C> {
             SessionCommand::Unsubscribe(channel) => {
                 if let Some(ch) = self.subs.take(&channel) {
                     self.node.hub.unsubscribe(&ch, self.handle.key);
-                    self.recovering.remove(&ch);
+                    self.forget(&ch);
                     self.leave(&ch);
                     self.send_frame(self.codec.server_subscription(&ch, false));
                 }
@@ -338,7 +380,7 @@ impl<C: Codec> Session<C> {
                 Ok(list) => Ok(RawValue::from_string(list.to_json().to_string()).ok()),
                 Err(e) => Err(e),
             };
-            Done { result, recovery: None, release: None }
+            Done::reply(result)
         })
     }
 
@@ -356,7 +398,7 @@ impl<C: Codec> Session<C> {
                 }))
             }
             .await;
-            Done { result, recovery: None, release: None }
+            Done::reply(result)
         }
     }
 
@@ -364,6 +406,6 @@ impl<C: Codec> Session<C> {
         let node = self.node.clone();
         let handle = self.handle.clone();
         let ident = self.ident.clone();
-        async move { Done { result: node.auth.send(&ident, &handle.id, &data).await, recovery: None, release: None } }
+        async move { Done::reply(node.auth.send(&ident, &handle.id, &data).await) }
     }
 }

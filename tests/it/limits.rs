@@ -73,6 +73,8 @@ async fn slow_consumer_is_closed_with_1013_and_the_fast_one_gets_everything() {
     // The queue bound is what keeps memory bounded: the slow session never
     // held more than --client-queue messages, and it is gone now.
     assert_eq!(relay.metric("wsrelay_connections").await, 1.0);
+    // And what it held is given back to the node's queue budget.
+    relay.wait_metric("wsrelay_queued_bytes", |v| v == 0.0).await;
     let delivered = relay.metric("wsrelay_messages_delivered_total").await;
     assert!(delivered >= sent as f64, "fast client's deliveries counted: {delivered} < {sent}");
 }

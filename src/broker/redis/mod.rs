@@ -202,13 +202,18 @@ impl RedisBroker {
         join: bool,
         announce: bool,
     ) -> Result<(), BrokerError> {
-        if !self.is_up() {
-            return Err(BrokerError::NotConnected);
-        }
+        // The local record first, whatever Redis says: a leave must not be
+        // refreshed by the heartbeat forever; a failed join is undone below.
         if join {
             self.local_presence.add(channel, connection, entry.clone());
         } else {
             self.local_presence.remove(channel, connection);
+        }
+        if !self.is_up() {
+            if join {
+                self.local_presence.remove(channel, connection);
+            }
+            return Err(BrokerError::NotConnected);
         }
         let header = Header {
             k: Some(if join { "j" } else { "l" }.into()),
@@ -229,7 +234,11 @@ impl RedisBroker {
             inv.arg(header).arg(expiry_ms() * 4);
             inv.invoke_async::<i64>(&mut c).await.map_err(BrokerError::from)
         };
-        tokio::time::timeout(self.timeout, run).await.unwrap_or(Err(BrokerError::Timeout(self.timeout))).map(|_| ())
+        let r = tokio::time::timeout(self.timeout, run).await.unwrap_or(Err(BrokerError::Timeout(self.timeout)));
+        if r.is_err() && join {
+            self.local_presence.remove(channel, connection);
+        }
+        r.map(|_| ())
     }
 
     pub async fn presence(&self, channel: &Channel) -> Result<super::PresenceList, BrokerError> {

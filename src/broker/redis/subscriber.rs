@@ -133,6 +133,8 @@ impl Subscriber {
         if let Err(e) = self.replay_commands(&mut st.applied).await {
             return Lost::Error(format!("reading the control log: {e}"));
         }
+        // Channels given up while disconnected are not tracked any more.
+        st.tracked.retain(|c, _| self.interest.wants(c));
         // Everything the hub wants, resubscribed before the node says it is up.
         if let Err(e) = self.sync(&mut sink, st).await {
             return Lost::Error(e);
@@ -470,7 +472,7 @@ impl Subscriber {
                 }
             }
             Some(last) => {
-                let expected = if last.epoch.is_empty() { 1 } else { last.seq + 1 };
+                let expected = if last.epoch.is_empty() { 1 } else { last.seq.saturating_add(1) };
                 if off.seq > expected {
                     if let Err(e) = self.fill(&channel, &last, Some(off.seq), st).await {
                         warn!(%channel, error = %e, "cannot read history to fill a gap");
