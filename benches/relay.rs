@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
@@ -35,9 +35,7 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const SUBSCRIBERS: usize = 2000;
 const POINT: Duration = Duration::from_secs(5);
 
-fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64
-}
+use wsrelay::hub::now_us;
 
 /// CPU seconds (user + system) a process has used.
 fn cpu_secs(pid: u32) -> f64 {

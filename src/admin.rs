@@ -15,7 +15,7 @@ use subtle::ConstantTimeEq;
 use crate::body::{Body, ReadError, bearer_token, full, read_limited, text};
 use crate::channel::Channel;
 use crate::error::{ApiError, ErrorCode};
-use crate::hub::{DisconnectTarget, NodeCommand};
+use crate::hub::{NodeCommand, Target};
 use crate::node::{Node, Source};
 use crate::protocol::{Offset, check_depth};
 
@@ -237,13 +237,18 @@ struct DisconnectBody {
 }
 
 /// Parses and validates a `POST /api/disconnect` body.
-pub fn parse_disconnect(body: &[u8]) -> Result<DisconnectTarget, ApiError> {
+pub fn parse_disconnect(body: &[u8]) -> Result<Target, ApiError> {
     let body: DisconnectBody = parse_json(body)?;
+    target(body.user, body.connection)
+}
+
+/// `"user"` (a string or a number) or `"connection"`, exactly one of them.
+fn target(user: Option<serde_json::Value>, connection: Option<String>) -> Result<Target, ApiError> {
     let user =
-        crate::auth::user_id(body.user).map_err(|_| ApiError::bad_request("\"user\" must be a string or a number"))?;
-    match (user, body.connection) {
-        (Some(u), None) if !u.is_empty() => Ok(DisconnectTarget::User(u)),
-        (None, Some(c)) if !c.is_empty() => Ok(DisconnectTarget::Connection(c)),
+        crate::auth::user_id(user).map_err(|_| ApiError::bad_request("\"user\" must be a string or a number"))?;
+    match (user, connection) {
+        (Some(u), None) if !u.is_empty() => Ok(Target::User(u)),
+        (None, Some(c)) if !c.is_empty() => Ok(Target::Connection(c)),
         (Some(_), Some(_)) => Err(ApiError::bad_request("give \"user\" or \"connection\", not both")),
         _ => Err(ApiError::bad_request("missing field \"user\" or \"connection\"")),
     }
@@ -335,12 +340,10 @@ struct SubscribeBody {
 }
 
 /// Parses a `POST /api/subscribe` or `/api/unsubscribe` body.
-pub fn parse_subscribe(body: &[u8]) -> Result<(DisconnectTarget, Channel), ApiError> {
+pub fn parse_subscribe(body: &[u8]) -> Result<(Target, Channel), ApiError> {
     let body: SubscribeBody = parse_json(body)?;
     let channel = Channel::parse(&body.channel).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let target = serde_json::json!({ "user": body.user, "connection": body.connection });
-    let target = parse_disconnect(target.to_string().as_bytes())?;
-    Ok((target, channel))
+    Ok((target(body.user, body.connection)?, channel))
 }
 
 /// `POST /api/subscribe` / `/api/unsubscribe` `{"channel","connection"|"user"}`:

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use http::{HeaderName, Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -211,7 +210,8 @@ where
             let handler = handler.clone();
             async move {
                 let resp = handler(req, remote).await;
-                Ok::<_, Infallible>(resp.map(|inner| Tracked { inner, _req: req_guard }.boxed()))
+                // Not boxed again: hyper takes the wrapper as it is.
+                Ok::<_, Infallible>(resp.map(|inner| Tracked { inner, _req: req_guard }))
             }
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();

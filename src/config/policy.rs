@@ -16,6 +16,15 @@ pub struct HistoryPolicy {
     pub ttl: Duration,
 }
 
+impl HistoryPolicy {
+    /// Messages a full read of the history may return: `XADD MAXLEN ~`
+    /// trims whole stream nodes, so a stream can hold somewhat more than
+    /// `size`; reading twice that is reading it all.
+    pub fn read_limit(&self) -> usize {
+        self.size.saturating_mul(2)
+    }
+}
+
 /// The namespaces, resolved once: which rule covers a channel.
 #[derive(Debug, Clone)]
 pub struct Namespaces {

@@ -3,8 +3,9 @@
 //! A message reaches the hub once per node as an `Arc<`[`Message`]`>`; the
 //! hub hands a clone of that pointer (a reference-count increment) to the
 //! bounded queue of every local subscriber with `try_send`, so fan-out never
-//! waits. Each session's codec frames it, once per protocol per message. A subscriber whose queue is full is a slow consumer: it is told to
-//! close (1013) and the others are not slowed.
+//! waits. Each session's codec frames it, once per protocol per message. A
+//! subscriber whose queue is full is a slow consumer: it is told to close
+//! (1013) and the others are not slowed.
 //!
 //! Channels live in sharded `std::sync::Mutex`es that are never held across
 //! an `.await`: every operation under a lock is a map update or a `try_send`.
@@ -36,7 +37,7 @@ const SHARDS: usize = 64;
 /// Bytes of channel messages queued on this node, across every session,
 /// under `--max-queued-bytes`: per-connection queue limits alone multiply
 /// (10 000 connections × 1024 messages × 64 KiB).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct QueueBudget {
     used: AtomicUsize,
     max: usize,
@@ -83,9 +84,9 @@ pub enum SessionCommand {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeCommand {
-    Disconnect(DisconnectTarget),
-    Subscribe { target: DisconnectTarget, channel: Channel },
-    Unsubscribe { target: DisconnectTarget, channel: Channel },
+    Disconnect(Target),
+    Subscribe { target: Target, channel: Channel },
+    Unsubscribe { target: Target, channel: Channel },
 }
 
 impl Outbound {
@@ -125,9 +126,7 @@ impl SessionHandle {
     fn backlog(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
     }
-}
 
-impl SessionHandle {
     /// Queues a frame without waiting. A full queue means the client is not
     /// reading fast enough: the session is told to close as a slow consumer.
     pub fn enqueue(&self, out: Outbound) -> bool {
@@ -171,10 +170,10 @@ struct Sessions {
     by_user: HashMap<Arc<str>, Vec<Arc<SessionHandle>>>,
 }
 
-/// Who `/api/disconnect` targets.
+/// Whose sessions a [`NodeCommand`] is for.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum DisconnectTarget {
+pub enum Target {
     Connection(String),
     User(String),
 }
@@ -405,8 +404,8 @@ impl Hub {
         let victims: Vec<Arc<SessionHandle>> = {
             let s = lock(&self.sessions);
             let all = match target {
-                DisconnectTarget::Connection(id) => s.by_id.get(id.as_str()).cloned().into_iter().collect(),
-                DisconnectTarget::User(user) => s.by_user.get(user.as_str()).cloned().unwrap_or_default(),
+                Target::Connection(id) => s.by_id.get(id.as_str()).cloned().into_iter().collect(),
+                Target::User(user) => s.by_user.get(user.as_str()).cloned().unwrap_or_default(),
             };
             all.into_iter().filter(|h| before_us.is_none_or(|t| h.connected_us < t)).collect()
         };
@@ -425,7 +424,7 @@ impl Hub {
     }
 
     /// Closes the targeted local sessions; returns how many.
-    pub fn disconnect(&self, target: &DisconnectTarget) -> usize {
+    pub fn disconnect(&self, target: &Target) -> usize {
         self.apply(&NodeCommand::Disconnect(target.clone()), None)
     }
 

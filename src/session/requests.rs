@@ -114,7 +114,7 @@ impl<C: Codec> Session<C> {
             let offset = Offset::parse(offset);
             let after = offset.as_ref().map_or(0, |o| o.seq);
             self.node.metrics.history_reads.inc();
-            let h = self.node.broker.history(ch, policy, after, policy.size).await?;
+            let h = self.node.broker.history(ch, policy, after, policy.read_limit()).await?;
             let r = Recovery::new(ch.clone(), offset, h);
             recovered.push((ch.clone(), r.recovered));
             // Live messages already queued are newer or duplicates: `seen`
@@ -285,7 +285,7 @@ impl<C: Codec> Session<C> {
                         let since = Offset::parse(&since);
                         let after = since.as_ref().map_or(0, |o| o.seq);
                         node.metrics.history_reads.inc();
-                        match node.broker.history(&channel, policy, after, policy.size).await {
+                        match node.broker.history(&channel, policy, after, policy.read_limit()).await {
                             Ok(h) => Ok(Some(Recovery::new(channel.clone(), since, h))),
                             Err(e) => {
                                 // Undo what succeeded: the subscribe failed as a whole.

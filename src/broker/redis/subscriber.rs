@@ -407,7 +407,9 @@ impl Subscriber {
         // Nothing was ever published when it was tracked: everything in the
         // (new) epoch is missed, from the start.
         let after = if last.epoch.is_empty() { 0 } else { last.seq };
-        let limit = before.map_or(policy.size, |b| usize::try_from(b.saturating_sub(after + 1)).unwrap_or(policy.size));
+        let limit = before.map_or(policy.read_limit(), |b| {
+            usize::try_from(b.saturating_sub(after + 1)).unwrap_or(policy.read_limit())
+        });
         if before.is_some() && limit == 0 {
             return Ok(());
         }
