@@ -17,7 +17,7 @@ use crate::channel::Channel;
 use crate::error::{ApiError, ErrorCode};
 use crate::hub::{NodeCommand, Target};
 use crate::node::{Node, Source};
-use crate::protocol::{Offset, check_depth};
+use crate::protocol::{Offset, check_depth, check_event};
 
 /// Channels one broadcast may name at most.
 pub const MAX_BROADCAST: usize = 1000;
@@ -44,13 +44,14 @@ pub(crate) async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<
                 (&Method::POST, "/api/disconnect") => disconnect(&node, req).await,
                 (&Method::POST, "/api/subscribe") => server_subscribe(&node, req, true).await,
                 (&Method::POST, "/api/unsubscribe") => server_subscribe(&node, req, false).await,
+                (&Method::POST, "/api/call") => call(&node, req).await,
                 (&Method::GET, p) if channel_path(p, "/history").is_some() => {
                     history(&node, channel_path(p, "/history").unwrap_or_default(), req.uri().query()).await
                 }
                 (&Method::GET, p) if channel_path(p, "/presence").is_some() => {
                     presence(&node, channel_path(p, "/presence").unwrap_or_default()).await
                 }
-                (_, "/api/publish" | "/api/disconnect" | "/api/subscribe" | "/api/unsubscribe") => {
+                (_, "/api/publish" | "/api/disconnect" | "/api/subscribe" | "/api/unsubscribe" | "/api/call") => {
                     Err(ApiError::new(ErrorCode::BadRequest, "use POST with a JSON body"))
                 }
                 _ => Err(ApiError::new(ErrorCode::NotFound, format!("no such endpoint: {p}"))),
@@ -155,6 +156,11 @@ struct PublishBody {
     data: Option<Box<RawValue>>,
     #[serde(default)]
     exclude: Option<String>,
+    /// A named event (Socket.IO): its arguments are `args`, or `[data]`.
+    #[serde(default)]
+    event: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    args: Option<Box<RawValue>>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
@@ -167,12 +173,37 @@ pub struct PublishRequest {
     pub channels: Vec<Channel>,
     pub data: Box<RawValue>,
     pub exclude: Option<String>,
+    /// A named event: `data` is then the JSON array of its arguments.
+    pub event: Option<Arc<str>>,
+}
+
+/// The arguments of an event as one JSON array: `args` (an array) or `[data]`.
+pub fn event_args(args: Option<Box<RawValue>>, data: Option<Box<RawValue>>) -> Result<Box<RawValue>, ApiError> {
+    match (args, data) {
+        (Some(a), None) if a.get().trim_start().starts_with('[') => Ok(a),
+        (Some(_), None) => Err(ApiError::bad_request("\"args\" must be a JSON array")),
+        (None, Some(d)) => RawValue::from_string(format!("[{}]", d.get()))
+            .map_err(|_| ApiError::bad_request("invalid \"data\"")),
+        (None, None) => Ok(RawValue::from_string("[]".to_owned()).unwrap_or_default()),
+        (Some(_), Some(_)) => Err(ApiError::bad_request("give \"args\" or \"data\", not both")),
+    }
 }
 
 /// Parses and validates a `POST /api/publish` body (`max`: max-message-bytes).
 pub fn parse_publish(body: &[u8], max: usize) -> Result<PublishRequest, ApiError> {
     let body: PublishBody = parse_json(body)?;
-    let data = body.data.ok_or_else(|| ApiError::bad_request("missing field \"data\""))?;
+    let event = match &body.event {
+        Some(e) => {
+            check_event(e)?;
+            Some(Arc::<str>::from(e.as_str()))
+        }
+        None if body.args.is_some() => return Err(ApiError::bad_request("\"args\" needs an \"event\"")),
+        None => None,
+    };
+    let data = match event {
+        Some(_) => event_args(body.args, body.data)?,
+        None => body.data.ok_or_else(|| ApiError::bad_request("missing field \"data\""))?,
+    };
     check_depth(data.get())?;
     if data.get().len() > max {
         return Err(ApiError::new(
@@ -200,14 +231,14 @@ pub fn parse_publish(body: &[u8], max: usize) -> Result<PublishRequest, ApiError
     if body.exclude.as_ref().is_some_and(|x| x.len() > 256) {
         return Err(ApiError::bad_request("\"exclude\" is not a connection id"));
     }
-    Ok(PublishRequest { channels, data, exclude: body.exclude })
+    Ok(PublishRequest { channels, data, exclude: body.exclude, event })
 }
 
-async fn publish(node: &Node, req: Request<Incoming>) -> Result<serde_json::Value, ApiError> {
+async fn publish(node: &Arc<Node>, req: Request<Incoming>) -> Result<serde_json::Value, ApiError> {
     let max = node.cfg.session.max_message_bytes;
     let p = parse_publish(&read_body(req, max + 64 * 1024).await?, max)?;
     let channels = p.channels.clone();
-    let offsets = node.publish(p.channels, &p.data, p.exclude.as_deref(), Source::Api).await?;
+    let offsets = node.publish(p.channels, &p.data, p.exclude.as_deref(), p.event, Source::Api).await?;
     Ok(publish_answer(&channels, &offsets))
 }
 
@@ -223,6 +254,102 @@ fn publish_answer(channels: &[Channel], offsets: &[Option<crate::protocol::Offse
         (_, None) => serde_json::json!({}),
         (1, Some(o)) => serde_json::json!({ "offset": o }),
         _ => serde_json::json!({ "offsets": with }),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallBody {
+    connection: String,
+    event: String,
+    #[serde(default, deserialize_with = "present")]
+    args: Option<Box<RawValue>>,
+    #[serde(default, deserialize_with = "present")]
+    data: Option<Box<RawValue>>,
+    #[serde(default)]
+    namespace: Option<String>,
+    /// Seconds, as python-socketio's `call(timeout=)`.
+    #[serde(default)]
+    timeout: Option<f64>,
+}
+
+/// Longest `/api/call` wait.
+const MAX_CALL_TIMEOUT: f64 = 600.0;
+
+/// `POST /api/call`: an event for one connection, answered with the
+/// client's acknowledgement, wherever the connection is.
+async fn call(node: &Arc<Node>, req: Request<Incoming>) -> Result<serde_json::Value, ApiError> {
+    let max = node.cfg.session.max_message_bytes;
+    let body: CallBody = parse_json(&read_body(req, max + 64 * 1024).await?)?;
+    check_event(&body.event)?;
+    let args = event_args(body.args, body.data)?;
+    check_depth(args.get())?;
+    if args.get().len() > max {
+        return Err(ApiError::new(ErrorCode::TooLarge, format!("args are larger than max-message-bytes ({max})")));
+    }
+    let namespace = body.namespace.unwrap_or_else(|| "/".to_owned());
+    if !crate::protocol::socketio::valid_namespace(&namespace) {
+        return Err(ApiError::bad_request("\"namespace\" must be \"/\" or \"/name\""));
+    }
+    let timeout = body.timeout.unwrap_or(60.0);
+    if !(timeout > 0.0 && timeout <= MAX_CALL_TIMEOUT) {
+        return Err(ApiError::bad_request(format!("\"timeout\" must be 0-{MAX_CALL_TIMEOUT} seconds")));
+    }
+    let conn = body.connection;
+    let owner = conn.rsplit_once('.').map(|(n, _)| n.to_owned()).unwrap_or_default();
+    let gone = || ApiError::new(ErrorCode::NotFound, "no such connection");
+    let metric = |r: &str| node.metrics.calls.with_label_values(&[r]).inc();
+    let id = crate::config::random_id(16);
+    let call = crate::hub::Call { id: id.clone(), namespace, event: body.event, args: args.get().to_owned() };
+    let cmd = NodeCommand::Call { target: Target::Connection(conn.clone()), call };
+    let rx = node
+        .hub
+        .await_call(&id)
+        .ok_or_else(|| ApiError::new(ErrorCode::LimitExceeded, "too many calls waiting on this node"))?;
+    if owner == node.cfg.node_id || matches!(node.broker, crate::broker::Broker::Memory(_)) {
+        if !node.hub.has_session(&conn) {
+            node.hub.forget_call(&id);
+            metric("gone");
+            return Err(gone());
+        }
+        node.hub.apply(&cmd, None);
+    } else {
+        match node.broker.peer_url(&owner).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                node.hub.forget_call(&id);
+                metric("gone");
+                return Err(gone());
+            }
+            Err(e) => {
+                node.hub.forget_call(&id);
+                return Err(e.into());
+            }
+        }
+        if let Err(e) = node.broker.command(cmd).await {
+            node.hub.forget_call(&id);
+            return Err(e.into());
+        }
+    }
+    match tokio::time::timeout(std::time::Duration::from_secs_f64(timeout), rx).await {
+        Ok(Ok(crate::hub::CallAnswer::Args(a))) => {
+            metric("answered");
+            let args: serde_json::Value = serde_json::from_str(&a).unwrap_or(serde_json::Value::Null);
+            Ok(serde_json::json!({ "args": args }))
+        }
+        Ok(Ok(crate::hub::CallAnswer::Gone)) | Ok(Err(_)) => {
+            metric("gone");
+            Err(gone())
+        }
+        Ok(Ok(crate::hub::CallAnswer::Unsupported)) => {
+            metric("unsupported");
+            Err(ApiError::new(ErrorCode::NotSupported, "the connection's protocol (wsrelay.v1) cannot answer calls"))
+        }
+        Err(_) => {
+            node.hub.forget_call(&id);
+            metric("timeout");
+            Err(ApiError::new(ErrorCode::Timeout, format!("the client did not answer within {timeout} s")))
+        }
     }
 }
 

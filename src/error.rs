@@ -71,6 +71,8 @@ pub enum ErrorCode {
     /// The broker (or a hook the operation depends on) is unreachable.
     Unavailable,
     Internal,
+    /// Admin API (`/api/call`): the client did not answer in time.
+    Timeout,
 }
 
 impl ErrorCode {
@@ -87,6 +89,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::Timeout => "timeout",
         }
     }
 
@@ -102,6 +105,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 

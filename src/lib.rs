@@ -34,6 +34,7 @@ pub mod body;
 pub mod broker;
 pub mod channel;
 pub mod config;
+pub mod engineio;
 pub mod error;
 pub mod hub;
 pub mod metrics;
@@ -114,6 +115,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         idle: config.server.http_idle_timeout,
     };
     let admin_limits = server::Limits { connections: config.server.max_admin_connections, ..public_limits };
+    let advertise = config.advertise_url.clone().unwrap_or_else(|| config::default_advertise_url(public_addr));
+    broker.advertise(&config.node_id, advertise, background.clone());
     let node = Arc::new(Node::new(config, metrics, hub, broker, auth, proxy));
     info!(
         public = %public_addr,

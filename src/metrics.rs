@@ -41,6 +41,10 @@ pub struct Metrics {
     pub history_gaps: IntCounter,
     pub presence_size: Histogram,
     pub queued_bytes: IntGauge,
+    pub socketio_forwards: IntCounterVec,
+    pub socketio_recoveries: IntCounterVec,
+    pub socketio_bridge: IntCounterVec,
+    pub calls: IntCounterVec,
     errors: [IntCounter; 4],
 }
 
@@ -155,6 +159,26 @@ impl Metrics {
                 "history_gaps_total",
                 "Gaps history could not cover: subscribers told to reload (gap frame, recovered:false)",
             )?,
+            socketio_forwards: r.counters(
+                "socketio_forwards_total",
+                "Socket.IO polling requests for a session on another sidecar: forwarded, gone (its node is), error",
+                &["result"],
+            )?,
+            socketio_recoveries: r.counters(
+                "socketio_recoveries_total",
+                "Socket.IO reconnections with a pid: recovered, not_recovered",
+                &["result"],
+            )?,
+            socketio_bridge: r.counters(
+                "socketio_bridge_messages_total",
+                "Messages from python-socketio's Redis manager (--socketio-redis-channel) by method; refused: pickle or malformed",
+                &["method"],
+            )?,
+            calls: r.counters(
+                "calls_total",
+                "POST /api/call by result: answered, timeout, gone, unsupported",
+                &["result"],
+            )?,
             errors: {
                 let errors = r.counters(
                     "errors_total",
@@ -171,6 +195,15 @@ impl Metrics {
         }
         for result in ConnResult::ALL {
             m.connections_total.with_label_values(&[result.label()]);
+        }
+        for result in ["forwarded", "gone", "error"] {
+            m.socketio_forwards.with_label_values(&[result]);
+        }
+        for result in ["recovered", "not_recovered"] {
+            m.socketio_recoveries.with_label_values(&[result]);
+        }
+        for result in ["answered", "timeout", "gone", "unsupported"] {
+            m.calls.with_label_values(&[result]);
         }
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         Ok(m)

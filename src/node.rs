@@ -18,7 +18,7 @@ use crate::broker::{Broker, PresenceList};
 use crate::channel::Channel;
 use crate::config::Config;
 use crate::error::ApiError;
-use crate::hub::{Hub, now_us};
+use crate::hub::{CallAnswer, Hub, NodeCommand, now_us};
 use crate::metrics::Metrics;
 use crate::protocol::{Message, Offset};
 use crate::proxy::Proxy;
@@ -46,6 +46,8 @@ pub struct Node {
     pub drain: CancellationToken,
     /// Every session task, so the drain can wait for them.
     pub sessions: TaskTracker,
+    /// Socket.IO sessions on HTTP long-polling.
+    pub polls: crate::engineio::Registry,
     /// `--max-connections` permits; a session holds one for its life.
     slots: Arc<Semaphore>,
     /// Hook paths, normalized once (see [`is_hook_path`](Self::is_hook_path)).
@@ -78,6 +80,7 @@ impl Node {
             proxy,
             drain: CancellationToken::new(),
             sessions: TaskTracker::new(),
+            polls: crate::engineio::Registry::default(),
             slots,
             hook_paths,
         }
@@ -120,6 +123,21 @@ impl Node {
         self.hook_paths.iter().any(|h| path.starts_with(h.as_str()))
     }
 
+    /// Hands a call's answer to the API request waiting for it: on this
+    /// node directly, else through the broker to the node that has it.
+    pub fn answer_call(self: &Arc<Self>, call: String, answer: CallAnswer) {
+        if self.hub.answer_call(&call, answer.clone()) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let node = self.clone();
+        rt.spawn(async move {
+            if let Err(e) = node.broker.command(NodeCommand::Answer { call, answer }).await {
+                tracing::warn!(error = %e, "a call's answer could not be sent back (the caller times out)");
+            }
+        });
+    }
+
     /// Who is subscribed to `channel` across nodes (for the `presence` op and
     /// the API), measured.
     pub async fn presence(&self, channel: &Channel) -> Result<PresenceList, ApiError> {
@@ -139,6 +157,7 @@ impl Node {
         channels: Vec<Channel>,
         data: &RawValue,
         exclude: Option<&str>,
+        event: Option<Arc<str>>,
         source: Source,
     ) -> Result<Vec<Option<Offset>>, ApiError> {
         let data = Utf8Bytes::from(data.get().to_owned());
@@ -146,7 +165,9 @@ impl Node {
         let n = channels.len() as u64;
         let messages = channels
             .into_iter()
-            .map(|c| Arc::new(Message::new(c, data.clone(), exclude.map(Into::into), published_us)))
+            .map(|c| {
+                Arc::new(Message::new(c, data.clone(), exclude.map(Into::into), published_us).with_event(event.clone()))
+            })
             .collect();
         let offsets = self.broker.publish(messages).await?;
         match source {

@@ -119,7 +119,19 @@ impl Proxy {
     }
 
     /// Forwards one request and returns the app's response (or 502/504).
-    pub async fn forward(&self, mut req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+    pub async fn forward(&self, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+        self.forward_to(&self.upstream.clone(), req, remote, None).await
+    }
+
+    /// Forwards one request to `base` (the app, or another sidecar with a
+    /// `mark` header added after the client's `x-wsrelay-*` are removed).
+    pub async fn forward_to(
+        &self,
+        base: &http::Uri,
+        mut req: Request<Incoming>,
+        remote: SocketAddr,
+        mark: Option<(HeaderName, HeaderValue)>,
+    ) -> Response<Body> {
         let started = Instant::now();
         // Only WebSocket upgrades are tunnelled: a tunnel is opaque, and an
         // `h2c` upgrade would carry requests past every check of ours.
@@ -155,6 +167,9 @@ impl Proxy {
         for k in ours {
             parts.headers.remove(k);
         }
+        if let Some((k, v)) = mark {
+            parts.headers.insert(k, v);
+        }
         if parts.version == Version::HTTP_2 {
             join_cookies(&mut parts.headers);
         }
@@ -163,7 +178,7 @@ impl Proxy {
             parts.headers.insert(header::HOST, h);
         }
         let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        parts.uri = match upstream::uri(&self.upstream, pq) {
+        parts.uri = match upstream::uri(base, pq) {
             Ok(u) => u,
             Err(_) => return self.done(text(StatusCode::BAD_REQUEST, "bad request target"), started),
         };

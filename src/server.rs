@@ -51,6 +51,9 @@ pub(crate) async fn public(node: Arc<Node>, mut req: Request<Incoming>, remote: 
         }
     }
     let path = req.uri().path();
+    if node.cfg.session.socketio.as_ref().is_some_and(|s| s.matches(path)) {
+        return crate::session::socketio::handle(node, req, remote).await;
+    }
     if node.cfg.session.ws_paths.iter().any(|p| p == path) && proxy::is_upgrade(&req) {
         return crate::session::upgrade::accept(node, req, remote).await;
     }

@@ -64,6 +64,30 @@ struct ConnectRequest<'a> {
     path: &'a str,
     query: &'a str,
     remote_addr: String,
+    /// Socket.IO: the namespace connected to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    namespace: Option<&'a str>,
+    /// Socket.IO: the client's `auth` payload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    auth: Option<&'a RawValue>,
+}
+
+/// What a Socket.IO client's CONNECT adds to authentication: its namespace
+/// and `auth` payload (whose `token` is taken as a JWT).
+#[derive(Debug, Clone, Copy)]
+pub struct SioConnect<'a> {
+    pub namespace: &'a str,
+    pub auth: Option<&'a RawValue>,
+}
+
+#[derive(Serialize)]
+struct EmitRequest<'a> {
+    event: &'a str,
+    args: &'a RawValue,
+    ack: bool,
+    namespace: &'a str,
+    connection: &'a str,
+    user: Option<&'a str>,
 }
 
 #[derive(Deserialize)]
@@ -157,8 +181,21 @@ impl Auth {
     /// Establishes who connects: a JWT when one is presented (and a key is
     /// configured), else the connect hook when configured, else anonymous.
     pub async fn authenticate<B>(&self, req: &Request<B>, remote: SocketAddr) -> Result<Identity, Reject> {
+        self.authenticate_with(req, remote, None).await
+    }
+
+    /// As [`authenticate`](Self::authenticate), for a Socket.IO CONNECT.
+    pub async fn authenticate_with<B>(
+        &self,
+        req: &Request<B>,
+        remote: SocketAddr,
+        sio: Option<SioConnect<'_>>,
+    ) -> Result<Identity, Reject> {
         if let Some(key) = &self.cfg.jwt {
-            if let Some(token) = token_of(req) {
+            let from_auth = sio.and_then(|s| s.auth).and_then(|a| {
+                serde_json::from_str::<serde_json::Value>(a.get()).ok()?.get("token")?.as_str().map(str::to_owned)
+            });
+            if let Some(token) = from_auth.or_else(|| token_of(req)) {
                 let claims = key.verify(&token).map_err(|e| unauthorized(format!("invalid token: {e}")))?;
                 return Ok(Identity {
                     user: Some(Arc::from(claims.sub)),
@@ -173,12 +210,18 @@ impl Auth {
             }
         }
         match &self.cfg.connect_hook {
-            Some(path) => self.connect_hook(path, req, remote).await,
+            Some(path) => self.connect_hook(path, req, remote, sio).await,
             None => Ok(Identity::default()),
         }
     }
 
-    async fn connect_hook<B>(&self, path: &str, req: &Request<B>, remote: SocketAddr) -> Result<Identity, Reject> {
+    async fn connect_hook<B>(
+        &self,
+        path: &str,
+        req: &Request<B>,
+        remote: SocketAddr,
+        sio: Option<SioConnect<'_>>,
+    ) -> Result<Identity, Reject> {
         let mut headers = HeaderMap::new();
         for (name, value) in req.headers() {
             if is_forwarded_to_hook(name) {
@@ -190,6 +233,8 @@ impl Auth {
             path: req.uri().path(),
             query: req.uri().query().unwrap_or(""),
             remote_addr: remote.to_string(),
+            namespace: sio.map(|s| s.namespace),
+            auth: sio.and_then(|s| s.auth),
         })
         .unwrap_or_default();
         let unavailable = || Reject::from(ApiError::unavailable("authorization unavailable").blame(Fault::App));
@@ -273,6 +318,30 @@ impl Auth {
         };
         let body =
             serde_json::to_vec(&MessageRequest { user: ident.user.as_deref(), connection, data }).unwrap_or_default();
+        self.message(path, body).await
+    }
+
+    /// Sends a Socket.IO client's event to the message hook
+    /// (`{"event","args","ack","namespace","connection","user"}`); the app's
+    /// JSON answer is the acknowledgement's arguments.
+    pub async fn emit(
+        &self,
+        ident: &Identity,
+        connection: &str,
+        namespace: &str,
+        event: &str,
+        args: &RawValue,
+        ack: bool,
+    ) -> Result<Option<Box<RawValue>>, ApiError> {
+        let Some(path) = &self.cfg.message_hook else {
+            return Err(ApiError::new(ErrorCode::NotSupported, "events are not handled: no message hook is configured"));
+        };
+        let req = EmitRequest { event, args, ack, namespace, connection, user: ident.user.as_deref() };
+        self.message(path, serde_json::to_vec(&req).unwrap_or_default()).await
+    }
+
+    /// Asks the message hook; its JSON answer (if any) is the result.
+    async fn message(&self, path: &str, body: Vec<u8>) -> Result<Option<Box<RawValue>>, ApiError> {
         let resp = self.hooks.call(HookKind::Message, path, HeaderMap::new(), body).await?;
         if resp.status.is_success() {
             if resp.body.iter().all(u8::is_ascii_whitespace) {

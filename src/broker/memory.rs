@@ -34,7 +34,12 @@ pub struct MemoryBroker {
     generation: AtomicU64,
     publishes: AtomicU64,
     presence: LocalPresence,
+    /// Stashed values and when they expire (bounded: oldest dropped first).
+    stash: Mutex<HashMap<String, (Instant, String)>>,
 }
+
+/// Stashed values kept at most.
+const MAX_STASH: usize = 100_000;
 
 struct Ring {
     epoch: Arc<str>,
@@ -72,7 +77,25 @@ impl MemoryBroker {
             generation: AtomicU64::new(0),
             publishes: AtomicU64::new(0),
             presence: LocalPresence::default(),
+            stash: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub fn stash(&self, key: &str, value: String, ttl: std::time::Duration) {
+        let now = Instant::now();
+        let mut stash = lock(&self.stash);
+        if stash.len() >= MAX_STASH {
+            stash.retain(|_, (until, _)| *until > now);
+            if stash.len() >= MAX_STASH {
+                return;
+            }
+        }
+        stash.insert(key.to_owned(), (now + ttl, value));
+    }
+
+    pub fn take_stash(&self, key: &str) -> Option<String> {
+        let (until, value) = lock(&self.stash).remove(key)?;
+        (until > Instant::now()).then_some(value)
     }
 
     fn ring(&self, channel: &Channel) -> Arc<Mutex<Ring>> {

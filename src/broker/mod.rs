@@ -19,6 +19,7 @@
 pub mod memory;
 pub mod presence;
 pub mod redis;
+pub mod socketio;
 
 use std::sync::Arc;
 
@@ -174,6 +175,40 @@ impl Broker {
                 Ok(())
             }
             Broker::Redis(r) => r.command(&cmd).await,
+        }
+    }
+
+    /// Makes this node reachable by the others at `url` (Redis only).
+    pub fn advertise(&self, node_id: &str, url: String, shutdown: CancellationToken) {
+        if let Broker::Redis(r) = self {
+            r.advertise(node_id, url, shutdown);
+        }
+    }
+
+    /// Where another node is reached, if it is alive (never, in memory).
+    pub async fn peer_url(&self, node_id: &str) -> Result<Option<String>, BrokerError> {
+        match self {
+            Broker::Memory(_) => Ok(None),
+            Broker::Redis(r) => r.peer_url(node_id).await,
+        }
+    }
+
+    /// Keeps a small value for `ttl`, for any node to [`take_stash`](Self::take_stash).
+    pub async fn stash(&self, key: &str, value: String, ttl: std::time::Duration) -> Result<(), BrokerError> {
+        match self {
+            Broker::Memory(m) => {
+                m.stash(key, value, ttl);
+                Ok(())
+            }
+            Broker::Redis(r) => r.stash(key, value, ttl).await,
+        }
+    }
+
+    /// Takes (reads and deletes) a stashed value.
+    pub async fn take_stash(&self, key: &str) -> Result<Option<String>, BrokerError> {
+        match self {
+            Broker::Memory(m) => Ok(m.take_stash(key)),
+            Broker::Redis(r) => r.take_stash(key).await,
         }
     }
 

@@ -23,6 +23,7 @@ pub use self::file::LoadError;
 pub use self::keys::{JwtKey, Secret};
 pub use self::options::{LogFormat, Options};
 pub use self::policy::{HistoryPolicy, NamespaceRule, Namespaces, Policy};
+pub use self::validate::default_advertise_url;
 
 /// Exit code for a refused configuration (`EX_USAGE` from sysexits.h).
 pub const EXIT_BAD_CONFIG: i32 = 64;
@@ -103,6 +104,9 @@ pub struct Config {
     pub log_level: String,
     pub drain_timeout: Duration,
     pub shutdown_delay: Duration,
+    /// Where other sidecars reach this one's public listener (None: from
+    /// the bound address, [`default_advertise_url`]).
+    pub advertise_url: Option<String>,
     pub server: ServerConfig,
     pub session: SessionConfig,
     pub proxy: ProxyConfig,
@@ -144,6 +148,24 @@ pub struct SessionConfig {
     pub max_channels: usize,
     pub max_node_subscriptions: usize,
     pub max_queued_bytes: usize,
+    pub socketio: Option<SocketIoConfig>,
+}
+
+/// The Socket.IO front (`--socketio-path`).
+#[derive(Debug, Clone)]
+pub struct SocketIoConfig {
+    /// The path, with and without its trailing `/`.
+    pub path: String,
+    pub redis_channel: Option<String>,
+    pub recovery_window: Duration,
+    pub max_payload: usize,
+}
+
+impl SocketIoConfig {
+    /// Whether a request path is the Socket.IO path (`/socket.io` or `/socket.io/`).
+    pub fn matches(&self, path: &str) -> bool {
+        path.strip_suffix('/').unwrap_or(path) == self.path
+    }
 }
 
 /// The listeners' limits.
@@ -187,6 +209,8 @@ pub struct BrokerConfig {
     pub probe_timeout: Duration,
     /// Bytes the subscriber's receive buffer holds at most.
     pub receive_buffer: usize,
+    /// python-socketio's Redis manager channel, bridged to Socket.IO clients.
+    pub socketio_channel: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -86,6 +86,31 @@ pub struct Options {
     #[arg(long, env = "WSRELAY_WS_PATH", value_name = "PATH", value_delimiter = ',', default_value = "/ws")]
     pub ws_path: Vec<String>,
 
+    /// Serve Socket.IO (Engine.IO v4 polling and WebSocket) clients on this path, e.g. /socket.io/
+    /// [default: off]
+    #[arg(long, env = "WSRELAY_SOCKETIO_PATH", value_name = "PATH")]
+    pub socketio_path: Option<String>,
+
+    /// Redis channel where python-socketio's Redis manager publishes (e.g. socketio): its emits,
+    /// room changes and disconnects reach this node's Socket.IO clients [default: off]
+    #[arg(long, env = "WSRELAY_SOCKETIO_REDIS_CHANNEL", value_name = "CHANNEL")]
+    pub socketio_redis_channel: Option<String>,
+
+    /// How long a disconnected Socket.IO client's rooms and position are kept for its
+    /// connection-state recovery
+    #[arg(long, env = "WSRELAY_SOCKETIO_RECOVERY_WINDOW", value_name = "DURATION", default_value = "2m", value_parser = duration)]
+    pub socketio_recovery_window: Duration,
+
+    /// Largest Socket.IO polling request body and response (Engine.IO maxPayload)
+    #[arg(long, env = "WSRELAY_SOCKETIO_MAX_PAYLOAD", value_name = "BYTES", default_value = "1000000", value_parser = count(1024, 64 << 20))]
+    pub socketio_max_payload: usize,
+
+    /// URL at which the other sidecars reach this one's public listener (Socket.IO polling
+    /// requests that land on another replica are forwarded here) [default: http://<listen
+    /// address>, or http://<hostname>:<port> when listening on all interfaces]
+    #[arg(long, env = "WSRELAY_ADVERTISE_URL", value_name = "URL")]
+    pub advertise_url: Option<String>,
+
     /// Admin listener: /api/*, /metrics, /healthz, /readyz
     #[arg(long, env = "WSRELAY_ADMIN_LISTEN", value_name = "ADDR", default_value = "127.0.0.1:8081")]
     pub admin_listen: SocketAddr,

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use super::keys::{JwtKey, Secret};
 use super::options::Options;
 use super::policy::{self, NamespaceTables, Policy};
-use super::{AuthConfig, BrokerConfig, Config, ConfigError, ProxyConfig, ServerConfig, SessionConfig, random_id};
+use super::{
+    AuthConfig, BrokerConfig, Config, ConfigError, ProxyConfig, ServerConfig, SessionConfig, SocketIoConfig, random_id,
+};
 
 /// Connections the admin listener takes at most (Prometheus, probes, the
 /// app's API calls): its own share of file descriptors.
@@ -28,6 +30,25 @@ fn fd_limit() -> u64 {
 fn http_connections_for_fds(fds: u64) -> usize {
     let usable = fds.saturating_sub(FD_RESERVE + ADMIN_CONNECTIONS as u64) / 2;
     usize::try_from(usable).unwrap_or(usize::MAX).clamp(16, 65_536)
+}
+
+fn nonempty_str(s: Option<String>) -> Option<String> {
+    s.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
+}
+
+/// Where other sidecars reach a public listener bound to `addr`, unless
+/// `--advertise-url` says: the address, or this machine's name (a
+/// container's or pod's resolves to its address) for 0.0.0.0 / ::.
+pub fn default_advertise_url(addr: std::net::SocketAddr) -> String {
+    if addr.ip().is_unspecified() { format!("http://{}:{}", hostname(), addr.port()) } else { format!("http://{addr}") }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b)))
+        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config, ConfigError> {
@@ -56,6 +77,46 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
             ),
         ));
     }
+    let socketio = match nonempty_str(o.socketio_path) {
+        None => {
+            if o.socketio_redis_channel.is_some() {
+                return Err(ConfigError::new("socketio-redis-channel", "needs socketio-path (the Socket.IO front)"));
+            }
+            None
+        }
+        Some(p) => {
+            let path = p.strip_suffix('/').unwrap_or(&p).to_owned();
+            if !p.starts_with('/') || path.is_empty() || p.contains(['?', '#', ' ']) {
+                return Err(ConfigError::new("socketio-path", format!("{p:?} must be a path like /socket.io/")));
+            }
+            if o.ws_path.iter().any(|w| w.strip_suffix('/').unwrap_or(w) == path) {
+                return Err(ConfigError::new("socketio-path", format!("{p:?} is also a ws-path")));
+            }
+            let redis_channel = nonempty_str(o.socketio_redis_channel);
+            if redis_channel.is_some() && o.redis_url.is_none() {
+                return Err(ConfigError::new("socketio-redis-channel", "needs redis-url"));
+            }
+            if redis_channel.as_ref().is_some_and(|c| c.len() > 255 || c.contains(char::is_whitespace)) {
+                return Err(ConfigError::new("socketio-redis-channel", "must be a Redis channel name without spaces"));
+            }
+            Some(SocketIoConfig {
+                path,
+                redis_channel,
+                recovery_window: o.socketio_recovery_window,
+                max_payload: o.socketio_max_payload,
+            })
+        }
+    };
+    let advertise_url = match nonempty_str(o.advertise_url) {
+        Some(u) => {
+            let uri = u.parse::<http::Uri>().ok().filter(|u| u.scheme_str() == Some("http") && u.host().is_some());
+            if uri.is_none() {
+                return Err(ConfigError::new("advertise-url", format!("{u:?} must be an http:// URL")));
+            }
+            Some(u.trim_end_matches('/').to_owned())
+        }
+        None => None,
+    };
     let client_burst = o.client_burst.unwrap_or(o.client_rate.saturating_mul(2).max(1));
     if o.client_rate > 0 && client_burst == 0 {
         return Err(ConfigError::new("client-burst", "must be at least 1 when client-rate is set"));
@@ -74,6 +135,7 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
         max_channels: o.max_channels,
         max_node_subscriptions: o.max_node_subscriptions,
         max_queued_bytes: o.max_queued_bytes,
+        socketio,
     };
     let proxy = ProxyConfig {
         upstream,
@@ -108,6 +170,7 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
         probe_interval: o.redis_probe_interval,
         probe_timeout: o.redis_probe_timeout,
         receive_buffer: o.redis_receive_buffer,
+        socketio_channel: session.socketio.as_ref().and_then(|s| s.redis_channel.clone()),
     };
     if broker.prefix.contains(char::is_whitespace) {
         return Err(ConfigError::new("redis-prefix", "must not contain whitespace"));
@@ -155,6 +218,7 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
         log_level: o.log_level,
         drain_timeout: o.drain_timeout,
         shutdown_delay: o.shutdown_delay,
+        advertise_url,
         server,
         session,
         proxy,

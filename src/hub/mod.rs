@@ -77,6 +77,31 @@ pub enum Outbound {
 pub enum SessionCommand {
     Subscribe(Channel),
     Unsubscribe(Channel),
+    /// Send an event and return the client's acknowledgement (`/api/call`).
+    Call(Call),
+}
+
+/// An event sent to one client whose answer the app waits for.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Call {
+    /// Unique; names the waiting API request on the node that made it.
+    pub id: String,
+    pub namespace: String,
+    pub event: String,
+    /// The event's arguments, a JSON array.
+    pub args: String,
+}
+
+/// How a call ended.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CallAnswer {
+    /// The client's acknowledgement arguments (a JSON array).
+    Args(String),
+    /// No such connection (any more).
+    Gone,
+    /// The connection's protocol cannot answer (wsrelay.v1).
+    Unsupported,
 }
 
 /// A command for the sessions of a connection or user, on every node
@@ -87,6 +112,10 @@ pub enum NodeCommand {
     Disconnect(Target),
     Subscribe { target: Target, channel: Channel },
     Unsubscribe { target: Target, channel: Channel },
+    /// `/api/call`: the event for one connection.
+    Call { target: Target, call: Call },
+    /// The answer to a call, for the node whose API request waits.
+    Answer { call: String, answer: CallAnswer },
 }
 
 impl Outbound {
@@ -223,7 +252,12 @@ pub struct Hub {
     channels: AtomicUsize,
     subscriptions: AtomicUsize,
     budget: QueueBudget,
+    /// API requests waiting for a call's answer, by call id.
+    calls: Mutex<HashMap<String, tokio::sync::oneshot::Sender<CallAnswer>>>,
 }
+
+/// Calls waiting at once on one node, at most.
+pub const MAX_CALLS: usize = 10_000;
 
 /// Locks a mutex, recovering the data if a panic poisoned it: every critical
 /// section here leaves the maps consistent before anything can panic.
@@ -246,7 +280,41 @@ impl Hub {
             limits,
             channels: AtomicUsize::new(0),
             subscriptions: AtomicUsize::new(0),
+            calls: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Registers a call this node waits for; None past [`MAX_CALLS`].
+    pub fn await_call(&self, id: &str) -> Option<tokio::sync::oneshot::Receiver<CallAnswer>> {
+        let mut calls = lock(&self.calls);
+        calls.retain(|_, tx| !tx.is_closed());
+        if calls.len() >= MAX_CALLS {
+            return None;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        calls.insert(id.to_owned(), tx);
+        Some(rx)
+    }
+
+    /// Hands a call's answer to the request waiting for it, if it is here.
+    pub fn answer_call(&self, id: &str, answer: CallAnswer) -> bool {
+        let tx = lock(&self.calls).remove(id);
+        tx.is_some_and(|tx| tx.send(answer).is_ok())
+    }
+
+    /// Forgets a call (timed out).
+    pub fn forget_call(&self, id: &str) {
+        lock(&self.calls).remove(id);
+    }
+
+    /// Whether a connection is on this node.
+    pub fn has_session(&self, id: &str) -> bool {
+        lock(&self.sessions).by_id.contains_key(id)
+    }
+
+    /// The local sessions subscribed to `channel`.
+    pub fn subscribers(&self, channel: &str) -> Vec<Arc<SessionHandle>> {
+        lock(self.shard(channel)).get(channel).map(|c| c.sessions.values().cloned().collect()).unwrap_or_default()
     }
 
     fn shard(&self, channel: &str) -> &Shard {
@@ -388,6 +456,32 @@ impl Hub {
         n
     }
 
+    /// Hands one message to every local subscriber of any of `channels`,
+    /// once each, except the `skip` connections (python-socketio's emits to
+    /// several rooms). Never waits; returns how many sessions got it.
+    pub fn deliver_many(&self, channels: &[Channel], msg: &Arc<Message>, skip: &[String]) -> usize {
+        let mut targets: IndexMap<u64, Arc<SessionHandle>> = IndexMap::new();
+        for ch in channels {
+            for s in self.subscribers(ch) {
+                if !skip.iter().any(|x| **x == *s.id) {
+                    targets.insert(s.key, s);
+                }
+            }
+        }
+        let weight = msg.weight();
+        self.budget.used.fetch_add(targets.len() * weight, Ordering::AcqRel);
+        let mut n = 0;
+        for sub in targets.values() {
+            if sub.enqueue(Outbound::Message(msg.clone())) {
+                n += 1;
+            } else {
+                self.metrics.dropped_slow_consumer.inc();
+            }
+        }
+        self.budget.release((targets.len() - n) * weight);
+        n
+    }
+
     /// The node's queued-bytes budget (sessions release what they write).
     pub fn budget(&self) -> &QueueBudget {
         &self.budget
@@ -399,7 +493,11 @@ impl Hub {
         let target = match cmd {
             NodeCommand::Disconnect(t)
             | NodeCommand::Subscribe { target: t, .. }
-            | NodeCommand::Unsubscribe { target: t, .. } => t,
+            | NodeCommand::Unsubscribe { target: t, .. }
+            | NodeCommand::Call { target: t, .. } => t,
+            NodeCommand::Answer { call, answer } => {
+                return usize::from(self.answer_call(call, answer.clone()));
+            }
         };
         let victims: Vec<Arc<SessionHandle>> = {
             let s = lock(&self.sessions);
@@ -418,6 +516,10 @@ impl Hub {
                 NodeCommand::Unsubscribe { channel, .. } => {
                     v.enqueue(Outbound::Command(Box::new(SessionCommand::Unsubscribe(channel.clone()))));
                 }
+                NodeCommand::Call { call, .. } => {
+                    v.enqueue(Outbound::Command(Box::new(SessionCommand::Call(call.clone()))));
+                }
+                NodeCommand::Answer { .. } => {}
             }
         }
         victims.len()

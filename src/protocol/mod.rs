@@ -8,6 +8,7 @@
 //! protocol encodes it at most once ([`Message::encoded`]), whatever the
 //! number of its sessions.
 
+pub mod socketio;
 pub mod wsrelay;
 
 use std::sync::{Arc, OnceLock};
@@ -52,7 +53,7 @@ pub fn check_depth(json: &str) -> Result<(), ApiError> {
 }
 
 /// Protocols known to this build; each has a slot in [`Message`]'s cache.
-pub const PROTOCOLS: usize = 1;
+pub const PROTOCOLS: usize = 2;
 
 /// What a client asks for, whatever protocol it speaks.
 #[derive(Debug)]
@@ -63,6 +64,31 @@ pub enum Request {
     Send { data: Box<RawValue> },
     Presence { channel: Channel },
     Ping,
+    /// Socket.IO: connect a further namespace (the first is connected
+    /// before the session starts).
+    Connect { namespace: Arc<str>, auth: Option<Box<RawValue>> },
+    /// Socket.IO: leave a namespace.
+    Leave { namespace: Arc<str> },
+    /// Socket.IO: an event for the app (the message hook); `ack` when the
+    /// client waits for an answer.
+    Emit { namespace: Arc<str>, event: Arc<str>, args: Box<RawValue>, ack: bool },
+    /// Socket.IO: the client's answer to an event the app sent with `/api/call`.
+    Ack { ack: u64, args: Box<RawValue> },
+    /// Something this server does not do: the session is closed, saying why.
+    Refuse(&'static str),
+}
+
+/// Longest event name accepted.
+pub const MAX_EVENT_LEN: usize = 255;
+
+/// Checks an event name: 1–255 bytes, no control characters.
+pub fn check_event(event: &str) -> Result<(), ApiError> {
+    if event.is_empty() || event.len() > MAX_EVENT_LEN || event.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(format!(
+            "an event name must be 1-{MAX_EVENT_LEN} bytes without control characters"
+        )));
+    }
+    Ok(())
 }
 
 /// One decoded client frame: where the reply goes (if anywhere) and the
@@ -99,12 +125,22 @@ pub trait Codec: Send + Sync + 'static {
     /// Parses one client frame. Never fails: a bad frame is a request error
     /// (with the id when it could be read), answered with an error reply.
     fn decode(&self, frame: Frame<'_>) -> Decoded<Self::Id>;
-    /// A successful reply, with an optional result.
-    fn reply_ok(&self, id: Option<&Self::Id>, result: Option<&RawValue>) -> Utf8Bytes;
-    /// An error reply.
-    fn reply_err(&self, id: Option<&Self::Id>, err: &ApiError) -> Utf8Bytes;
+    /// A successful reply, with an optional result (None: the protocol has
+    /// no reply for it).
+    fn reply_ok(&self, id: Option<&Self::Id>, result: Option<&RawValue>) -> Option<Utf8Bytes>;
+    /// An error reply (None: the protocol has no way to say it).
+    fn reply_err(&self, id: Option<&Self::Id>, err: &ApiError) -> Option<Utf8Bytes>;
     /// The app subscribed (`on`) or unsubscribed the client server-side.
-    fn server_subscription(&self, channel: &Channel, on: bool) -> Utf8Bytes;
+    fn server_subscription(&self, channel: &Channel, on: bool) -> Option<Utf8Bytes>;
+    /// An event the app sends with `/api/call`, whose answer comes back as
+    /// `Request::Ack` with `ack`. None: the protocol cannot.
+    fn call(&self, _namespace: &str, _event: &str, _args: &str, _ack: u64) -> Option<Utf8Bytes> {
+        None
+    }
+    /// Frames written before the session closes for `reason`.
+    fn goodbye(&self, _reason: crate::error::CloseReason, _channels: &std::collections::HashSet<Channel>) -> Vec<Utf8Bytes> {
+        Vec::new()
+    }
     /// A channel message, encoded for this protocol (called through
     /// [`Message::encoded`], so once per message per node).
     fn encode_message(&self, msg: &Message) -> Utf8Bytes;
@@ -166,6 +202,10 @@ pub struct Message {
     /// µs since the Unix epoch when it was published (any node's clock),
     /// for `wsrelay_delivery_seconds`.
     pub published_us: u64,
+    /// A named event (`/api/publish` with `event`): `data` is then the JSON
+    /// array of its arguments. Socket.IO sockets get it as that event;
+    /// wsrelay.v1 sockets as `{"event","args"}` data.
+    pub event: Option<Arc<str>>,
     frames: [OnceLock<Utf8Bytes>; PROTOCOLS],
 }
 
@@ -178,8 +218,16 @@ impl Message {
             offset: None,
             exclude,
             published_us,
+            event: None,
             frames: Default::default(),
         }
+    }
+
+    /// The same message as the named event `event` (`data` holds its
+    /// arguments as a JSON array).
+    pub fn with_event(mut self, event: Option<Arc<str>>) -> Self {
+        self.event = event;
+        self
     }
 
     /// A presence event or a gap notice for `channel` (not for `exclude`:
@@ -197,13 +245,14 @@ impl Message {
             offset: Some(offset),
             exclude: self.exclude.clone(),
             published_us: self.published_us,
+            event: self.event.clone(),
             frames: Default::default(),
         }
     }
 
     /// Bytes it stands for in a session's queue (its frame, roughly).
     pub fn weight(&self) -> usize {
-        self.data.len() + self.channel.len() + 64
+        self.data.len() + self.channel.len() + self.event.as_ref().map_or(0, |e| e.len()) + 64
     }
 
     /// The message as `C` frames it, encoded on first use and shared after.

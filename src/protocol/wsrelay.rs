@@ -41,23 +41,31 @@ impl Codec for WsrelayV1 {
         }
     }
 
-    fn reply_ok(&self, id: Option<&Box<RawValue>>, result: Option<&RawValue>) -> Utf8Bytes {
-        reply_ok(id.map(AsRef::as_ref), result)
+    fn reply_ok(&self, id: Option<&Box<RawValue>>, result: Option<&RawValue>) -> Option<Utf8Bytes> {
+        Some(reply_ok(id.map(AsRef::as_ref), result))
     }
 
-    fn reply_err(&self, id: Option<&Box<RawValue>>, err: &ApiError) -> Utf8Bytes {
-        reply_err(id.map(AsRef::as_ref), err)
+    fn reply_err(&self, id: Option<&Box<RawValue>>, err: &ApiError) -> Option<Utf8Bytes> {
+        Some(reply_err(id.map(AsRef::as_ref), err))
     }
 
-    fn server_subscription(&self, channel: &Channel, on: bool) -> Utf8Bytes {
-        event(if on { "subscribed" } else { "unsubscribed" }, channel, "{}")
+    fn server_subscription(&self, channel: &Channel, on: bool) -> Option<Utf8Bytes> {
+        Some(event(if on { "subscribed" } else { "unsubscribed" }, channel, "{}"))
     }
 
     fn encode_message(&self, msg: &Message) -> Utf8Bytes {
         match msg.kind {
             Kind::Publication => {
                 let offset = msg.offset.as_ref().map(ToString::to_string);
-                message(&msg.channel, msg.data.as_str(), offset.as_deref())
+                match &msg.event {
+                    // A named event reads as `{"event","args"}` data here.
+                    Some(event) => {
+                        let name = serde_json::to_string(&**event).unwrap_or_default();
+                        let data = format!(r#"{{"event":{name},"args":{}}}"#, msg.data.as_str());
+                        message(&msg.channel, &data, offset.as_deref())
+                    }
+                    None => message(&msg.channel, msg.data.as_str(), offset.as_deref()),
+                }
             }
             Kind::Join => event("join", &msg.channel, msg.data.as_str()),
             Kind::Leave => event("leave", &msg.channel, msg.data.as_str()),

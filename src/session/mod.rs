@@ -15,9 +15,12 @@
 //! token itself and closes with 1001 at a spread-out moment.
 
 mod requests;
+pub mod socketio;
+pub(crate) mod transport;
+pub mod upgrade;
 
 use self::requests::Outcome;
-pub mod upgrade;
+use self::transport::Transport;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -25,14 +28,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::{SinkExt, StreamExt};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use serde_json::value::RawValue;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -46,15 +44,12 @@ use crate::hub::{Outbound, SessionCommand, SessionHandle, now_us};
 use crate::node::{Node, Slot, Source};
 use crate::protocol::{Codec, Decoded, Frame, Message, Offset, Request};
 
-type Ws = WebSocketStream<TokioIo<Upgraded>>;
 type Pending<Id> = Pin<Box<dyn Future<Output = Outcome<Id>> + Send>>;
 
 /// Frames written per flush at most, so reads and pings get their turn.
 const WRITE_BATCH: usize = 256;
 /// Rate-limited frames in a row before the connection is closed (1008).
 const RATE_STRIKES: u32 = 20;
-/// How long a close frame may take to go out before the socket is dropped.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// An item to write before the queue.
 struct Front {
@@ -127,6 +122,12 @@ pub(crate) struct Session<C: Codec> {
     /// or dropped (in a batch, a recovery's wait list, `front`): still
     /// counted against the node's queue budget, given back on drop.
     held: usize,
+    /// Events sent with `/api/call`, by the ack id they were sent with.
+    calls: HashMap<u64, String>,
+    next_ack: u64,
+    /// Socket.IO connection-state recovery: where this socket is, kept for
+    /// its next connection (None: not kept).
+    pub(crate) trail: Option<Box<socketio::Trail>>,
 }
 
 impl<C: Codec> Drop for Session<C> {
@@ -182,6 +183,9 @@ impl<C: Codec> Session<C> {
             front: VecDeque::new(),
             seen: HashMap::new(),
             held: 0,
+            calls: HashMap::new(),
+            next_ack: 0,
+            trail: None,
             bucket,
             strikes: 0,
             last_seen: Instant::now(),
@@ -191,7 +195,7 @@ impl<C: Codec> Session<C> {
     }
 
     /// Runs the session until it ends, then closes the socket.
-    pub(crate) async fn run(mut self, mut ws: Ws, welcome: Utf8Bytes) {
+    pub(crate) async fn run<T: Transport>(mut self, mut ws: T, welcome: Utf8Bytes) {
         self.started = true;
         let Some(mut rx) = self.rx.take() else {
             return;
@@ -201,7 +205,25 @@ impl<C: Codec> Session<C> {
         // Counted when decided, not when the close handshake ends: a client
         // that does not read can hold the socket for CLOSE_TIMEOUT.
         self.report(reason);
-        close(&mut ws, reason).await;
+        self.keep_trail(reason);
+        // A protocol may say goodbye first (Socket.IO: "the server
+        // disconnected you", so the client does not reconnect).
+        let bye = self.codec.goodbye(reason, &self.subs);
+        if !bye.is_empty() {
+            let _ = tokio::time::timeout(transport::CLOSE_TIMEOUT, async {
+                for frame in bye {
+                    if ws.feed(WsMessage::Text(frame)).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = ws.flush().await;
+            })
+            .await;
+        }
+        let frame = reason
+            .close_frame()
+            .map(|(code, text)| CloseFrame { code: CloseCode::from(code), reason: Utf8Bytes::from_static(text) });
+        ws.close(frame).await;
     }
 
     /// Counts the disconnect and tells the disconnect hook, once.
@@ -219,12 +241,12 @@ impl<C: Codec> Session<C> {
         tracing::debug!(reason = reason.label(), "session closed");
     }
 
-    async fn serve(&mut self, ws: &mut Ws, rx: &mut mpsc::Receiver<Outbound>, welcome: Utf8Bytes) -> CloseReason {
+    async fn serve<T: Transport>(&mut self, ws: &mut T, rx: &mut mpsc::Receiver<Outbound>, welcome: Utf8Bytes) -> CloseReason {
         let handle = self.handle.clone();
         let node = self.node.clone();
         // The welcome is written before anything queued, so it is always first.
         tokio::select! {
-            r = ws.send(WsMessage::Text(welcome)) => if r.is_err() { return CloseReason::Error },
+            r = async { ws.feed(WsMessage::Text(welcome)).await?; ws.flush().await } => if r.is_err() { return CloseReason::Error },
             r = handle.killed() => return r,
         }
         let ping_every = node.cfg.session.ping_interval;
@@ -259,7 +281,7 @@ impl<C: Codec> Session<C> {
                 }
                 // No new request while one is pending, nor while a recovery's
                 // output still waits to be written: a client cannot pile them up.
-                frame = ws.next(), if pending.is_none() && self.front.is_empty() => match frame {
+                frame = ws.recv(), if pending.is_none() && self.front.is_empty() => match frame {
                     None => return CloseReason::Client,
                     Some(Err(e)) => return read_error(&e),
                     Some(Ok(msg)) => match self.on_message(&msg) {
@@ -272,7 +294,10 @@ impl<C: Codec> Session<C> {
                         return CloseReason::IdleTimeout;
                     }
                     tokio::select! {
-                        r = tokio::time::timeout(idle_timeout, ws.send(WsMessage::Ping(Default::default()))) => match r {
+                        r = tokio::time::timeout(idle_timeout, async {
+                            ws.feed(WsMessage::Ping(Default::default())).await?;
+                            ws.flush().await
+                        }) => match r {
                             Ok(Ok(())) => {}
                             Ok(Err(_)) => return CloseReason::Error,
                             Err(_) => return CloseReason::SlowConsumer,
@@ -287,9 +312,9 @@ impl<C: Codec> Session<C> {
     /// Writes a batch. Most complete at once (the socket has room), so the
     /// timer that closes a client which accepts no byte for `idle` is only
     /// armed when the write has to wait.
-    async fn write(
+    async fn write<T: Transport>(
         &mut self,
-        ws: &mut Ws,
+        ws: &mut T,
         rx: &mut mpsc::Receiver<Outbound>,
         first: Option<Outbound>,
         handle: &SessionHandle,
@@ -308,9 +333,9 @@ impl<C: Codec> Session<C> {
 
     /// Writes what waits in front, `first` and whatever else is queued,
     /// then flushes once.
-    async fn write_batch(
+    async fn write_batch<T: Transport>(
         &mut self,
-        ws: &mut Ws,
+        ws: &mut T,
         rx: &mut mpsc::Receiver<Outbound>,
         first: Option<Outbound>,
     ) -> Result<(), CloseReason> {
@@ -344,6 +369,7 @@ impl<C: Codec> Session<C> {
                         continue;
                     }
                     messages += 1;
+                    self.trail_wrote(&m);
                     if m.published_us != 0 {
                         metrics.delivery_seconds.observe(now.saturating_sub(m.published_us) as f64 / 1e6);
                     }
@@ -420,11 +446,17 @@ impl<C: Codec> Session<C> {
     fn reply(&self, id: Option<&C::Id>, result: Result<Option<&RawValue>, &ApiError>) {
         match result {
             Ok(None) if id.is_none() => {}
-            Ok(r) => self.send_frame(self.codec.reply_ok(id, r)),
+            Ok(r) => {
+                if let Some(f) = self.codec.reply_ok(id, r) {
+                    self.send_frame(f);
+                }
+            }
             Err(e) => {
                 self.node.metrics.error(e.fault);
                 e.log("request refused");
-                self.send_frame(self.codec.reply_err(id, e));
+                if let Some(f) = self.codec.reply_err(id, e) {
+                    self.send_frame(f);
+                }
             }
         }
     }
@@ -449,7 +481,13 @@ impl<C: Codec> Session<C> {
             return Ok(None);
         }
         self.strikes = 0;
-        Ok(self.dispatch(self.codec.decode(frame)))
+        let decoded = self.codec.decode(frame);
+        if let Ok(Request::Refuse(why)) = &decoded.request {
+            tracing::info!(reason = why, "closing: the client sent what this server does not do");
+            self.node.metrics.error(crate::error::Fault::Client);
+            return Err(CloseReason::Protocol);
+        }
+        Ok(self.dispatch(decoded))
     }
 }
 
@@ -468,32 +506,4 @@ fn read_error(e: &WsError) -> CloseReason {
         WsError::ConnectionClosed | WsError::AlreadyClosed => CloseReason::Client,
         _ => CloseReason::Error,
     }
-}
-
-/// Sends the close frame for `reason` (if any), then lets the client answer
-/// before the socket goes: dropping a socket with unread input resets it,
-/// and the client would never see the close code.
-async fn close(ws: &mut Ws, reason: CloseReason) {
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-        match reason.close_frame() {
-            Some((code, text)) => {
-                let frame = CloseFrame { code: CloseCode::from(code), reason: Utf8Bytes::from_static(text) };
-                if ws.close(Some(frame)).await.is_err() {
-                    return;
-                }
-            }
-            // The client's close was answered by tungstenite; push it out.
-            None => {
-                let _ = ws.flush().await;
-            }
-        }
-        // Read the client's close reply, or (after a read error) drain raw
-        // input, until the client hangs up.
-        while let Some(Ok(_)) = ws.next().await {}
-        let _ = ws.get_mut().shutdown().await;
-        // On the heap: a 4 KiB array here would sit in every session's future.
-        let mut sink = vec![0u8; 4096];
-        while matches!(ws.get_mut().read(&mut sink).await, Ok(n) if n > 0) {}
-    })
-    .await;
 }

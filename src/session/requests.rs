@@ -141,8 +141,10 @@ impl<C: Codec> Session<C> {
         match outcome.recovery {
             Some(r) if outcome.result.is_ok() => {
                 // The reply first, then history, then what arrived meanwhile.
-                let reply = self.codec.reply_ok(outcome.id.as_ref(), Some(&r.answer()));
-                self.front.push_back(Front { out: Outbound::Frame(Box::new(reply)), counted: false, checked: true });
+                if let Some(reply) = self.codec.reply_ok(outcome.id.as_ref(), Some(&r.answer())) {
+                    let out = Outbound::Frame(Box::new(reply));
+                    self.front.push_back(Front { out, counted: false, checked: true });
+                }
                 self.recover(r);
             }
             _ => self.reply(outcome.id.as_ref(), outcome.result.as_ref().map(Option::as_deref)),
@@ -192,7 +194,9 @@ impl<C: Codec> Session<C> {
         let result = match request {
             Request::Ping => {
                 // Always answered, id or not: it is how a client checks the link.
-                self.send_frame(self.codec.reply_ok(id.as_ref(), None));
+                if let Some(f) = self.codec.reply_ok(id.as_ref(), None) {
+                    self.send_frame(f);
+                }
                 return None;
             }
             Request::Subscribe { channel, since } => match self.subscribe(channel, since) {
@@ -214,6 +218,27 @@ impl<C: Codec> Session<C> {
                 Ok(fut) => return Some(Self::pending(id, fut)),
                 Err(e) => Err(e),
             },
+            Request::Emit { namespace, event, args, ack } => {
+                if !self.subs.iter().any(|c| socketio::in_namespace(c, &namespace)) {
+                    Err(ApiError::bad_request(format!("not connected to namespace {namespace:?}")))
+                } else {
+                    return Some(Self::pending(id, self.emit(namespace, event, args, ack)));
+                }
+            }
+            Request::Ack { ack, args } => {
+                self.acked(ack, args);
+                return None;
+            }
+            Request::Connect { namespace, .. } => {
+                self.connect_namespace(&namespace);
+                return None;
+            }
+            Request::Leave { namespace } => {
+                self.leave_namespace(&namespace);
+                return None;
+            }
+            // Handled before dispatch (the session closes).
+            Request::Refuse(why) => Err(ApiError::bad_request(why)),
         };
         self.reply(id.as_ref(), result.as_ref().map(|()| None));
         None
@@ -340,6 +365,7 @@ impl<C: Codec> Session<C> {
                     return;
                 }
                 self.subs.insert(channel.clone());
+                self.trail_join(&channel);
                 let frame = self.codec.server_subscription(&channel, true);
                 let rule = self.node.cfg.namespaces.rule(&channel);
                 let presence = rule.presence.then(|| (self.presence_entry(), rule.join_leave));
@@ -351,15 +377,21 @@ impl<C: Codec> Session<C> {
                     if let Some((entry, announce)) = presence {
                         let _ = node.broker.presence_change(&channel, &handle.id, entry, true, announce).await;
                     }
-                    handle.enqueue(Outbound::Frame(Box::new(frame)));
+                    if let Some(frame) = frame {
+                        handle.enqueue(Outbound::Frame(Box::new(frame)));
+                    }
                 });
             }
+            SessionCommand::Call(call) => self.call(call),
             SessionCommand::Unsubscribe(channel) => {
                 if let Some(ch) = self.subs.take(&channel) {
                     self.node.hub.unsubscribe(&ch, self.handle.key);
                     self.forget(&ch);
                     self.leave(&ch);
-                    self.send_frame(self.codec.server_subscription(&ch, false));
+                    self.trail_leave(&ch);
+                    if let Some(f) = self.codec.server_subscription(&ch, false) {
+                        self.send_frame(f);
+                    }
                 }
             }
         }
@@ -391,7 +423,7 @@ impl<C: Codec> Session<C> {
         async move {
             let result = async {
                 node.auth.authorize(Action::Publish, &ident, &handle.id, &channel, Some(&data)).await?;
-                let offsets = node.publish(vec![channel], &data, None, Source::Client).await?;
+                let offsets = node.publish(vec![channel], &data, None, None, Source::Client).await?;
                 // Where history is kept, the reply says where the message went.
                 Ok(offsets.into_iter().flatten().next().and_then(|o| {
                     RawValue::from_string(serde_json::json!({ "offset": o.to_string() }).to_string()).ok()
@@ -399,6 +431,101 @@ impl<C: Codec> Session<C> {
             }
             .await;
             Done::reply(result)
+        }
+    }
+
+    /// A Socket.IO event for the app: the message hook answers it (and its
+    /// answer is the acknowledgement when the client asked for one).
+    pub(super) fn emit(
+        &self,
+        namespace: Arc<str>,
+        event: Arc<str>,
+        args: Box<RawValue>,
+        ack: bool,
+    ) -> impl Future<Output = Done> + Send + 'static {
+        let node = self.node.clone();
+        let handle = self.handle.clone();
+        let ident = self.ident.clone();
+        async move { Done::reply(node.auth.emit(&ident, &handle.id, &namespace, &event, &args, ack).await) }
+    }
+
+    /// Sends an event the app waits an answer for (`/api/call`).
+    fn call(&mut self, call: crate::hub::Call) {
+        self.next_ack += 1;
+        let ack = self.next_ack;
+        match self.codec.call(&call.namespace, &call.event, &call.args, ack) {
+            Some(frame) => {
+                // Bounded like the queue: a client that never answers does
+                // not pile calls up.
+                if self.calls.len() >= self.node.cfg.session.client_queue {
+                    self.node.answer_call(call.id, crate::hub::CallAnswer::Gone);
+                    return;
+                }
+                self.calls.insert(ack, call.id);
+                self.send_frame(frame);
+            }
+            None => self.node.answer_call(call.id, crate::hub::CallAnswer::Unsupported),
+        }
+    }
+
+    /// The client answered a call.
+    fn acked(&mut self, ack: u64, args: Box<RawValue>) {
+        match self.calls.remove(&ack) {
+            Some(call) => self.node.answer_call(call, crate::hub::CallAnswer::Args(args.get().to_owned())),
+            None => tracing::debug!(ack, "acknowledgement for no pending call: ignored"),
+        }
+    }
+
+    /// Socket.IO: the client connects one more namespace on this connection
+    /// (with the identity it connected with). Its sockets are in the
+    /// namespace's channel and the room named by the connection id.
+    fn connect_namespace(&mut self, namespace: &str) {
+        let channels = match (socketio::namespace_channel(namespace), socketio::room_channel(namespace, &self.handle.id)) {
+            (Ok(a), Ok(b)) => [a, b],
+            _ => {
+                self.send_frame(socketio::connect_error(namespace, "invalid namespace"));
+                return;
+            }
+        };
+        let max = self.node.cfg.session.max_subscriptions;
+        if self.subs.len() + 2 > max {
+            self.send_frame(socketio::connect_error(namespace, "too many namespaces (max-subscriptions)"));
+            return;
+        }
+        for ch in &channels {
+            if self.subs.contains(ch) {
+                continue;
+            }
+            if let Err(e) = self.node.hub.subscribe(ch, &self.handle) {
+                self.send_frame(socketio::connect_error(namespace, &e.to_string()));
+                return;
+            }
+            self.subs.insert(ch.clone());
+        }
+        let (node, handle, ns, channels) = (self.node.clone(), self.handle.clone(), namespace.to_owned(), channels);
+        tokio::spawn(async move {
+            for ch in &channels {
+                if let Err(e) = node.broker.ensure_subscribed(ch).await {
+                    tracing::warn!(channel = %ch, error = %e, "namespace channel not confirmed by the broker");
+                }
+            }
+            handle.enqueue(Outbound::Frame(Box::new(socketio::connected(&ns, &handle.id))));
+        });
+    }
+
+    /// Socket.IO: the client leaves a namespace (its rooms go with it); the
+    /// last one ends the connection.
+    fn leave_namespace(&mut self, namespace: &str) {
+        let gone: Vec<Channel> = self.subs.iter().filter(|c| socketio::in_namespace(c, namespace)).cloned().collect();
+        for ch in gone {
+            self.subs.remove(&ch);
+            self.node.hub.unsubscribe(&ch, self.handle.key);
+            self.leave(&ch);
+            self.forget(&ch);
+            self.trail_leave(&ch);
+        }
+        if !self.subs.iter().any(|c| socketio::split_channel(c).1.is_none()) {
+            self.handle.kill(CloseReason::Client);
         }
     }
 

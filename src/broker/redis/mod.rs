@@ -67,6 +67,9 @@ use crate::protocol::{Message, Offset};
 pub(super) const MAX_BATCH: usize = 512;
 /// Publish requests waiting for the publisher task at most; beyond, callers wait.
 pub(super) const PUBLISH_QUEUE: usize = 4096;
+/// How often a node refreshes its advertised address.
+const NODE_HEARTBEAT: Duration = Duration::from_secs(5);
+
 /// Channels per SUBSCRIBE/UNSUBSCRIBE command.
 pub(super) const SUBSCRIBE_CHUNK: usize = 500;
 
@@ -140,6 +143,9 @@ impl RedisBroker {
             timeout: cfg.timeout,
             probe_interval: cfg.probe_interval,
             probe_timeout: cfg.probe_timeout,
+            node_id: node_id.clone(),
+            control_script: redis::Script::new(CONTROL_SCRIPT),
+            socketio_channel: cfg.socketio_channel.clone(),
         };
         tokio::spawn(sub.run(shutdown).instrument(tracing::info_span!("redis_subscriber")));
         Ok(RedisBroker {
@@ -170,8 +176,14 @@ impl RedisBroker {
         let messages = pubs
             .iter()
             .map(|m| {
-                let header =
-                    Header { k: None, o: None, e: None, t: m.published_us, x: m.exclude.as_deref().map(Into::into) };
+                let header = Header {
+                    k: None,
+                    o: None,
+                    e: None,
+                    t: m.published_us,
+                    x: m.exclude.as_deref().map(Into::into),
+                    v: m.event.as_deref().map(Into::into),
+                };
                 match self.namespaces.rule(&m.channel).history {
                     None => Out::Publish {
                         channel: self.keys.channel(&m.channel),
@@ -221,6 +233,7 @@ impl RedisBroker {
             e: None,
             t: 0,
             x: Some((&**connection).into()),
+            v: None,
         };
         let mut header = serde_json::to_vec(&header).unwrap_or_default();
         header.push(b'\n');
@@ -262,24 +275,75 @@ impl RedisBroker {
         self.interest.wait_active(channel, self.timeout).await
     }
 
+    /// Runs `f` on a pooled connection within the Redis timeout.
+    async fn with_conn<T, F, Fut>(&self, f: F) -> Result<T, BrokerError>
+    where
+        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let run = async {
+            let c = self.pool.get().await?;
+            f(c).await.map_err(BrokerError::from)
+        };
+        tokio::time::timeout(self.timeout, run).await.unwrap_or(Err(BrokerError::Timeout(self.timeout)))
+    }
+
+    /// Keeps `{prefix}node:{id}` = `url` alive (refreshed every 5 s, gone
+    /// 15 s after the node is), so other nodes can forward to it.
+    pub fn advertise(&self, node_id: &str, url: String, shutdown: tokio_util::sync::CancellationToken) {
+        let key = format!("{}node:{node_id}", self.keys.prefix);
+        let (pool, timeout) = (self.pool.clone(), self.timeout);
+        let task = async move {
+            let mut tick = tokio::time::interval(NODE_HEARTBEAT);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let set = async {
+                    let mut c = pool.get().await?;
+                    let ttl = u64::try_from(NODE_HEARTBEAT.as_millis() * 3).unwrap_or(15_000);
+                    redis::cmd("SET").arg(&key).arg(&url).arg("PX").arg(ttl).query_async::<()>(&mut c).await?;
+                    Ok::<_, BrokerError>(())
+                };
+                if let Err(e) = tokio::time::timeout(timeout, set).await.unwrap_or(Err(BrokerError::Timeout(timeout))) {
+                    tracing::debug!(error = %e, "node address not refreshed; retrying");
+                }
+            }
+            // Gone at once when this node stops cleanly.
+            if let Ok(mut c) = pool.get().await {
+                let _ = tokio::time::timeout(timeout, redis::cmd("DEL").arg(&key).query_async::<()>(&mut c)).await;
+            }
+        };
+        tokio::spawn(task.instrument(tracing::info_span!("redis_advertise")));
+    }
+
+    /// Where node `node_id` is reached, if it is alive.
+    pub async fn peer_url(&self, node_id: &str) -> Result<Option<String>, BrokerError> {
+        let key = format!("{}node:{node_id}", self.keys.prefix);
+        self.with_conn(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await }).await
+    }
+
+    /// Keeps `value` under `key` for `ttl`.
+    pub async fn stash(&self, key: &str, value: String, ttl: std::time::Duration) -> Result<(), BrokerError> {
+        let key = format!("{}stash:{key}", self.keys.prefix);
+        let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.with_conn(|mut c| async move { redis::cmd("SET").arg(key).arg(value).arg("PX").arg(ttl).query_async(&mut c).await })
+            .await
+    }
+
+    /// Takes (reads and deletes) what was stashed under `key`.
+    pub async fn take_stash(&self, key: &str) -> Result<Option<String>, BrokerError> {
+        let key = format!("{}stash:{key}", self.keys.prefix);
+        self.with_conn(|mut c| async move { redis::cmd("GETDEL").arg(key).query_async(&mut c).await }).await
+    }
+
     /// A command for every node: logged, then published.
     pub async fn command(&self, op: &NodeCommand) -> Result<(), BrokerError> {
         if !self.is_up() {
             return Err(BrokerError::NotConnected);
         }
-        let cmd = Command { t: crate::hub::now_us(), op: op.clone() };
-        // A struct of strings always serializes.
-        let payload = serde_json::to_string(&cmd).unwrap_or_default();
-        let run = async {
-            let mut c = self.pool.get().await?;
-            let mut inv = self.control_script.key(&self.keys.control_log);
-            inv.key(&self.keys.control).arg(&payload).arg(CONTROL_LOG_LEN).arg(CONTROL_LOG_TTL_MS);
-            inv.invoke_async::<String>(&mut c).await.map_err(BrokerError::from)
-        };
-        match tokio::time::timeout(self.timeout, run).await {
-            Ok(r) => r.map(|_| ()),
-            Err(_) => Err(BrokerError::Timeout(self.timeout)),
-        }
+        send_command(&self.pool, &self.control_script, &self.keys, op, self.timeout).await
     }
 
     async fn send(&self, messages: Vec<Out>) -> Result<Vec<Option<Offset>>, BrokerError> {

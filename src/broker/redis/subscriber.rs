@@ -21,7 +21,7 @@ use super::wire::*;
 use crate::broker::BrokerError;
 use crate::channel::Channel;
 use crate::config::Namespaces;
-use crate::hub::{Hub, Interest};
+use crate::hub::{CallAnswer, Hub, Interest, NodeCommand, Target};
 use crate::metrics::Metrics;
 use crate::protocol::{Kind, Message, Offset};
 
@@ -67,6 +67,10 @@ pub(super) struct Subscriber {
     pub(super) timeout: Duration,
     pub(super) probe_interval: Duration,
     pub(super) probe_timeout: Duration,
+    pub(super) node_id: String,
+    pub(super) control_script: redis::Script,
+    /// python-socketio's Redis manager channel, when bridged.
+    pub(super) socketio_channel: Option<String>,
 }
 
 pub(super) enum Lost {
@@ -124,7 +128,8 @@ impl Subscriber {
             Ok(pair) => pair,
             Err(e) => return Lost::Error(format!("connect: {e}")),
         };
-        let own = [self.keys.control.as_str(), self.keys.probe.as_str()];
+        let mut own = vec![self.keys.control.as_str(), self.keys.probe.as_str()];
+        own.extend(self.socketio_channel.as_deref());
         if let Err(e) = self.with_timeout(sink.subscribe(&own)).await {
             return Lost::Error(format!("subscribe: {e}"));
         }
@@ -346,9 +351,24 @@ impl Subscriber {
         }
         *applied = id;
         match serde_json::from_str::<Command>(payload) {
+            // Calls and their answers are live only: a late one is useless
+            // (its caller timed out).
+            Ok(Command { op: NodeCommand::Call { .. } | NodeCommand::Answer { .. }, .. }) if replayed => {}
             Ok(Command { t, op }) => {
                 let n = self.hub.apply(&op, replayed.then_some(t));
                 debug!(?op, sessions = n, replayed, "command applied");
+                if let NodeCommand::Call { target: Target::Connection(id), call } = &op {
+                    let here = id.rsplit_once('.').is_some_and(|(node, _)| node == self.node_id);
+                    if n == 0 && here {
+                        // Ours by its name, and gone: say so now rather than at the timeout.
+                        let answer = NodeCommand::Answer { call: call.id.clone(), answer: CallAnswer::Gone };
+                        let (pool, script, keys, timeout) =
+                            (self.pool.clone(), self.control_script.clone(), self.keys.clone(), self.timeout);
+                        tokio::spawn(async move {
+                            let _ = send_command(&pool, &script, &keys, &answer, timeout).await;
+                        });
+                    }
+                }
             }
             Err(e) => warn!(error = %e, "ignoring a malformed command"),
         }
@@ -515,6 +535,9 @@ impl Subscriber {
             None
         } else if name == self.keys.probe {
             std::str::from_utf8(payload).ok()?.parse().ok()
+        } else if self.socketio_channel.as_deref() == Some(name) {
+            crate::broker::socketio::apply(&self.hub, &self.metrics, payload);
+            None
         } else if name == self.keys.control {
             let parsed = std::str::from_utf8(payload)
                 .ok()

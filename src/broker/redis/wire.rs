@@ -134,6 +134,9 @@ pub(super) struct Header<'a> {
     pub(super) t: u64,
     #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
     pub(super) x: Option<std::borrow::Cow<'a, str>>,
+    /// The event name of a named event (`data` is its arguments).
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    pub(super) v: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// A command to every node, as logged and published.
@@ -157,6 +160,29 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PUBLISH', KEYS[2], id .. ' ' .. ARGV[1])
 return id
 ";
+
+/// Logs and publishes a command for every node.
+pub(super) async fn send_command(
+    pool: &Pool,
+    script: &redis::Script,
+    keys: &Keys,
+    op: &NodeCommand,
+    timeout: Duration,
+) -> Result<(), BrokerError> {
+    let cmd = Command { t: crate::hub::now_us(), op: op.clone() };
+    // A struct of strings always serializes.
+    let payload = serde_json::to_string(&cmd).unwrap_or_default();
+    let run = async {
+        let mut c = pool.get().await?;
+        let mut inv = script.key(&keys.control_log);
+        inv.key(&keys.control).arg(&payload).arg(CONTROL_LOG_LEN).arg(CONTROL_LOG_TTL_MS);
+        inv.invoke_async::<String>(&mut c).await.map_err(BrokerError::from)
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Ok(r) => r.map(|_| ()),
+        Err(_) => Err(BrokerError::Timeout(timeout)),
+    }
+}
 
 /// A Redis stream id, `<ms>-<seq>`, ordered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -212,7 +238,8 @@ pub(super) async fn read_history(
         let (Some(h), Some(d)) = (field("h"), field("d")) else { continue };
         let Ok(header) = serde_json::from_slice::<Header<'_>>(h) else { continue };
         let Ok(data) = Utf8Bytes::try_from(Bytes::copy_from_slice(d)) else { continue };
-        let msg = Message::new(channel.clone(), data, header.x.map(|x| x.into_owned().into_boxed_str()), header.t);
+        let msg = Message::new(channel.clone(), data, header.x.map(|x| x.into_owned().into_boxed_str()), header.t)
+            .with_event(header.v.map(|v| Arc::from(&*v)));
         messages.push(Arc::new(msg.with_offset(Offset { epoch: epoch.clone(), seq })));
     }
     Ok(History { epoch, top, first, messages })
@@ -247,7 +274,8 @@ pub fn decode_message(channel: &str, payload: &[u8]) -> Result<Message, Envelope
     if let Some(kind) = kind {
         return Ok(Message::event(kind, channel, data, header.x.map(|x| x.into_owned().into_boxed_str())));
     }
-    let msg = Message::new(channel, data, header.x.map(|x| x.into_owned().into_boxed_str()), header.t);
+    let msg = Message::new(channel, data, header.x.map(|x| x.into_owned().into_boxed_str()), header.t)
+        .with_event(header.v.map(|v| Arc::from(&*v)));
     Ok(match (header.o, header.e) {
         (Some(seq), Some(epoch)) => msg.with_offset(Offset { epoch: Arc::from(&*epoch), seq }),
         _ => msg,
@@ -268,7 +296,7 @@ mod tests {
 
     #[test]
     fn envelope_roundtrip() {
-        let h = Header { k: None, o: None, e: None, t: 42, x: Some("c1".into()) };
+        let h = Header { k: None, o: None, e: None, t: 42, x: Some("c1".into()), v: None };
         let e = envelope(&h, br#"{"op":"message"}"#);
         let nl = e.iter().position(|b| *b == b'\n').unwrap();
         let back: Header<'_> = serde_json::from_slice(&e[..nl]).unwrap();

@@ -1,0 +1,140 @@
+//! python-socketio's Redis manager as a publisher (`--socketio-redis-channel`).
+//!
+//! An app that keeps `socketio.AsyncRedisManager(url, write_only=True)`
+//! publishes its emits and room changes as JSON on one Redis channel
+//! (python-socketio ≥ 5.14). Every node subscribes to it and applies each
+//! message to its own sockets, as python-socketio's servers do: an emit
+//! reaches the local sockets in its rooms, `enter_room`/`leave_room` and
+//! `disconnect` act on the socket if it is here. Emits that arrive this way
+//! are not kept in history (publish with `/api/publish` for that).
+//!
+//! Pickled messages (python-socketio before 5.14) are refused and counted:
+//! unpickling executes code, and is never done.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::hub::{Hub, NodeCommand, Target, now_us};
+use crate::metrics::Metrics;
+use crate::protocol::socketio::{ROOT, namespace_channel, room_channel};
+use crate::protocol::{Message, check_depth, check_event};
+
+/// A room, or several (python-socketio accepts a list).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn list(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct PyMessage {
+    method: String,
+    #[serde(default)]
+    event: Option<String>,
+    #[serde(default)]
+    data: Option<Box<RawValue>>,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    room: Option<OneOrMany>,
+    #[serde(default)]
+    skip_sid: Option<OneOrMany>,
+    #[serde(default)]
+    sid: Option<String>,
+}
+
+/// Applies one message from python-socketio's channel to this node's
+/// sockets. Returns the method label it was counted under.
+pub fn apply(hub: &Hub, metrics: &Metrics, payload: &[u8]) -> &'static str {
+    let label = apply_inner(hub, payload);
+    metrics.socketio_bridge.with_label_values(&[label]).inc();
+    label
+}
+
+fn apply_inner(hub: &Hub, payload: &[u8]) -> &'static str {
+    if payload.first() == Some(&0x80) {
+        tracing::warn!(
+            "a pickled message on the python-socketio channel was ignored: upgrade python-socketio to 5.14 or \
+             later (JSON); wsrelay never unpickles"
+        );
+        return "refused";
+    }
+    let msg: PyMessage = match serde_json::from_slice(payload) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "a malformed message on the python-socketio channel was ignored");
+            return "refused";
+        }
+    };
+    let namespace = msg.namespace.unwrap_or_else(|| ROOT.to_owned());
+    let room = |r: &str| room_channel(&namespace, r).ok();
+    match msg.method.as_str() {
+        "emit" => {
+            let Some(event) = msg.event.filter(|e| check_event(e).is_ok()) else { return "refused" };
+            // Since python-socketio 5.15.1 `data` is the list of arguments;
+            // before, a list meant several arguments too, anything else one.
+            let args = match msg.data {
+                Some(d) if d.get().trim_start().starts_with('[') => d.get().to_owned(),
+                Some(d) => format!("[{}]", d.get()),
+                None => "[]".to_owned(),
+            };
+            if check_depth(&args).is_err() {
+                return "refused";
+            }
+            let channels: Vec<_> = match msg.room {
+                Some(r) => r.list().iter().filter_map(|r| room(r)).collect(),
+                None => namespace_channel(&namespace).ok().into_iter().collect(),
+            };
+            let Some(first) = channels.first().cloned() else { return "refused" };
+            let skip = msg.skip_sid.map(OneOrMany::list).unwrap_or_default();
+            let m = Message::new(first, Utf8Bytes::from(args), None, now_us()).with_event(Some(Arc::from(event)));
+            hub.deliver_many(&channels, &Arc::new(m), &skip);
+            "emit"
+        }
+        "enter_room" | "leave_room" => {
+            let (Some(sid), Some(Some(channel))) = (msg.sid, msg.room.map(|r| r.list().first().and_then(|r| room(r))))
+            else {
+                return "refused";
+            };
+            let target = Target::Connection(sid);
+            let cmd = if msg.method == "enter_room" {
+                NodeCommand::Subscribe { target, channel }
+            } else {
+                NodeCommand::Unsubscribe { target, channel }
+            };
+            hub.apply(&cmd, None);
+            if msg.method == "enter_room" { "enter_room" } else { "leave_room" }
+        }
+        "close_room" => {
+            let Some(Some(channel)) = msg.room.map(|r| r.list().first().and_then(|r| room(r))) else {
+                return "refused";
+            };
+            for s in hub.subscribers(&channel) {
+                let cmd = NodeCommand::Unsubscribe { target: Target::Connection(s.id.to_string()), channel: channel.clone() };
+                hub.apply(&cmd, None);
+            }
+            "close_room"
+        }
+        "disconnect" => {
+            let Some(sid) = msg.sid else { return "refused" };
+            hub.disconnect(&Target::Connection(sid));
+            "disconnect"
+        }
+        // Acknowledgements for python-socketio servers: none here.
+        "callback" => "callback",
+        _ => "unknown",
+    }
+}

@@ -1,0 +1,278 @@
+//! Engine.IO v4 sessions that use HTTP long-polling: what a session's
+//! transport and the polling requests share. The server sends packets by
+//! queueing them here; a client `GET` takes what is queued (or waits for
+//! it), a `POST` hands the client's packets to the session. When the client
+//! upgrades to a WebSocket the socket is handed over here too.
+//!
+//! Every sid names the node that holds it (`<node-id>.<random>`): a polling
+//! request that a round-robin proxy sends to another sidecar is forwarded
+//! to the right one (see [`crate::session::socketio`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// An upgraded client socket.
+pub type Ws = WebSocketStream<TokioIo<Upgraded>>;
+
+/// Separates packets in a polling payload.
+pub const SEPARATOR: char = '\u{1e}';
+
+/// Client packets waiting for the session, per polling session.
+const INBOUND: usize = 64;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The polling sessions of this node, by sid.
+#[derive(Default)]
+pub struct Registry {
+    polls: Mutex<HashMap<Arc<str>, Arc<Poll>>>,
+}
+
+impl Registry {
+    pub fn insert(&self, poll: Arc<Poll>) {
+        lock(&self.polls).insert(poll.sid.clone(), poll);
+    }
+    pub fn get(&self, sid: &str) -> Option<Arc<Poll>> {
+        lock(&self.polls).get(sid).cloned()
+    }
+    pub fn remove(&self, sid: &str) {
+        lock(&self.polls).remove(sid);
+    }
+    pub fn len(&self) -> usize {
+        lock(&self.polls).len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Default)]
+struct Out {
+    queue: VecDeque<Utf8Bytes>,
+    bytes: usize,
+    closed: bool,
+    /// A GET waiting now should return a noop (an upgrade is under way).
+    noop: bool,
+}
+
+/// What a GET gets.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// Packets, joined with [`SEPARATOR`].
+    Payload(String),
+    /// The session is over (`1`, the close packet, was sent once).
+    Closed,
+}
+
+/// Why a polling request is refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PollError {
+    /// Another GET is already waiting on this session.
+    Overlap,
+    /// The session is gone.
+    Gone,
+}
+
+/// One polling session's shared state.
+pub struct Poll {
+    pub sid: Arc<str>,
+    out: Mutex<Out>,
+    /// Something for a GET: packets, a close, a noop.
+    ready: Notify,
+    /// A GET took packets: room for the session to write.
+    room: Notify,
+    inbound: mpsc::Sender<String>,
+    upgrade: Mutex<Option<oneshot::Sender<Ws>>>,
+    getting: AtomicBool,
+    /// Bytes queued at most (and per GET response): `maxPayload`.
+    cap: usize,
+}
+
+/// The session's side of a polling session.
+pub struct PollEnd {
+    pub inbound: mpsc::Receiver<String>,
+    pub upgrade: oneshot::Receiver<Ws>,
+}
+
+struct Getting<'a>(&'a AtomicBool);
+
+impl Drop for Getting<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl Poll {
+    pub fn new(sid: Arc<str>, cap: usize) -> (Arc<Poll>, PollEnd) {
+        let (tx, inbound) = mpsc::channel(INBOUND);
+        let (up_tx, upgrade) = oneshot::channel();
+        let poll = Arc::new(Poll {
+            sid,
+            out: Mutex::new(Out::default()),
+            ready: Notify::new(),
+            room: Notify::new(),
+            inbound: tx,
+            upgrade: Mutex::new(Some(up_tx)),
+            getting: AtomicBool::new(false),
+            cap,
+        });
+        (poll, PollEnd { inbound, upgrade })
+    }
+
+    /// Queues a packet for the next GET. Ok(false) when the queue is full
+    /// (wait for [`room`](Self::room)); Err once closed.
+    pub fn push(&self, packet: &Utf8Bytes) -> Result<bool, ()> {
+        let mut out = lock(&self.out);
+        if out.closed {
+            return Err(());
+        }
+        if !out.queue.is_empty() && out.bytes + packet.len() > self.cap {
+            return Ok(false);
+        }
+        out.bytes += packet.len();
+        out.queue.push_back(packet.clone());
+        Ok(true)
+    }
+
+    /// Wakes a waiting GET (after pushes).
+    pub fn flush(&self) {
+        self.ready.notify_one();
+    }
+
+    /// A future that completes when a GET made room (create it before
+    /// [`push`](Self::push) fails, so a wake-up in between is not lost).
+    pub fn room(&self) -> tokio::sync::futures::Notified<'_> {
+        self.room.notified()
+    }
+
+    /// Ends the session: the next (or waiting) GET gets the close packet.
+    pub fn close(&self) {
+        lock(&self.out).closed = true;
+        self.ready.notify_one();
+    }
+
+
+    /// An upgrade probe succeeded: a waiting GET returns a noop, so the
+    /// client can pause polling.
+    pub fn noop(&self) {
+        lock(&self.out).noop = true;
+        self.ready.notify_one();
+    }
+
+    /// Hands the upgraded socket to the session (false if it is gone or
+    /// already upgraded).
+    pub fn hand_over(&self, ws: Ws) -> bool {
+        match lock(&self.upgrade).take() {
+            Some(tx) => tx.send(ws).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Whether an upgrade can still happen.
+    pub fn can_upgrade(&self) -> bool {
+        lock(&self.upgrade).is_some()
+    }
+
+    /// The session switched to a WebSocket: what is still queued goes there.
+    pub fn take_all(&self) -> VecDeque<Utf8Bytes> {
+        let mut out = lock(&self.out);
+        out.bytes = 0;
+        out.noop = true;
+        let q = std::mem::take(&mut out.queue);
+        drop(out);
+        self.ready.notify_one();
+        self.room.notify_waiters();
+        q
+    }
+
+    /// A GET: what is queued, waiting up to `wait` for something (then a
+    /// noop, `6`).
+    pub async fn get(&self, wait: Duration) -> Result<Taken, PollError> {
+        if self.getting.swap(true, Ordering::AcqRel) {
+            return Err(PollError::Overlap);
+        }
+        let _guard = Getting(&self.getting);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let ready = self.ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            {
+                let mut out = lock(&self.out);
+                if !out.queue.is_empty() {
+                    let mut payload = String::new();
+                    while let Some(p) = out.queue.front() {
+                        if !payload.is_empty() && payload.len() + p.len() + 1 > self.cap {
+                            break;
+                        }
+                        if !payload.is_empty() {
+                            payload.push(SEPARATOR);
+                        }
+                        payload.push_str(p.as_str());
+                        out.bytes -= p.len();
+                        out.queue.pop_front();
+                    }
+                    drop(out);
+                    self.room.notify_waiters();
+                    return Ok(Taken::Payload(payload));
+                }
+                if out.closed {
+                    return Ok(Taken::Closed);
+                }
+                if out.noop {
+                    out.noop = false;
+                    return Ok(Taken::Payload("6".to_owned()));
+                }
+            }
+            tokio::select! {
+                () = ready => {}
+                () = tokio::time::sleep_until(deadline) => return Ok(Taken::Payload("6".to_owned())),
+            }
+        }
+    }
+
+    /// A POST: the client's packets, in order, to the session. Waits while
+    /// the session has [`INBOUND`] packets unread (back-pressure).
+    pub async fn post(&self, payload: &str) -> Result<(), PollError> {
+        for packet in payload.split(SEPARATOR) {
+            self.inbound.send(packet.to_owned()).await.map_err(|_| PollError::Gone)?;
+        }
+        Ok(())
+    }
+
+    /// Nothing left for a GET to take.
+    pub fn is_drained(&self) -> bool {
+        lock(&self.out).queue.is_empty()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        lock(&self.out).closed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn get_takes_queued_packets_up_to_the_cap() {
+        let (poll, _end) = Poll::new(Arc::from("n.1"), 10);
+        assert_eq!(poll.push(&Utf8Bytes::from("42[1]")), Ok(true));
+        assert_eq!(poll.push(&Utf8Bytes::from("42[2]")), Ok(false));
+        assert_eq!(poll.get(Duration::from_millis(10)).await, Ok(Taken::Payload("42[1]".into())));
+        assert_eq!(poll.get(Duration::from_millis(10)).await, Ok(Taken::Payload("6".into())));
+        poll.close();
+        assert_eq!(poll.get(Duration::from_millis(10)).await, Ok(Taken::Closed));
+        assert_eq!(poll.push(&Utf8Bytes::from("2")), Err(()));
+    }
+}

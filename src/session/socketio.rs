@@ -1,0 +1,836 @@
+//! The Socket.IO front (`--socketio-path`): Engine.IO v4 over HTTP
+//! long-polling and WebSocket, carrying Socket.IO v5 packets
+//! ([`crate::protocol::socketio`]) into the same session loop as wsrelay.v1.
+//!
+//! - A new Engine.IO session is opened by a GET (polling) or a WebSocket
+//!   upgrade without `sid`. Its sid is `<node-id>.<random>`, and is also the
+//!   connection id the app sees everywhere (hooks, `/api/*`, `socket.id`).
+//! - The client's first CONNECT authenticates it (JWT in `auth.token`, or
+//!   the connect hook with the `auth` payload); only then is a session made.
+//! - **No sticky sessions:** a polling request (or the WebSocket upgrade of a
+//!   polling session) that reaches another sidecar is forwarded by that
+//!   sidecar to the one named in the sid, at the address that node keeps in
+//!   Redis (`--advertise-url`). If that node is gone, the request gets
+//!   Engine.IO's `400 {"code":1,"message":"Session ID unknown"}` and the
+//!   client opens a new session (anywhere).
+//! - Connection-state recovery: a socket's rooms and the offsets written
+//!   to it are kept (a [`Trail`]) for `--socketio-recovery-window` after it
+//!   ends; a client reconnecting with that `pid` (and the last offset it
+//!   saw) rejoins the rooms and gets what it missed where history is kept.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage, Utf8Bytes};
+use tracing::Instrument;
+
+use super::transport::{CLOSE_TIMEOUT, Transport, close_ws};
+use super::{Codec, Session};
+use crate::auth::SioConnect;
+use crate::body::{Body, ReadError, full, read_limited};
+use crate::channel::Channel;
+use crate::engineio::{Poll, PollEnd, PollError, Taken, Ws};
+use crate::error::{ConnResult, Reject};
+use crate::node::Node;
+pub use crate::protocol::socketio::{in_namespace, namespace_channel, room_channel, split_channel};
+use crate::protocol::socketio::{ROOT, SocketIo, parse_packet, valid_namespace};
+use crate::protocol::{Message, Offset};
+
+/// Marks a request one sidecar forwarded to another (never forwarded again).
+const FORWARDED: &str = "x-wsrelay-forwarded";
+/// Entries of a trail's write log (older ones are summed up per channel).
+const TRAIL_LOG: usize = 64;
+
+pub fn connect_error(namespace: &str, message: &str) -> Utf8Bytes {
+    SocketIo::connect_error(namespace, message)
+}
+
+pub fn connected(namespace: &str, sid: &str) -> Utf8Bytes {
+    SocketIo::connected(namespace, sid, None)
+}
+
+// ---------------------------------------------------------------------------
+// Recovery trail
+
+/// What a Socket.IO socket's next connection needs to recover: its rooms,
+/// and where it was in each channel with history. The log keeps the last
+/// offsets written in order, so the client's own last offset tells which of
+/// them it really received (those after it may have been lost in flight).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Trail {
+    pid: String,
+    user: Option<String>,
+    rooms: Vec<String>,
+    /// Per channel: the last offset written before the log.
+    base: HashMap<String, String>,
+    log: VecDeque<(String, String)>,
+}
+
+impl Trail {
+    fn wrote(&mut self, channel: &str, offset: &Offset) {
+        self.log.push_back((channel.to_owned(), offset.to_string()));
+        if self.log.len() > TRAIL_LOG {
+            if let Some((c, o)) = self.log.pop_front() {
+                self.base.insert(c, o);
+            }
+        }
+    }
+
+    /// Each room's `since` given the client's last offset, and whether that
+    /// offset could be placed (the client's position is known).
+    fn positions(&self, client_offset: Option<&str>) -> (HashMap<String, String>, bool) {
+        let mut since = self.base.clone();
+        let (upto, known) = match client_offset {
+            None => (0, true),
+            Some(o) => match self.log.iter().rposition(|(_, x)| x == o) {
+                Some(i) => (i + 1, true),
+                // Older than the log, or unknown: nothing after the base is
+                // known to have arrived.
+                None => (0, self.log.is_empty() || self.base.values().any(|b| b == o)),
+            },
+        };
+        for (c, o) in self.log.iter().take(upto) {
+            since.insert(c.clone(), o.clone());
+        }
+        (since, known)
+    }
+}
+
+impl<C: Codec> Session<C> {
+    /// Records a written channel message in the recovery trail.
+    pub(super) fn trail_wrote(&mut self, m: &Message) {
+        if let (Some(t), Some(off)) = (&mut self.trail, &m.offset) {
+            t.wrote(&m.channel, off);
+        }
+    }
+
+    pub(super) fn trail_join(&mut self, channel: &Channel) {
+        if let Some(t) = &mut self.trail {
+            if !t.rooms.iter().any(|r| r == channel.as_str()) && !self.handle.id.as_ref().eq(channel.as_str()) {
+                t.rooms.push(channel.to_string());
+            }
+        }
+    }
+
+    pub(super) fn trail_leave(&mut self, channel: &Channel) {
+        if let Some(t) = &mut self.trail {
+            t.rooms.retain(|r| r != channel.as_str());
+            t.base.remove(channel.as_str());
+        }
+    }
+
+    /// Keeps the trail for the client's next connection (in the background).
+    pub(super) fn keep_trail(&mut self, reason: crate::error::CloseReason) {
+        use crate::error::CloseReason;
+        let Some(trail) = self.trail.take() else { return };
+        if matches!(reason, CloseReason::Disconnected | CloseReason::TokenExpired | CloseReason::Protocol) {
+            return;
+        }
+        let Some(window) = self.node.cfg.session.socketio.as_ref().map(|s| s.recovery_window) else { return };
+        let Ok(value) = serde_json::to_string(&trail) else { return };
+        let node = self.node.clone();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        rt.spawn(async move {
+            if let Err(e) = node.broker.stash(&format!("sio:{}", trail.pid), value, window).await {
+                tracing::debug!(error = %e, "recovery state not kept: this socket will not be recovered");
+            }
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The Engine.IO transport
+
+/// An Engine.IO session's transport: polling until (and unless) the client
+/// upgrades to a WebSocket. Engine.IO packets other than messages (pings,
+/// pongs, noops, close) are handled here; messages (`4…`) go to the codec.
+pub(crate) struct Eio {
+    ws: Option<Ws>,
+    poll: Option<Arc<Poll>>,
+    inbound: Option<mpsc::Receiver<String>>,
+    upgrade: Option<oneshot::Receiver<Ws>>,
+    /// Client packets read from polling before the switch to WebSocket.
+    early: VecDeque<String>,
+    /// Packets queued for polling and not fetched when the client upgraded.
+    backlog: VecDeque<Utf8Bytes>,
+    node: Arc<Node>,
+}
+
+impl Drop for Eio {
+    fn drop(&mut self) {
+        if let Some(p) = &self.poll {
+            p.close();
+            self.node.polls.remove(&p.sid);
+        }
+    }
+}
+
+/// What an Engine.IO packet from the client means here.
+enum Packet {
+    /// A message for the codec, or a frame for the loop.
+    Deliver(WsMessage),
+    /// A client ping (only probes in v4): answer with this.
+    Answer(Utf8Bytes),
+    Skip,
+    Closed,
+    Bad,
+}
+
+fn classify(text: Utf8Bytes) -> Packet {
+    match text.as_bytes().first() {
+        Some(b'4') => Packet::Deliver(WsMessage::Text(text)),
+        Some(b'3') => Packet::Deliver(WsMessage::Pong(Default::default())),
+        Some(b'2') => Packet::Answer(Utf8Bytes::from(format!("3{}", &text.as_str()[1..]))),
+        Some(b'1') => Packet::Closed,
+        Some(b'6' | b'5') => Packet::Skip,
+        _ => Packet::Bad,
+    }
+}
+
+fn bad_packet() -> WsError {
+    WsError::Protocol(ProtocolError::InvalidOpcode(0))
+}
+
+async fn upgraded(up: &mut Option<oneshot::Receiver<Ws>>) -> Option<Ws> {
+    match up {
+        Some(rx) => {
+            let r = rx.await.ok();
+            *up = None;
+            r
+        }
+        None => std::future::pending().await,
+    }
+}
+
+impl Eio {
+    fn websocket(node: Arc<Node>, ws: Ws) -> Self {
+        Eio {
+            ws: Some(ws),
+            poll: None,
+            inbound: None,
+            upgrade: None,
+            early: VecDeque::new(),
+            backlog: VecDeque::new(),
+            node,
+        }
+    }
+
+    fn polling(node: Arc<Node>, poll: Arc<Poll>, end: PollEnd) -> Self {
+        Eio {
+            ws: None,
+            poll: Some(poll),
+            inbound: Some(end.inbound),
+            upgrade: Some(end.upgrade),
+            early: VecDeque::new(),
+            backlog: VecDeque::new(),
+            node,
+        }
+    }
+
+    /// The client upgraded: from now on the WebSocket carries everything;
+    /// what polling still held goes first.
+    fn switch(&mut self, ws: Ws) {
+        if let Some(poll) = self.poll.take() {
+            self.backlog.extend(poll.take_all());
+            poll.close();
+            self.node.polls.remove(&poll.sid);
+        }
+        if let Some(mut rx) = self.inbound.take() {
+            while let Ok(p) = rx.try_recv() {
+                self.early.push_back(p);
+            }
+        }
+        self.ws = Some(ws);
+        tracing::debug!("upgraded to websocket");
+    }
+
+    /// Writes the backlog to the WebSocket. Cancel safe: a packet leaves the
+    /// backlog only when the socket took it.
+    async fn drain_backlog(&mut self) -> Result<(), WsError> {
+        let Some(ws) = self.ws.as_mut() else { return Ok(()) };
+        while !self.backlog.is_empty() {
+            std::future::poll_fn(|cx| ws.poll_ready_unpin(cx)).await?;
+            if let Some(p) = self.backlog.pop_front() {
+                ws.start_send_unpin(WsMessage::Text(p))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A packet for the client, in Engine.IO terms (None: nothing to send).
+    fn outgoing(msg: WsMessage) -> Option<Utf8Bytes> {
+        match msg {
+            WsMessage::Text(t) => Some(t),
+            WsMessage::Ping(_) => Some(Utf8Bytes::from_static("2")),
+            _ => None,
+        }
+    }
+}
+
+impl Transport for Eio {
+    async fn recv(&mut self) -> Option<Result<WsMessage, WsError>> {
+        loop {
+            let text = if let Some(p) = self.early.pop_front() {
+                Utf8Bytes::from(p)
+            } else if let Some(ws) = self.ws.as_mut() {
+                match ws.next().await? {
+                    Ok(WsMessage::Text(t)) => t,
+                    Ok(WsMessage::Close(_)) => return None,
+                    other => return Some(other),
+                }
+            } else {
+                let inbound = self.inbound.as_mut()?;
+                tokio::select! {
+                    p = inbound.recv() => Utf8Bytes::from(p?),
+                    ws = upgraded(&mut self.upgrade) => {
+                        if let Some(ws) = ws {
+                            self.switch(ws);
+                        }
+                        continue;
+                    }
+                }
+            };
+            match classify(text) {
+                Packet::Deliver(m) => return Some(Ok(m)),
+                Packet::Answer(a) => {
+                    if self.feed(WsMessage::Text(a)).await.is_err() || self.flush().await.is_err() {
+                        return None;
+                    }
+                }
+                Packet::Skip => {}
+                Packet::Closed => return None,
+                Packet::Bad => return Some(Err(bad_packet())),
+            }
+        }
+    }
+
+    async fn feed(&mut self, msg: WsMessage) -> Result<(), WsError> {
+        let Some(packet) = Eio::outgoing(msg) else { return Ok(()) };
+        loop {
+            if self.ws.is_some() {
+                self.drain_backlog().await?;
+                let ws = self.ws.as_mut().ok_or(WsError::AlreadyClosed)?;
+                return SinkExt::feed(ws, WsMessage::Text(packet)).await;
+            }
+            let poll = self.poll.clone().ok_or(WsError::AlreadyClosed)?;
+            let room = poll.room();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            match poll.push(&packet) {
+                Ok(true) => return Ok(()),
+                Err(()) => return Err(WsError::ConnectionClosed),
+                Ok(false) => poll.flush(),
+            }
+            tokio::select! {
+                () = room => {}
+                ws = upgraded(&mut self.upgrade) => {
+                    if let Some(ws) = ws {
+                        self.switch(ws);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), WsError> {
+        if self.ws.is_some() {
+            self.drain_backlog().await?;
+            if let Some(ws) = self.ws.as_mut() {
+                return SinkExt::flush(ws).await;
+            }
+        }
+        if let Some(p) = &self.poll {
+            p.flush();
+        }
+        Ok(())
+    }
+
+    async fn close(&mut self, frame: Option<CloseFrame>) {
+        if let Some(p) = &self.poll {
+            p.close();
+            // Give the client's waiting GET a moment to collect what is left.
+            let _ = tokio::time::timeout(Duration::from_millis(200), async {
+                while !p.is_drained() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+        }
+        if self.ws.is_some() {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                let _ = self.drain_backlog().await;
+                if let Some(ws) = self.ws.as_mut() {
+                    close_ws(ws, frame).await;
+                }
+            })
+            .await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// HTTP
+
+/// Engine.IO's error answers.
+fn eio_error(code: u8, message: &str) -> Response<Body> {
+    let mut r = Response::new(full(serde_json::json!({ "code": code, "message": message }).to_string()));
+    *r.status_mut() = if code == 4 { StatusCode::FORBIDDEN } else { StatusCode::BAD_REQUEST };
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn unknown_sid() -> Response<Body> {
+    eio_error(1, "Session ID unknown")
+}
+
+fn plain(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=UTF-8"));
+    r
+}
+
+fn refused(node: &Node, r: &Reject) -> Response<Body> {
+    node.metrics.connection_result(r.result);
+    node.metrics.error(r.error.fault);
+    r.error.log("Socket.IO connection refused");
+    let mut resp = eio_error(if r.status == StatusCode::FORBIDDEN { 4 } else { 3 }, &r.error.message);
+    *resp.status_mut() = r.status;
+    resp
+}
+
+/// The node named in a sid (`<node-id>.<random>`).
+fn node_of(sid: &str) -> Option<&str> {
+    sid.rsplit_once('.').map(|(n, _)| n).filter(|n| !n.is_empty())
+}
+
+struct Query {
+    eio: Option<String>,
+    transport: Option<String>,
+    sid: Option<String>,
+}
+
+fn query(req: &Request<Incoming>) -> Query {
+    let mut q = Query { eio: None, transport: None, sid: None };
+    if let Some(s) = req.uri().query() {
+        for (k, v) in form_urlencoded::parse(s.as_bytes()) {
+            match &*k {
+                "EIO" => q.eio = Some(v.into_owned()),
+                "transport" => q.transport = Some(v.into_owned()),
+                "sid" => q.sid = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+    }
+    q
+}
+
+fn is_websocket(req: &Request<Incoming>) -> bool {
+    crate::proxy::is_upgrade(req)
+        && req
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// Handles a request on the Socket.IO path.
+pub(crate) async fn handle(node: Arc<Node>, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+    let q = query(&req);
+    if q.eio.as_deref() != Some("4") {
+        return eio_error(5, "Unsupported protocol version");
+    }
+    let websocket = match q.transport.as_deref() {
+        Some("polling") => false,
+        Some("websocket") => true,
+        _ => return eio_error(0, "Transport unknown"),
+    };
+    if websocket && !is_websocket(&req) {
+        return eio_error(3, "Bad request");
+    }
+    match q.sid {
+        None => {
+            if req.method() != Method::GET {
+                return eio_error(2, "Bad handshake method");
+            }
+            open(node, req, remote, websocket).await
+        }
+        Some(sid) => {
+            let Some(owner) = node_of(&sid) else { return unknown_sid() };
+            if owner != node.cfg.node_id {
+                return forward(&node, req, remote, owner).await;
+            }
+            let Some(poll) = node.polls.get(&sid) else { return unknown_sid() };
+            if websocket {
+                return probe(node, req, poll);
+            }
+            match *req.method() {
+                Method::GET => poll_get(&node, &poll).await,
+                Method::POST => poll_post(&node, &poll, req).await,
+                _ => eio_error(3, "Bad request"),
+            }
+        }
+    }
+}
+
+/// A request for a session on another sidecar: forwarded there.
+async fn forward(node: &Node, req: Request<Incoming>, remote: SocketAddr, owner: &str) -> Response<Body> {
+    if req.headers().contains_key(FORWARDED) {
+        // Forwarded once already: the named node does not hold it.
+        return unknown_sid();
+    }
+    let url = match node.broker.peer_url(owner).await {
+        Ok(Some(url)) => url,
+        Ok(None) => {
+            tracing::debug!(node = owner, "Socket.IO request for a node that is gone");
+            node.metrics.socketio_forwards.with_label_values(&["gone"]).inc();
+            return unknown_sid();
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot look the Socket.IO session's node up");
+            node.metrics.socketio_forwards.with_label_values(&["error"]).inc();
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "broker unavailable");
+        }
+    };
+    let Ok(base) = url.parse::<http::Uri>() else { return unknown_sid() };
+    node.metrics.socketio_forwards.with_label_values(&["forwarded"]).inc();
+    let mark = (header::HeaderName::from_static(FORWARDED), HeaderValue::from_str(&node.cfg.node_id).ok());
+    node.proxy.forward_to(&base, req, remote, mark.1.map(|v| (mark.0, v))).await
+}
+
+/// The open packet's content.
+fn open_packet(node: &Node, sid: &str, upgrades: bool) -> String {
+    let s = &node.cfg.session;
+    let max_payload = s.socketio.as_ref().map_or(1_000_000, |c| c.max_payload);
+    let ping_timeout = (s.idle_timeout - s.ping_interval).min(Duration::from_secs(20));
+    let v = serde_json::json!({
+        "sid": sid,
+        "upgrades": if upgrades { vec!["websocket"] } else { Vec::new() },
+        "pingInterval": s.ping_interval.as_millis() as u64,
+        "pingTimeout": ping_timeout.as_millis() as u64,
+        "maxPayload": max_payload,
+    });
+    format!("0{v}")
+}
+
+/// The request's head, kept for the connect hook (which runs at CONNECT).
+fn head_of(req: &Request<Incoming>) -> Request<()> {
+    let mut head = Request::new(());
+    *head.uri_mut() = req.uri().clone();
+    *head.headers_mut() = req.headers().clone();
+    head
+}
+
+/// A new Engine.IO session (no sid yet).
+async fn open(node: Arc<Node>, mut req: Request<Incoming>, remote: SocketAddr, websocket: bool) -> Response<Body> {
+    if node.drain.is_cancelled() {
+        return refused(&node, &Reject::draining());
+    }
+    if let Err(r) = node.auth.check_origin(req.headers()) {
+        return refused(&node, &r);
+    }
+    let Some(slot) = node.take_slot() else { return refused(&node, &Reject::full()) };
+    let sid: Arc<str> = Arc::from(format!("{}.{}", node.cfg.node_id, crate::config::random_id(12)).as_str());
+    let head = head_of(&req);
+    let span = tracing::info_span!("socketio", conn.id = %sid, remote.addr = %remote);
+    if websocket {
+        let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned)
+        else {
+            return eio_error(3, "missing Sec-WebSocket-Key");
+        };
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let open = open_packet(&node, &sid, false);
+        let n = node.clone();
+        node.sessions.spawn(
+            async move {
+                let Ok(Ok(up)) = tokio::time::timeout(n.cfg.session.handshake_timeout, on_upgrade).await else {
+                    n.metrics.connection_result(ConnResult::HandshakeFailed);
+                    return;
+                };
+                let cfg = super::upgrade::ws_config(n.cfg.session.max_message_bytes);
+                let ws = WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg)).await;
+                let mut eio = Eio::websocket(n.clone(), ws);
+                if eio.feed(WsMessage::Text(Utf8Bytes::from(open))).await.is_err() || eio.flush().await.is_err() {
+                    return;
+                }
+                socket(n, eio, head, remote, sid, slot).await;
+            }
+            .instrument(span),
+        );
+        return switching(&key);
+    }
+    let cap = node.cfg.session.socketio.as_ref().map_or(1_000_000, |c| c.max_payload);
+    let (poll, end) = Poll::new(sid.clone(), cap);
+    node.polls.insert(poll.clone());
+    let eio = Eio::polling(node.clone(), poll, end);
+    let open = open_packet(&node, &sid, true);
+    node.sessions.spawn(socket(node.clone(), eio, head, remote, sid, slot).instrument(span));
+    plain(StatusCode::OK, open)
+}
+
+fn switching(key: &str) -> Response<Body> {
+    let mut resp = Response::new(full(bytes::Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    resp
+}
+
+/// A polling GET: what the session queued (or a noop after a while).
+async fn poll_get(node: &Node, poll: &Poll) -> Response<Body> {
+    let wait = node.cfg.session.ping_interval + Duration::from_secs(5);
+    match poll.get(wait).await {
+        Ok(Taken::Payload(p)) => plain(StatusCode::OK, p),
+        Ok(Taken::Closed) => {
+            node.polls.remove(&poll.sid);
+            plain(StatusCode::OK, "1")
+        }
+        Err(PollError::Overlap) => eio_error(3, "Bad request: overlapping GET requests"),
+        Err(PollError::Gone) => unknown_sid(),
+    }
+}
+
+/// A polling POST: the client's packets for the session.
+async fn poll_post(node: &Node, poll: &Poll, req: Request<Incoming>) -> Response<Body> {
+    let cap = node.cfg.session.socketio.as_ref().map_or(1_000_000, |c| c.max_payload);
+    let body = match read_limited(req.into_body(), cap).await {
+        Ok(b) => b,
+        Err(ReadError::TooLarge(_)) => {
+            // As Engine.IO does: the session ends.
+            poll.close();
+            return plain(StatusCode::PAYLOAD_TOO_LARGE, "payload too large");
+        }
+        Err(ReadError::Io(_)) => return eio_error(3, "Bad request"),
+    };
+    let Ok(text) = std::str::from_utf8(&body) else { return eio_error(3, "Bad request: not UTF-8") };
+    match poll.post(text).await {
+        Ok(()) => plain(StatusCode::OK, "ok"),
+        Err(_) => unknown_sid(),
+    }
+}
+
+/// The WebSocket upgrade of a polling session: `2probe` → `3probe`, the
+/// waiting GET gets a noop, then `5` hands the socket to the session.
+fn probe(node: Arc<Node>, mut req: Request<Incoming>, poll: Arc<Poll>) -> Response<Body> {
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned) else {
+        return eio_error(3, "missing Sec-WebSocket-Key");
+    };
+    if !poll.can_upgrade() {
+        return eio_error(3, "Bad request: already upgraded");
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let timeout = node.cfg.session.handshake_timeout;
+    let cfg = super::upgrade::ws_config(node.cfg.session.max_message_bytes);
+    node.sessions.spawn(async move {
+        let Ok(Ok(up)) = tokio::time::timeout(timeout, on_upgrade).await else { return };
+        let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg)).await;
+        let probed = tokio::time::timeout(timeout, async {
+            match ws.next().await {
+                Some(Ok(WsMessage::Text(t))) if t.as_str() == "2probe" => {}
+                _ => return false,
+            }
+            if ws.send(WsMessage::Text(Utf8Bytes::from_static("3probe"))).await.is_err() {
+                return false;
+            }
+            poll.noop();
+            loop {
+                match ws.next().await {
+                    Some(Ok(WsMessage::Text(t))) if t.as_str() == "5" => return true,
+                    // A client ping during the probe.
+                    Some(Ok(WsMessage::Text(t))) if t.as_str() == "2" => {}
+                    _ => return false,
+                }
+            }
+        })
+        .await;
+        if probed == Ok(true) {
+            poll.hand_over(ws);
+        }
+    });
+    switching(&key)
+}
+
+// ---------------------------------------------------------------------------
+// The socket: CONNECT, then the session
+
+#[derive(Deserialize)]
+struct RecoveryAuth {
+    #[serde(default)]
+    pid: Option<String>,
+    #[serde(default)]
+    offset: Option<String>,
+}
+
+/// Waits for the client's first CONNECT, authenticates it and runs the
+/// session; a refusal is a CONNECT_ERROR.
+async fn socket(node: Arc<Node>, mut eio: Eio, head: Request<()>, remote: SocketAddr, sid: Arc<str>, slot: crate::node::Slot) {
+    let first = tokio::time::timeout(node.cfg.session.handshake_timeout, async {
+        loop {
+            match eio.recv().await? {
+                Ok(WsMessage::Text(t)) => {
+                    let Ok(p) = parse_packet(&t) else { return None };
+                    if p.kind != 0 {
+                        // Nothing but CONNECT before CONNECT.
+                        return None;
+                    }
+                    let auth = match p.json.trim() {
+                        "" => None,
+                        j => Some(RawValue::from_string(j.to_owned()).ok()?),
+                    };
+                    return Some((p.namespace.to_owned(), auth));
+                }
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    })
+    .await;
+    let Ok(Some((namespace, auth))) = first else {
+        node.metrics.connection_result(ConnResult::HandshakeFailed);
+        eio.close(None).await;
+        return;
+    };
+    let refuse = |msg: &str| connect_error(&namespace, msg);
+    if !valid_namespace(&namespace) {
+        let _ = eio.feed(WsMessage::Text(refuse("Invalid namespace"))).await;
+        let _ = eio.flush().await;
+        eio.close(None).await;
+        return;
+    }
+    let sio = SioConnect { namespace: &namespace, auth: auth.as_deref() };
+    let ident = match node.auth.authenticate_with(&head, remote, Some(sio)).await {
+        Ok(i) => i,
+        Err(r) => {
+            node.metrics.connection_result(r.result);
+            node.metrics.error(r.error.fault);
+            r.error.log("Socket.IO CONNECT refused");
+            let _ = eio.feed(WsMessage::Text(refuse(&r.error.message))).await;
+            let _ = eio.flush().await;
+            eio.close(None).await;
+            return;
+        }
+    };
+    // Channels: the namespace's, the sid's room, the app's (as rooms of this namespace).
+    let mut channels: Vec<Channel> = Vec::new();
+    let mut push = |c: Result<Channel, crate::channel::ChannelError>| {
+        if let Ok(c) = c {
+            if !channels.contains(&c) {
+                channels.push(c);
+            }
+        }
+    };
+    push(namespace_channel(&namespace));
+    push(room_channel(&namespace, &sid));
+    for c in &ident.channels {
+        push(if namespace == ROOT { Ok(c.clone()) } else { room_channel(&namespace, c) });
+    }
+    let user = ident.user.as_deref().map(str::to_owned);
+
+    // Connection-state recovery: the previous socket's trail, if it is ours.
+    let recovery = auth
+        .as_deref()
+        .and_then(|a| serde_json::from_str::<RecoveryAuth>(a.get()).ok())
+        .filter(|r| r.pid.as_ref().is_some_and(|p| p.len() <= 64));
+    let mut since: HashMap<Channel, String> = HashMap::new();
+    let mut known = false;
+    let mut old_pid = None;
+    if let Some(RecoveryAuth { pid: Some(pid), offset }) = recovery {
+        match node.broker.take_stash(&format!("sio:{pid}")).await {
+            Ok(Some(saved)) => match serde_json::from_str::<Trail>(&saved) {
+                Ok(trail) if trail.user == user => {
+                    let (positions, k) = trail.positions(offset.as_deref());
+                    known = k;
+                    for room in &trail.rooms {
+                        let Ok(ch) = Channel::parse(room) else { continue };
+                        if let Some(o) = positions.get(room) {
+                            since.insert(ch.clone(), o.clone());
+                        }
+                        push(Ok(ch));
+                    }
+                    old_pid = Some(pid);
+                }
+                _ => tracing::debug!("recovery state of another user, or unreadable: not recovered"),
+            },
+            Ok(None) => tracing::debug!("no recovery state for this pid (expired, or its node died)"),
+            Err(e) => tracing::debug!(error = %e, "recovery state unavailable"),
+        }
+    }
+    let max = node.cfg.session.max_subscriptions;
+    channels.truncate(max);
+
+    let (handle, rx) = node.hub.register(sid.clone(), ident.user.clone(), node.cfg.session.client_queue);
+    let ident = Arc::new(ident);
+    let mut session = Session::new(node.clone(), SocketIo, handle, ident, slot, rx);
+    session.trail = Some(Box::new(Trail { user, ..Trail::default() }));
+
+    // Where history is kept, a channel joined without `since` starts its
+    // trail at the channel's top (read before anything is written).
+    let mut bases = Vec::new();
+    for ch in &channels {
+        if since.contains_key(ch) || *ch.as_str() == *sid {
+            continue;
+        }
+        if let Some(policy) = node.cfg.namespaces.rule(ch).history {
+            if let Ok(h) = node.broker.history(ch, policy, u64::MAX / 2, 1).await {
+                bases.push((ch.to_string(), h.top_offset().to_string()));
+            }
+        }
+    }
+    let recovered = match session.subscribe_initial(&channels, &since).await {
+        Ok(r) => r,
+        Err(e) => {
+            e.log("Socket.IO CONNECT failed");
+            let _ = eio.feed(WsMessage::Text(refuse(&e.message))).await;
+            let _ = eio.flush().await;
+            eio.close(None).await;
+            return;
+        }
+    };
+    if let Some(t) = &mut session.trail {
+        for ch in &channels {
+            if *ch.as_str() != *sid {
+                t.rooms.push(ch.to_string());
+            }
+        }
+        t.base.extend(bases);
+        for (ch, o) in &since {
+            t.base.entry(ch.to_string()).or_insert_with(|| o.clone());
+        }
+    }
+    // Recovered: the trail was ours, the client's position known, and every
+    // channel with history caught up.
+    let is_recovered = old_pid.is_some() && known && recovered.iter().all(|(_, ok)| *ok);
+    if old_pid.is_some() {
+        node.metrics.socketio_recoveries.with_label_values(&[if is_recovered { "recovered" } else { "not_recovered" }]).inc();
+    }
+    // The same pid tells socket.io-client it was recovered; a new one, not.
+    let pid = match old_pid {
+        Some(p) if is_recovered => p,
+        _ => crate::config::random_id(16),
+    };
+    if let Some(t) = &mut session.trail {
+        t.pid = pid.clone();
+    }
+    let welcome = SocketIo::connected(&namespace, &sid, Some(&pid));
+    node.metrics.connection_result(ConnResult::Accepted);
+    tracing::debug!(namespace, recovered = is_recovered, "socket connected");
+    session.run(eio, welcome).await;
+}

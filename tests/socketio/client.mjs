@@ -1,0 +1,78 @@
+// A real socket.io-client 4.8, driven by the Rust integration tests
+// (tests/it/socketio.rs) over stdin/stdout, one JSON object per line.
+//
+//   node client.mjs <url> '<options JSON>'
+//
+// options: path, transports, auth, namespace, reconnection, answers
+// ({event: [ack args]} answered to server calls), forceNew.
+// It prints {"type": connect|disconnect|connect_error|event|call|ack|upgrade|state, ...}
+// and reads {"op": emit|disconnect|close-engine|connect|state, ...}.
+import { io } from 'socket.io-client';
+import readline from 'node:readline';
+
+const [url, optionsJson] = process.argv.slice(2);
+const opts = JSON.parse(optionsJson || '{}');
+const out = (o) => process.stdout.write(JSON.stringify(o) + '\n');
+
+const socket = io(url + (opts.namespace || ''), {
+  path: opts.path || '/socket.io/',
+  transports: opts.transports || ['polling', 'websocket'],
+  auth: opts.auth || {},
+  reconnection: opts.reconnection ?? true,
+  reconnectionDelay: 100,
+  reconnectionDelayMax: 500,
+  timeout: 5000,
+  forceNew: true,
+});
+
+const transport = () => socket.io.engine && socket.io.engine.transport && socket.io.engine.transport.name;
+
+socket.io.on('open', () => {
+  socket.io.engine.on('upgrade', (t) => out({ type: 'upgrade', transport: t.name }));
+});
+socket.on('connect', () => out({ type: 'connect', id: socket.id, recovered: socket.recovered, transport: transport() }));
+socket.on('disconnect', (reason) => out({ type: 'disconnect', reason }));
+socket.on('connect_error', (err) => out({ type: 'connect_error', message: err.message, data: err.data ?? null }));
+socket.onAny((event, ...args) => {
+  const last = args[args.length - 1];
+  if (typeof last === 'function') {
+    const ack = args.pop();
+    out({ type: 'call', event, args });
+    const answer = (opts.answers || {})[event];
+    if (answer !== undefined) ack(...answer);
+    return;
+  }
+  out({ type: 'event', event, args });
+});
+
+const rl = readline.createInterface({ input: process.stdin });
+rl.on('line', (line) => {
+  const cmd = JSON.parse(line);
+  switch (cmd.op) {
+    case 'emit':
+      if (cmd.ack) {
+        socket.timeout(cmd.timeout || 5000).emit(cmd.event, ...(cmd.args || []), (err, ...res) =>
+          out({ type: 'ack', id: cmd.id, error: err ? err.message : null, args: res }));
+      } else {
+        socket.emit(cmd.event, ...(cmd.args || []));
+      }
+      break;
+    case 'disconnect':
+      socket.disconnect();
+      break;
+    case 'connect':
+      socket.connect();
+      break;
+    case 'close-engine':
+      // The transport drops (as on a network failure): socket.io-client
+      // reconnects and asks for recovery.
+      socket.io.engine.close();
+      break;
+    case 'state':
+      out({ type: 'state', connected: socket.connected, id: socket.id, transport: transport() });
+      break;
+    case 'exit':
+      process.exit(0);
+  }
+});
+rl.on('close', () => process.exit(0));
