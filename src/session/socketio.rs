@@ -284,6 +284,13 @@ impl Eio {
 impl Transport for Eio {
     async fn recv(&mut self) -> Option<Result<WsMessage, WsError>> {
         loop {
+            // Just upgraded: what polling still held goes out now, not at the
+            // next write (there may be none for a while).
+            if self.ws.is_some() && !self.backlog.is_empty() {
+                if let Err(e) = self.flush().await {
+                    return Some(Err(e));
+                }
+            }
             let text = if let Some(p) = self.early.pop_front() {
                 Utf8Bytes::from(p)
             } else if let Some(ws) = self.ws.as_mut() {
@@ -320,6 +327,11 @@ impl Transport for Eio {
 
     async fn feed(&mut self, msg: WsMessage) -> Result<(), WsError> {
         let Some(packet) = Eio::outgoing(msg) else { return Ok(()) };
+        // An upgrade that completed meanwhile takes over now.
+        if let Some(ws) = self.upgrade.as_mut().and_then(|rx| rx.try_recv().ok()) {
+            self.upgrade = None;
+            self.switch(ws);
+        }
         loop {
             if self.ws.is_some() {
                 self.drain_backlog().await?;
@@ -360,15 +372,23 @@ impl Transport for Eio {
     }
 
     async fn close(&mut self, frame: Option<CloseFrame>) {
-        if let Some(p) = &self.poll {
+        if let Some(p) = self.poll.clone() {
             p.close();
-            // Give the client's waiting GET a moment to collect what is left.
-            let _ = tokio::time::timeout(Duration::from_millis(200), async {
+            // Give the client's waiting GET a moment to collect what is left,
+            // or an upgrade under way a moment to take it over.
+            let drained = async {
                 while !p.is_drained() {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-            })
-            .await;
+            };
+            tokio::select! {
+                _ = tokio::time::timeout(Duration::from_millis(500), drained) => {}
+                ws = upgraded(&mut self.upgrade) => {
+                    if let Some(ws) = ws {
+                        self.switch(ws);
+                    }
+                }
+            }
         }
         if self.ws.is_some() {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {

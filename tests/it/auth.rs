@@ -30,7 +30,7 @@ fn claims(sub: &str, channels: &[&str], exp: u64) -> Value {
     json!({"sub": sub, "channels": channels, "exp": exp})
 }
 
-fn hs256(secret: &str, claims: &Value) -> String {
+pub(crate) fn hs256(secret: &str, claims: &Value) -> String {
     jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
 }
 

@@ -15,3 +15,4 @@ mod lifecycle;
 mod limits;
 mod proxy;
 mod relay;
+mod socketio;

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod redis;
+pub mod sio;
 pub mod upstream;
 
 use std::collections::VecDeque;

@@ -1,0 +1,247 @@
+//! The Socket.IO front with real clients: socket.io-client 4.8 (Node) and
+//! python-socketio, against wsrelay alone and two sidecars + Redis behind a
+//! round-robin proxy; python-socketio's Redis manager as a publisher; bad
+//! Engine.IO / Socket.IO input.
+
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::common::redis::RedisServer;
+use crate::common::sio::{Driven, RoundRobin, settle};
+use crate::common::upstream::HookReply;
+use crate::common::{Relay, Upstream, request};
+
+const PATH: &str = "/socket.io/";
+
+fn history_config() -> tempfile::NamedTempFile {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), "[[namespace]]\nprefix = \"h:\"\nhistory = { size = 1000, ttl = \"10m\" }\n").unwrap();
+    f
+}
+
+/// A relay with the Socket.IO front, the connect and message hooks.
+async fn relay(app: &Upstream, extra: &[&str]) -> Relay {
+    let mut args = vec!["--socketio-path", PATH, "--connect-hook", "/ws/connect", "--message-hook", "/ws/message"];
+    args.extend_from_slice(extra);
+    Relay::start(&app.url(), &args).await
+}
+
+fn alice(app: &Upstream) {
+    app.set_hook("/ws/connect", HookReply::new(200, &json!({"user": "alice", "channels": ["user:alice"]})));
+}
+
+#[tokio::test]
+async fn socketio_clients_connect_with_auth_and_receive_app_events_on_both_transports() {
+    let app = Upstream::start().await;
+    alice(&app);
+    let relay = relay(&app, &[]).await;
+    let url = relay.http_url("");
+    // socket.io-client's default (polling, then the upgrade) and websocket only.
+    let mut polling = Driven::node(&url, json!({"auth": {"token": "t1"}}));
+    let mut ws = Driven::node(&url, json!({"auth": {"token": "t2"}, "transports": ["websocket"]}));
+    let c1 = polling.wait_type("connect").await;
+    // Polling first (the upgrade may complete before or after CONNECT).
+    let up = polling.wait_type("upgrade").await;
+    assert_eq!(up["transport"], "websocket");
+    let c2 = ws.wait_type("connect").await;
+    assert_eq!(c2["transport"], "websocket");
+    // socket.id is the connection id, named after the node.
+    assert!(c1["id"].as_str().unwrap().contains('.'), "{c1}");
+
+    // The connect hook saw the auth payload and the namespace.
+    let hooks = app.recorded("/ws/connect");
+    assert_eq!(hooks.len(), 2);
+    let asked: Vec<Value> = hooks.iter().map(|r| r.json()).collect();
+    assert!(asked.iter().any(|a| a["auth"]["token"] == "t1" && a["namespace"] == "/"), "{asked:?}");
+
+    // The hook's channels are rooms; an event published there reaches both.
+    let (s, _) = relay.publish(json!({"channel": "user:alice", "event": "notify", "args": ["hi", {"n": 1}]})).await;
+    assert_eq!(s, StatusCode::OK);
+    for c in [&mut polling, &mut ws] {
+        let e = c.event("notify").await;
+        assert_eq!(e["args"], json!(["hi", {"n": 1}]));
+    }
+    // A plain publish is the `message` event; `exclude` is skip_sid.
+    let skip = c2["id"].as_str().unwrap();
+    relay.publish(json!({"channel": "user:alice", "data": {"x": 1}, "exclude": skip})).await;
+    assert_eq!(polling.event("message").await["args"], json!([{"x": 1}]));
+    // Each socket is in the room named by its id.
+    relay.publish(json!({"channel": skip, "event": "only-you"})).await;
+    assert_eq!(ws.event("only-you").await["args"], json!([]));
+    let others = polling.drain(Duration::from_millis(300)).await;
+    assert!(others.iter().all(|v| v["event"] != "only-you" && v["event"] != "message"), "{others:?}");
+    assert!(ws.drain(Duration::from_millis(100)).await.iter().all(|v| v["event"] != "message"));
+}
+
+#[tokio::test]
+async fn client_events_go_to_the_message_hook_and_its_answer_is_the_ack() {
+    let app = Upstream::start().await;
+    alice(&app);
+    app.set_hook("/ws/message", HookReply::new(200, &json!(["ok", {"saved": true}])));
+    let relay = relay(&app, &[]).await;
+    let mut c = Driven::node(&relay.http_url(""), json!({"transports": ["websocket"]}));
+    let id = c.wait_type("connect").await["id"].as_str().unwrap().to_owned();
+    c.send(json!({"op": "emit", "event": "chat", "args": ["hello", 2], "ack": true, "id": 1})).await;
+    let ack = c.wait_type("ack").await;
+    assert_eq!(ack["error"], Value::Null);
+    // An array answer is the callback's arguments.
+    assert_eq!(ack["args"], json!(["ok", {"saved": true}]));
+    let hook = app.recorded("/ws/message").pop().unwrap().json();
+    assert_eq!(
+        hook,
+        json!({"event": "chat", "args": ["hello", 2], "ack": true, "namespace": "/", "connection": id, "user": "alice"})
+    );
+    // Without an ack the hook is told so, and nothing comes back.
+    c.send(json!({"op": "emit", "event": "typing", "args": []})).await;
+    crate::common::eventually(Duration::from_secs(5), "the hook hears the event", || async {
+        app.recorded("/ws/message").iter().any(|r| r.json()["event"] == "typing" && r.json()["ack"] == false)
+    })
+    .await;
+    // A refusal by the app is an error object in the ack.
+    app.set_hook("/ws/message", HookReply::new(403, &json!({"error": {"message": "no"}})));
+    c.send(json!({"op": "emit", "event": "chat", "args": [], "ack": true, "id": 2})).await;
+    let ack = c.wait_type("ack").await;
+    assert_eq!(ack["args"][0]["error"]["code"], "forbidden", "{ack}");
+    assert_eq!(ack["args"][0]["error"]["message"], "no");
+}
+
+#[tokio::test]
+async fn api_call_returns_the_clients_ack_or_504_or_404() {
+    let app = Upstream::start().await;
+    alice(&app);
+    let relay = relay(&app, &[]).await;
+    let mut c = Driven::node(&relay.http_url(""), json!({"answers": {"confirm": ["yes", 42]}}));
+    let id = c.wait_type("connect").await["id"].as_str().unwrap().to_owned();
+    let (s, body) = relay.api("/api/call", json!({"connection": id, "event": "confirm", "args": ["sure?"]}), None).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["args"], json!(["yes", 42]));
+    assert_eq!(c.wait_type("call").await["args"], json!(["sure?"]));
+    // Not answered: 504 after the timeout.
+    let (s, body) =
+        relay.api("/api/call", json!({"connection": id, "event": "ignored", "timeout": 0.5}), None).await;
+    assert_eq!(s, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert_eq!(body["error"]["code"], "timeout");
+    // No such socket: 404.
+    let gone = format!("{}.nosuchsocket", id.rsplit_once('.').unwrap().0);
+    let (s, _) = relay.api("/api/call", json!({"connection": gone, "event": "x"}), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // A wsrelay.v1 connection cannot answer: 501.
+    let mut v1 = crate::common::ws_connect(&relay.ws_url("/ws")).await;
+    let v1_id = v1.connection_id();
+    let (s, body) = relay.api("/api/call", json!({"connection": v1_id, "event": "x", "timeout": 2}), None).await;
+    assert_eq!(s, StatusCode::NOT_IMPLEMENTED, "{body}");
+    assert_eq!(relay.metric("wsrelay_calls_total{result=\"answered\"}").await, 1.0);
+    let _ = v1.recv_wire(Duration::from_millis(10)).await;
+}
+
+#[tokio::test]
+async fn rooms_namespaces_and_disconnect_by_the_app() {
+    let app = Upstream::start().await;
+    alice(&app);
+    let relay = relay(&app, &[]).await;
+    let url = relay.http_url("");
+    let mut root = Driven::node(&url, json!({"transports": ["websocket"]}));
+    let mut admin = Driven::node(&url, json!({"namespace": "/admin"}));
+    let root_id = root.wait_type("connect").await["id"].as_str().unwrap().to_owned();
+    let admin_id = admin.wait_type("connect").await["id"].as_str().unwrap().to_owned();
+    // The connect hook was told the namespace.
+    assert!(app.recorded("/ws/connect").iter().any(|r| r.json()["namespace"] == "/admin"));
+
+    // enter_room is the server-side subscribe: room `lobby` in `/`, and
+    // `/admin#ops` for room `ops` of namespace `/admin`.
+    let (s, _) = relay.api("/api/subscribe", json!({"connection": root_id, "channel": "lobby"}), None).await;
+    assert_eq!(s, StatusCode::OK);
+    relay.api("/api/subscribe", json!({"connection": admin_id, "channel": "/admin#ops"}), None).await;
+    settle().await;
+    relay.publish(json!({"channel": "lobby", "event": "in-lobby"})).await;
+    relay.publish(json!({"channel": "/admin#ops", "event": "in-ops"})).await;
+    // A namespace's own channel reaches all of its sockets.
+    relay.publish(json!({"channel": "/admin", "event": "all-admin"})).await;
+    relay.publish(json!({"channel": "/", "event": "all-root"})).await;
+    root.event("in-lobby").await;
+    root.event("all-root").await;
+    admin.event("in-ops").await;
+    admin.event("all-admin").await;
+    let r: Vec<Value> = root.drain(Duration::from_millis(300)).await;
+    assert!(r.iter().all(|v| v["event"] != "in-ops" && v["event"] != "all-admin"), "{r:?}");
+    let a: Vec<Value> = admin.drain(Duration::from_millis(100)).await;
+    assert!(a.iter().all(|v| v["event"] != "in-lobby" && v["event"] != "all-root"), "{a:?}");
+    // leave_room.
+    relay.api("/api/unsubscribe", json!({"connection": root_id, "channel": "lobby"}), None).await;
+    settle().await;
+    relay.publish(json!({"channel": "lobby", "event": "after-leave"})).await;
+    relay.publish(json!({"channel": "/", "event": "marker"})).await;
+    root.event("marker").await;
+    assert!(root.seen.iter().all(|v| v["event"] != "after-leave"));
+
+    // Disconnected by the app: "io server disconnect", and no reconnection.
+    let (s, _) = relay.api("/api/disconnect", json!({"connection": root_id}), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(root.wait_type("disconnect").await["reason"], "io server disconnect");
+    let after = root.drain(Duration::from_millis(800)).await;
+    assert!(after.iter().all(|v| v["type"] != "connect"), "reconnected: {after:?}");
+}
+
+#[tokio::test]
+async fn refused_connects_are_connect_errors_with_the_reason() {
+    let app = Upstream::start().await;
+    app.set_hook("/ws/connect", HookReply::new(401, &json!({})));
+    let relay = relay(&app, &[]).await;
+    let mut c = Driven::node(&relay.http_url(""), json!({"reconnection": false}));
+    let e = c.wait_type("connect_error").await;
+    assert_eq!(e["message"], "refused by the app", "{e}");
+    assert!(c.drain(Duration::from_millis(300)).await.iter().all(|v| v["type"] != "connect"));
+    // JWT in auth.token, without any hook.
+    let secret = "0123456789abcdef0123456789abcdef";
+    let relay = Relay::start(&app.url(), &["--socketio-path", PATH, "--jwt-secret", secret]).await;
+    let token = crate::auth::hs256(secret, &json!({"sub": "bob", "exp": 4_000_000_000u64, "channels": ["user:bob"]}));
+    let mut ok = Driven::node(&relay.http_url(""), json!({"auth": {"token": token}}));
+    ok.wait_type("connect").await;
+    relay.publish(json!({"channel": "user:bob", "event": "for-bob"})).await;
+    ok.event("for-bob").await;
+    let mut bad = Driven::node(&relay.http_url(""), json!({"auth": {"token": "nope"}, "reconnection": false}));
+    let e = bad.wait_type("connect_error").await;
+    assert!(e["message"].as_str().unwrap().starts_with("invalid token"), "{e}");
+}
+
+#[tokio::test]
+async fn a_reconnecting_client_recovers_what_it_missed() {
+    let app = Upstream::start().await;
+    app.set_hook("/ws/connect", HookReply::new(200, &json!({"user": "alice", "channels": ["h:alice", "plain"]})));
+    let cfg = history_config();
+    let relay = relay(&app, &["--config", cfg.path().to_str().unwrap()]).await;
+    let mut c = Driven::node(&relay.http_url(""), json!({"transports": ["websocket"]}));
+    let first = c.wait_type("connect").await;
+    assert_eq!(first["recovered"], false);
+    for n in 0..3 {
+        relay.publish(json!({"channel": "h:alice", "event": "n", "args": [n]})).await;
+    }
+    // Where history is kept, the offset follows as the last argument.
+    let e = c.event("n").await;
+    assert_eq!(e["args"][0], 0);
+    assert!(e["args"][1].as_str().unwrap().contains(':'), "{e}");
+    c.event("n").await;
+    c.event("n").await;
+    // The transport drops; meanwhile the app publishes.
+    c.send(json!({"op": "close-engine"})).await;
+    c.wait_type("disconnect").await;
+    for n in 3..6 {
+        relay.publish(json!({"channel": "h:alice", "event": "n", "args": [n]})).await;
+    }
+    let again = c.wait_type("connect").await;
+    assert_eq!(again["recovered"], true, "{again}");
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        got.push(c.event("n").await["args"][0].as_i64().unwrap());
+    }
+    assert_eq!(got, [3, 4, 5]);
+    // Nothing twice, and the rooms are back (live events still arrive).
+    relay.publish(json!({"channel": "h:alice", "event": "n", "args": [6]})).await;
+    assert_eq!(c.event("n").await["args"][0], 6);
+    relay.publish(json!({"channel": "plain", "event": "p"})).await;
+    c.event("p").await;
+    assert!(c.seen.iter().all(|v| v["event"] != "n"), "{:?}", c.seen);
+    assert_eq!(relay.metric("wsrelay_socketio_recoveries_total{result=\"recovered\"}").await, 1.0);
+}
