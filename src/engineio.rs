@@ -94,6 +94,8 @@ pub struct Poll {
     inbound: mpsc::Sender<String>,
     upgrade: Mutex<Option<oneshot::Sender<Ws>>>,
     getting: AtomicBool,
+    /// Cancelled when the session is over (closed by either side).
+    ended: tokio_util::sync::CancellationToken,
     /// Bytes queued at most (and per GET response): `maxPayload`.
     cap: usize,
 }
@@ -124,6 +126,7 @@ impl Poll {
             inbound: tx,
             upgrade: Mutex::new(Some(up_tx)),
             getting: AtomicBool::new(false),
+            ended: tokio_util::sync::CancellationToken::new(),
             cap,
         });
         (poll, PollEnd { inbound, upgrade })
@@ -159,6 +162,12 @@ impl Poll {
     pub fn close(&self) {
         lock(&self.out).closed = true;
         self.ready.notify_one();
+        self.ended.cancel();
+    }
+
+    /// Completes once the session is closed.
+    pub fn ended(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.ended.cancelled()
     }
 
 

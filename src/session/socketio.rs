@@ -301,8 +301,11 @@ impl Transport for Eio {
                 }
             } else {
                 let inbound = self.inbound.as_mut()?;
+                let poll = self.poll.clone()?;
                 tokio::select! {
                     p = inbound.recv() => Utf8Bytes::from(p?),
+                    // Closed from the HTTP side (an oversized body).
+                    () = poll.ended() => return None,
                     ws = upgraded(&mut self.upgrade) => {
                         if let Some(ws) = ws {
                             self.switch(ws);

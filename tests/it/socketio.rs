@@ -245,3 +245,245 @@ async fn a_reconnecting_client_recovers_what_it_missed() {
     assert!(c.seen.iter().all(|v| v["event"] != "n"), "{:?}", c.seen);
     assert_eq!(relay.metric("wsrelay_socketio_recoveries_total{result=\"recovered\"}").await, 1.0);
 }
+
+/// Two sidecars sharing a Redis, behind a per-request round-robin proxy.
+struct Cluster {
+    _redis: RedisServer,
+    redis_url: String,
+    a: Relay,
+    b: Relay,
+    lb: RoundRobin,
+}
+
+async fn cluster(app: &Upstream) -> Cluster {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let common = ["--redis-url", &url, "--socketio-redis-channel", "socketio"];
+    let mut a_args = common.to_vec();
+    a_args.extend(["--node-id", "a"]);
+    let mut b_args = common.to_vec();
+    b_args.extend(["--node-id", "b"]);
+    let a = relay(app, &a_args).await;
+    let b = relay(app, &b_args).await;
+    let lb = RoundRobin::start(vec![a.public, b.public]).await;
+    // Each node has advertised its address.
+    settle().await;
+    Cluster { redis_url: url, _redis: redis, a, b, lb }
+}
+
+fn node_of(id: &Value) -> &str {
+    id.as_str().unwrap().rsplit_once('.').unwrap().0
+}
+
+#[tokio::test]
+async fn without_sticky_sessions_polling_and_upgrades_work_across_two_sidecars() {
+    let app = Upstream::start().await;
+    alice(&app);
+    let c = cluster(&app).await;
+    let url = c.lb.url();
+    // Polling only: every request alternates between the sidecars.
+    let mut polling = Driven::node(&url, json!({"transports": ["polling"]}));
+    // The default: polling, then an upgrade that may land on the other one.
+    let mut upgrading = Driven::node(&url, json!({}));
+    let mut ws = Driven::node(&url, json!({"transports": ["websocket"]}));
+    let mut ids = Vec::new();
+    for client in [&mut polling, &mut upgrading, &mut ws] {
+        ids.push(client.wait_type("connect").await["id"].clone());
+    }
+    upgrading.wait_type("upgrade").await;
+    // Events published on either node reach every socket.
+    for (n, node) in [&c.a, &c.b].into_iter().enumerate() {
+        let (s, _) = node.publish(json!({"channel": "user:alice", "event": "n", "args": [n]})).await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    for client in [&mut polling, &mut upgrading, &mut ws] {
+        let mut got = vec![client.event("n").await["args"][0].as_i64().unwrap()];
+        got.push(client.event("n").await["args"][0].as_i64().unwrap());
+        assert_eq!(got, [0, 1]);
+    }
+    // Requests were forwarded to the node that holds the session.
+    let forwarded = c.a.metric("wsrelay_socketio_forwards_total{result=\"forwarded\"}").await
+        + c.b.metric("wsrelay_socketio_forwards_total{result=\"forwarded\"}").await;
+    assert!(forwarded > 0.0, "no request needed forwarding?");
+
+    // /api/call on one node reaches a socket on the other.
+    let mut answering = Driven::node(&url, json!({"transports": ["polling"], "answers": {"ping?": ["pong!"]}}));
+    let id = answering.wait_type("connect").await["id"].clone();
+    let other = if node_of(&id) == "a" { &c.b } else { &c.a };
+    let (s, body) = other.api("/api/call", json!({"connection": id, "event": "ping?", "timeout": 5}), None).await;
+    assert_eq!((s, &body["args"]), (StatusCode::OK, &json!(["pong!"])), "{body}");
+    // A socket of the other node that is gone: 404 (the node says so).
+    let gone = format!("{}.gonegonegone", node_of(&id));
+    let (s, _) = other.api("/api/call", json!({"connection": gone, "event": "x", "timeout": 5}), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // A polling request for a node that is not there: Engine.IO's "Session ID unknown".
+    let (s, _, body) =
+        request(Method::GET, &format!("{url}{PATH}?EIO=4&transport=polling&sid=gone.abcdef"), None, &[]).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap()["code"], 1);
+    let _ = ids;
+}
+
+#[tokio::test]
+async fn python_socketio_redis_manager_emits_reach_sockets_on_both_nodes() {
+    let app = Upstream::start().await;
+    alice(&app);
+    let c = cluster(&app).await;
+    // One socket on each node.
+    let mut on_a = Driven::node(&c.a.http_url(""), json!({"transports": ["websocket"]}));
+    let mut on_b = Driven::node(&c.b.http_url(""), json!({}));
+    let id_a = on_a.wait_type("connect").await["id"].as_str().unwrap().to_owned();
+    let id_b = on_b.wait_type("connect").await["id"].as_str().unwrap().to_owned();
+    // The app process: python-socketio's AsyncRedisManager(write_only=True), no server.
+    let ops = json!([
+        {"op": "emit", "event": "news", "data": {"headline": "hi"}, "room": "user:alice"},
+        {"op": "emit", "event": "all", "data": [1, 2]},
+        {"op": "emit", "event": "not-a", "data": "x", "room": "user:alice", "skip_sid": id_a},
+        {"op": "enter_room", "sid": id_b, "room": "vip"},
+        {"op": "sleep", "seconds": 0.3},
+        {"op": "emit", "event": "vip-only", "data": null, "room": "vip"},
+        {"op": "emit", "event": "to-sid", "data": "direct", "room": id_a},
+    ]);
+    let (ok, out) = Driven::python("emitter.py", &[&c.redis_url, "socketio", &ops.to_string()])
+        .finish(Duration::from_secs(20))
+        .await;
+    assert!(ok, "emitter failed: {out:?}");
+    for client in [&mut on_a, &mut on_b] {
+        assert_eq!(client.event("news").await["args"], json!([{"headline": "hi"}]));
+        // A list is one argument (a tuple would be several).
+        assert_eq!(client.event("all").await["args"], json!([[1, 2]]));
+    }
+    on_b.event("not-a").await;
+    on_b.event("vip-only").await;
+    assert_eq!(on_a.event("to-sid").await["args"], json!(["direct"]));
+    let rest = on_a.drain(Duration::from_millis(500)).await;
+    assert!(rest.iter().all(|v| v["event"] != "not-a" && v["event"] != "vip-only"), "{rest:?}");
+    // A pickled message (python-socketio < 5.14) is refused, never unpickled.
+    c._redis.cmd(&["PUBLISH", "socketio", "\u{80}\u{4}pickled"]).await;
+    c.a.wait_metric("wsrelay_socketio_bridge_messages_total{method=\"refused\"}", |v| v >= 1.0).await;
+    // The python disconnect reaches the socket wherever it is.
+    let ops = json!([{"op": "disconnect", "sid": id_b}]);
+    let (ok, _) = Driven::python("emitter.py", &[&c.redis_url, "socketio", &ops.to_string()])
+        .finish(Duration::from_secs(20))
+        .await;
+    assert!(ok);
+    assert_eq!(on_b.wait_type("disconnect").await["reason"], "io server disconnect");
+}
+
+#[tokio::test]
+async fn python_socketio_client_connects_emits_with_ack_and_answers_calls() {
+    let app = Upstream::start().await;
+    alice(&app);
+    app.set_hook("/ws/message", HookReply::new(200, &json!({"stored": 1})));
+    let relay = relay(&app, &[]).await;
+    let mut py = Driven::python(
+        "client.py",
+        &[&relay.http_url(""), &json!({"auth": {"token": "py"}, "answers": {"sure?": ["yes"]}}).to_string()],
+    );
+    let id = py.wait_type("connect").await["id"].as_str().unwrap().to_owned();
+    assert_eq!(app.recorded("/ws/connect")[0].json()["auth"], json!({"token": "py"}));
+    relay.publish(json!({"channel": "user:alice", "event": "hello", "args": ["py"]})).await;
+    assert_eq!(py.event("hello").await["args"], json!(["py"]));
+    py.send(json!({"op": "emit", "event": "save", "args": [{"a": 1}], "ack": true, "id": 7})).await;
+    assert_eq!(py.wait_type("ack").await["args"], json!([{"stored": 1}]));
+    let (s, body) = relay.api("/api/call", json!({"connection": id, "event": "sure?", "timeout": 5}), None).await;
+    assert_eq!((s, &body["args"]), (StatusCode::OK, &json!(["yes"])), "{body}");
+    py.send(json!({"op": "exit"})).await;
+}
+
+/// Opens an Engine.IO polling session by hand; returns its sid.
+async fn open_polling(base: &str) -> String {
+    let (s, _, body) = request(Method::GET, &format!("{base}{PATH}?EIO=4&transport=polling"), None, &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    let open: Value = serde_json::from_str(text.strip_prefix('0').unwrap()).unwrap();
+    open["sid"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_engineio_input_gets_clear_errors_and_harms_nothing() {
+    let app = Upstream::start().await;
+    alice(&app);
+    let relay = relay(&app, &["--socketio-max-payload", "2048"]).await;
+    let base = relay.http_url("");
+    let get = |q: String| {
+        let url = format!("{base}{PATH}?{q}");
+        async move {
+            let (s, _, b) = request(Method::GET, &url, None, &[]).await;
+            (s, String::from_utf8_lossy(&b).into_owned())
+        }
+    };
+    let code = |b: &str| serde_json::from_str::<Value>(b).map(|v| v["code"].clone()).unwrap_or(Value::Null);
+    let (s, b) = get("EIO=3&transport=polling".into()).await;
+    assert_eq!((s, code(&b)), (StatusCode::BAD_REQUEST, json!(5)), "{b}");
+    let (s, b) = get("EIO=4&transport=carrier-pigeon".into()).await;
+    assert_eq!((s, code(&b)), (StatusCode::BAD_REQUEST, json!(0)), "{b}");
+    let own = relay.http_url("");
+    let _ = own;
+    let (s, b) = get("EIO=4&transport=polling&sid=nosuchsession".into()).await;
+    assert_eq!((s, code(&b)), (StatusCode::BAD_REQUEST, json!(1)), "{b}");
+
+    // A session, CONNECTed by hand, then a malformed Socket.IO packet: closed.
+    let post = |sid: String, body: String| {
+        let url = format!("{base}{PATH}?EIO=4&transport=polling&sid={sid}");
+        async move {
+            let h = [("content-type", "text/plain;charset=UTF-8".to_owned())];
+            let (s, _, b) = request(Method::POST, &url, Some(body), &h).await;
+            (s, String::from_utf8_lossy(&b).into_owned())
+        }
+    };
+    let sid = open_polling(&base).await;
+    assert_eq!(post(sid.clone(), "40".into()).await.0, StatusCode::OK);
+    let (_, b) = get(format!("EIO=4&transport=polling&sid={sid}")).await;
+    assert!(b.starts_with("40{\"pid\""), "CONNECT answered: {b}");
+    assert_eq!(post(sid.clone(), "4zzz".into()).await.0, StatusCode::OK);
+    // The session ends: the client is told (close packet), then the sid is unknown.
+    crate::common::eventually(Duration::from_secs(5), "the session closes", || {
+        let q = format!("EIO=4&transport=polling&sid={sid}");
+        let get = &get;
+        async move {
+            let (s, b) = get(q).await;
+            s == StatusCode::BAD_REQUEST || b.contains('1') && !b.starts_with("40")
+        }
+    })
+    .await;
+    // Binary packets are refused with a DISCONNECT (not supported, see README).
+    let sid = open_polling(&base).await;
+    post(sid.clone(), "40".into()).await;
+    let _ = get(format!("EIO=4&transport=polling&sid={sid}")).await;
+    post(sid.clone(), "451-[\"up\",{\"_placeholder\":true,\"num\":0}]".into()).await;
+    let (_, b) = get(format!("EIO=4&transport=polling&sid={sid}")).await;
+    assert!(b.starts_with("41"), "told it is disconnected: {b:?}");
+
+    // An oversized polling body: 413, and the session is over.
+    let sid = open_polling(&base).await;
+    let (s, _) = post(sid.clone(), format!("42[\"big\",\"{}\"]", "x".repeat(4096))).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    crate::common::eventually(Duration::from_secs(5), "the oversized session ends", || {
+        let q = format!("EIO=4&transport=polling&sid={sid}");
+        let get = &get;
+        async move { get(q).await.0 == StatusCode::BAD_REQUEST || get(String::new()).await.0 == StatusCode::BAD_REQUEST }
+    })
+    .await;
+
+    // Events before CONNECT: the session is not made.
+    let sid = open_polling(&base).await;
+    post(sid.clone(), "42[\"early\"]".into()).await;
+    crate::common::eventually(Duration::from_secs(5), "no session without CONNECT", || {
+        let q = format!("EIO=4&transport=polling&sid={sid}");
+        let get = &get;
+        async move {
+            let (s, b) = get(q).await;
+            s == StatusCode::BAD_REQUEST || b == "1"
+        }
+    })
+    .await;
+
+    // The node is unharmed: a real client connects and gets events.
+    let mut c = Driven::node(&base, json!({}));
+    c.wait_type("connect").await;
+    relay.publish(json!({"channel": "user:alice", "event": "still-fine"})).await;
+    c.event("still-fine").await;
+    assert_eq!(relay.metric("wsrelay_connections").await, 1.0);
+}

@@ -1,0 +1,41 @@
+"""An app process that keeps python-socketio's Redis manager (write only)
+and no Socket.IO server: what the tests check wsrelay relays.
+
+    python emitter.py <redis url> <channel> '<JSON list of operations>'
+
+operations: {"op": "emit", "event", "data", "room", "skip_sid", "namespace"},
+{"op": "enter_room" | "leave_room", "sid", "room", "namespace"},
+{"op": "close_room", "room", "namespace"}, {"op": "disconnect", "sid", "namespace"}.
+"""
+
+import asyncio
+import json
+import sys
+
+import socketio
+
+
+async def main():
+    url, channel, ops = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    mgr = socketio.AsyncRedisManager(url, channel=channel, write_only=True)
+    for op in ops:
+        ns = op.get("namespace", "/")
+        kind = op["op"]
+        if kind == "emit":
+            await mgr.emit(op["event"], data=op.get("data"), namespace=ns, room=op.get("room"),
+                           skip_sid=op.get("skip_sid"))
+        elif kind == "enter_room":
+            await mgr.enter_room(op["sid"], ns, op["room"])
+        elif kind == "leave_room":
+            await mgr.leave_room(op["sid"], ns, op["room"])
+        elif kind == "close_room":
+            await mgr.close_room(op["room"], namespace=ns)
+        elif kind == "disconnect":
+            # As AsyncServer.disconnect() does for a sid of another server.
+            await mgr.can_disconnect(op["sid"], ns)
+        elif kind == "sleep":
+            await asyncio.sleep(op["seconds"])
+    print(json.dumps({"type": "done"}), flush=True)
+
+
+asyncio.run(main())
