@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 ARGS  ?=
 
-.PHONY: run build test check fmt clippy deps need bench clean fuzz fuzz-smoke
+.PHONY: run build test check fmt clippy deps need socketio-deps bench clean fuzz fuzz-smoke
 
 ## Build in release mode and run the sidecar with its defaults
 ## (public :8080, admin 127.0.0.1:8081, app at http://127.0.0.1:3000, in-memory broker).
@@ -20,6 +20,24 @@ build:
 deps:
 	@$(MAKE) --no-print-directory need PROG=redis-server PKG=redis-server
 	@$(MAKE) --no-print-directory need PROG=python3 PKG=python3-minimal
+	@$(MAKE) --no-print-directory need PROG=node PKG=nodejs
+	@$(MAKE) --no-print-directory need PROG=npm PKG=npm
+	@$(MAKE) --no-print-directory socketio-deps
+
+## The Socket.IO tests' real clients, in the repo's own folder: socket.io-client
+## (npm ci, package-lock.json) and python-socketio (a venv, pinned requirements.txt).
+SIO := tests/socketio
+socketio-deps: $(SIO)/node_modules/.installed $(SIO)/.venv/.installed
+
+$(SIO)/node_modules/.installed: $(SIO)/package-lock.json
+	cd $(SIO) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+$(SIO)/.venv/.installed: $(SIO)/requirements.txt
+	@python3 -c 'import ensurepip, venv' 2>/dev/null || $(MAKE) --no-print-directory need PROG=no-such-program-venv PKG=python3-venv || python3 -c 'import ensurepip, venv'
+	python3 -m venv $(SIO)/.venv
+	$(SIO)/.venv/bin/pip install --quiet --disable-pip-version-check -r $(SIO)/requirements.txt
+	@touch $@
 
 need:
 	@if command -v $(PROG) >/dev/null 2>&1; then \

@@ -275,7 +275,7 @@ mod tests {
 
     #[tokio::test]
     async fn get_takes_queued_packets_up_to_the_cap() {
-        let (poll, _end) = Poll::new(Arc::from("n.1"), 10);
+        let (poll, _end) = Poll::new(Arc::from("n.1"), 8);
         assert_eq!(poll.push(&Utf8Bytes::from("42[1]")), Ok(true));
         assert_eq!(poll.push(&Utf8Bytes::from("42[2]")), Ok(false));
         assert_eq!(poll.get(Duration::from_millis(10)).await, Ok(Taken::Payload("42[1]".into())));

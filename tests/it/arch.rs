@@ -13,7 +13,7 @@ const LAYERS: &[&[&str]] = &[
     &["protocol"],
     &["hub"],
     &["broker"],
-    &["body", "upstream"],
+    &["body", "upstream", "engineio"],
     &["auth", "proxy"],
     &["node"],
     &["session", "admin"],
