@@ -182,8 +182,9 @@ pub fn event_args(args: Option<Box<RawValue>>, data: Option<Box<RawValue>>) -> R
     match (args, data) {
         (Some(a), None) if a.get().trim_start().starts_with('[') => Ok(a),
         (Some(_), None) => Err(ApiError::bad_request("\"args\" must be a JSON array")),
-        (None, Some(d)) => RawValue::from_string(format!("[{}]", d.get()))
-            .map_err(|_| ApiError::bad_request("invalid \"data\"")),
+        (None, Some(d)) => {
+            RawValue::from_string(format!("[{}]", d.get())).map_err(|_| ApiError::bad_request("invalid \"data\""))
+        }
         (None, None) => Ok(RawValue::from_string("[]".to_owned()).unwrap_or_default()),
         (Some(_), Some(_)) => Err(ApiError::bad_request("give \"args\" or \"data\", not both")),
     }

@@ -74,6 +74,10 @@ pub enum Taken {
     Closed,
 }
 
+/// The session is closed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Closed;
+
 /// Why a polling request is refused.
 #[derive(Debug, PartialEq, Eq)]
 pub enum PollError {
@@ -134,10 +138,10 @@ impl Poll {
 
     /// Queues a packet for the next GET. Ok(false) when the queue is full
     /// (wait for [`room`](Self::room)); Err once closed.
-    pub fn push(&self, packet: &Utf8Bytes) -> Result<bool, ()> {
+    pub fn push(&self, packet: &Utf8Bytes) -> Result<bool, Closed> {
         let mut out = lock(&self.out);
         if out.closed {
-            return Err(());
+            return Err(Closed);
         }
         if !out.queue.is_empty() && out.bytes + packet.len() > self.cap {
             return Ok(false);
@@ -169,7 +173,6 @@ impl Poll {
     pub fn ended(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
         self.ended.cancelled()
     }
-
 
     /// An upgrade probe succeeded: a waiting GET returns a noop, so the
     /// client can pause polling.
@@ -282,6 +285,6 @@ mod tests {
         assert_eq!(poll.get(Duration::from_millis(10)).await, Ok(Taken::Payload("6".into())));
         poll.close();
         assert_eq!(poll.get(Duration::from_millis(10)).await, Ok(Taken::Closed));
-        assert_eq!(poll.push(&Utf8Bytes::from("2")), Err(()));
+        assert_eq!(poll.push(&Utf8Bytes::from("2")), Err(Closed));
     }
 }

@@ -334,7 +334,10 @@ impl Auth {
         ack: bool,
     ) -> Result<Option<Box<RawValue>>, ApiError> {
         let Some(path) = &self.cfg.message_hook else {
-            return Err(ApiError::new(ErrorCode::NotSupported, "events are not handled: no message hook is configured"));
+            return Err(ApiError::new(
+                ErrorCode::NotSupported,
+                "events are not handled: no message hook is configured",
+            ));
         };
         let req = EmitRequest { event, args, ack, namespace, connection, user: ident.user.as_deref() };
         self.message(path, serde_json::to_vec(&req).unwrap_or_default()).await

@@ -70,7 +70,7 @@ impl History {
 }
 
 pub enum Broker {
-    Memory(memory::MemoryBroker),
+    Memory(Box<memory::MemoryBroker>),
     Redis(Box<redis::RedisBroker>),
 }
 
@@ -84,7 +84,7 @@ impl Broker {
             }
             (None, _) => {
                 w.metrics.broker_up.set(1);
-                Ok(Broker::Memory(memory::MemoryBroker::new(w.hub, w.metrics, w.namespaces)))
+                Ok(Broker::Memory(Box::new(memory::MemoryBroker::new(w.hub, w.metrics, w.namespaces))))
             }
             (Some(_), None) => Err(BrokerError::Config("the Redis broker needs the hub's interest".into())),
         }

@@ -123,7 +123,8 @@ fn apply_inner(hub: &Hub, payload: &[u8]) -> &'static str {
                 return "refused";
             };
             for s in hub.subscribers(&channel) {
-                let cmd = NodeCommand::Unsubscribe { target: Target::Connection(s.id.to_string()), channel: channel.clone() };
+                let cmd =
+                    NodeCommand::Unsubscribe { target: Target::Connection(s.id.to_string()), channel: channel.clone() };
                 hub.apply(&cmd, None);
             }
             "close_room"

@@ -110,12 +110,24 @@ pub enum CallAnswer {
 #[serde(rename_all = "lowercase")]
 pub enum NodeCommand {
     Disconnect(Target),
-    Subscribe { target: Target, channel: Channel },
-    Unsubscribe { target: Target, channel: Channel },
+    Subscribe {
+        target: Target,
+        channel: Channel,
+    },
+    Unsubscribe {
+        target: Target,
+        channel: Channel,
+    },
     /// `/api/call`: the event for one connection.
-    Call { target: Target, call: Call },
+    Call {
+        target: Target,
+        call: Call,
+    },
     /// The answer to a call, for the node whose API request waits.
-    Answer { call: String, answer: CallAnswer },
+    Answer {
+        call: String,
+        answer: CallAnswer,
+    },
 }
 
 impl Outbound {

@@ -58,22 +58,47 @@ pub const PROTOCOLS: usize = 2;
 /// What a client asks for, whatever protocol it speaks.
 #[derive(Debug)]
 pub enum Request {
-    Subscribe { channel: Channel, since: Option<String> },
-    Unsubscribe { channel: Channel },
-    Publish { channel: Channel, data: Box<RawValue> },
-    Send { data: Box<RawValue> },
-    Presence { channel: Channel },
+    Subscribe {
+        channel: Channel,
+        since: Option<String>,
+    },
+    Unsubscribe {
+        channel: Channel,
+    },
+    Publish {
+        channel: Channel,
+        data: Box<RawValue>,
+    },
+    Send {
+        data: Box<RawValue>,
+    },
+    Presence {
+        channel: Channel,
+    },
     Ping,
     /// Socket.IO: connect a further namespace (the first is connected
     /// before the session starts).
-    Connect { namespace: Arc<str>, auth: Option<Box<RawValue>> },
+    Connect {
+        namespace: Arc<str>,
+        auth: Option<Box<RawValue>>,
+    },
     /// Socket.IO: leave a namespace.
-    Leave { namespace: Arc<str> },
+    Leave {
+        namespace: Arc<str>,
+    },
     /// Socket.IO: an event for the app (the message hook); `ack` when the
     /// client waits for an answer.
-    Emit { namespace: Arc<str>, event: Arc<str>, args: Box<RawValue>, ack: bool },
+    Emit {
+        namespace: Arc<str>,
+        event: Arc<str>,
+        args: Box<RawValue>,
+        ack: bool,
+    },
     /// Socket.IO: the client's answer to an event the app sent with `/api/call`.
-    Ack { ack: u64, args: Box<RawValue> },
+    Ack {
+        ack: u64,
+        args: Box<RawValue>,
+    },
     /// Something this server does not do: the session is closed, saying why.
     Refuse(&'static str),
 }
@@ -138,7 +163,11 @@ pub trait Codec: Send + Sync + 'static {
         None
     }
     /// Frames written before the session closes for `reason`.
-    fn goodbye(&self, _reason: crate::error::CloseReason, _channels: &std::collections::HashSet<Channel>) -> Vec<Utf8Bytes> {
+    fn goodbye(
+        &self,
+        _reason: crate::error::CloseReason,
+        _channels: &std::collections::HashSet<Channel>,
+    ) -> Vec<Utf8Bytes> {
         Vec::new()
     }
     /// A channel message, encoded for this protocol (called through

@@ -241,7 +241,12 @@ impl<C: Codec> Session<C> {
         tracing::debug!(reason = reason.label(), "session closed");
     }
 
-    async fn serve<T: Transport>(&mut self, ws: &mut T, rx: &mut mpsc::Receiver<Outbound>, welcome: Utf8Bytes) -> CloseReason {
+    async fn serve<T: Transport>(
+        &mut self,
+        ws: &mut T,
+        rx: &mut mpsc::Receiver<Outbound>,
+        welcome: Utf8Bytes,
+    ) -> CloseReason {
         let handle = self.handle.clone();
         let node = self.node.clone();
         // The welcome is written before anything queued, so it is always first.

@@ -226,7 +226,7 @@ impl<C: Codec> Session<C> {
                 }
             }
             Request::Ack { ack, args } => {
-                self.acked(ack, args);
+                self.acked(ack, &args);
                 return None;
             }
             Request::Connect { namespace, .. } => {
@@ -469,7 +469,7 @@ impl<C: Codec> Session<C> {
     }
 
     /// The client answered a call.
-    fn acked(&mut self, ack: u64, args: Box<RawValue>) {
+    fn acked(&mut self, ack: u64, args: &RawValue) {
         match self.calls.remove(&ack) {
             Some(call) => self.node.answer_call(call, crate::hub::CallAnswer::Args(args.get().to_owned())),
             None => tracing::debug!(ack, "acknowledgement for no pending call: ignored"),
@@ -480,13 +480,14 @@ impl<C: Codec> Session<C> {
     /// (with the identity it connected with). Its sockets are in the
     /// namespace's channel and the room named by the connection id.
     fn connect_namespace(&mut self, namespace: &str) {
-        let channels = match (socketio::namespace_channel(namespace), socketio::room_channel(namespace, &self.handle.id)) {
-            (Ok(a), Ok(b)) => [a, b],
-            _ => {
-                self.send_frame(socketio::connect_error(namespace, "invalid namespace"));
-                return;
-            }
-        };
+        let channels =
+            match (socketio::namespace_channel(namespace), socketio::room_channel(namespace, &self.handle.id)) {
+                (Ok(a), Ok(b)) => [a, b],
+                _ => {
+                    self.send_frame(socketio::connect_error(namespace, "invalid namespace"));
+                    return;
+                }
+            };
         let max = self.node.cfg.session.max_subscriptions;
         if self.subs.len() + 2 > max {
             self.send_frame(socketio::connect_error(namespace, "too many namespaces (max-subscriptions)"));

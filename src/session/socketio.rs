@@ -46,8 +46,8 @@ use crate::channel::Channel;
 use crate::engineio::{Poll, PollEnd, PollError, Taken, Ws};
 use crate::error::{ConnResult, Reject};
 use crate::node::Node;
-pub use crate::protocol::socketio::{in_namespace, namespace_channel, room_channel, split_channel};
 use crate::protocol::socketio::{ROOT, SocketIo, parse_packet, valid_namespace};
+pub use crate::protocol::socketio::{in_namespace, namespace_channel, room_channel, split_channel};
 use crate::protocol::{Message, Offset};
 
 /// Marks a request one sidecar forwarded to another (never forwarded again).
@@ -347,7 +347,7 @@ impl Transport for Eio {
             room.as_mut().enable();
             match poll.push(&packet) {
                 Ok(true) => return Ok(()),
-                Err(()) => return Err(WsError::ConnectionClosed),
+                Err(_) => return Err(WsError::ConnectionClosed),
                 Ok(false) => poll.flush(),
             }
             tokio::select! {
@@ -499,7 +499,7 @@ pub(crate) async fn handle(node: Arc<Node>, req: Request<Incoming>, remote: Sock
             }
             let Some(poll) = node.polls.get(&sid) else { return unknown_sid() };
             if websocket {
-                return probe(node, req, poll);
+                return probe(&node, req, poll);
             }
             match *req.method() {
                 Method::GET => poll_get(&node, &poll).await,
@@ -652,8 +652,9 @@ async fn poll_post(node: &Node, poll: &Poll, req: Request<Incoming>) -> Response
 
 /// The WebSocket upgrade of a polling session: `2probe` → `3probe`, the
 /// waiting GET gets a noop, then `5` hands the socket to the session.
-fn probe(node: Arc<Node>, mut req: Request<Incoming>, poll: Arc<Poll>) -> Response<Body> {
-    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned) else {
+fn probe(node: &Node, mut req: Request<Incoming>, poll: Arc<Poll>) -> Response<Body> {
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    else {
         return eio_error(3, "missing Sec-WebSocket-Key");
     };
     if !poll.can_upgrade() {
@@ -704,7 +705,14 @@ struct RecoveryAuth {
 
 /// Waits for the client's first CONNECT, authenticates it and runs the
 /// session; a refusal is a CONNECT_ERROR.
-async fn socket(node: Arc<Node>, mut eio: Eio, head: Request<()>, remote: SocketAddr, sid: Arc<str>, slot: crate::node::Slot) {
+async fn socket(
+    node: Arc<Node>,
+    mut eio: Eio,
+    head: Request<()>,
+    remote: SocketAddr,
+    sid: Arc<str>,
+    slot: crate::node::Slot,
+) {
     let first = tokio::time::timeout(node.cfg.session.handshake_timeout, async {
         loop {
             match eio.recv().await? {
@@ -842,7 +850,10 @@ async fn socket(node: Arc<Node>, mut eio: Eio, head: Request<()>, remote: Socket
     // channel with history caught up.
     let is_recovered = old_pid.is_some() && known && recovered.iter().all(|(_, ok)| *ok);
     if old_pid.is_some() {
-        node.metrics.socketio_recoveries.with_label_values(&[if is_recovered { "recovered" } else { "not_recovered" }]).inc();
+        node.metrics
+            .socketio_recoveries
+            .with_label_values(&[if is_recovered { "recovered" } else { "not_recovered" }])
+            .inc();
     }
     // The same pid tells socket.io-client it was recovered; a new one, not.
     let pid = match old_pid {

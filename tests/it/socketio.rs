@@ -114,13 +114,13 @@ async fn api_call_returns_the_clients_ack_or_504_or_404() {
     let relay = relay(&app, &[]).await;
     let mut c = Driven::node(&relay.http_url(""), json!({"answers": {"confirm": ["yes", 42]}}));
     let id = c.wait_type("connect").await["id"].as_str().unwrap().to_owned();
-    let (s, body) = relay.api("/api/call", json!({"connection": id, "event": "confirm", "args": ["sure?"]}), None).await;
+    let (s, body) =
+        relay.api("/api/call", json!({"connection": id, "event": "confirm", "args": ["sure?"]}), None).await;
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(body["args"], json!(["yes", 42]));
     assert_eq!(c.wait_type("call").await["args"], json!(["sure?"]));
     // Not answered: 504 after the timeout.
-    let (s, body) =
-        relay.api("/api/call", json!({"connection": id, "event": "ignored", "timeout": 0.5}), None).await;
+    let (s, body) = relay.api("/api/call", json!({"connection": id, "event": "ignored", "timeout": 0.5}), None).await;
     assert_eq!(s, StatusCode::GATEWAY_TIMEOUT, "{body}");
     assert_eq!(body["error"]["code"], "timeout");
     // No such socket: 404.
@@ -256,10 +256,15 @@ struct Cluster {
 }
 
 async fn cluster(app: &Upstream) -> Cluster {
+    cluster_with(app, &[]).await
+}
+
+async fn cluster_with(app: &Upstream, extra: &[&str]) -> Cluster {
     let redis = RedisServer::start();
     let url = redis.url();
-    let common = ["--redis-url", &url, "--socketio-redis-channel", "socketio"];
-    let mut a_args = common.to_vec();
+    let mut common = vec!["--redis-url", &url, "--socketio-redis-channel", "socketio"];
+    common.extend_from_slice(extra);
+    let mut a_args = common.clone();
     a_args.extend(["--node-id", "a"]);
     let mut b_args = common.to_vec();
     b_args.extend(["--node-id", "b"]);
@@ -486,4 +491,83 @@ async fn malformed_and_oversized_engineio_input_gets_clear_errors_and_harms_noth
     relay.publish(json!({"channel": "user:alice", "event": "still-fine"})).await;
     c.event("still-fine").await;
     assert_eq!(relay.metric("wsrelay_connections").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_sidecar_deploy_loses_nothing_socketio_clients_recover_on_the_other() {
+    let app = Upstream::start().await;
+    app.set_hook("/ws/connect", HookReply::new(200, &json!({"user": "alice", "channels": ["h:alice"]})));
+    let cfg = history_config();
+    let c = cluster_with(&app, &["--config", cfg.path().to_str().unwrap(), "--drain-timeout", "3s"]).await;
+    let url = c.lb.url();
+    let mut clients = vec![
+        Driven::node(&url, json!({"transports": ["websocket"]})),
+        Driven::node(&url, json!({"transports": ["websocket"]})),
+        Driven::node(&url, json!({"transports": ["polling"]})),
+        Driven::node(&url, json!({})),
+    ];
+    let mut on_a = 0;
+    for cl in &mut clients {
+        let id = cl.wait_type("connect").await["id"].clone();
+        on_a += usize::from(node_of(&id) == "a");
+    }
+    assert!(on_a > 0 && on_a < clients.len(), "the proxy spread them over both sidecars");
+    for n in 0..5 {
+        assert_eq!(c.b.publish(json!({"channel": "h:alice", "event": "n", "args": [n]})).await.0, StatusCode::OK);
+    }
+    // Sidecar a is deployed away (SIGTERM: drain) while the app keeps publishing.
+    let Cluster { a, b, lb, _redis, .. } = c;
+    let publisher = tokio::spawn(async move {
+        for n in 5..20 {
+            assert_eq!(b.publish(json!({"channel": "h:alice", "event": "n", "args": [n]})).await.0, StatusCode::OK);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        b
+    });
+    // Its readiness fails at once: the load balancer stops sending it requests.
+    lb.take_out(0);
+    a.stop().await;
+    let _b = publisher.await.unwrap();
+    // Every client has every message once, in order; those of a recovered.
+    for cl in &mut clients {
+        let mut got = Vec::new();
+        while got.len() < 20 {
+            got.push(cl.event("n").await["args"][0].as_i64().unwrap());
+        }
+        assert_eq!(got, (0..20).collect::<Vec<_>>());
+        let extra: Vec<Value> = cl.drain(Duration::from_millis(300)).await;
+        assert!(extra.iter().all(|v| v["event"] != "n"), "duplicates: {extra:?}");
+        let reconnects: Vec<&Value> = extra.iter().filter(|v| v["type"] == "connect").collect();
+        assert!(reconnects.iter().all(|v| v["recovered"] == true), "{reconnects:?}");
+    }
+    drop(lb);
+}
+
+#[tokio::test]
+async fn pongs_keep_a_socket_alive_and_a_silent_one_is_closed() {
+    let app = Upstream::start().await;
+    alice(&app);
+    let relay = relay(&app, &["--ping-interval", "200ms", "--idle-timeout", "700ms"]).await;
+    let mut c = Driven::node(&relay.http_url(""), json!({"transports": ["websocket"]}));
+    c.wait_type("connect").await;
+    // A real client answers the Engine.IO pings: still connected well past the idle timeout.
+    let lines = c.drain(Duration::from_millis(2000)).await;
+    assert!(lines.iter().all(|v| v["type"] != "disconnect"), "{lines:?}");
+    relay.publish(json!({"channel": "user:alice", "event": "alive"})).await;
+    c.event("alive").await;
+    // A polling session whose client never polls nor answers: closed.
+    let sid = open_polling(&relay.http_url("")).await;
+    let url = relay.http_url(&format!("{PATH}?EIO=4&transport=polling&sid={sid}"));
+    request(Method::POST, &url, Some("40".into()), &[]).await;
+    relay.wait_metric("wsrelay_disconnects_total{reason=\"idle_timeout\"}", |v| v >= 1.0).await;
+    // Its polls get what was left, then the close packet; then the sid is unknown.
+    let mut bodies = Vec::new();
+    for _ in 0..5 {
+        let (s, _, body) = request(Method::GET, &url, None, &[]).await;
+        if s == StatusCode::BAD_REQUEST {
+            break;
+        }
+        bodies.push(String::from_utf8_lossy(&body).into_owned());
+    }
+    assert_eq!(bodies.last().map(String::as_str), Some("1"), "{bodies:?}");
 }

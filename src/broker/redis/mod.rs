@@ -328,8 +328,10 @@ impl RedisBroker {
     pub async fn stash(&self, key: &str, value: String, ttl: std::time::Duration) -> Result<(), BrokerError> {
         let key = format!("{}stash:{key}", self.keys.prefix);
         let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        self.with_conn(|mut c| async move { redis::cmd("SET").arg(key).arg(value).arg("PX").arg(ttl).query_async(&mut c).await })
-            .await
+        self.with_conn(|mut c| async move {
+            redis::cmd("SET").arg(key).arg(value).arg("PX").arg(ttl).query_async(&mut c).await
+        })
+        .await
     }
 
     /// Takes (reads and deletes) what was stashed under `key`.

@@ -67,6 +67,7 @@ impl Driven {
     }
 
     /// socket.io-client connecting to `url` with `opts` (see client.mjs).
+    #[allow(clippy::needless_pass_by_value)] // `json!` literals read best inline at the call
     pub fn node(url: &str, opts: Value) -> Driven {
         require_node_client();
         let mut cmd = Command::new("node");
@@ -152,7 +153,8 @@ impl Driven {
             }
         };
         let _ = tokio::time::timeout(within, read).await;
-        let ok = matches!(tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await, Ok(Ok(s)) if s.success());
+        let ok =
+            matches!(tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await, Ok(Ok(s)) if s.success());
         (ok, all)
     }
 }
@@ -166,6 +168,7 @@ pub struct RoundRobin {
     pub addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
     pub served: Arc<Vec<AtomicUsize>>,
+    out: Arc<Vec<std::sync::atomic::AtomicBool>>,
 }
 
 impl Drop for RoundRobin {
@@ -180,6 +183,9 @@ impl RoundRobin {
         let addr = listener.local_addr().unwrap();
         let next = Arc::new(AtomicUsize::new(0));
         let served: Arc<Vec<AtomicUsize>> = Arc::new(backends.iter().map(|_| AtomicUsize::new(0)).collect());
+        let out: Arc<Vec<std::sync::atomic::AtomicBool>> =
+            Arc::new(backends.iter().map(|_| std::sync::atomic::AtomicBool::new(false)).collect());
+        let taken_out = out.clone();
         let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new()).build_http();
         let backends = Arc::new(backends);
         let counts = served.clone();
@@ -187,9 +193,17 @@ impl RoundRobin {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
                 let (backends, next, client, counts) = (backends.clone(), next.clone(), client.clone(), counts.clone());
+                let out = taken_out.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
-                        let i = next.fetch_add(1, Ordering::Relaxed) % backends.len();
+                        let mut i = next.fetch_add(1, Ordering::Relaxed) % backends.len();
+                        // Skip what was taken out of rotation (a failing readiness probe).
+                        for _ in 0..backends.len() {
+                            if !out[i].load(Ordering::Relaxed) {
+                                break;
+                            }
+                            i = (i + 1) % backends.len();
+                        }
                         counts[i].fetch_add(1, Ordering::Relaxed);
                         forward(client.clone(), backends[i], req)
                     });
@@ -200,7 +214,13 @@ impl RoundRobin {
                 });
             }
         });
-        RoundRobin { addr, task, served }
+        RoundRobin { addr, task, served, out }
+    }
+
+    /// Takes backend `i` out of rotation (as Kubernetes does with a pod
+    /// whose readiness fails when it starts draining).
+    pub fn take_out(&self, i: usize) {
+        self.out[i].store(true, Ordering::Relaxed);
     }
 
     pub fn url(&self) -> String {
