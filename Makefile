@@ -93,7 +93,7 @@ check:
 ## with cargo-fuzz on the nightly toolchain. A crash stops with the input
 ## saved under fuzz/artifacts/ (make it a regression test).
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := client_frame admin_body redis_envelope config_file
+FUZZ_TARGETS := client_frame admin_body redis_envelope config_file socketio_packet
 
 fuzz:
 	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -164,11 +164,22 @@ struct Point {
 }
 
 /// Subscribers read frames and keep the publish-to-arrival latency of each.
-async fn subscribers(urls: &[String]) -> Vec<tokio::task::JoinHandle<Vec<u32>>> {
+/// `sio`: Socket.IO sockets over WebSocket (in the namespace `/`, whose
+/// channel reaches them all), speaking just enough Engine.IO to stay up.
+async fn subscribers(urls: &[String], sio: bool) -> Vec<tokio::task::JoinHandle<Vec<u32>>> {
     let mut tasks = Vec::with_capacity(SUBSCRIBERS);
     let mut conns = Vec::with_capacity(SUBSCRIBERS);
     for i in 0..SUBSCRIBERS {
         let url = &urls[i % urls.len()];
+        if sio {
+            let url = format!("{url}/socket.io/?EIO=4&transport=websocket");
+            let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+            ws.next().await.unwrap().unwrap(); // open packet
+            ws.send(Message::Text("40".into())).await.unwrap();
+            ws.next().await.unwrap().unwrap(); // CONNECT answer
+            conns.push(ws);
+            continue;
+        }
         let (mut ws, _) = tokio_tungstenite::connect_async(format!("{url}/ws?channel=bench:fan")).await.unwrap();
         ws.next().await.unwrap().unwrap(); // welcome
         conns.push(ws);
@@ -178,8 +189,13 @@ async fn subscribers(urls: &[String]) -> Vec<tokio::task::JoinHandle<Vec<u32>>> 
             let mut lat = Vec::with_capacity(4096);
             loop {
                 match tokio::time::timeout(Duration::from_secs(3), ws.next()).await {
+                    Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "2" => {
+                        // Engine.IO ping.
+                        let _ = ws.send(Message::Text("3".into())).await;
+                    }
                     Ok(Some(Ok(Message::Text(t)))) => {
-                        // {"op":"message",…,"data":{"ts":<µs>,…}}: no full parse.
+                        // {"op":"message",…,"data":{"ts":<µs>,…}} or
+                        // 42["message",{"ts":<µs>,…}]: no full parse.
                         let s = t.as_str();
                         if let Some(i) = s.find("\"ts\":") {
                             let digits: &str = &s[i + 5..];
@@ -199,10 +215,11 @@ async fn subscribers(urls: &[String]) -> Vec<tokio::task::JoinHandle<Vec<u32>>> 
 
 /// `cross`: every subscriber on the second node, every publish to the first
 /// (the latency is then cross-node: publish on A → frame read from B).
-async fn fanout_point(nodes: &[Node], rate: u64, cross: bool) -> Point {
+async fn fanout_point(nodes: &[Node], rate: u64, cross: bool, sio: bool) -> Point {
     let subs = if cross { &nodes[1..] } else { nodes };
     let urls: Vec<String> = subs.iter().map(|n| format!("ws://{}", n.public)).collect();
-    let readers = subscribers(&urls).await;
+    let readers = subscribers(&urls, sio).await;
+    let channel = if sio { "/" } else { "bench:fan" };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let publishes_per_s = rate / SUBSCRIBERS as u64;
     let cpu0: Vec<f64> = nodes.iter().map(|n| cpu_secs(n.pid())).collect();
@@ -220,7 +237,7 @@ async fn fanout_point(nodes: &[Node], rate: u64, cross: bool) -> Point {
     let mut i = 0usize;
     while started.elapsed() < POINT {
         tick.tick().await;
-        let body = format!(r#"{{"channel":"bench:fan","data":{{"ts":{},"pad":"{pad}"}}}}"#, now_us());
+        let body = format!(r#"{{"channel":"{channel}","data":{{"ts":{},"pad":"{pad}"}}}}"#, now_us());
         let req = http::Request::post(format!("http://{}/api/publish", admins[i % admins.len()]))
             .header("content-type", "application/json")
             .body(http_body_util::Full::new(bytes::Bytes::from(body)))
@@ -290,6 +307,8 @@ async fn fanout(report: &mut String) {
         "one sidecar, memory, history",
         "two sidecars, Redis, history",
         "two sidecars, Redis, cross-node only",
+        "one sidecar, memory, Socket.IO",
+        "two sidecars, Redis, Socket.IO",
     ];
     let only_setups = pick("BENCH_SETUPS");
     let rates: Vec<u64> = pick("BENCH_RATES").unwrap_or_else(|| rates.to_vec());
@@ -304,7 +323,11 @@ async fn fanout(report: &mut String) {
                 continue;
             }
             let history = setup.ends_with("history");
+            let sio = setup.ends_with("Socket.IO");
             let mut extra: Vec<String> = Vec::new();
+            if sio {
+                extra.extend(["--socketio-path".to_owned(), "/socket.io/".to_owned()]);
+            }
             if history {
                 extra.extend(["--config".to_owned(), hist_cfg.clone()]);
             }
@@ -329,7 +352,7 @@ async fn fanout(report: &mut String) {
             for n in &nodes {
                 wait_ready(&n.admin).await;
             }
-            let p = fanout_point(&nodes, rate, cross).await;
+            let p = fanout_point(&nodes, rate, cross, sio).await;
             let line = format!(
                 "| {setup} | {} | {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.2} µs | {:.2} µs |",
                 p.rate, p.deliveries, p.lost, p.p50_ms, p.p99_ms, p.max_ms, p.sidecar_us, p.generator_us

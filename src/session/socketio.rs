@@ -82,6 +82,12 @@ pub(crate) struct Trail {
 
 impl Trail {
     fn wrote(&mut self, channel: &str, offset: &Offset) {
+        // A channel's first message: it was at the one before (a channel
+        // joined server-side has no position until then).
+        if !self.base.contains_key(channel) && !self.log.iter().any(|(c, _)| c == channel) {
+            let before = Offset { epoch: offset.epoch.clone(), seq: offset.seq.saturating_sub(1) };
+            self.base.insert(channel.to_owned(), before.to_string());
+        }
         self.log.push_back((channel.to_owned(), offset.to_string()));
         if self.log.len() > TRAIL_LOG {
             if let Some((c, o)) = self.log.pop_front() {
@@ -98,9 +104,9 @@ impl Trail {
             None => (0, true),
             Some(o) => match self.log.iter().rposition(|(_, x)| x == o) {
                 Some(i) => (i + 1, true),
-                // Older than the log, or unknown: nothing after the base is
-                // known to have arrived.
-                None => (0, self.log.is_empty() || self.base.values().any(|b| b == o)),
+                // Older than the log, or unknown: where it is cannot be
+                // told (a base may be past what it received).
+                None => (0, self.log.is_empty()),
             },
         };
         for (c, o) in self.log.iter().take(upto) {
@@ -791,8 +797,13 @@ async fn socket(
                     known = k;
                     for room in &trail.rooms {
                         let Ok(ch) = Channel::parse(room) else { continue };
-                        if let Some(o) = positions.get(room) {
-                            since.insert(ch.clone(), o.clone());
+                        match positions.get(room) {
+                            Some(o) => {
+                                since.insert(ch.clone(), o.clone());
+                            }
+                            // History kept, but where the socket was is not known.
+                            None if node.cfg.namespaces.rule(&ch).history.is_some() => known = false,
+                            None => {}
                         }
                         push(Ok(ch));
                     }
@@ -867,4 +878,47 @@ async fn socket(
     node.metrics.connection_result(ConnResult::Accepted);
     tracing::debug!(namespace, recovered = is_recovered, "socket connected");
     session.run(eio, welcome).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn off(s: &str) -> Offset {
+        Offset::parse(s).unwrap()
+    }
+
+    #[test]
+    fn the_clients_last_offset_places_it_in_the_trail() {
+        let mut t = Trail::default();
+        t.base.insert("a".into(), "e:4".into());
+        for (c, o) in [("a", "e:5"), ("b", "f:1"), ("a", "e:6"), ("b", "f:2")] {
+            t.wrote(c, &off(o));
+        }
+        // b had no position: its first message says where it was.
+        assert_eq!(t.base["b"], "f:0");
+        // It saw up to a's e:6: b's f:2 may have been lost in flight.
+        let (since, known) = t.positions(Some("e:6"));
+        assert!(known);
+        assert_eq!((since["a"].as_str(), since["b"].as_str()), ("e:6", "f:1"));
+        // It saw nothing of the log.
+        let (since, known) = t.positions(None);
+        assert!(known);
+        assert_eq!((since["a"].as_str(), since["b"].as_str()), ("e:4", "f:0"));
+        // An offset the trail does not know: not placed.
+        assert!(!t.positions(Some("zz:1")).1);
+    }
+
+    #[test]
+    fn the_log_is_bounded_and_folds_into_the_base() {
+        let mut t = Trail::default();
+        for i in 1..=(TRAIL_LOG as u64 + 10) {
+            t.wrote("a", &Offset { epoch: Arc::from("e"), seq: i });
+        }
+        assert_eq!(t.log.len(), TRAIL_LOG);
+        assert_eq!(t.base["a"], "e:10");
+        // An offset older than the log cannot place the client.
+        assert!(!t.positions(Some("e:10")).1);
+        assert!(t.positions(Some("e:11")).1);
+    }
 }
