@@ -1,55 +1,90 @@
 #!/usr/bin/env python3
-"""A tiny app behind wsrelay, standard library only: every hook, plus a
-publish through wsrelay's admin API. The app has no WebSocket and no Redis code.
+"""A small chat app behind wsrelay, standard library only: every hook, a
+publish through wsrelay's admin API, and a page that uses the browser client
+(clients/js/wsrelay.js). The app has no WebSocket and no Redis code.
 
 Run it beside the sidecar:
 
     python3 examples/app.py --port 3000 --admin http://127.0.0.1:8081 &
     wsrelay --upstream http://127.0.0.1:3000 --config examples/wsrelay.toml
 
-then open http://127.0.0.1:8080/ in a browser (log in as ?user=alice), or
-POST http://127.0.0.1:8080/notify?user=alice to push to alice's channel.
+then open http://127.0.0.1:8080/?user=alice in a browser (and ?user=bob in
+another), or POST http://127.0.0.1:8080/notify?user=alice to push to
+alice's personal channel. `make demo` runs two replicas behind nginx.
 """
 
 import argparse
 import json
+import os
+import re
 import sys
+import urllib.error
 import urllib.request
 from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, quote, urlparse
 
-# session cookie -> user id; a real app looks its session store up.
-SESSIONS = {"alice-session": "alice", "bob-session": "bob"}
-# Who may join which room (namespace "room:" has subscribe = "hook").
-ROOMS = {"room:lobby": {"alice", "bob"}, "room:staff": {"alice"}}
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Logging in is `/?user=<name>`: the cookie `session=<name>-session` names the
+# user. A real app looks its session store up instead.
+USER_NAME = re.compile(r"[a-z][a-z0-9]{0,15}")
+# Who may join which room (namespace "room:" has subscribe = "hook"); None: everyone.
+ROOMS = {"room:lobby": None, "room:random": None, "room:staff": {"alice"}}
+
+# The page's files: examples/static/, and the browser client from
+# clients/js/ (or beside the app, where a container image copies it).
+STATIC = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/chat.js": ("chat.js", "text/javascript; charset=utf-8"),
+    "/chat.css": ("chat.css", "text/css; charset=utf-8"),
+    "/wsrelay.js": ("wsrelay.js", "text/javascript; charset=utf-8"),
+}
+STATIC_DIRS = [os.path.join(HERE, "static"), os.path.join(HERE, "..", "clients", "js"), HERE]
 
 ADMIN = "http://127.0.0.1:8081"
 API_TOKEN = ""
 HOOK_SECRET = ""
 
-PAGE = b"""<!doctype html><meta charset=utf-8><title>wsrelay demo</title>
-<pre id=log></pre><script>
-const log = (m) => document.getElementById('log').textContent += m + '\\n';
-const ws = new WebSocket(`ws://${location.host}/ws`, 'wsrelay.v1');
-ws.onmessage = (e) => log(e.data);
-ws.onopen = () => ws.send(JSON.stringify({op: 'subscribe', channel: 'room:lobby', id: 1}));
-ws.onclose = (e) => log(`closed ${e.code} ${e.reason}`);
-</script>"""
+
+def admin(method, path, body=None):
+    """One call to the local sidecar's admin API; raises OSError on failure (e.g. 503: Redis down)."""
+    req = urllib.request.Request(
+        ADMIN + path,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"content-type": "application/json"} if body is not None else {},
+        method=method,
+    )
+    if API_TOKEN:
+        req.add_header("authorization", "Bearer " + API_TOKEN)
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return json.load(resp)
 
 
 def publish(channel, data):
     """Publish through the local sidecar: 200 once every replica's sidecar can deliver it."""
-    req = urllib.request.Request(
-        ADMIN + "/api/publish",
-        data=json.dumps({"channel": channel, "data": data}).encode(),
-        headers={"content-type": "application/json"},
-        method="POST",
-    )
-    if API_TOKEN:
-        req.add_header("authorization", "Bearer " + API_TOKEN)
-    with urllib.request.urlopen(req, timeout=5) as resp:  # raises on 4xx/5xx (e.g. 503: Redis down)
-        return json.load(resp)
+    return admin("POST", "/api/publish", {"channel": channel, "data": data})
+
+
+def may_join(user, channel):
+    if channel not in ROOMS:
+        return False
+    members = ROOMS[channel]
+    return user is not None and (members is None or user in members)
+
+
+def user_of_session(value):
+    name = value.removesuffix("-session") if value and value.endswith("-session") else ""
+    return name if USER_NAME.fullmatch(name) else None
+
+
+def read_static(name):
+    for d in STATIC_DIRS:
+        try:
+            with open(os.path.join(d, name), "rb") as f:
+                return f.read()
+        except OSError:
+            continue
+    return None
 
 
 class App(BaseHTTPRequestHandler):
@@ -67,13 +102,15 @@ class App(BaseHTTPRequestHandler):
         n = int(self.headers.get("content-length") or 0)
         return json.loads(self.rfile.read(n) or b"{}")
 
+    def session_user(self):
+        session = SimpleCookie(self.headers.get("cookie", "")).get("session")
+        return user_of_session(session.value) if session else None
+
     # --- wsrelay's hooks --------------------------------------------------
 
     def connect_hook(self):
         # wsrelay forwards the browser's Cookie, Authorization, Origin and X-Forwarded-*.
-        cookie = SimpleCookie(self.headers.get("cookie", ""))
-        session = cookie.get("session")
-        user = SESSIONS.get(session.value) if session else None
+        user = self.session_user()
         if user is None:
             return self.reply(401, {"error": "log in first"})
         # Accept: who it is, and the channels wsrelay subscribes it to server-side.
@@ -81,12 +118,18 @@ class App(BaseHTTPRequestHandler):
 
     def subscribe_hook(self):
         req = self.body()  # {"user", "connection", "channel"}
-        allowed = req["user"] in ROOMS.get(req["channel"], set())
-        self.reply(200 if allowed else 403, {})
+        self.reply(200 if may_join(req["user"], req["channel"]) else 403, {})
 
     def publish_hook(self):
         req = self.body()  # {"user", "connection", "channel", "data"}
-        ok = isinstance(req["data"], dict) and len(str(req["data"].get("text", ""))) <= 500
+        data = req["data"]
+        ok = (
+            may_join(req["user"], req["channel"])
+            and isinstance(data, dict)
+            and len(str(data.get("text", ""))) <= 500
+            # A chat line says who wrote it; nobody may speak for someone else.
+            and data.get("from", req["user"]) == req["user"]
+        )
         self.reply(200 if ok else 403, {})
 
     def message_hook(self):
@@ -94,8 +137,12 @@ class App(BaseHTTPRequestHandler):
         data = req["data"]  # any JSON the client sent
         if not isinstance(data, dict):
             return self.reply(400, {"error": {"message": "send an object with an action"}})
-        if data.get("action") == "whoami":
+        action = data.get("action")
+        if action == "whoami":
             return self.reply(200, {"user": req["user"], "connection": req["connection"]})
+        if action == "rooms":
+            rooms = [c.removeprefix("room:") for c in ROOMS if may_join(req["user"], c)]
+            return self.reply(200, {"rooms": rooms})
         self.reply(404, {"error": {"message": "unknown action"}})
 
     def disconnect_hook(self):
@@ -107,14 +154,34 @@ class App(BaseHTTPRequestHandler):
 
     def do_GET(self):
         url = urlparse(self.path)
-        if url.path == "/":
-            user = parse_qs(url.query).get("user", ["alice"])[0]
+        query = parse_qs(url.query)
+        if url.path in STATIC:
+            name, ctype = STATIC[url.path]
+            data = read_static(name)
+            if data is None:
+                return self.reply(404, {"error": f"{name} is missing"})
             self.send_response(200)
-            self.send_header("content-type", "text/html")
-            self.send_header("set-cookie", f"session={user}-session; Path=/; HttpOnly; SameSite=Lax")
-            self.send_header("content-length", str(len(PAGE)))
+            self.send_header("content-type", ctype)
+            self.send_header("cache-control", "no-cache")
+            if url.path == "/":
+                user = query.get("user", ["alice"])[0]
+                if not USER_NAME.fullmatch(user):
+                    return self.reply(400, {"error": "a user name is a-z and 0-9, up to 16"})
+                self.send_header("set-cookie", f"session={user}-session; Path=/; HttpOnly; SameSite=Lax")
+            self.send_header("content-length", str(len(data)))
             self.end_headers()
-            self.wfile.write(PAGE)
+            self.wfile.write(data)
+        elif url.path == "/history":
+            # The page loads a room's last messages, then subscribes from their
+            # offset: nothing between the two is missed or shown twice.
+            channel = "room:" + query.get("room", [""])[0]
+            if not may_join(self.session_user(), channel):
+                return self.reply(403, {"error": "not a member"})
+            try:
+                h = admin("GET", f"/api/channels/{quote(channel, safe=':')}/history?limit=50")
+            except OSError as e:
+                return self.reply(503, {"error": str(e)})
+            self.reply(200, {"messages": h["messages"], "offset": h["offset"] if h["epoch"] else None})
         elif url.path == "/health":
             self.reply(200, {"ok": True})
         else:
@@ -141,12 +208,18 @@ class App(BaseHTTPRequestHandler):
                 return self.reply(403, {"error": "bad hook secret"})
             return hooks[url.path]()
         if url.path == "/notify":
+            # An app-side event for one user: it reaches that user's tabs on
+            # whatever replica they are connected to, and nobody else.
             user = parse_qs(url.query).get("user", [""])[0]
+            if not USER_NAME.fullmatch(user):
+                return self.reply(400, {"error": "bad user"})
+            sender = self.session_user()
+            text = f"hello {user}" + (f" from {sender}" if sender else "")
             try:
-                publish(f"user:{user}", {"text": f"hello {user}"})
+                result = publish(f"user:{user}", {"text": text})
             except OSError as e:  # URLError / HTTPError: the sidecar said no (e.g. 503)
                 return self.reply(503, {"error": str(e)})
-            return self.reply(200, {"sent": True})
+            return self.reply(200, {"sent": True, "offset": result.get("offset")})
         self.reply(404, {"error": "not found"})
 
     def log_message(self, *args):
