@@ -242,10 +242,13 @@ impl Codec for SocketIo {
                 args,
                 ack: p.ack.is_some(),
             }),
-            3 => match (p.ack, RawValue::from_string(p.json.to_owned())) {
-                (Some(ack), Ok(args)) if p.json.trim_start().starts_with('[') => {
-                    return Decoded { id: None, request: Ok(Request::Ack { ack, args }) };
-                }
+            // Parsed in full: the app gets these arguments back as a JSON
+            // value (`/api/call`), so a number out of range is refused here.
+            3 => match (p.ack, serde_json::from_str::<Vec<serde_json::Value>>(p.json)) {
+                (Some(ack), Ok(_)) => match RawValue::from_string(p.json.to_owned()) {
+                    Ok(args) => return Decoded { id: None, request: Ok(Request::Ack { ack, args }) },
+                    Err(_) => Err(bad("an ACK needs an id and a JSON array")),
+                },
                 _ => Err(bad("an ACK needs an id and a JSON array")),
             },
             4 => Err(bad("CONNECT_ERROR is sent by servers only")),
@@ -356,6 +359,15 @@ mod tests {
         assert!(parse_packet("2").is_err());
         assert!(parse_packet("4").is_err());
         assert!(parse_packet("42/a#b,[]").is_err());
+    }
+
+    #[test]
+    fn acks_with_numbers_out_of_range_are_refused() {
+        // Found by the fuzzer: valid raw JSON that no JSON value can hold.
+        let d = SocketIo.decode(Frame::Text("431[4e524]"));
+        assert!(d.request.is_err());
+        let d = SocketIo.decode(Frame::Text("431[4e5,\"x\"]"));
+        assert!(matches!(d.request, Ok(Request::Ack { ack: 1, .. })));
     }
 
     #[test]
