@@ -110,3 +110,51 @@ fuzz-smoke:
 
 clean:
 	$(CARGO) clean
+
+## --- Browser client, demo stack, dashboards and alerts ---------------------
+## (clients/js, deploy/demo, deploy/grafana, deploy/prometheus). The tests run
+## the binary in WSRELAY_BIN (relative to the repo root); `make test` builds
+## the debug one first. npm packages go to clients/js/node_modules (npm ci,
+## locked); programs come from apt like the other test dependencies.
+WSRELAY_BIN ?= target/debug/wsrelay
+
+.PHONY: js-deps demo-deps browser-deps observability-deps test-js test-browser test-observability demo demo-stop
+
+js-deps:
+	@$(MAKE) --no-print-directory need PROG=node PKG=nodejs
+	@$(MAKE) --no-print-directory need PROG=npm PKG=npm
+	@$(MAKE) --no-print-directory need PROG=redis-server PKG=redis-server
+
+demo-deps:
+	@$(MAKE) --no-print-directory need PROG=python3 PKG=python3-minimal
+	@$(MAKE) --no-print-directory need PROG=redis-server PKG=redis-server
+	@$(MAKE) --no-print-directory need PROG=nginx PKG=nginx-light
+	@$(MAKE) --no-print-directory need PROG=prometheus PKG=prometheus
+
+browser-deps: js-deps demo-deps
+	@$(MAKE) --no-print-directory need PROG=chromium PKG=chromium
+
+observability-deps: demo-deps
+	@$(MAKE) --no-print-directory need PROG=promtool PKG=prometheus
+
+## The browser client under Node against a real sidecar (~5 s).
+test-js: js-deps
+	WSRELAY_BIN=$(WSRELAY_BIN) clients/js/test/run.sh
+
+## The demo stack in headless Chromium over the DevTools protocol (~15 s).
+test-browser: browser-deps
+	WSRELAY_BIN=$(WSRELAY_BIN) deploy/demo/test.sh
+
+## promtool on the alert rules, and a real Prometheus scraping the demo's sidecars (~10 s).
+test-observability: observability-deps
+	WSRELAY_BIN=$(WSRELAY_BIN) python3 deploy/observability/test.py
+
+## deploy/docker-compose.yml as local processes: Redis, two app + wsrelay
+## replicas, nginx on 127.0.0.1:8000, Prometheus on 127.0.0.1:9090.
+demo: demo-deps
+	$(CARGO) build --release --bin wsrelay
+	python3 deploy/demo/demo.py up --bin target/release/wsrelay
+
+## Stops exactly what `make demo` started (its pid files in deploy/demo/run/).
+demo-stop:
+	python3 deploy/demo/demo.py down

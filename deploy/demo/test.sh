@@ -4,7 +4,8 @@
 #                              UPDATE_SCREENSHOT=1: rewrite docs/demo.png
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-export WSRELAY_BIN="${WSRELAY_BIN:-$root/target/debug/wsrelay}"
+export WSRELAY_BIN="${WSRELAY_BIN:-target/debug/wsrelay}"
+case "$WSRELAY_BIN" in /*) ;; *) WSRELAY_BIN="$root/$WSRELAY_BIN" ;; esac  # relative to the repo root
 [ -x "$WSRELAY_BIN" ] || { echo "deploy/demo: no wsrelay binary at $WSRELAY_BIN (cargo build, or set WSRELAY_BIN)"; exit 1; }
 for p in node python3 redis-server nginx chromium; do
     command -v "$p" >/dev/null || [ -x "/usr/sbin/$p" ] || { echo "deploy/demo: $p is missing (make test-browser installs it)"; exit 1; }
