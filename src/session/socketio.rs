@@ -52,6 +52,8 @@ use crate::protocol::{Message, Offset};
 
 /// Marks a request one sidecar forwarded to another (never forwarded again).
 const FORWARDED: &str = "x-wsrelay-forwarded";
+/// Bytes of packets a polling session holds for the client's next GET.
+const POLL_BUFFER: usize = 64 * 1024;
 /// Entries of a trail's write log (older ones are summed up per channel).
 const TRAIL_LOG: usize = 64;
 
@@ -602,7 +604,10 @@ async fn open(node: Arc<Node>, mut req: Request<Incoming>, remote: SocketAddr, w
         );
         return switching(&key);
     }
-    let cap = node.cfg.session.socketio.as_ref().map_or(1_000_000, |c| c.max_payload);
+    // What waits for a GET is bounded well below maxPayload: beyond it the
+    // session's own queue fills and a client that does not poll is closed
+    // as a slow consumer, like a WebSocket that does not read.
+    let cap = node.cfg.session.socketio.as_ref().map_or(POLL_BUFFER, |c| c.max_payload.min(POLL_BUFFER));
     let (poll, end) = Poll::new(sid.clone(), cap);
     node.polls.insert(poll.clone());
     let eio = Eio::polling(node.clone(), poll, end);

@@ -571,3 +571,28 @@ async fn pongs_keep_a_socket_alive_and_a_silent_one_is_closed() {
     }
     assert_eq!(bodies.last().map(String::as_str), Some("1"), "{bodies:?}");
 }
+
+#[tokio::test]
+async fn socketio_sockets_are_rate_limited_and_slow_ones_are_cut_off() {
+    let app = Upstream::start().await;
+    alice(&app);
+    app.set_hook("/ws/message", HookReply::new(200, &json!(null)));
+    let relay = relay(&app, &["--client-rate", "5", "--client-burst", "5", "--client-queue", "16"]).await;
+    // A client flooding events is closed (it reconnects, as after any drop).
+    let mut flood = Driven::node(&relay.http_url(""), json!({"transports": ["websocket"]}));
+    flood.wait_type("connect").await;
+    for i in 0..60 {
+        flood.send(json!({"op": "emit", "event": "spam", "args": [i]})).await;
+    }
+    relay.wait_metric("wsrelay_disconnects_total{reason=\"rate_limited\"}", |v| v >= 1.0).await;
+    // A polling client that never polls while events pile up: a slow consumer.
+    let sid = open_polling(&relay.http_url("")).await;
+    let url = relay.http_url(&format!("{PATH}?EIO=4&transport=polling&sid={sid}"));
+    request(Method::POST, &url, Some("40".into()), &[]).await;
+    settle().await;
+    // Past what polling holds for a GET (64 KiB) and the client queue (16).
+    for i in 0..400 {
+        relay.publish(json!({"channel": "/", "event": "pile", "args": [i, "x".repeat(400)]})).await;
+    }
+    relay.wait_metric("wsrelay_disconnects_total{reason=\"slow_consumer\"}", |v| v >= 1.0).await;
+}
