@@ -275,6 +275,9 @@ def start_sidecar(spec, state, d, n):
 
 
 def up(args):
+    d = os.path.abspath(args.dir)
+    if os.path.exists(os.path.join(d, "state.json")) and any(alive(d, n) for n in names(d)):
+        fail(f"already running (state in {d}); `demo.py down` first")
     try:
         start_all(args)
     except (SystemExit, KeyboardInterrupt, Exception):
@@ -284,8 +287,6 @@ def up(args):
 
 def start_all(args):
     d = os.path.abspath(args.dir)
-    if os.path.exists(os.path.join(d, "state.json")) and any(alive(d, n) for n in names(d)):
-        fail(f"already running (state in {d}); `demo.py down` first")
     os.makedirs(d, exist_ok=True)
     binary = os.path.abspath(args.bin)
     if not os.access(binary, os.X_OK):
