@@ -147,11 +147,11 @@ pub struct Packet<'a> {
 }
 
 /// Parses a Socket.IO packet carried in an Engine.IO message (`4…`).
-pub fn parse_packet(text: &str) -> Result<Packet<'_>, String> {
+pub fn parse_packet(text: &str) -> Result<Packet<'_>, &'static str> {
     let p = text.strip_prefix('4').ok_or("not an Engine.IO message packet")?;
     let kind = *p.as_bytes().first().ok_or("empty Socket.IO packet")?;
     if !kind.is_ascii_digit() || kind > b'6' {
-        return Err(format!("unknown Socket.IO packet type {:?}", kind as char));
+        return Err("unknown Socket.IO packet type");
     }
     let mut rest = &p[1..];
     if kind == b'5' || kind == b'6' {
@@ -174,11 +174,11 @@ pub fn parse_packet(text: &str) -> Result<Packet<'_>, String> {
         }
     }
     if !valid_namespace(namespace) {
-        return Err(format!("invalid namespace {namespace:?}"));
+        return Err("invalid namespace");
     }
     let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
     let ack = if digits > 0 {
-        Some(rest[..digits].parse::<u64>().map_err(|_| "ack id out of range".to_owned())?)
+        Some(rest[..digits].parse::<u64>().map_err(|_| "ack id out of range")?)
     } else {
         None
     };
@@ -218,7 +218,7 @@ impl Codec for SocketIo {
         };
         let p = match parse_packet(text) {
             Ok(p) => p,
-            Err(e) => return Decoded { id: None, request: Ok(Request::Refuse(leak_reason(&e))) },
+            Err(e) => return Decoded { id: None, request: Ok(Request::Refuse(e)) },
         };
         let namespace: Arc<str> = Arc::from(p.namespace);
         let id = p.ack.map(|ack| AckId { namespace: namespace.clone(), ack });
@@ -317,21 +317,6 @@ impl Codec for SocketIo {
             Kind::Gap => event_packet(namespace, None, "wsrelay:gap", &format!("[{room}]"), None),
         };
         Utf8Bytes::from(s)
-    }
-}
-
-/// Parse errors are few and fixed; they become `&'static str` close reasons.
-fn leak_reason(e: &str) -> &'static str {
-    if e.starts_with("unknown Socket.IO packet type") {
-        "unknown Socket.IO packet type"
-    } else if e.starts_with("invalid namespace") {
-        "invalid namespace"
-    } else if e.starts_with("ack id") {
-        "ack id out of range"
-    } else if e.starts_with("empty") {
-        "empty Socket.IO packet"
-    } else {
-        "not a Socket.IO packet"
     }
 }
 
