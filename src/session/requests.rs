@@ -14,6 +14,9 @@ pub(super) struct Outcome<Id> {
     release: Option<Channel>,
     /// A subscribe that succeeded (in the hub, and presence if kept).
     subscribed: Option<Channel>,
+    /// A recovery of a subscribed channel that failed: its held live
+    /// messages go out as they are.
+    unhold: Option<Channel>,
 }
 
 /// What a request's future ends with.
@@ -22,11 +25,12 @@ pub(super) struct Done {
     recovery: Option<Recovery>,
     release: Option<Channel>,
     subscribed: Option<Channel>,
+    unhold: Option<Channel>,
 }
 
 impl Done {
     fn reply(result: Result<Option<Box<RawValue>>, ApiError>) -> Self {
-        Done { result, recovery: None, release: None, subscribed: None }
+        Done { result, recovery: None, release: None, subscribed: None, unhold: None }
     }
 }
 
@@ -125,6 +129,11 @@ impl<C: Codec> Session<C> {
     }
 
     pub(super) fn apply(&mut self, mut outcome: Outcome<C::Id>) {
+        if let Some(channel) = &outcome.unhold {
+            for m in self.recovering.remove(channel).unwrap_or_default() {
+                self.front.push_back(Front { out: Outbound::Message(m), counted: true, checked: true });
+            }
+        }
         if let Some(channel) = &outcome.release {
             self.subs.remove(channel);
             self.forget(channel);
@@ -139,6 +148,10 @@ impl<C: Codec> Session<C> {
             }
         }
         match outcome.recovery {
+            // Unsubscribed meanwhile: nothing to recover.
+            Some(r) if !self.subs.contains(&r.channel) => {
+                self.reply(outcome.id.as_ref(), Ok(None));
+            }
             Some(r) if outcome.result.is_ok() => {
                 // The reply first, then history, then what arrived meanwhile.
                 if let Some(reply) = self.codec.reply_ok(outcome.id.as_ref(), Some(&r.answer())) {
@@ -199,6 +212,14 @@ impl<C: Codec> Session<C> {
                 }
                 return None;
             }
+            Request::Subscribe { channel, since } if self.subs.contains(&channel) => {
+                // Already subscribed (by the connect hook, the token, the
+                // app): `since` still recovers what the client missed.
+                match self.recover_subscribed(channel, since) {
+                    Some(fut) => return Some(Self::pending(id, fut)),
+                    None => Ok(()),
+                }
+            }
             Request::Subscribe { channel, since } => match self.subscribe(channel, since) {
                 Ok(Some(fut)) => return Some(Self::pending(id, fut)),
                 Ok(None) => Ok(()),
@@ -254,6 +275,7 @@ impl<C: Codec> Session<C> {
                 recovery: done.recovery,
                 release: done.release,
                 subscribed: done.subscribed,
+                unhold: done.unhold,
             }
         })
     }
@@ -333,17 +355,63 @@ impl<C: Codec> Session<C> {
             .await;
             let subscribed = Some(channel.clone());
             match result {
-                Ok(Some(recovery)) => Done { result: Ok(None), recovery: Some(recovery), release: None, subscribed },
+                Ok(Some(recovery)) => {
+                    Done { result: Ok(None), recovery: Some(recovery), release: None, subscribed, unhold: None }
+                }
                 Ok(None) if asked => Done {
                     result: Ok(RawValue::from_string(r#"{"recovered":false}"#.to_owned()).ok()),
                     recovery: None,
                     release: None,
                     subscribed,
+                    unhold: None,
                 },
-                Ok(None) => Done { result: Ok(None), recovery: None, release: None, subscribed },
-                Err(e) => Done { result: Err(e), recovery: None, release: Some(channel), subscribed: None },
+                Ok(None) => Done { result: Ok(None), recovery: None, release: None, subscribed, unhold: None },
+                Err(e) => {
+                    Done { result: Err(e), recovery: None, release: Some(channel), subscribed: None, unhold: None }
+                }
             }
         }))
+    }
+
+    /// A subscribe with `since` on a channel this session already has: its
+    /// live messages wait while history after `since` is read, then both
+    /// are written, each once. None when there is nothing to recover from
+    /// (no `since`, no history, or a recovery of it under way).
+    fn recover_subscribed(
+        &mut self,
+        channel: Channel,
+        since: Option<String>,
+    ) -> Option<impl Future<Output = Done> + Send + 'static> {
+        let since = since?;
+        let policy = self.node.cfg.namespaces.rule(&channel).history?;
+        if self.recovering.contains_key(&channel) {
+            return None;
+        }
+        self.recovering.insert(channel.clone(), Vec::new());
+        // What was written before stays written; the recovery decides again.
+        self.seen.remove(&channel);
+        let node = self.node.clone();
+        Some(async move {
+            let since = Offset::parse(&since);
+            let after = since.as_ref().map_or(0, |o| o.seq);
+            node.metrics.history_reads.inc();
+            match node.broker.history(&channel, policy, after, policy.read_limit()).await {
+                Ok(h) => Done {
+                    result: Ok(None),
+                    recovery: Some(Recovery::new(channel, since, h)),
+                    release: None,
+                    subscribed: None,
+                    unhold: None,
+                },
+                Err(e) => Done {
+                    result: Err(ApiError::from(e)),
+                    recovery: None,
+                    release: None,
+                    subscribed: None,
+                    unhold: Some(channel),
+                },
+            }
+        })
     }
 
     /// Applies what the app asked (`/api/subscribe`, `/api/unsubscribe`): no

@@ -477,3 +477,27 @@ async fn a_node_behind_its_receive_buffer_repairs_history_channels() {
     assert!(b.metric("wsrelay_history_recovered_total").await.unwrap() > 0.0, "and history repaired it");
     assert_eq!(b.metric("wsrelay_broker_reconnects_total").await, Some(0.0), "without calling Redis dead");
 }
+
+#[tokio::test]
+async fn since_recovers_a_channel_the_session_already_has() {
+    // A channel given by the URL (or the connect hook, the token, the app)
+    // is subscribed from the start; `subscribe` with `since` still recovers.
+    let app = Upstream::start().await;
+    let cfg = config("");
+    let relay = Relay::start(&app.url(), &["--config", cfg.path().to_str().unwrap()]).await;
+    let mut offsets = Vec::new();
+    for n in 1..=3 {
+        offsets.push(relay.publish(json!({"channel":"h:s","data":{"n":n}})).await.1["offset"].clone());
+    }
+    let mut c = ws_connect(&relay.ws_url("/ws?channel=h:s")).await;
+    let r = c.request(json!({"op":"subscribe","channel":"h:s","since": offsets[0]})).await;
+    assert_eq!(r["result"]["recovered"], true, "{r}");
+    assert_eq!(r["result"]["offset"], offsets[2]);
+    relay.publish(json!({"channel":"h:s","data":{"n":4}})).await;
+    assert_eq!(read_until(&mut c, 4).await, [2, 3, 4]);
+    // An offset from another history: the client must reload.
+    let r = c.request(json!({"op":"subscribe","channel":"h:s","since":"bogus:1"})).await;
+    assert_eq!(r["result"]["recovered"], false, "{r}");
+    relay.publish(json!({"channel":"h:s","data":{"n":5}})).await;
+    assert_eq!(read_until(&mut c, 5).await, [5]);
+}
