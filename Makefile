@@ -68,13 +68,18 @@ bench: deps
 	$(CARGO) build --release
 	$(CARGO) bench --bench relay
 
-## The whole suite: unit tests and integration tests over real sockets and real Redis.
+## The whole suite: unit tests and integration tests over real sockets and real
+## Redis (with real socket.io-client and python-socketio clients), then the
+## browser client under Node, dashboards and alerts under a real Prometheus,
+## and the demo stack in headless Chromium (their targets are below).
 test: deps
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --profile ci; \
 	else \
 		$(CARGO) test; \
 	fi
+	$(CARGO) build --bin wsrelay
+	@$(MAKE) --no-print-directory test-js test-observability test-browser
 
 fmt:
 	$(CARGO) fmt --all
