@@ -177,11 +177,7 @@ pub fn parse_packet(text: &str) -> Result<Packet<'_>, &'static str> {
         return Err("invalid namespace");
     }
     let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-    let ack = if digits > 0 {
-        Some(rest[..digits].parse::<u64>().map_err(|_| "ack id out of range")?)
-    } else {
-        None
-    };
+    let ack = if digits > 0 { Some(rest[..digits].parse::<u64>().map_err(|_| "ack id out of range")?) } else { None };
     Ok(Packet { kind: kind - b'0', namespace, ack, json: &rest[digits..] })
 }
 
