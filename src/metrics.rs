@@ -205,6 +205,10 @@ impl Metrics {
         for result in ["answered", "timeout", "gone", "unsupported"] {
             m.calls.with_label_values(&[result]);
         }
+        for method in ["emit", "enter_room", "leave_room", "close_room", "disconnect", "callback", "refused", "unknown"]
+        {
+            m.socketio_bridge.with_label_values(&[method]);
+        }
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         Ok(m)
     }
