@@ -25,20 +25,33 @@ pub type Ws = WebSocketStream<TokioIo<Upgraded>>;
 /// Separates packets in a polling payload.
 pub const SEPARATOR: char = '\u{1e}';
 
-/// Client packets waiting for the session, per polling session.
-const INBOUND: usize = 64;
+/// Client payloads (POST bodies, each up to maxPayload) waiting for the
+/// session: engine.io-client has one POST in flight at a time.
+const INBOUND: usize = 4;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The polling sessions of this node, by sid.
-#[derive(Default)]
+/// The polling sessions of this node, by sid, and the sessions (of both
+/// transports) that are open but not yet authenticated.
 pub struct Registry {
     polls: Mutex<HashMap<Arc<str>, Arc<Poll>>>,
+    opening: Arc<tokio::sync::Semaphore>,
 }
 
 impl Registry {
+    /// At most `opening` sessions may wait for their CONNECT at once: each
+    /// holds a connection slot before anyone knows who it is.
+    pub fn new(opening: usize) -> Self {
+        Registry { polls: Mutex::new(HashMap::new()), opening: Arc::new(tokio::sync::Semaphore::new(opening)) }
+    }
+
+    /// A place among the sessions waiting for their CONNECT (None: full).
+    pub fn try_open(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.opening.clone().try_acquire_owned().ok()
+    }
+
     pub fn insert(&self, poll: Arc<Poll>) {
         lock(&self.polls).insert(poll.sid.clone(), poll);
     }
@@ -85,6 +98,8 @@ pub enum PollError {
     Overlap,
     /// The session is gone.
     Gone,
+    /// A packet over `--max-message-bytes` (the session is closed).
+    TooLarge,
 }
 
 /// One polling session's shared state.
@@ -96,6 +111,8 @@ pub struct Poll {
     /// A GET took packets: room for the session to write.
     room: Notify,
     inbound: mpsc::Sender<String>,
+    /// Longest packet a POST may carry (`--max-message-bytes`).
+    max_packet: usize,
     upgrade: Mutex<Option<oneshot::Sender<Ws>>>,
     getting: AtomicBool,
     /// Cancelled when the session is over (closed by either side).
@@ -119,7 +136,7 @@ impl Drop for Getting<'_> {
 }
 
 impl Poll {
-    pub fn new(sid: Arc<str>, cap: usize) -> (Arc<Poll>, PollEnd) {
+    pub fn new(sid: Arc<str>, cap: usize, max_packet: usize) -> (Arc<Poll>, PollEnd) {
         let (tx, inbound) = mpsc::channel(INBOUND);
         let (up_tx, upgrade) = oneshot::channel();
         let poll = Arc::new(Poll {
@@ -128,6 +145,7 @@ impl Poll {
             ready: Notify::new(),
             room: Notify::new(),
             inbound: tx,
+            max_packet,
             upgrade: Mutex::new(Some(up_tx)),
             getting: AtomicBool::new(false),
             ended: tokio_util::sync::CancellationToken::new(),
@@ -253,13 +271,16 @@ impl Poll {
         }
     }
 
-    /// A POST: the client's packets, in order, to the session. Waits while
-    /// the session has [`INBOUND`] packets unread (back-pressure).
-    pub async fn post(&self, payload: &str) -> Result<(), PollError> {
-        for packet in payload.split(SEPARATOR) {
-            self.inbound.send(packet.to_owned()).await.map_err(|_| PollError::Gone)?;
+    /// A POST: the client's payload (packets joined by [`SEPARATOR`]), in
+    /// one piece, to the session. Waits while the session has [`INBOUND`]
+    /// payloads unread (back-pressure); a packet over the size limit closes
+    /// the session.
+    pub async fn post(&self, payload: String) -> Result<(), PollError> {
+        if payload.split(SEPARATOR).any(|p| p.len() > self.max_packet) {
+            self.close();
+            return Err(PollError::TooLarge);
         }
-        Ok(())
+        self.inbound.send(payload).await.map_err(|_| PollError::Gone)
     }
 
     /// Nothing left for a GET to take.
@@ -277,8 +298,16 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn an_oversized_packet_closes_the_session() {
+        let (poll, mut end) = Poll::new(Arc::from("n.1"), 1000, 4);
+        assert_eq!(poll.post("42[]\u{1e}42[1]".to_owned()).await, Err(PollError::TooLarge));
+        assert!(poll.is_closed());
+        assert!(end.inbound.try_recv().is_err());
+    }
+
+    #[tokio::test]
     async fn get_takes_queued_packets_up_to_the_cap() {
-        let (poll, _end) = Poll::new(Arc::from("n.1"), 8);
+        let (poll, _end) = Poll::new(Arc::from("n.1"), 8, 100);
         assert_eq!(poll.push(&Utf8Bytes::from("42[1]")), Ok(true));
         assert_eq!(poll.push(&Utf8Bytes::from("42[2]")), Ok(false));
         assert_eq!(poll.get(Duration::from_millis(10)).await, Ok(Taken::Payload("42[1]".into())));

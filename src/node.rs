@@ -71,6 +71,7 @@ impl Node {
     pub fn new(cfg: Config, metrics: Arc<Metrics>, hub: Arc<Hub>, broker: Broker, auth: Auth, proxy: Proxy) -> Self {
         let hook_paths = cfg.auth.hook_paths().map(normalized_path).filter(|h| h != "/").collect();
         let slots = Arc::new(Semaphore::new(cfg.session.max_connections));
+        let polls = crate::engineio::Registry::new((cfg.session.max_connections / 4).max(16));
         Node {
             cfg,
             metrics,
@@ -80,7 +81,7 @@ impl Node {
             proxy,
             drain: CancellationToken::new(),
             sessions: TaskTracker::new(),
-            polls: crate::engineio::Registry::default(),
+            polls,
             slots,
             hook_paths,
         }

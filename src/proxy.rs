@@ -120,17 +120,19 @@ impl Proxy {
 
     /// Forwards one request and returns the app's response (or 502/504).
     pub async fn forward(&self, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
-        self.forward_to(&self.upstream.clone(), req, remote, None).await
+        self.forward_to(&self.upstream.clone(), req, remote, None, self.timeout).await
     }
 
     /// Forwards one request to `base` (the app, or another sidecar with a
-    /// `mark` header added after the client's `x-wsrelay-*` are removed).
+    /// `mark` header added after the client's `x-wsrelay-*` are removed),
+    /// waiting up to `timeout` for the response headers.
     pub async fn forward_to(
         &self,
         base: &http::Uri,
         mut req: Request<Incoming>,
         remote: SocketAddr,
         mark: Option<(HeaderName, HeaderValue)>,
+        timeout: Duration,
     ) -> Response<Body> {
         let started = Instant::now();
         // Only WebSocket upgrades are tunnelled: a tunnel is opaque, and an
@@ -187,7 +189,7 @@ impl Proxy {
         let body = Watched { inner: body, progress: progress.clone() };
         let upstream_req = Request::from_parts(parts, body.boxed());
 
-        let mut resp = match self.with_deadline(self.client.request(upstream_req), &progress).await {
+        let mut resp = match self.with_deadline(self.client.request(upstream_req), &progress, timeout).await {
             Err(_) => {
                 return self.done(
                     text(StatusCode::GATEWAY_TIMEOUT, "504 gateway timeout: the app did not answer in time"),
@@ -219,14 +221,19 @@ impl Proxy {
     /// is fine while it moves; but it must move at `--upstream-min-upload-rate`
     /// on average, or a client trickling a byte now and then would hold the
     /// request (and a connection to the app) forever.
-    async fn with_deadline<F: std::future::Future>(&self, fut: F, progress: &Progress) -> Result<F::Output, ()> {
+    async fn with_deadline<F: std::future::Future>(
+        &self,
+        fut: F,
+        progress: &Progress,
+        timeout: Duration,
+    ) -> Result<F::Output, ()> {
         tokio::pin!(fut);
         loop {
-            let deadline = progress.deadline(self.timeout);
+            let deadline = progress.deadline(timeout);
             tokio::select! {
                 out = &mut fut => return Ok(out),
                 _ = tokio::time::sleep_until(deadline.into()) => {
-                    if progress.deadline(self.timeout) <= Instant::now() {
+                    if progress.deadline(timeout) <= Instant::now() {
                         return Err(());
                     }
                 }

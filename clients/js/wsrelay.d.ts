@@ -13,7 +13,7 @@ export interface Options {
   initialDelay?: number;
   /** Default 30 000 ms. */
   maxDelay?: number;
-  /** Connection attempts in a row without a welcome before giving up (a browser cannot see a 401). Default 10; Infinity never gives up. */
+  /** Connection attempts in a row without a welcome after which the `disconnected` state says "refused or unreachable" (a browser cannot tell a 401 from a sidecar that is down); the client keeps trying at the backoff's pace until close(). Default 10. */
   maxFailedOpens?: number;
   /** From opening the socket to the welcome. Default 10 000 ms. */
   connectTimeout?: number;

@@ -561,10 +561,14 @@ export class WsRelay extends Emitter {
       if (status >= 400 && status < 500 && status !== 408 && status !== 429) {
         final = true; // refused: retrying gets the same answer
         why = `refused (HTTP ${status})`;
-      } else if (this._failedOpens >= this.options.maxFailedOpens) {
-        final = true; // a browser cannot see a 401/403: so many failures in a row are taken as a refusal
-        why = `refused or unreachable (${this._failedOpens} attempts)`;
       } else {
+        // A browser cannot see a 401/403: a refusal looks like a sidecar
+        // that is down (a deploy, a restart). Giving up could strand a page
+        // forever, so past maxFailedOpens it says so and keeps trying at the
+        // backoff's slowest pace; close() gives up.
+        if (this._failedOpens >= this.options.maxFailedOpens) {
+          why = `refused or unreachable (${this._failedOpens} attempts)`;
+        }
         delay = this._delay(this._attempt++);
       }
     } else if (code === 1008) {

@@ -34,7 +34,8 @@ pub struct MemoryBroker {
     generation: AtomicU64,
     publishes: AtomicU64,
     presence: LocalPresence,
-    /// Stashed values and when they expire (bounded: oldest dropped first).
+    /// Stashed values and when they expire (bounded: expired ones are swept
+    /// when full, and a new one is refused if it still is).
     stash: Mutex<HashMap<String, (Instant, String)>>,
 }
 

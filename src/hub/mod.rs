@@ -480,10 +480,17 @@ impl Hub {
                 }
             }
         }
+        let over = self.budget.used() >= self.budget.max;
         let weight = msg.weight();
         self.budget.used.fetch_add(targets.len() * weight, Ordering::AcqRel);
         let mut n = 0;
         for sub in targets.values() {
+            // As in `deliver`: past the node's budget, those behind are closed.
+            if over && sub.backlog() > 0 {
+                sub.kill(CloseReason::SlowConsumer);
+                self.metrics.dropped_slow_consumer.inc();
+                continue;
+            }
             if sub.enqueue(Outbound::Message(msg.clone())) {
                 n += 1;
             } else {

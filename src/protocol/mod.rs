@@ -106,12 +106,21 @@ pub enum Request {
 /// Longest event name accepted.
 pub const MAX_EVENT_LEN: usize = 255;
 
-/// Checks an event name: 1–255 bytes, no control characters.
+/// Event names socket.io-client reserves: an EVENT with one of them is a
+/// parse error there, and the client drops its connection.
+pub const RESERVED_EVENTS: [&str; 6] =
+    ["connect", "connect_error", "disconnect", "disconnecting", "newListener", "removeListener"];
+
+/// Checks an event name: 1–255 bytes, no control characters, not one
+/// socket.io-client reserves.
 pub fn check_event(event: &str) -> Result<(), ApiError> {
     if event.is_empty() || event.len() > MAX_EVENT_LEN || event.chars().any(char::is_control) {
         return Err(ApiError::bad_request(format!(
             "an event name must be 1-{MAX_EVENT_LEN} bytes without control characters"
         )));
+    }
+    if RESERVED_EVENTS.contains(&event) {
+        return Err(ApiError::bad_request(format!("{event:?} is reserved by Socket.IO clients")));
     }
     Ok(())
 }
@@ -161,6 +170,14 @@ pub trait Codec: Send + Sync + 'static {
     /// `Request::Ack` with `ack`. None: the protocol cannot.
     fn call(&self, _namespace: &str, _event: &str, _args: &str, _ack: u64) -> Option<Utf8Bytes> {
         None
+    }
+    /// Whether the session keeps reading while a request is pending, to
+    /// take [`is_answer`](Self::is_answer) frames at once (Socket.IO: the
+    /// client's ACK to an app call may be what the pending hook waits for).
+    const READS_WHILE_PENDING: bool = false;
+    /// A frame that answers the server (an ACK) and never starts a request.
+    fn is_answer(&self, _frame: Frame<'_>) -> bool {
+        false
     }
     /// Frames written before the session closes for `reason`.
     fn goodbye(

@@ -253,6 +253,12 @@ impl Codec for SocketIo {
         Decoded { id, request }
     }
 
+    const READS_WHILE_PENDING: bool = true;
+
+    fn is_answer(&self, frame: Frame<'_>) -> bool {
+        matches!(frame, Frame::Text(t) if t.starts_with("43"))
+    }
+
     fn reply_ok(&self, id: Option<&AckId>, result: Option<&RawValue>) -> Option<Utf8Bytes> {
         let id = id?;
         let args = match result.map(RawValue::get) {

@@ -128,6 +128,9 @@ pub(crate) struct Session<C: Codec> {
     /// Socket.IO connection-state recovery: where this socket is, kept for
     /// its next connection (None: not kept).
     pub(crate) trail: Option<Box<socketio::Trail>>,
+    /// Socket.IO: the open request's head and the client's address, for the
+    /// connect hook of further namespaces.
+    pub(crate) origin: Option<Arc<(http::Request<()>, std::net::SocketAddr)>>,
 }
 
 impl<C: Codec> Drop for Session<C> {
@@ -148,6 +151,10 @@ impl<C: Codec> Drop for Session<C> {
             }
         }
         hub.budget().release(left);
+        // Calls it will never answer: their callers learn it now.
+        for (_, call) in self.calls.drain() {
+            self.node.answer_call(call, crate::hub::CallAnswer::Gone);
+        }
         // A session that ended without run() finishing (a panic) still counts.
         self.report(CloseReason::Error);
     }
@@ -186,6 +193,7 @@ impl<C: Codec> Session<C> {
             calls: HashMap::new(),
             next_ack: 0,
             trail: None,
+            origin: None,
             bucket,
             strikes: 0,
             last_seen: Instant::now(),
@@ -261,6 +269,7 @@ impl<C: Codec> Session<C> {
         let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pending: Option<Pending<C::Id>> = None;
+        let mut deferred: Option<WsMessage> = None;
         let mut drain_at: Option<Pin<Box<Sleep>>> = None;
         loop {
             tokio::select! {
@@ -283,14 +292,27 @@ impl<C: Codec> Session<C> {
                 outcome = maybe(&mut pending) => {
                     pending = None;
                     self.apply(outcome);
+                    // The request read meanwhile, now.
+                    if let Some(msg) = deferred.take() {
+                        match self.on_message(&msg) {
+                            Ok(p) => pending = p,
+                            Err(r) => return r,
+                        }
+                    }
                 }
                 // No new request while one is pending, nor while a recovery's
-                // output still waits to be written: a client cannot pile them up.
-                frame = ws.recv(), if pending.is_none() && self.front.is_empty() => match frame {
+                // output still waits to be written: a client cannot pile them
+                // up. A codec may keep reading while one is pending, for
+                // answers (taken at once, never requests) and pongs; the first
+                // other frame waits in `deferred`, and reading stops there.
+                frame = ws.recv(), if self.front.is_empty() && deferred.is_none()
+                    && (pending.is_none() || C::READS_WHILE_PENDING) => match frame {
                     None => return CloseReason::Client,
                     Some(Err(e)) => return read_error(&e),
+                    Some(Ok(msg)) if pending.is_some() && !self.answers(&msg) => deferred = Some(msg),
                     Some(Ok(msg)) => match self.on_message(&msg) {
-                        Ok(p) => pending = p,
+                        // An answer never starts a request: `pending` stays.
+                        Ok(p) => pending = p.or(pending.take()),
                         Err(r) => return r,
                     },
                 },
@@ -463,6 +485,16 @@ impl<C: Codec> Session<C> {
                     self.send_frame(f);
                 }
             }
+        }
+    }
+
+    /// A frame that answers the server (or a ping/pong): read even while a
+    /// request is pending.
+    fn answers(&self, msg: &WsMessage) -> bool {
+        match msg {
+            WsMessage::Text(t) => self.codec.is_answer(Frame::Text(t.as_str())),
+            WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => true,
+            WsMessage::Binary(_) | WsMessage::Close(_) => false,
         }
     }
 

@@ -17,6 +17,15 @@ pub(super) struct Outcome<Id> {
     /// A recovery of a subscribed channel that failed: its held live
     /// messages go out as they are.
     unhold: Option<Channel>,
+    /// Socket.IO: a further namespace, authenticated (or refused).
+    joined: Option<Joined>,
+}
+
+/// A further Socket.IO namespace, as its CONNECT ended.
+pub(super) struct Joined {
+    namespace: Arc<str>,
+    /// The app's rooms in it, or why it is refused.
+    result: Result<Vec<Channel>, String>,
 }
 
 /// What a request's future ends with.
@@ -26,11 +35,12 @@ pub(super) struct Done {
     release: Option<Channel>,
     subscribed: Option<Channel>,
     unhold: Option<Channel>,
+    joined: Option<Joined>,
 }
 
 impl Done {
     fn reply(result: Result<Option<Box<RawValue>>, ApiError>) -> Self {
-        Done { result, recovery: None, release: None, subscribed: None, unhold: None }
+        Done { result, recovery: None, release: None, subscribed: None, unhold: None, joined: None }
     }
 }
 
@@ -129,6 +139,10 @@ impl<C: Codec> Session<C> {
     }
 
     pub(super) fn apply(&mut self, mut outcome: Outcome<C::Id>) {
+        if let Some(joined) = outcome.joined.take() {
+            self.join_namespace(joined);
+            return;
+        }
         if let Some(channel) = &outcome.unhold {
             for m in self.recovering.remove(channel).unwrap_or_default() {
                 self.front.push_back(Front { out: Outbound::Message(m), counted: true, checked: true });
@@ -250,9 +264,8 @@ impl<C: Codec> Session<C> {
                 self.acked(ack, &args);
                 return None;
             }
-            Request::Connect { namespace, .. } => {
-                self.connect_namespace(&namespace);
-                return None;
+            Request::Connect { namespace, auth } => {
+                return self.connect_namespace(namespace, auth).map(|fut| Self::pending(None, fut));
             }
             Request::Leave { namespace } => {
                 self.leave_namespace(&namespace);
@@ -276,6 +289,7 @@ impl<C: Codec> Session<C> {
                 release: done.release,
                 subscribed: done.subscribed,
                 unhold: done.unhold,
+                joined: done.joined,
             }
         })
     }
@@ -355,20 +369,33 @@ impl<C: Codec> Session<C> {
             .await;
             let subscribed = Some(channel.clone());
             match result {
-                Ok(Some(recovery)) => {
-                    Done { result: Ok(None), recovery: Some(recovery), release: None, subscribed, unhold: None }
-                }
+                Ok(Some(recovery)) => Done {
+                    result: Ok(None),
+                    recovery: Some(recovery),
+                    release: None,
+                    subscribed,
+                    unhold: None,
+                    joined: None,
+                },
                 Ok(None) if asked => Done {
                     result: Ok(RawValue::from_string(r#"{"recovered":false}"#.to_owned()).ok()),
                     recovery: None,
                     release: None,
                     subscribed,
                     unhold: None,
+                    joined: None,
                 },
-                Ok(None) => Done { result: Ok(None), recovery: None, release: None, subscribed, unhold: None },
-                Err(e) => {
-                    Done { result: Err(e), recovery: None, release: Some(channel), subscribed: None, unhold: None }
+                Ok(None) => {
+                    Done { result: Ok(None), recovery: None, release: None, subscribed, unhold: None, joined: None }
                 }
+                Err(e) => Done {
+                    result: Err(e),
+                    recovery: None,
+                    release: Some(channel),
+                    subscribed: None,
+                    unhold: None,
+                    joined: None,
+                },
             }
         }))
     }
@@ -396,20 +423,8 @@ impl<C: Codec> Session<C> {
             let after = since.as_ref().map_or(0, |o| o.seq);
             node.metrics.history_reads.inc();
             match node.broker.history(&channel, policy, after, policy.read_limit()).await {
-                Ok(h) => Done {
-                    result: Ok(None),
-                    recovery: Some(Recovery::new(channel, since, h)),
-                    release: None,
-                    subscribed: None,
-                    unhold: None,
-                },
-                Err(e) => Done {
-                    result: Err(ApiError::from(e)),
-                    recovery: None,
-                    release: None,
-                    subscribed: None,
-                    unhold: Some(channel),
-                },
+                Ok(h) => Done { recovery: Some(Recovery::new(channel, since, h)), ..Done::reply(Ok(None)) },
+                Err(e) => Done { unhold: Some(channel), ..Done::reply(Err(ApiError::from(e))) },
             }
         })
     }
@@ -519,21 +534,23 @@ impl<C: Codec> Session<C> {
 
     /// Sends an event the app waits an answer for (`/api/call`).
     fn call(&mut self, call: crate::hub::Call) {
+        use crate::hub::CallAnswer;
         self.next_ack += 1;
         let ack = self.next_ack;
-        match self.codec.call(&call.namespace, &call.event, &call.args, ack) {
-            Some(frame) => {
-                // Bounded like the queue: a client that never answers does
-                // not pile calls up.
-                if self.calls.len() >= self.node.cfg.session.client_queue {
-                    self.node.answer_call(call.id, crate::hub::CallAnswer::Gone);
-                    return;
-                }
-                self.calls.insert(ack, call.id);
-                self.send_frame(frame);
-            }
-            None => self.node.answer_call(call.id, crate::hub::CallAnswer::Unsupported),
+        let Some(frame) = self.codec.call(&call.namespace, &call.event, &call.args, ack) else {
+            self.node.answer_call(call.id, CallAnswer::Unsupported);
+            return;
+        };
+        // Not connected to that namespace: no socket there to answer. And
+        // bounded like the queue: a client that never answers does not pile
+        // calls up.
+        let joined = self.subs.iter().any(|c| socketio::in_namespace(c, &call.namespace));
+        if !joined || self.calls.len() >= self.node.cfg.session.client_queue {
+            self.node.answer_call(call.id, CallAnswer::Gone);
+            return;
         }
+        self.calls.insert(ack, call.id);
+        self.send_frame(frame);
     }
 
     /// The client answered a call.
@@ -544,21 +561,66 @@ impl<C: Codec> Session<C> {
         }
     }
 
-    /// Socket.IO: the client connects one more namespace on this connection
-    /// (with the identity it connected with). Its sockets are in the
-    /// namespace's channel and the room named by the connection id.
-    fn connect_namespace(&mut self, namespace: &str) {
-        let channels =
-            match (socketio::namespace_channel(namespace), socketio::room_channel(namespace, &self.handle.id)) {
-                (Ok(a), Ok(b)) => [a, b],
-                _ => {
-                    self.send_frame(socketio::connect_error(namespace, "invalid namespace"));
-                    return;
+    /// Socket.IO: the client connects one more namespace on this connection.
+    /// The connect hook (or the JWT) is asked again, with that namespace and
+    /// its `auth`; it must be the same user. None when it is connected already.
+    fn connect_namespace(
+        &mut self,
+        namespace: Arc<str>,
+        auth: Option<Box<RawValue>>,
+    ) -> Option<impl Future<Output = Done> + Send + 'static> {
+        if self.subs.iter().any(|c| socketio::in_namespace(c, &namespace)) {
+            return None;
+        }
+        let node = self.node.clone();
+        let origin = self.origin.clone();
+        let user = self.ident.user.clone();
+        Some(async move {
+            let result = match origin.as_deref() {
+                None => Err("this connection cannot open namespaces".to_owned()),
+                Some((head, remote)) => {
+                    let sio = crate::auth::SioConnect { namespace: &namespace, auth: auth.as_deref() };
+                    match node.auth.authenticate_with(head, *remote, Some(sio)).await {
+                        Ok(ident) if ident.user == user => Ok(ident.channels),
+                        Ok(_) => Err("a connection's namespaces belong to one user".to_owned()),
+                        Err(r) => {
+                            r.error.log("Socket.IO namespace CONNECT refused");
+                            Err(r.error.message.to_string())
+                        }
+                    }
                 }
             };
+            Done { joined: Some(Joined { namespace, result }), ..Done::reply(Ok(None)) }
+        })
+    }
+
+    /// A further namespace's CONNECT ended: its sockets are in the
+    /// namespace's channel, the room named by the connection id and the
+    /// app's rooms; or it is refused (CONNECT_ERROR).
+    fn join_namespace(&mut self, joined: Joined) {
+        let Joined { namespace, result } = joined;
+        let rooms = match result {
+            Ok(rooms) => rooms,
+            Err(why) => {
+                self.send_frame(socketio::connect_error(&namespace, &why));
+                return;
+            }
+        };
+        let mut channels = Vec::new();
+        let own = [socketio::namespace_channel(&namespace), socketio::room_channel(&namespace, &self.handle.id)];
+        for c in own.into_iter().chain(rooms.iter().map(|r| socketio::room_channel(&namespace, r))) {
+            match c {
+                Ok(c) if !channels.contains(&c) => channels.push(c),
+                Ok(_) => {}
+                Err(_) => {
+                    self.send_frame(socketio::connect_error(&namespace, "invalid namespace or room"));
+                    return;
+                }
+            }
+        }
         let max = self.node.cfg.session.max_subscriptions;
-        if self.subs.len() + 2 > max {
-            self.send_frame(socketio::connect_error(namespace, "too many namespaces (max-subscriptions)"));
+        if self.subs.len() + channels.len() > max {
+            self.send_frame(socketio::connect_error(&namespace, "too many rooms (max-subscriptions)"));
             return;
         }
         for ch in &channels {
@@ -566,19 +628,19 @@ impl<C: Codec> Session<C> {
                 continue;
             }
             if let Err(e) = self.node.hub.subscribe(ch, &self.handle) {
-                self.send_frame(socketio::connect_error(namespace, &e.to_string()));
+                self.send_frame(socketio::connect_error(&namespace, &e.to_string()));
                 return;
             }
             self.subs.insert(ch.clone());
         }
-        let (node, handle, ns, channels) = (self.node.clone(), self.handle.clone(), namespace.to_owned(), channels);
+        let (node, handle) = (self.node.clone(), self.handle.clone());
         tokio::spawn(async move {
             for ch in &channels {
                 if let Err(e) = node.broker.ensure_subscribed(ch).await {
                     tracing::warn!(channel = %ch, error = %e, "namespace channel not confirmed by the broker");
                 }
             }
-            handle.enqueue(Outbound::Frame(Box::new(socketio::connected(&ns, &handle.id))));
+            handle.enqueue(Outbound::Frame(Box::new(socketio::connected(&namespace, &handle.id))));
         });
     }
 
@@ -594,6 +656,8 @@ impl<C: Codec> Session<C> {
             self.trail_leave(&ch);
         }
         if !self.subs.iter().any(|c| socketio::split_channel(c).1.is_none()) {
+            // The client disconnected on purpose: nothing to recover later.
+            self.trail = None;
             self.handle.kill(CloseReason::Client);
         }
     }

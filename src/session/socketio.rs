@@ -43,7 +43,7 @@ use super::{Codec, Session};
 use crate::auth::SioConnect;
 use crate::body::{Body, ReadError, full, read_limited};
 use crate::channel::Channel;
-use crate::engineio::{Poll, PollEnd, PollError, Taken, Ws};
+use crate::engineio::{Poll, PollEnd, PollError, SEPARATOR, Taken, Ws};
 use crate::error::{ConnResult, Reject};
 use crate::node::Node;
 use crate::protocol::socketio::{ROOT, SocketIo, parse_packet, valid_namespace};
@@ -76,6 +76,9 @@ pub fn connected(namespace: &str, sid: &str) -> Utf8Bytes {
 pub(crate) struct Trail {
     pid: String,
     user: Option<String>,
+    /// The namespace it was connected to first (the one recovered).
+    #[serde(default)]
+    namespace: String,
     rooms: Vec<String>,
     /// Per channel: the last offset written before the log.
     base: HashMap<String, String>,
@@ -128,7 +131,12 @@ impl<C: Codec> Session<C> {
 
     pub(super) fn trail_join(&mut self, channel: &Channel) {
         if let Some(t) = &mut self.trail {
-            if !t.rooms.iter().any(|r| r == channel.as_str()) && !self.handle.id.as_ref().eq(channel.as_str()) {
+            // Only the first namespace is recovered; not the socket's own room.
+            let own = room_channel(&t.namespace, &self.handle.id).ok();
+            if in_namespace(channel, &t.namespace)
+                && own.as_ref() != Some(channel)
+                && !t.rooms.iter().any(|r| r == channel.as_str())
+            {
                 t.rooms.push(channel.to_string());
             }
         }
@@ -259,7 +267,7 @@ impl Eio {
         }
         if let Some(mut rx) = self.inbound.take() {
             while let Ok(p) = rx.try_recv() {
-                self.early.push_back(p);
+                self.early.extend(p.split(SEPARATOR).map(str::to_owned));
             }
         }
         self.ws = Some(ws);
@@ -311,7 +319,11 @@ impl Transport for Eio {
                 let inbound = self.inbound.as_mut()?;
                 let poll = self.poll.clone()?;
                 tokio::select! {
-                    p = inbound.recv() => Utf8Bytes::from(p?),
+                    p = inbound.recv() => {
+                        // A POST body: its packets, in order.
+                        self.early.extend(p?.split(SEPARATOR).map(str::to_owned));
+                        continue;
+                    }
                     // Closed from the HTTP side (an oversized body).
                     () = poll.ended() => return None,
                     ws = upgraded(&mut self.upgrade) => {
@@ -540,7 +552,9 @@ async fn forward(node: &Node, req: Request<Incoming>, remote: SocketAddr, owner:
     let Ok(base) = url.parse::<http::Uri>() else { return unknown_sid() };
     node.metrics.socketio_forwards.with_label_values(&["forwarded"]).inc();
     let mark = (header::HeaderName::from_static(FORWARDED), HeaderValue::from_str(&node.cfg.node_id).ok());
-    node.proxy.forward_to(&base, req, remote, mark.1.map(|v| (mark.0, v))).await
+    // A long-poll GET waits up to a ping interval (and 5 s) over there.
+    let timeout = node.cfg.session.ping_interval + Duration::from_secs(10);
+    node.proxy.forward_to(&base, req, remote, mark.1.map(|v| (mark.0, v)), timeout).await
 }
 
 /// The open packet's content.
@@ -574,17 +588,25 @@ async fn open(node: Arc<Node>, mut req: Request<Incoming>, remote: SocketAddr, w
     if let Err(r) = node.auth.check_origin(req.headers()) {
         return refused(&node, &r);
     }
+    // Until its CONNECT a session is nobody's: how many may wait is capped
+    // (a slot each), so opens cannot take every slot of the node.
+    let Some(opening) = node.polls.try_open() else { return refused(&node, &Reject::full()) };
     let Some(slot) = node.take_slot() else { return refused(&node, &Reject::full()) };
+    // The Engine.IO sid is this client's secret (polling requests and the
+    // upgrade are authorized by it); the connection id (`socket.id`) is
+    // public (rooms, presence, the app). Both name the node.
+    let eio_sid: Arc<str> = Arc::from(format!("{}.{}", node.cfg.node_id, crate::config::random_id(24)).as_str());
     let sid: Arc<str> = Arc::from(format!("{}.{}", node.cfg.node_id, crate::config::random_id(12)).as_str());
     let head = head_of(&req);
     let span = tracing::info_span!("socketio", conn.id = %sid, remote.addr = %remote);
+    let start = Start { head, remote, sid, slot, opening };
     if websocket {
         let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned)
         else {
             return eio_error(3, "missing Sec-WebSocket-Key");
         };
         let on_upgrade = hyper::upgrade::on(&mut req);
-        let open = open_packet(&node, &sid, false);
+        let open = open_packet(&node, &eio_sid, false);
         let n = node.clone();
         node.sessions.spawn(
             async move {
@@ -598,7 +620,7 @@ async fn open(node: Arc<Node>, mut req: Request<Incoming>, remote: SocketAddr, w
                 if eio.feed(WsMessage::Text(Utf8Bytes::from(open))).await.is_err() || eio.flush().await.is_err() {
                     return;
                 }
-                socket(n, eio, head, remote, sid, slot).await;
+                socket(n, eio, start).await;
             }
             .instrument(span),
         );
@@ -608,11 +630,11 @@ async fn open(node: Arc<Node>, mut req: Request<Incoming>, remote: SocketAddr, w
     // session's own queue fills and a client that does not poll is closed
     // as a slow consumer, like a WebSocket that does not read.
     let cap = node.cfg.session.socketio.as_ref().map_or(POLL_BUFFER, |c| c.max_payload.min(POLL_BUFFER));
-    let (poll, end) = Poll::new(sid.clone(), cap);
+    let (poll, end) = Poll::new(eio_sid.clone(), cap, node.cfg.session.max_message_bytes);
     node.polls.insert(poll.clone());
     let eio = Eio::polling(node.clone(), poll, end);
-    let open = open_packet(&node, &sid, true);
-    node.sessions.spawn(socket(node.clone(), eio, head, remote, sid, slot).instrument(span));
+    let open = open_packet(&node, &eio_sid, true);
+    node.sessions.spawn(socket(node.clone(), eio, start).instrument(span));
     plain(StatusCode::OK, open)
 }
 
@@ -638,7 +660,7 @@ async fn poll_get(node: &Node, poll: &Poll) -> Response<Body> {
             plain(StatusCode::OK, "1")
         }
         Err(PollError::Overlap) => eio_error(3, "Bad request: overlapping GET requests"),
-        Err(PollError::Gone) => unknown_sid(),
+        Err(PollError::Gone | PollError::TooLarge) => unknown_sid(),
     }
 }
 
@@ -654,9 +676,10 @@ async fn poll_post(node: &Node, poll: &Poll, req: Request<Incoming>) -> Response
         }
         Err(ReadError::Io(_)) => return eio_error(3, "Bad request"),
     };
-    let Ok(text) = std::str::from_utf8(&body) else { return eio_error(3, "Bad request: not UTF-8") };
+    let Ok(text) = String::from_utf8(body.to_vec()) else { return eio_error(3, "Bad request: not UTF-8") };
     match poll.post(text).await {
         Ok(()) => plain(StatusCode::OK, "ok"),
+        Err(PollError::TooLarge) => plain(StatusCode::PAYLOAD_TOO_LARGE, "a packet is larger than max-message-bytes"),
         Err(_) => unknown_sid(),
     }
 }
@@ -714,16 +737,22 @@ struct RecoveryAuth {
     offset: Option<String>,
 }
 
-/// Waits for the client's first CONNECT, authenticates it and runs the
-/// session; a refusal is a CONNECT_ERROR.
-async fn socket(
-    node: Arc<Node>,
-    mut eio: Eio,
+/// What a new socket starts with.
+struct Start {
+    /// The open request's head, for the connect hook.
     head: Request<()>,
     remote: SocketAddr,
+    /// Its connection id.
     sid: Arc<str>,
     slot: crate::node::Slot,
-) {
+    /// Its place among the sessions waiting for CONNECT.
+    opening: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Waits for the client's first CONNECT, authenticates it and runs the
+/// session; a refusal is a CONNECT_ERROR.
+async fn socket(node: Arc<Node>, mut eio: Eio, start: Start) {
+    let Start { head, remote, sid, slot, opening } = start;
     let first = tokio::time::timeout(node.cfg.session.handshake_timeout, async {
         loop {
             match eio.recv().await? {
@@ -747,14 +776,13 @@ async fn socket(
     .await;
     let Ok(Some((namespace, auth))) = first else {
         node.metrics.connection_result(ConnResult::HandshakeFailed);
-        eio.close(None).await;
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+        let reason = Utf8Bytes::from_static("a CONNECT packet was expected");
+        eio.close(Some(CloseFrame { code: CloseCode::Protocol, reason })).await;
         return;
     };
-    let refuse = |msg: &str| connect_error(&namespace, msg);
     if !valid_namespace(&namespace) {
-        let _ = eio.feed(WsMessage::Text(refuse("Invalid namespace"))).await;
-        let _ = eio.flush().await;
-        eio.close(None).await;
+        say_goodbye(&mut eio, Some(connect_error(&namespace, "Invalid namespace"))).await;
         return;
     }
     let sio = SioConnect { namespace: &namespace, auth: auth.as_deref() };
@@ -764,12 +792,17 @@ async fn socket(
             node.metrics.connection_result(r.result);
             node.metrics.error(r.error.fault);
             r.error.log("Socket.IO CONNECT refused");
-            let _ = eio.feed(WsMessage::Text(refuse(&r.error.message))).await;
-            let _ = eio.flush().await;
-            eio.close(None).await;
+            // A refusal is final for socket.io-client (CONNECT_ERROR); a
+            // failure (the app or Redis unavailable) is not: the transport
+            // closes and the client tries again.
+            let final_refusal = matches!(r.status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN);
+            say_goodbye(&mut eio, final_refusal.then(|| connect_error(&namespace, &r.error.message))).await;
             return;
         }
     };
+    // Who it is is known: it no longer counts among the unauthenticated.
+    drop(opening);
+    let own_room = room_channel(&namespace, &sid).ok();
     // Channels: the namespace's, the sid's room, the app's (as rooms of this namespace).
     let mut channels: Vec<Channel> = Vec::new();
     let mut push = |c: Result<Channel, crate::channel::ChannelError>| {
@@ -794,95 +827,128 @@ async fn socket(
     let mut since: HashMap<Channel, String> = HashMap::new();
     let mut known = false;
     let mut old_pid = None;
+    // Put back if this connection fails, so the client's retry can use it.
+    let mut taken: Option<(String, String)> = None;
     if let Some(RecoveryAuth { pid: Some(pid), offset }) = recovery {
-        match node.broker.take_stash(&format!("sio:{pid}")).await {
-            Ok(Some(saved)) => match serde_json::from_str::<Trail>(&saved) {
-                Ok(trail) if trail.user == user => {
-                    let (positions, k) = trail.positions(offset.as_deref());
-                    known = k;
-                    for room in &trail.rooms {
-                        let Ok(ch) = Channel::parse(room) else { continue };
-                        match positions.get(room) {
-                            Some(o) => {
-                                since.insert(ch.clone(), o.clone());
+        let key = format!("sio:{pid}");
+        match node.broker.take_stash(&key).await {
+            Ok(Some(saved)) => {
+                match serde_json::from_str::<Trail>(&saved) {
+                    Ok(trail) if trail.user == user && trail.namespace == namespace => {
+                        let (positions, k) = trail.positions(offset.as_deref());
+                        known = k;
+                        for room in &trail.rooms {
+                            let Ok(ch) = Channel::parse(room) else { continue };
+                            match positions.get(room) {
+                                Some(o) => {
+                                    since.insert(ch.clone(), o.clone());
+                                }
+                                // History kept, but where the socket was is not known.
+                                None if node.cfg.namespaces.rule(&ch).history.is_some() => known = false,
+                                None => {}
                             }
-                            // History kept, but where the socket was is not known.
-                            None if node.cfg.namespaces.rule(&ch).history.is_some() => known = false,
-                            None => {}
+                            push(Ok(ch));
                         }
-                        push(Ok(ch));
+                        old_pid = Some(pid);
                     }
-                    old_pid = Some(pid);
+                    _ => tracing::debug!("recovery state of another user or namespace, or unreadable: not recovered"),
                 }
-                _ => tracing::debug!("recovery state of another user, or unreadable: not recovered"),
-            },
+                taken = Some((key, saved));
+            }
             Ok(None) => tracing::debug!("no recovery state for this pid (expired, or its node died)"),
             Err(e) => tracing::debug!(error = %e, "recovery state unavailable"),
         }
     }
     let max = node.cfg.session.max_subscriptions;
-    channels.truncate(max);
+    if channels.len() > max {
+        tracing::warn!(channels = channels.len(), max, "more rooms than max-subscriptions: the rest are not joined");
+        channels.truncate(max);
+    }
+    let restash = |node: &Arc<Node>, taken: Option<(String, String)>| {
+        let (Some((key, saved)), Some(window)) = (taken, node.cfg.session.socketio.as_ref().map(|s| s.recovery_window))
+        else {
+            return;
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let _ = node.broker.stash(&key, saved, window).await;
+        });
+    };
 
     let (handle, rx) = node.hub.register(sid.clone(), ident.user.clone(), node.cfg.session.client_queue);
     let ident = Arc::new(ident);
     let mut session = Session::new(node.clone(), SocketIo, handle, ident, slot, rx);
-    session.trail = Some(Box::new(Trail { user, ..Trail::default() }));
+    session.origin = Some(Arc::new((head, remote)));
 
     // Where history is kept, a channel joined without `since` starts its
     // trail at the channel's top (read before anything is written).
     let mut bases = Vec::new();
     for ch in &channels {
-        if since.contains_key(ch) || *ch.as_str() == *sid {
+        if since.contains_key(ch) || Some(ch) == own_room.as_ref() {
             continue;
         }
         if let Some(policy) = node.cfg.namespaces.rule(ch).history {
-            if let Ok(h) = node.broker.history(ch, policy, u64::MAX / 2, 1).await {
-                bases.push((ch.to_string(), h.top_offset().to_string()));
+            match node.broker.history(ch, policy, u64::MAX / 2, 1).await {
+                Ok(h) => bases.push((ch.to_string(), h.top_offset().to_string())),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Socket.IO CONNECT failed: history unavailable");
+                    restash(&node, taken);
+                    say_goodbye(&mut eio, None).await;
+                    return;
+                }
             }
         }
     }
     let recovered = match session.subscribe_initial(&channels, &since).await {
         Ok(r) => r,
         Err(e) => {
+            // The broker (or a limit): not the client's fault; it retries.
             e.log("Socket.IO CONNECT failed");
-            let _ = eio.feed(WsMessage::Text(refuse(&e.message))).await;
-            let _ = eio.flush().await;
-            eio.close(None).await;
+            restash(&node, taken);
+            say_goodbye(&mut eio, None).await;
             return;
         }
     };
-    if let Some(t) = &mut session.trail {
-        for ch in &channels {
-            if *ch.as_str() != *sid {
-                t.rooms.push(ch.to_string());
-            }
-        }
-        t.base.extend(bases);
-        for (ch, o) in &since {
-            t.base.entry(ch.to_string()).or_insert_with(|| o.clone());
-        }
+    let mut trail = Trail { user, namespace: namespace.clone(), ..Trail::default() };
+    trail.rooms = channels.iter().filter(|c| Some(*c) != own_room.as_ref()).map(ToString::to_string).collect();
+    trail.base.extend(bases);
+    for (ch, o) in &since {
+        trail.base.entry(ch.to_string()).or_insert_with(|| o.clone());
     }
     // Recovered: the trail was ours, the client's position known, and every
     // channel with history caught up.
     let is_recovered = old_pid.is_some() && known && recovered.iter().all(|(_, ok)| *ok);
-    if old_pid.is_some() {
+    if taken.is_some() {
         node.metrics
             .socketio_recoveries
             .with_label_values(&[if is_recovered { "recovered" } else { "not_recovered" }])
             .inc();
     }
     // The same pid tells socket.io-client it was recovered; a new one, not.
-    let pid = match old_pid {
+    trail.pid = match old_pid {
         Some(p) if is_recovered => p,
         _ => crate::config::random_id(16),
     };
-    if let Some(t) = &mut session.trail {
-        t.pid = pid.clone();
-    }
-    let welcome = SocketIo::connected(&namespace, &sid, Some(&pid));
+    let welcome = SocketIo::connected(&namespace, &sid, Some(&trail.pid));
+    session.trail = Some(Box::new(trail));
     node.metrics.connection_result(ConnResult::Accepted);
     tracing::debug!(namespace, recovered = is_recovered, "socket connected");
     session.run(eio, welcome).await;
+}
+
+/// Ends a socket that never started: a CONNECT_ERROR first when it is a
+/// refusal (final for the client), else a close that says "try again".
+async fn say_goodbye(eio: &mut Eio, packet: Option<Utf8Bytes>) {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let frame = match packet {
+        Some(p) => {
+            let _ = eio.feed(WsMessage::Text(p)).await;
+            let _ = eio.flush().await;
+            CloseFrame { code: CloseCode::Normal, reason: Utf8Bytes::from_static("") }
+        }
+        None => CloseFrame { code: CloseCode::Again, reason: Utf8Bytes::from_static("try again later") },
+    };
+    eio.close(Some(frame)).await;
 }
 
 #[cfg(test)]

@@ -596,3 +596,71 @@ async fn socketio_sockets_are_rate_limited_and_slow_ones_are_cut_off() {
     }
     relay.wait_metric("wsrelay_disconnects_total{reason=\"slow_consumer\"}", |v| v >= 1.0).await;
 }
+
+#[tokio::test]
+async fn review_fixes_sid_secret_namespace_hooks_calls_inside_hooks_and_retries() {
+    let app = Upstream::start().await;
+    alice(&app);
+    let relay = relay(&app, &["--max-message-bytes", "1024"]).await;
+    let base = relay.http_url("");
+
+    // The public socket.id does not open the Engine.IO session.
+    let mut c = Driven::node(&base, json!({"transports": ["polling"]}));
+    let id = c.wait_type("connect").await["id"].as_str().unwrap().to_owned();
+    let (s, _, _) = request(Method::GET, &format!("{base}{PATH}?EIO=4&transport=polling&sid={id}"), None, &[]).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "socket.id must not be the polling session's key");
+
+    // A polling packet over --max-message-bytes: 413, the session ends.
+    let sid = open_polling(&base).await;
+    let url = format!("{base}{PATH}?EIO=4&transport=polling&sid={sid}");
+    let (s, _, _) = request(Method::POST, &url, Some(format!("42[\"big\",\"{}\"]", "x".repeat(2000))), &[]).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+
+    // Reserved event names are refused.
+    let (s, body) = relay.publish(json!({"channel": "/", "event": "disconnect"})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+
+    // The app calls the client from inside its event handler: the client's
+    // ACK is read while the hook is still pending.
+    app.set_hook("/ws/message", HookReply::new(200, &json!("handled")).delayed(Duration::from_secs(3)));
+    let mut caller = Driven::node(&base, json!({"transports": ["websocket"], "answers": {"really?": ["yes"]}}));
+    let cid = caller.wait_type("connect").await["id"].as_str().unwrap().to_owned();
+    caller.send(json!({"op": "emit", "event": "work", "args": [], "ack": true, "id": 1})).await;
+    settle().await;
+    let started = std::time::Instant::now();
+    let (s, body) = relay.api("/api/call", json!({"connection": cid, "event": "really?", "timeout": 10}), None).await;
+    assert_eq!((s, &body["args"]), (StatusCode::OK, &json!(["yes"])), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(2), "the ACK waited for the hook: {:?}", started.elapsed());
+    assert_eq!(caller.wait_type("ack").await["args"], json!(["handled"]));
+}
+
+#[tokio::test]
+async fn each_namespace_asks_the_connect_hook_and_failures_are_retried() {
+    let app = Upstream::start().await;
+    app.set_hook("/ws/connect", HookReply::new(503, &json!({})));
+    let relay = relay(&app, &["--hook-timeout", "1s"]).await;
+    let base = relay.http_url("");
+    // The app is down: no final CONNECT_ERROR, the client keeps trying and
+    // gets in once the app answers.
+    let mut c = Driven::node(&base, json!({"transports": ["websocket"]}));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let early = c.drain(Duration::from_millis(10)).await;
+    assert!(early.iter().all(|v| v["type"] != "connect"), "{early:?}");
+    assert!(app.recorded("/ws/connect").len() >= 2, "retried");
+    app.set_hook("/ws/connect", HookReply::new(200, &json!({"user": "alice", "channels": ["r1"]})));
+    c.wait_type("connect").await;
+    // A second namespace on the same connection: the hook is asked again
+    // with its namespace; its rooms are that namespace's.
+    let mut admin = Driven::node(&base, json!({"transports": ["websocket"], "namespace": "/admin"}));
+    admin.wait_type("connect").await;
+    assert!(app.recorded("/ws/connect").iter().any(|r| r.json()["namespace"] == "/admin"));
+    relay.publish(json!({"channel": "/admin#r1", "event": "admin-room"})).await;
+    admin.event("admin-room").await;
+    // Refused for one namespace: a CONNECT_ERROR there only.
+    app.set_hook("/ws/connect", HookReply::new(403, &json!({})));
+    let mut denied =
+        Driven::node(&base, json!({"transports": ["websocket"], "namespace": "/secret", "reconnection": false}));
+    assert_eq!(denied.wait_type("connect_error").await["message"], "refused by the app");
+    relay.publish(json!({"channel": "r1", "event": "still-here"})).await;
+    c.event("still-here").await;
+}

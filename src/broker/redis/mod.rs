@@ -144,7 +144,6 @@ impl RedisBroker {
             probe_interval: cfg.probe_interval,
             probe_timeout: cfg.probe_timeout,
             node_id: node_id.clone(),
-            control_script: redis::Script::new(CONTROL_SCRIPT),
             socketio_channel: cfg.socketio_channel.clone(),
         };
         tokio::spawn(sub.run(shutdown).instrument(tracing::info_span!("redis_subscriber")));
@@ -345,7 +344,12 @@ impl RedisBroker {
         if !self.is_up() {
             return Err(BrokerError::NotConnected);
         }
-        send_command(&self.pool, &self.control_script, &self.keys, op, self.timeout).await
+        match op {
+            NodeCommand::Call { .. } | NodeCommand::Answer { .. } => {
+                send_call(&self.pool, &self.keys, op, self.timeout).await
+            }
+            _ => send_command(&self.pool, &self.control_script, &self.keys, op, self.timeout).await,
+        }
     }
 
     async fn send(&self, messages: Vec<Out>) -> Result<Vec<Option<Offset>>, BrokerError> {

@@ -68,7 +68,6 @@ pub(super) struct Subscriber {
     pub(super) probe_interval: Duration,
     pub(super) probe_timeout: Duration,
     pub(super) node_id: String,
-    pub(super) control_script: redis::Script,
     /// python-socketio's Redis manager channel, when bridged.
     pub(super) socketio_channel: Option<String>,
 }
@@ -128,7 +127,7 @@ impl Subscriber {
             Ok(pair) => pair,
             Err(e) => return Lost::Error(format!("connect: {e}")),
         };
-        let mut own = vec![self.keys.control.as_str(), self.keys.probe.as_str()];
+        let mut own = vec![self.keys.control.as_str(), self.keys.probe.as_str(), self.keys.calls.as_str()];
         own.extend(self.socketio_channel.as_deref());
         if let Err(e) = self.with_timeout(sink.subscribe(&own)).await {
             return Lost::Error(format!("subscribe: {e}"));
@@ -351,26 +350,32 @@ impl Subscriber {
         }
         *applied = id;
         match serde_json::from_str::<Command>(payload) {
-            // Calls and their answers are live only: a late one is useless
-            // (its caller timed out).
-            Ok(Command { op: NodeCommand::Call { .. } | NodeCommand::Answer { .. }, .. }) if replayed => {}
             Ok(Command { t, op }) => {
                 let n = self.hub.apply(&op, replayed.then_some(t));
                 debug!(?op, sessions = n, replayed, "command applied");
-                if let NodeCommand::Call { target: Target::Connection(id), call } = &op {
-                    let here = id.rsplit_once('.').is_some_and(|(node, _)| node == self.node_id);
-                    if n == 0 && here {
-                        // Ours by its name, and gone: say so now rather than at the timeout.
-                        let answer = NodeCommand::Answer { call: call.id.clone(), answer: CallAnswer::Gone };
-                        let (pool, script, keys, timeout) =
-                            (self.pool.clone(), self.control_script.clone(), self.keys.clone(), self.timeout);
-                        tokio::spawn(async move {
-                            let _ = send_command(&pool, &script, &keys, &answer, timeout).await;
-                        });
-                    }
-                }
             }
             Err(e) => warn!(error = %e, "ignoring a malformed command"),
+        }
+    }
+
+    /// A call or its answer (`{prefix}calls`): live only, never logged nor
+    /// replayed (a late one is useless: its caller timed out).
+    fn on_call(&self, payload: &[u8]) {
+        let op = match serde_json::from_slice::<Command>(payload) {
+            Ok(Command { op: op @ (NodeCommand::Call { .. } | NodeCommand::Answer { .. }), .. }) => op,
+            _ => return warn!("ignoring a malformed call"),
+        };
+        let n = self.hub.apply(&op, None);
+        if let NodeCommand::Call { target: Target::Connection(id), call } = &op {
+            let here = id.rsplit_once('.').is_some_and(|(node, _)| node == self.node_id);
+            if n == 0 && here {
+                // Ours by its name, and gone: say so now rather than at the timeout.
+                let answer = NodeCommand::Answer { call: call.id.clone(), answer: CallAnswer::Gone };
+                let (pool, keys, timeout) = (self.pool.clone(), self.keys.clone(), self.timeout);
+                tokio::spawn(async move {
+                    let _ = send_call(&pool, &keys, &answer, timeout).await;
+                });
+            }
         }
     }
 
@@ -535,6 +540,9 @@ impl Subscriber {
             None
         } else if name == self.keys.probe {
             std::str::from_utf8(payload).ok()?.parse().ok()
+        } else if name == self.keys.calls {
+            self.on_call(payload);
+            None
         } else if self.socketio_channel.as_deref() == Some(name) {
             crate::broker::socketio::apply(&self.hub, &self.metrics, payload);
             None

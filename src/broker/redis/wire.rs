@@ -22,6 +22,8 @@ pub(super) struct Keys {
     pub(super) channel_prefix: String,
     pub(super) control: String,
     pub(super) control_log: String,
+    /// Calls and their answers (published, not logged).
+    pub(super) calls: String,
     pub(super) probe: String,
 }
 
@@ -32,6 +34,7 @@ impl Keys {
             channel_prefix: format!("{prefix}ch:"),
             control: format!("{prefix}ctl"),
             control_log: format!("{prefix}ctl:log"),
+            calls: format!("{prefix}calls"),
             probe: format!("{prefix}probe:{node_id}"),
         }
     }
@@ -182,6 +185,22 @@ pub(super) async fn send_command(
         Ok(r) => r.map(|_| ()),
         Err(_) => Err(BrokerError::Timeout(timeout)),
     }
+}
+
+/// Publishes a call or its answer to every node, without logging it.
+pub(super) async fn send_call(
+    pool: &Pool,
+    keys: &Keys,
+    op: &NodeCommand,
+    timeout: Duration,
+) -> Result<(), BrokerError> {
+    let cmd = Command { t: crate::hub::now_us(), op: op.clone() };
+    let payload = serde_json::to_string(&cmd).unwrap_or_default();
+    let run = async {
+        let mut c = pool.get().await?;
+        redis::cmd("PUBLISH").arg(&keys.calls).arg(payload).query_async::<i64>(&mut c).await.map_err(BrokerError::from)
+    };
+    tokio::time::timeout(timeout, run).await.unwrap_or(Err(BrokerError::Timeout(timeout))).map(|_| ())
 }
 
 /// A Redis stream id, `<ms>-<seq>`, ordered.
