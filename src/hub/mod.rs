@@ -442,17 +442,27 @@ impl Hub {
         };
         let exclude = msg.exclude.as_deref();
         let over = self.budget.used() >= self.budget.max;
+        let subs = ch.sessions.values().filter(|sub| exclude.is_none_or(|x| *x != *sub.id));
+        self.hand_out(subs, ch.sessions.len(), msg, over)
+    }
+
+    /// Queues `msg` for each of `subs` (at most `count` of them), counted
+    /// against the queue budget first; `over`: the budget was exceeded, so
+    /// those already behind are closed instead.
+    fn hand_out<'a>(
+        &self,
+        subs: impl Iterator<Item = &'a Arc<SessionHandle>>,
+        count: usize,
+        msg: &Arc<Message>,
+        over: bool,
+    ) -> usize {
         // Counted before any session can write and release it (a release
         // racing ahead of the add would wrap the counter); what is not
         // queued is given back after.
         let weight = msg.weight();
-        let all = ch.sessions.len();
-        self.budget.used.fetch_add(all * weight, Ordering::AcqRel);
+        self.budget.used.fetch_add(count * weight, Ordering::AcqRel);
         let mut n = 0;
-        for sub in ch.sessions.values() {
-            if exclude.is_some_and(|x| *x == *sub.id) {
-                continue;
-            }
+        for sub in subs {
             if over && sub.backlog() > 0 {
                 sub.kill(CloseReason::SlowConsumer);
                 self.metrics.dropped_slow_consumer.inc();
@@ -464,7 +474,7 @@ impl Hub {
                 self.metrics.dropped_slow_consumer.inc();
             }
         }
-        self.budget.release((all - n) * weight);
+        self.budget.release((count - n) * weight);
         n
     }
 
@@ -481,24 +491,7 @@ impl Hub {
             }
         }
         let over = self.budget.used() >= self.budget.max;
-        let weight = msg.weight();
-        self.budget.used.fetch_add(targets.len() * weight, Ordering::AcqRel);
-        let mut n = 0;
-        for sub in targets.values() {
-            // As in `deliver`: past the node's budget, those behind are closed.
-            if over && sub.backlog() > 0 {
-                sub.kill(CloseReason::SlowConsumer);
-                self.metrics.dropped_slow_consumer.inc();
-                continue;
-            }
-            if sub.enqueue(Outbound::Message(msg.clone())) {
-                n += 1;
-            } else {
-                self.metrics.dropped_slow_consumer.inc();
-            }
-        }
-        self.budget.release((targets.len() - n) * weight);
-        n
+        self.hand_out(targets.values(), targets.len(), msg, over)
     }
 
     /// The node's queued-bytes budget (sessions release what they write).

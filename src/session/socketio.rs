@@ -33,7 +33,6 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage, Utf8Bytes};
 use tracing::Instrument;
@@ -624,7 +623,7 @@ async fn open(node: Arc<Node>, mut req: Request<Incoming>, remote: SocketAddr, w
             }
             .instrument(span),
         );
-        return switching(&key);
+        return super::upgrade::switching(&key, None);
     }
     // What waits for a GET is bounded well below maxPayload: beyond it the
     // session's own queue fills and a client that does not poll is closed
@@ -636,18 +635,6 @@ async fn open(node: Arc<Node>, mut req: Request<Incoming>, remote: SocketAddr, w
     let open = open_packet(&node, &eio_sid, true);
     node.sessions.spawn(socket(node.clone(), eio, start).instrument(span));
     plain(StatusCode::OK, open)
-}
-
-fn switching(key: &str) -> Response<Body> {
-    let mut resp = Response::new(full(bytes::Bytes::new()));
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = resp.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
-    }
-    resp
 }
 
 /// A polling GET: what the session queued (or a noop after a while).
@@ -723,7 +710,7 @@ fn probe(node: &Node, mut req: Request<Incoming>, poll: Arc<Poll>) -> Response<B
             poll.hand_over(ws);
         }
     });
-    switching(&key)
+    super::upgrade::switching(&key, None)
 }
 
 // ---------------------------------------------------------------------------

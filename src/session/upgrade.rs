@@ -105,6 +105,11 @@ pub(crate) async fn accept(node: Arc<Node>, mut req: Request<Incoming>, remote: 
         .instrument(span),
     );
 
+    switching(&key, protocol.then_some(SUBPROTOCOL))
+}
+
+/// The `101 Switching Protocols` answer to a WebSocket upgrade with `key`.
+pub(crate) fn switching(key: &str, subprotocol: Option<&'static str>) -> Response<Body> {
     let mut resp = Response::new(full(bytes::Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
@@ -113,8 +118,8 @@ pub(crate) async fn accept(node: Arc<Node>, mut req: Request<Incoming>, remote: 
     if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
-    if protocol {
-        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+    if let Some(p) = subprotocol {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
     }
     resp
 }

@@ -175,16 +175,22 @@ pub(super) async fn send_command(
     let cmd = Command { t: crate::hub::now_us(), op: op.clone() };
     // A struct of strings always serializes.
     let payload = serde_json::to_string(&cmd).unwrap_or_default();
-    let run = async {
+    within(timeout, async {
         let mut c = pool.get().await?;
         let mut inv = script.key(&keys.control_log);
         inv.key(&keys.control).arg(&payload).arg(CONTROL_LOG_LEN).arg(CONTROL_LOG_TTL_MS);
         inv.invoke_async::<String>(&mut c).await.map_err(BrokerError::from)
-    };
-    match tokio::time::timeout(timeout, run).await {
-        Ok(r) => r.map(|_| ()),
-        Err(_) => Err(BrokerError::Timeout(timeout)),
-    }
+    })
+    .await
+    .map(|_| ())
+}
+
+/// `run`, or a timeout error after `timeout`.
+async fn within<T>(
+    timeout: Duration,
+    run: impl std::future::Future<Output = Result<T, BrokerError>>,
+) -> Result<T, BrokerError> {
+    tokio::time::timeout(timeout, run).await.unwrap_or(Err(BrokerError::Timeout(timeout)))
 }
 
 /// Publishes a call or its answer to every node, without logging it.
@@ -196,11 +202,12 @@ pub(super) async fn send_call(
 ) -> Result<(), BrokerError> {
     let cmd = Command { t: crate::hub::now_us(), op: op.clone() };
     let payload = serde_json::to_string(&cmd).unwrap_or_default();
-    let run = async {
+    within(timeout, async {
         let mut c = pool.get().await?;
         redis::cmd("PUBLISH").arg(&keys.calls).arg(payload).query_async::<i64>(&mut c).await.map_err(BrokerError::from)
-    };
-    tokio::time::timeout(timeout, run).await.unwrap_or(Err(BrokerError::Timeout(timeout))).map(|_| ())
+    })
+    .await
+    .map(|_| ())
 }
 
 /// A Redis stream id, `<ms>-<seq>`, ordered.
