@@ -395,6 +395,32 @@ async fn memory(report: &mut String) {
     println!("{line}");
     writeln!(report, "### Idle memory\n\n{line}\n").unwrap();
     drop(conns);
+
+    // The same through Socket.IO (WebSocket transport): each socket is also
+    // in its namespace's channel and its own room, and keeps a recovery trail.
+    let node = wsrelay(&["--socketio-path", "/socket.io/"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_kib(node.pid());
+    let mut conns = Vec::with_capacity(N);
+    for _ in 0..N {
+        let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket", node.public);
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        ws.next().await.unwrap().unwrap(); // open packet
+        ws.send(Message::Text("40".into())).await.unwrap();
+        ws.next().await.unwrap().unwrap(); // CONNECT answer
+        conns.push(ws);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_kib(node.pid());
+    let per = (after - before) as f64 * 1024.0 / N as f64;
+    let line = format!(
+        "{N} idle Socket.IO sockets (WebSocket transport, namespace `/`, each in its own room): sidecar RSS {before} KiB → {after} KiB, **{:.0} bytes ({:.2} KiB) per socket**.",
+        per,
+        per / 1024.0
+    );
+    println!("{line}");
+    writeln!(report, "{line}\n").unwrap();
+    drop(conns);
 }
 
 // ---------------------------------------------------------------- connect

@@ -571,11 +571,32 @@ fn open_packet(node: &Node, sid: &str, upgrades: bool) -> String {
     format!("0{v}")
 }
 
-/// The request's head, kept for the connect hook (which runs at CONNECT).
+/// The request's head, kept for the connect hook (which runs at CONNECT,
+/// for each namespace): its URI and the headers the hook and the JWT check
+/// read, nothing else (it lives as long as the socket).
+///
+/// Copied, not cloned: a request's URI and header values are slices of the
+/// HTTP connection's read buffer, and a clone would keep that whole buffer
+/// (~16 KiB) alive for the socket's life.
 fn head_of(req: &Request<Incoming>) -> Request<()> {
     let mut head = Request::new(());
-    *head.uri_mut() = req.uri().clone();
-    *head.headers_mut() = req.headers().clone();
+    if let Ok(uri) = req.uri().to_string().parse() {
+        *head.uri_mut() = uri;
+    }
+    for (name, value) in req.headers() {
+        let kept = name == header::COOKIE
+            || name == header::AUTHORIZATION
+            || name == header::ORIGIN
+            || name == header::HOST
+            || name.as_str().starts_with("x-forwarded-");
+        if !kept {
+            continue;
+        }
+        let name = header::HeaderName::from_bytes(name.as_str().as_bytes());
+        if let (Ok(n), Ok(v)) = (name, HeaderValue::from_bytes(value.as_bytes())) {
+            head.headers_mut().append(n, v);
+        }
+    }
     head
 }
 
@@ -609,17 +630,11 @@ async fn open(node: Arc<Node>, mut req: Request<Incoming>, remote: SocketAddr, w
         let n = node.clone();
         node.sessions.spawn(
             async move {
-                let Ok(Ok(up)) = tokio::time::timeout(n.cfg.session.handshake_timeout, on_upgrade).await else {
-                    n.metrics.connection_result(ConnResult::HandshakeFailed);
-                    return;
-                };
-                let cfg = super::upgrade::ws_config(n.cfg.session.max_message_bytes);
-                let ws = WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg)).await;
-                let mut eio = Eio::websocket(n.clone(), ws);
-                if eio.feed(WsMessage::Text(Utf8Bytes::from(open))).await.is_err() || eio.flush().await.is_err() {
-                    return;
+                // Boxed, and gone once open: the task keeps only the socket.
+                let eio = Box::pin(open_websocket(n.clone(), on_upgrade, open)).await;
+                if let Some(eio) = eio {
+                    socket(n, eio, start).await;
                 }
-                socket(n, eio, start).await;
             }
             .instrument(span),
         );
@@ -635,6 +650,21 @@ async fn open(node: Arc<Node>, mut req: Request<Incoming>, remote: SocketAddr, w
     let open = open_packet(&node, &eio_sid, true);
     node.sessions.spawn(socket(node.clone(), eio, start).instrument(span));
     plain(StatusCode::OK, open)
+}
+
+/// Completes the WebSocket upgrade of a new session and sends the open packet.
+async fn open_websocket(node: Arc<Node>, on_upgrade: hyper::upgrade::OnUpgrade, open: String) -> Option<Eio> {
+    let Ok(Ok(up)) = tokio::time::timeout(node.cfg.session.handshake_timeout, on_upgrade).await else {
+        node.metrics.connection_result(ConnResult::HandshakeFailed);
+        return None;
+    };
+    let cfg = super::upgrade::ws_config(node.cfg.session.max_message_bytes);
+    let ws = WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg)).await;
+    let mut eio = Eio::websocket(node, ws);
+    if eio.feed(WsMessage::Text(Utf8Bytes::from(open))).await.is_err() || eio.flush().await.is_err() {
+        return None;
+    }
+    Some(eio)
 }
 
 /// A polling GET: what the session queued (or a noop after a while).
@@ -739,6 +769,18 @@ struct Start {
 /// Waits for the client's first CONNECT, authenticates it and runs the
 /// session; a refusal is a CONNECT_ERROR.
 async fn socket(node: Arc<Node>, mut eio: Eio, start: Start) {
+    // On the heap while it runs, freed after: the connect hook's and the
+    // broker's futures would otherwise size every socket's task for its life.
+    // (A `let`, not an `if let`: the box must be gone before the session runs.)
+    let connected = Box::pin(connect(&node, &mut eio, start)).await;
+    if let Some((session, welcome)) = connected {
+        session.run(eio, welcome).await;
+    }
+}
+
+/// A socket's CONNECT: the session and its CONNECT answer, or None once
+/// the client was refused (or failed) and told.
+async fn connect(node: &Arc<Node>, eio: &mut Eio, start: Start) -> Option<(Session<SocketIo>, Utf8Bytes)> {
     let Start { head, remote, sid, slot, opening } = start;
     let first = tokio::time::timeout(node.cfg.session.handshake_timeout, async {
         loop {
@@ -766,11 +808,11 @@ async fn socket(node: Arc<Node>, mut eio: Eio, start: Start) {
         use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
         let reason = Utf8Bytes::from_static("a CONNECT packet was expected");
         eio.close(Some(CloseFrame { code: CloseCode::Protocol, reason })).await;
-        return;
+        return None;
     };
     if !valid_namespace(&namespace) {
-        say_goodbye(&mut eio, Some(connect_error(&namespace, "Invalid namespace"))).await;
-        return;
+        say_goodbye(eio, Some(connect_error(&namespace, "Invalid namespace"))).await;
+        return None;
     }
     let sio = SioConnect { namespace: &namespace, auth: auth.as_deref() };
     let ident = match node.auth.authenticate_with(&head, remote, Some(sio)).await {
@@ -783,8 +825,8 @@ async fn socket(node: Arc<Node>, mut eio: Eio, start: Start) {
             // failure (the app or Redis unavailable) is not: the transport
             // closes and the client tries again.
             let final_refusal = matches!(r.status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN);
-            say_goodbye(&mut eio, final_refusal.then(|| connect_error(&namespace, &r.error.message))).await;
-            return;
+            say_goodbye(eio, final_refusal.then(|| connect_error(&namespace, &r.error.message))).await;
+            return None;
         }
     };
     // Who it is is known: it no longer counts among the unauthenticated.
@@ -879,9 +921,9 @@ async fn socket(node: Arc<Node>, mut eio: Eio, start: Start) {
                 Ok(h) => bases.push((ch.to_string(), h.top_offset().to_string())),
                 Err(e) => {
                     tracing::warn!(error = %e, "Socket.IO CONNECT failed: history unavailable");
-                    restash(&node, taken);
-                    say_goodbye(&mut eio, None).await;
-                    return;
+                    restash(node, taken);
+                    say_goodbye(eio, None).await;
+                    return None;
                 }
             }
         }
@@ -891,9 +933,9 @@ async fn socket(node: Arc<Node>, mut eio: Eio, start: Start) {
         Err(e) => {
             // The broker (or a limit): not the client's fault; it retries.
             e.log("Socket.IO CONNECT failed");
-            restash(&node, taken);
-            say_goodbye(&mut eio, None).await;
-            return;
+            restash(node, taken);
+            say_goodbye(eio, None).await;
+            return None;
         }
     };
     let mut trail = Trail { user, namespace: namespace.clone(), ..Trail::default() };
@@ -920,7 +962,7 @@ async fn socket(node: Arc<Node>, mut eio: Eio, start: Start) {
     session.trail = Some(Box::new(trail));
     node.metrics.connection_result(ConnResult::Accepted);
     tracing::debug!(namespace, recovered = is_recovered, "socket connected");
-    session.run(eio, welcome).await;
+    Some((session, welcome))
 }
 
 /// Ends a socket that never started: a CONNECT_ERROR first when it is a
