@@ -394,7 +394,24 @@ async fn python_socketio_client_connects_emits_with_ack_and_answers_calls() {
     assert_eq!(py.wait_type("ack").await["args"], json!([{"stored": 1}]));
     let (s, body) = relay.api("/api/call", json!({"connection": id, "event": "sure?", "timeout": 5}), None).await;
     assert_eq!((s, &body["args"]), (StatusCode::OK, &json!(["yes"])), "{body}");
+    // Rooms by the app, a named namespace over WebSocket only, and a
+    // disconnect by the app.
+    relay.api("/api/subscribe", json!({"connection": id, "channel": "py-room"}), None).await;
+    settle().await;
+    relay.publish(json!({"channel": "py-room", "event": "in-room", "args": [1]})).await;
+    assert_eq!(py.event("in-room").await["args"], json!([1]));
+    let mut ws = Driven::python(
+        "client.py",
+        &[&relay.http_url(""), &json!({"transports": ["websocket"], "namespace": "/py"}).to_string()],
+    );
+    let c = ws.wait_type("connect").await;
+    assert_eq!(c["transport"], "websocket");
+    relay.publish(json!({"channel": "/py", "event": "ns-wide"})).await;
+    ws.event("ns-wide").await;
+    relay.api("/api/disconnect", json!({"connection": id}), None).await;
+    py.wait_type("disconnect").await;
     py.send(json!({"op": "exit"})).await;
+    ws.send(json!({"op": "exit"})).await;
 }
 
 /// Opens an Engine.IO polling session by hand; returns its sid.
