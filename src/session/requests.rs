@@ -4,21 +4,11 @@
 
 use super::*;
 
-/// What a pending request ends with: the reply's address and content.
+/// What a pending request ends with: the reply's address, and what the
+/// request's future did.
 pub(super) struct Outcome<Id> {
     id: Option<Id>,
-    result: Result<Option<Box<RawValue>>, ApiError>,
-    /// A subscribe with `since`: what history holds after it.
-    recovery: Option<Recovery>,
-    /// A subscribe that failed after its channel was reserved.
-    release: Option<Channel>,
-    /// A subscribe that succeeded (in the hub, and presence if kept).
-    subscribed: Option<Channel>,
-    /// A recovery of a subscribed channel that failed: its held live
-    /// messages go out as they are.
-    unhold: Option<Channel>,
-    /// Socket.IO: a further namespace, authenticated (or refused).
-    joined: Option<Joined>,
+    done: Done,
 }
 
 /// A further Socket.IO namespace, as its CONNECT ended.
@@ -31,10 +21,16 @@ pub(super) struct Joined {
 /// What a request's future ends with.
 pub(super) struct Done {
     result: Result<Option<Box<RawValue>>, ApiError>,
+    /// A subscribe with `since`: what history holds after it.
     recovery: Option<Recovery>,
+    /// A subscribe that failed after its channel was reserved.
     release: Option<Channel>,
+    /// A subscribe that succeeded (in the hub, and presence if kept).
     subscribed: Option<Channel>,
+    /// A recovery of a subscribed channel that failed: its held live
+    /// messages go out as they are.
     unhold: Option<Channel>,
+    /// Socket.IO: a further namespace, authenticated (or refused).
     joined: Option<Joined>,
 }
 
@@ -138,7 +134,8 @@ impl<C: Codec> Session<C> {
         Ok(recovered)
     }
 
-    pub(super) fn apply(&mut self, mut outcome: Outcome<C::Id>) {
+    pub(super) fn apply(&mut self, outcome: Outcome<C::Id>) {
+        let Outcome { id, done: mut outcome } = outcome;
         if let Some(joined) = outcome.joined.take() {
             self.join_namespace(joined);
             return;
@@ -164,17 +161,17 @@ impl<C: Codec> Session<C> {
         match outcome.recovery {
             // Unsubscribed meanwhile: nothing to recover.
             Some(r) if !self.subs.contains(&r.channel) => {
-                self.reply(outcome.id.as_ref(), Ok(None));
+                self.reply(id.as_ref(), Ok(None));
             }
             Some(r) if outcome.result.is_ok() => {
                 // The reply first, then history, then what arrived meanwhile.
-                if let Some(reply) = self.codec.reply_ok(outcome.id.as_ref(), Some(&r.answer())) {
+                if let Some(reply) = self.codec.reply_ok(id.as_ref(), Some(&r.answer())) {
                     let out = Outbound::Frame(Box::new(reply));
                     self.front.push_back(Front { out, counted: false, checked: true });
                 }
                 self.recover(r);
             }
-            _ => self.reply(outcome.id.as_ref(), outcome.result.as_ref().map(Option::as_deref)),
+            _ => self.reply(id.as_ref(), outcome.result.as_ref().map(Option::as_deref)),
         }
     }
 
@@ -280,18 +277,7 @@ impl<C: Codec> Session<C> {
 
     /// Wraps a request's future with its reply address.
     pub(super) fn pending(id: Option<C::Id>, fut: impl Future<Output = Done> + Send + 'static) -> Pending<C::Id> {
-        Box::pin(async move {
-            let done = fut.await;
-            Outcome {
-                id,
-                result: done.result,
-                recovery: done.recovery,
-                release: done.release,
-                subscribed: done.subscribed,
-                unhold: done.unhold,
-                joined: done.joined,
-            }
-        })
+        Box::pin(async move { Outcome { id, done: fut.await } })
     }
 
     /// Reserves the channel and returns the future that authorizes and
@@ -369,33 +355,13 @@ impl<C: Codec> Session<C> {
             .await;
             let subscribed = Some(channel.clone());
             match result {
-                Ok(Some(recovery)) => Done {
-                    result: Ok(None),
-                    recovery: Some(recovery),
-                    release: None,
-                    subscribed,
-                    unhold: None,
-                    joined: None,
-                },
-                Ok(None) if asked => Done {
-                    result: Ok(RawValue::from_string(r#"{"recovered":false}"#.to_owned()).ok()),
-                    recovery: None,
-                    release: None,
-                    subscribed,
-                    unhold: None,
-                    joined: None,
-                },
-                Ok(None) => {
-                    Done { result: Ok(None), recovery: None, release: None, subscribed, unhold: None, joined: None }
+                Ok(Some(recovery)) => Done { recovery: Some(recovery), subscribed, ..Done::reply(Ok(None)) },
+                Ok(None) if asked => {
+                    let not_recovered = RawValue::from_string(r#"{"recovered":false}"#.to_owned()).ok();
+                    Done { subscribed, ..Done::reply(Ok(not_recovered)) }
                 }
-                Err(e) => Done {
-                    result: Err(e),
-                    recovery: None,
-                    release: Some(channel),
-                    subscribed: None,
-                    unhold: None,
-                    joined: None,
-                },
+                Ok(None) => Done { subscribed, ..Done::reply(Ok(None)) },
+                Err(e) => Done { release: Some(channel), ..Done::reply(Err(e)) },
             }
         }))
     }
