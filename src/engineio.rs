@@ -76,12 +76,15 @@ struct Out {
     closed: bool,
     /// A GET waiting now should return a noop (an upgrade is under way).
     noop: bool,
+    /// A GET has carried the close packet to the client.
+    close_sent: bool,
 }
 
 /// What a GET gets.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Taken {
-    /// Packets, joined with [`SEPARATOR`].
+    /// Packets, joined with [`SEPARATOR`] (ending with the close packet
+    /// when the session is closed and this empties its queue).
     Payload(String),
     /// The session is over (`1`, the close packet, was sent once).
     Closed,
@@ -252,11 +255,20 @@ impl Poll {
                         out.bytes -= p.len();
                         out.queue.pop_front();
                     }
+                    // Closed, and this is the last of it: the close packet too.
+                    if out.closed && out.queue.is_empty() {
+                        payload.push(SEPARATOR);
+                        payload.push('1');
+                        out.close_sent = true;
+                    }
                     drop(out);
                     self.room.notify_waiters();
                     return Ok(Taken::Payload(payload));
                 }
                 if out.closed {
+                    out.close_sent = true;
+                    drop(out);
+                    self.room.notify_waiters();
                     return Ok(Taken::Closed);
                 }
                 if out.noop {
@@ -283,9 +295,9 @@ impl Poll {
         self.inbound.send(payload).await.map_err(|_| PollError::Gone)
     }
 
-    /// Nothing left for a GET to take.
-    pub fn is_drained(&self) -> bool {
-        lock(&self.out).queue.is_empty()
+    /// A GET has taken everything, the close packet included.
+    pub fn close_sent(&self) -> bool {
+        lock(&self.out).close_sent
     }
 
     pub fn is_closed(&self) -> bool {
@@ -312,7 +324,12 @@ mod tests {
         assert_eq!(poll.push(&Utf8Bytes::from("42[2]")), Ok(false));
         assert_eq!(poll.get(Duration::from_millis(10)).await, Ok(Taken::Payload("42[1]".into())));
         assert_eq!(poll.get(Duration::from_millis(10)).await, Ok(Taken::Payload("6".into())));
+        assert_eq!(poll.push(&Utf8Bytes::from("41")), Ok(true));
         poll.close();
+        // What is left, then the close packet, in the same response.
+        assert!(!poll.close_sent());
+        assert_eq!(poll.get(Duration::from_millis(10)).await, Ok(Taken::Payload("41\u{1e}1".into())));
+        assert!(poll.close_sent());
         assert_eq!(poll.get(Duration::from_millis(10)).await, Ok(Taken::Closed));
         assert_eq!(poll.push(&Utf8Bytes::from("2")), Err(Closed));
     }

@@ -392,6 +392,27 @@ mod tests {
     }
 
     #[test]
+    fn socketio_options_are_checked() {
+        let key = |args: &[&str]| {
+            let argv = ["wsrelay"].iter().chain(args).copied().collect::<Vec<_>>();
+            Config::from_args(argv).unwrap_err().key
+        };
+        assert_eq!(key(&["--socketio-path", "socket.io"]), "socketio-path");
+        assert_eq!(key(&["--socketio-path", "/ws"]), "socketio-path", "the ws-path");
+        assert_eq!(key(&["--socketio-redis-channel", "socketio"]), "socketio-redis-channel", "without the front");
+        assert_eq!(
+            key(&["--socketio-path", "/socket.io/", "--socketio-redis-channel", "socketio"]),
+            "socketio-redis-channel"
+        );
+        assert_eq!(key(&["--advertise-url", "https://10.0.0.1:8080"]), "advertise-url");
+        let err = Config::from_args(["wsrelay", "--socketio-max-payload", "10"]).unwrap_err();
+        assert!(err.message.contains("--socketio-max-payload"), "{err}");
+        let cfg = Config::from_args(["wsrelay", "--socketio-path", "/ws/socket.io/"]).unwrap();
+        let sio = cfg.session.socketio.unwrap();
+        assert!(sio.matches("/ws/socket.io") && sio.matches("/ws/socket.io/") && !sio.matches("/ws"));
+    }
+
+    #[test]
     fn secrets_do_not_print() {
         let cfg =
             Config::from_args(["wsrelay", "--api-token", "hunter2", "--redis-url", "redis://:pw@localhost/"]).unwrap();

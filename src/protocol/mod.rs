@@ -213,6 +213,20 @@ impl Offset {
     }
 }
 
+/// As its text, `<epoch>:<seq>` (recovery state kept in the broker).
+impl serde::Serialize for Offset {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Offset {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = std::borrow::Cow::<str>::deserialize(d)?;
+        Offset::parse(&text).ok_or_else(|| serde::de::Error::custom("not an offset"))
+    }
+}
+
 impl std::fmt::Display for Offset {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}", self.epoch, self.seq)

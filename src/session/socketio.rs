@@ -78,38 +78,41 @@ pub(crate) struct Trail {
     /// The namespace it was connected to first (the one recovered).
     #[serde(default)]
     namespace: String,
-    rooms: Vec<String>,
+    rooms: Vec<Channel>,
     /// Per channel: the last offset written before the log.
-    base: HashMap<String, String>,
-    log: VecDeque<(String, String)>,
+    base: HashMap<Channel, Offset>,
+    log: VecDeque<(Channel, Offset)>,
 }
 
 impl Trail {
-    fn wrote(&mut self, channel: &str, offset: &Offset) {
+    /// Called for every message with an offset written to the socket:
+    /// reference-count clones, no allocation once the log is full.
+    fn wrote(&mut self, channel: &Channel, offset: &Offset) {
         // A channel's first message: it was at the one before (a channel
-        // joined server-side has no position until then).
-        if !self.base.contains_key(channel) && !self.log.iter().any(|(c, _)| c == channel) {
+        // joined server-side has no position until then). Every channel in
+        // the log has a base from its first message on.
+        if !self.base.contains_key(channel) {
             let before = Offset { epoch: offset.epoch.clone(), seq: offset.seq.saturating_sub(1) };
-            self.base.insert(channel.to_owned(), before.to_string());
+            self.base.insert(channel.clone(), before);
         }
-        self.log.push_back((channel.to_owned(), offset.to_string()));
-        if self.log.len() > TRAIL_LOG {
+        if self.log.len() == TRAIL_LOG {
             if let Some((c, o)) = self.log.pop_front() {
                 self.base.insert(c, o);
             }
         }
+        self.log.push_back((channel.clone(), offset.clone()));
     }
 
     /// Each room's `since` given the client's last offset, and whether that
     /// offset could be placed (the client's position is known).
-    fn positions(&self, client_offset: Option<&str>) -> (HashMap<String, String>, bool) {
+    fn positions(&self, client_offset: Option<&str>) -> (HashMap<Channel, Offset>, bool) {
         let mut since = self.base.clone();
-        let (upto, known) = match client_offset {
+        let (upto, known) = match client_offset.map(Offset::parse) {
             None => (0, true),
-            Some(o) => match self.log.iter().rposition(|(_, x)| x == o) {
+            Some(o) => match o.and_then(|o| self.log.iter().rposition(|(_, x)| *x == o)) {
                 Some(i) => (i + 1, true),
-                // Older than the log, or unknown: where it is cannot be
-                // told (a base may be past what it received).
+                // Older than the log, or not an offset: where it is cannot
+                // be told (a base may be past what it received).
                 None => (0, self.log.is_empty()),
             },
         };
@@ -132,19 +135,16 @@ impl<C: Codec> Session<C> {
         if let Some(t) = &mut self.trail {
             // Only the first namespace is recovered; not the socket's own room.
             let own = room_channel(&t.namespace, &self.handle.id).ok();
-            if in_namespace(channel, &t.namespace)
-                && own.as_ref() != Some(channel)
-                && !t.rooms.iter().any(|r| r == channel.as_str())
-            {
-                t.rooms.push(channel.to_string());
+            if in_namespace(channel, &t.namespace) && own.as_ref() != Some(channel) && !t.rooms.contains(channel) {
+                t.rooms.push(channel.clone());
             }
         }
     }
 
     pub(super) fn trail_leave(&mut self, channel: &Channel) {
         if let Some(t) = &mut self.trail {
-            t.rooms.retain(|r| r != channel.as_str());
-            t.base.remove(channel.as_str());
+            t.rooms.retain(|r| r != channel);
+            t.base.remove(channel);
         }
     }
 
@@ -396,11 +396,18 @@ impl Transport for Eio {
     async fn close(&mut self, frame: Option<CloseFrame>) {
         if let Some(p) = self.poll.clone() {
             p.close();
-            // Give the client's waiting GET a moment to collect what is left,
-            // or an upgrade under way a moment to take it over.
+            // Give the client's GET a moment to collect what is left and the
+            // close packet, or an upgrade under way a moment to take it over.
             let drained = async {
-                while !p.is_drained() {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                loop {
+                    // A GET that takes packets wakes `room`.
+                    let room = p.room();
+                    tokio::pin!(room);
+                    room.as_mut().enable();
+                    if p.close_sent() {
+                        return;
+                    }
+                    room.await;
                 }
             };
             tokio::select! {
@@ -866,11 +873,10 @@ async fn connect(node: &Arc<Node>, eio: &mut Eio, start: Start) -> Option<(Sessi
                     Ok(trail) if trail.user == user && trail.namespace == namespace => {
                         let (positions, k) = trail.positions(offset.as_deref());
                         known = k;
-                        for room in &trail.rooms {
-                            let Ok(ch) = Channel::parse(room) else { continue };
-                            match positions.get(room) {
+                        for ch in trail.rooms {
+                            match positions.get(&ch) {
                                 Some(o) => {
-                                    since.insert(ch.clone(), o.clone());
+                                    since.insert(ch.clone(), o.to_string());
                                 }
                                 // History kept, but where the socket was is not known.
                                 None if node.cfg.namespaces.rule(&ch).history.is_some() => known = false,
@@ -880,7 +886,8 @@ async fn connect(node: &Arc<Node>, eio: &mut Eio, start: Start) -> Option<(Sessi
                         }
                         old_pid = Some(pid);
                     }
-                    _ => tracing::debug!("recovery state of another user or namespace, or unreadable: not recovered"),
+                    Ok(_) => tracing::debug!("recovery state of another user or namespace: not recovered"),
+                    Err(e) => tracing::warn!(error = %e, "unreadable recovery state: not recovered"),
                 }
                 taken = Some((key, saved));
             }
@@ -918,7 +925,10 @@ async fn connect(node: &Arc<Node>, eio: &mut Eio, start: Start) -> Option<(Sessi
         }
         if let Some(policy) = node.cfg.namespaces.rule(ch).history {
             match node.broker.history(ch, policy, u64::MAX / 2, 1).await {
-                Ok(h) => bases.push((ch.to_string(), h.top_offset().to_string())),
+                // An empty history has no epoch yet: the channel's first
+                // message will say where the socket was.
+                Ok(h) if h.epoch.is_empty() => {}
+                Ok(h) => bases.push((ch.clone(), h.top_offset())),
                 Err(e) => {
                     tracing::warn!(error = %e, "Socket.IO CONNECT failed: history unavailable");
                     restash(node, taken);
@@ -939,10 +949,12 @@ async fn connect(node: &Arc<Node>, eio: &mut Eio, start: Start) -> Option<(Sessi
         }
     };
     let mut trail = Trail { user, namespace: namespace.clone(), ..Trail::default() };
-    trail.rooms = channels.iter().filter(|c| Some(*c) != own_room.as_ref()).map(ToString::to_string).collect();
+    trail.rooms = channels.iter().filter(|c| Some(*c) != own_room.as_ref()).cloned().collect();
     trail.base.extend(bases);
     for (ch, o) in &since {
-        trail.base.entry(ch.to_string()).or_insert_with(|| o.clone());
+        if let Some(o) = Offset::parse(o) {
+            trail.base.entry(ch.clone()).or_insert(o);
+        }
     }
     // Recovered: the trail was ours, the client's position known, and every
     // channel with history caught up.
@@ -988,35 +1000,47 @@ mod tests {
         Offset::parse(s).unwrap()
     }
 
+    fn ch(s: &str) -> Channel {
+        Channel::parse(s).unwrap()
+    }
+
+    fn at(since: &HashMap<Channel, Offset>, c: &str) -> String {
+        since[&ch(c)].to_string()
+    }
+
     #[test]
     fn the_clients_last_offset_places_it_in_the_trail() {
         let mut t = Trail::default();
-        t.base.insert("a".into(), "e:4".into());
+        t.base.insert(ch("a"), off("e:4"));
         for (c, o) in [("a", "e:5"), ("b", "f:1"), ("a", "e:6"), ("b", "f:2")] {
-            t.wrote(c, &off(o));
+            t.wrote(&ch(c), &off(o));
         }
         // b had no position: its first message says where it was.
-        assert_eq!(t.base["b"], "f:0");
+        assert_eq!(t.base[&ch("b")], off("f:0"));
         // It saw up to a's e:6: b's f:2 may have been lost in flight.
         let (since, known) = t.positions(Some("e:6"));
         assert!(known);
-        assert_eq!((since["a"].as_str(), since["b"].as_str()), ("e:6", "f:1"));
+        assert_eq!((at(&since, "a"), at(&since, "b")), ("e:6".into(), "f:1".into()));
         // It saw nothing of the log.
         let (since, known) = t.positions(None);
         assert!(known);
-        assert_eq!((since["a"].as_str(), since["b"].as_str()), ("e:4", "f:0"));
-        // An offset the trail does not know: not placed.
+        assert_eq!((at(&since, "a"), at(&since, "b")), ("e:4".into(), "f:0".into()));
+        // An offset the trail does not know, or not an offset: not placed.
         assert!(!t.positions(Some("zz:1")).1);
+        assert!(!t.positions(Some("hello")).1);
+        // What is kept in the broker reads back the same.
+        let back: Trail = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+        assert_eq!(back.positions(Some("e:6")).0, t.positions(Some("e:6")).0);
     }
 
     #[test]
     fn the_log_is_bounded_and_folds_into_the_base() {
         let mut t = Trail::default();
         for i in 1..=(TRAIL_LOG as u64 + 10) {
-            t.wrote("a", &Offset { epoch: Arc::from("e"), seq: i });
+            t.wrote(&ch("a"), &Offset { epoch: Arc::from("e"), seq: i });
         }
         assert_eq!(t.log.len(), TRAIL_LOG);
-        assert_eq!(t.base["a"], "e:10");
+        assert_eq!(t.base[&ch("a")], off("e:10"));
         // An offset older than the log cannot place the client.
         assert!(!t.positions(Some("e:10")).1);
         assert!(t.positions(Some("e:11")).1);
