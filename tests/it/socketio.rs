@@ -133,7 +133,11 @@ async fn api_call_returns_the_clients_ack_or_504_or_404() {
     let (s, body) = relay.api("/api/call", json!({"connection": v1_id, "event": "x", "timeout": 2}), None).await;
     assert_eq!(s, StatusCode::NOT_IMPLEMENTED, "{body}");
     assert_eq!(relay.metric("wsrelay_calls_total{result=\"answered\"}").await, 1.0);
-    let _ = v1.recv_wire(Duration::from_millis(10)).await;
+    // A named event reaches a wsrelay.v1 socket as `{"event","args"}` data.
+    v1.subscribe("both").await;
+    relay.publish(json!({"channel": "both", "event": "notify", "args": [1, "a"]})).await;
+    let m = v1.recv().await;
+    assert_eq!((&m["op"], &m["data"]), (&json!("message"), &json!({"event": "notify", "args": [1, "a"]})), "{m}");
 }
 
 #[tokio::test]
@@ -365,6 +369,29 @@ async fn python_socketio_redis_manager_emits_reach_sockets_on_both_nodes() {
     // A pickled message (python-socketio < 5.14) is refused, never unpickled.
     c._redis.cmd(&["PUBLISH", "socketio", "\u{80}\u{4}pickled"]).await;
     c.a.wait_metric("wsrelay_socketio_bridge_messages_total{method=\"refused\"}", |v| v >= 1.0).await;
+    // leave_room, then close_room: the sockets are out of those rooms.
+    let ops = json!([
+        {"op": "leave_room", "sid": id_b, "room": "vip"},
+        {"op": "enter_room", "sid": id_a, "room": "club"},
+        {"op": "sleep", "seconds": 0.3},
+        {"op": "emit", "event": "club-first", "data": null, "room": "club"},
+        {"op": "close_room", "room": "club"},
+        {"op": "sleep", "seconds": 0.3},
+        {"op": "emit", "event": "vip-again", "data": null, "room": "vip"},
+        {"op": "emit", "event": "club-again", "data": null, "room": "club"},
+        {"op": "emit", "event": "marker", "data": null},
+    ]);
+    let (ok, out) = Driven::python("emitter.py", &[&c.redis_url, "socketio", &ops.to_string()])
+        .finish(Duration::from_secs(20))
+        .await;
+    assert!(ok, "emitter failed: {out:?}");
+    on_a.event("club-first").await;
+    on_a.event("marker").await;
+    on_b.event("marker").await;
+    for seen in [&on_a.seen, &on_b.seen] {
+        assert!(seen.iter().all(|v| v["event"] != "vip-again" && v["event"] != "club-again"), "{seen:?}");
+    }
+    assert_eq!(c.a.metric("wsrelay_socketio_bridge_messages_total{method=\"close_room\"}").await, 1.0);
     // The python disconnect reaches the socket wherever it is.
     let ops = json!([{"op": "disconnect", "sid": id_b}]);
     let (ok, _) = Driven::python("emitter.py", &[&c.redis_url, "socketio", &ops.to_string()])
