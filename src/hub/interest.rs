@@ -30,6 +30,9 @@ struct InterestState {
     desired: HashSet<Channel>,
     active: HashSet<Channel>,
     up: bool,
+    /// The broker has been up at least once: a node that is still starting
+    /// waits for it, one in an outage fails fast.
+    ever_up: bool,
 }
 
 impl Interest {
@@ -59,25 +62,47 @@ impl Interest {
     }
 
     /// Waits until `channel` is confirmed by the broker, failing at once
-    /// while the broker is down and after `timeout`.
+    /// while the broker is down (after it was up once: a starting node waits
+    /// for its first connection) and after `timeout`.
     pub async fn wait_active(&self, channel: &str, timeout: Duration) -> Result<(), BrokerError> {
+        let mut epoch = self.epoch.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let up = {
+                let s = self.lock();
+                if !s.up && s.ever_up {
+                    return Err(BrokerError::NotConnected);
+                }
+                if s.up && (s.active.contains(channel) || !s.desired.contains(channel)) {
+                    return Ok(());
+                }
+                s.up
+            };
+            match tokio::time::timeout_at(deadline, epoch.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) if up => return Err(BrokerError::NotConfirmed),
+                Ok(Err(_)) | Err(_) => return Err(BrokerError::NotConnected),
+            }
+        }
+    }
+
+    /// Ok while the broker is up. A node still starting waits for its first
+    /// connection, up to `timeout`; during an outage it fails at once.
+    pub async fn wait_up(&self, timeout: Duration) -> Result<(), BrokerError> {
         let mut epoch = self.epoch.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             {
                 let s = self.lock();
-                if !s.up {
-                    return Err(BrokerError::NotConnected);
-                }
-                if s.active.contains(channel) || !s.desired.contains(channel) {
+                if s.up {
                     return Ok(());
                 }
-            }
-            match tokio::time::timeout_at(deadline, epoch.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => {
-                    return Err(BrokerError::NotConfirmed);
+                if s.ever_up {
+                    return Err(BrokerError::NotConnected);
                 }
+            }
+            if !matches!(tokio::time::timeout_at(deadline, epoch.changed()).await, Ok(Ok(()))) {
+                return Err(BrokerError::NotConnected);
             }
         }
     }
@@ -123,6 +148,7 @@ impl Interest {
         {
             let mut s = self.lock();
             s.up = up;
+            s.ever_up |= up;
             if !up {
                 s.active.clear();
             }

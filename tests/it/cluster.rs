@@ -299,3 +299,29 @@ async fn a_disconnect_missed_by_a_reconnecting_node_is_applied_when_it_is_back()
     assert_eq!(status, StatusCode::OK);
     assert_eq!(fresh.request(json!({"op":"ping"})).await["ok"], true);
 }
+
+#[tokio::test]
+async fn a_starting_node_waits_for_redis_but_an_outage_fails_fast() {
+    // Redis is not there yet when the sidecar starts (a pod whose Redis is
+    // still coming up): a publish waits for the first connection instead of
+    // failing at once.
+    let app = Upstream::start().await;
+    let mut redis = RedisServer::start();
+    redis.kill();
+    let url = redis.url();
+    let relay = Relay::start(&app.url(), &["--redis-url", &url, "--redis-timeout", "5s"]).await;
+    let publish = relay.publish(json!({"channel": "early", "data": 1}));
+    let restart = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        redis.restart();
+    };
+    let ((status, body), ()) = tokio::join!(publish, restart);
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Once it has been up, an outage is answered at once.
+    redis.kill();
+    relay.wait_broker_failure().await;
+    let started = std::time::Instant::now();
+    let (status, _) = relay.publish(json!({"channel": "early", "data": 2})).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+}

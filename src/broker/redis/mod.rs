@@ -220,11 +220,11 @@ impl RedisBroker {
         } else {
             self.local_presence.remove(channel, connection);
         }
-        if !self.is_up() {
+        if let Err(e) = self.interest.wait_up(self.timeout).await {
             if join {
                 self.local_presence.remove(channel, connection);
             }
-            return Err(BrokerError::NotConnected);
+            return Err(e);
         }
         let header = Header {
             k: Some(if join { "j" } else { "l" }.into()),
@@ -341,9 +341,7 @@ impl RedisBroker {
 
     /// A command for every node: logged, then published.
     pub async fn command(&self, op: &NodeCommand) -> Result<(), BrokerError> {
-        if !self.is_up() {
-            return Err(BrokerError::NotConnected);
-        }
+        self.interest.wait_up(self.timeout).await?;
         match op {
             NodeCommand::Call { .. } | NodeCommand::Answer { .. } => {
                 send_call(&self.pool, &self.keys, op, self.timeout).await
@@ -353,11 +351,10 @@ impl RedisBroker {
     }
 
     async fn send(&self, messages: Vec<Out>) -> Result<Vec<Option<Offset>>, BrokerError> {
-        // Fail fast while down: readyz already says so, and a caller waiting
-        // for a connect timeout helps nobody.
-        if !self.is_up() {
-            return Err(BrokerError::NotConnected);
-        }
+        // Fail fast while down: `wsrelay_broker_up` and `/readyz?broker`
+        // already say so, and a caller waiting for a connect timeout helps
+        // nobody. Only a node that is still starting waits for Redis.
+        self.interest.wait_up(self.timeout).await?;
         let (done, rx) = oneshot::channel();
         let job = Job { messages, done: Some(done) };
         let sent = tokio::time::timeout(self.timeout, self.publisher.send(job)).await;
