@@ -61,8 +61,10 @@ test("reconnects after a sidecar restart and recovers what was published meanwhi
   // A call made while disconnected waits for the connection.
   const buffered = c.publish("chat:1", { n: 4 });
 
+  // Listening before the restart: the client may be back before startRelay returns.
+  const reconnected = next(c, "connected", 10000);
   relay = await startRelay(args, { listen, admin });
-  const welcome = await next(c, "connected", 10000);
+  const welcome = await reconnected;
   assert.equal(welcome.reconnected, true);
   const { offset } = await buffered;
   assert.match(offset, /:/, "the buffered publish was done, with an offset");
@@ -96,8 +98,9 @@ test("a reconnect where history is gone says recovered:false (the app reloads)",
   await until(() => got.length === 1);
   const { listen, admin } = relay;
   await relay.stop("SIGKILL");
+  const resubscribed = next(sub, "subscribed", 10000);
   relay = await startRelay(["--config", CONFIG], { listen, admin });
-  const info = await next(sub, "subscribed", 10000);
+  const info = await resubscribed;
   assert.equal(info.recovered, false);
   assert.equal(info.reconnected, true);
 });
@@ -122,8 +125,9 @@ test("draining (1001): reconnects soon, with a token read afresh", async () => {
   assert.equal(d.code, 1001);
   assert.equal(d.willReconnect, true);
   assert.ok(d.delay <= 200, `soon: ${d.delay} ms`);
+  const reconnected = next(c, "connected", 10000);
   relay = await startRelay(args, { listen, admin });
-  const w = await next(c, "connected", 10000);
+  const w = await reconnected;
   assert.equal(w.user, `user${calls}`, "the token function was called again");
   assert.ok(calls >= 2);
 });
