@@ -137,7 +137,7 @@ fn json_error(node: &Node, e: &ApiError) -> Response<Body> {
 async fn read_body(req: Request<Incoming>, limit: usize) -> Result<bytes::Bytes, ApiError> {
     read_limited(req.into_body(), limit).await.map_err(|e| match e {
         ReadError::TooLarge(_) => ApiError::new(ErrorCode::TooLarge, e.to_string()),
-        ReadError::Io(_) => ApiError::bad_request(e.to_string()),
+        ReadError::Io(_) | ReadError::TimedOut | ReadError::NoRoom => ApiError::bad_request(e.to_string()),
     })
 }
 

@@ -39,6 +39,42 @@ pub fn check(name: &str) -> Result<(), ChannelError> {
     }
 }
 
+/// A channel's Socket.IO namespace and room: `/chat#r` is room `r` of
+/// namespace `/chat`, `/chat` that namespace's own channel (no room), and
+/// any other name `n` room `n` of the main namespace `/`.
+pub fn split_socketio(channel: &str) -> (&str, Option<&str>) {
+    if channel == "/" {
+        return ("/", None);
+    }
+    match channel.strip_prefix('/') {
+        Some(rest) => match rest.find('#') {
+            Some(i) => (&channel[..i + 1], Some(&rest[i + 1..])),
+            None => (channel, None),
+        },
+        None => ("/", Some(channel)),
+    }
+}
+
+/// Whether a name has the shape of a connection id (`<node-id>.<12 of
+/// [0-9a-z]>`, as every node mints them): a channel by that name is the
+/// room of one Socket.IO socket.
+pub fn is_connection_id(name: &str) -> bool {
+    name.rsplit_once('.').is_some_and(|(node, tail)| {
+        !node.is_empty() && tail.len() == 12 && tail.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+    })
+}
+
+/// Whether a channel stands for a Socket.IO namespace (`/`, `/chat`) or
+/// one connection (the room named by its id, in any namespace): what is
+/// published there is meant for those sockets alone, so clients may not
+/// subscribe or publish there unless a namespace rule names it.
+pub fn is_private(channel: &str) -> bool {
+    match split_socketio(channel) {
+        (_, None) => true,
+        (_, Some(room)) => is_connection_id(room),
+    }
+}
+
 /// A valid channel name. Cheap to clone (shared), compared and hashed as
 /// its text, so maps keyed by it can be looked up with a `&str`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -9,15 +9,19 @@
 //! to the right one (see [`crate::session::socketio`]).
 
 use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::hub::Held;
 
 /// An upgraded client socket.
 pub type Ws = WebSocketStream<TokioIo<Upgraded>>;
@@ -25,9 +29,55 @@ pub type Ws = WebSocketStream<TokioIo<Upgraded>>;
 /// Separates packets in a polling payload.
 pub const SEPARATOR: char = '\u{1e}';
 
-/// Client payloads (POST bodies, each up to maxPayload) waiting for the
-/// session: engine.io-client has one POST in flight at a time.
-const INBOUND: usize = 4;
+/// A client's polling payload (a POST body, valid UTF-8), kept as the one
+/// buffer it arrived in and walked packet by packet; counted against the
+/// node's queue budget until dropped.
+#[derive(Debug)]
+pub struct Payload {
+    text: Bytes,
+    pos: usize,
+    done: bool,
+    _held: Option<Held>,
+}
+
+impl Payload {
+    pub fn new(text: Utf8Bytes, held: Option<Held>) -> Self {
+        Payload { text: Bytes::from(text), pos: 0, done: false, _held: held }
+    }
+
+    /// How many packets it carries, and the longest one's length.
+    fn shape(&self) -> (usize, usize) {
+        self.text.split(|b| *b == SEPARATOR as u8).fold((0, 0), |(n, max), p| (n + 1, max.max(p.len())))
+    }
+
+    /// The next packet, a slice of the payload (no copy).
+    pub fn next_packet(&mut self) -> Option<Utf8Bytes> {
+        if self.done {
+            return None;
+        }
+        let rest = &self.text[self.pos..];
+        let end = match rest.iter().position(|b| *b == SEPARATOR as u8) {
+            Some(i) => self.pos + i,
+            None => {
+                self.done = true;
+                self.text.len()
+            }
+        };
+        let packet = self.text.slice(self.pos..end);
+        self.pos = end + 1;
+        // Cut at an ASCII separator inside valid UTF-8: valid UTF-8.
+        Some(Utf8Bytes::try_from(packet).unwrap_or_default())
+    }
+}
+
+/// Client payloads waiting for the session besides the one it is reading:
+/// one POST is in flight at a time (a second one ends the session).
+const INBOUND: usize = 1;
+
+/// Packets one polling payload may carry (Engine.IO sets no limit; a
+/// client's batch of buffered emits is far below it, and the client rate
+/// limit counts each packet anyway).
+pub const MAX_PACKETS: usize = 1024;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -38,18 +88,74 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Registry {
     polls: Mutex<HashMap<Arc<str>, Arc<Poll>>>,
     opening: Arc<tokio::sync::Semaphore>,
+    /// Sessions waiting for their CONNECT, per client address.
+    by_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    per_address: usize,
+}
+
+/// Why a session cannot open now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Busy {
+    /// Too many sessions wait for their CONNECT on this node.
+    Node,
+    /// Too many of them come from this client address.
+    Address,
+}
+
+/// A place among the sessions waiting for their CONNECT, given back on drop.
+pub struct Opening {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    address: IpAddr,
+    by_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        let mut map = lock(&self.by_address);
+        if let Some(n) = map.get_mut(&self.address) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// The address a client is counted under: IPv4 as it is, IPv6 by its /64
+/// (one host usually has a whole /64).
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
+        v4 => v4,
+    }
 }
 
 impl Registry {
-    /// At most `opening` sessions may wait for their CONNECT at once: each
-    /// holds a connection slot before anyone knows who it is.
-    pub fn new(opening: usize) -> Self {
-        Registry { polls: Mutex::new(HashMap::new()), opening: Arc::new(tokio::sync::Semaphore::new(opening)) }
+    /// At most `opening` sessions may wait for their CONNECT at once (each
+    /// holds a connection slot before anyone knows who it is), and at most
+    /// `per_address` of them from one client address, so one client's burst
+    /// cannot lock the others out.
+    pub fn new(opening: usize, per_address: usize) -> Self {
+        Registry {
+            polls: Mutex::new(HashMap::new()),
+            opening: Arc::new(tokio::sync::Semaphore::new(opening)),
+            by_address: Arc::new(Mutex::new(HashMap::new())),
+            per_address,
+        }
     }
 
-    /// A place among the sessions waiting for their CONNECT (None: full).
-    pub fn try_open(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.opening.clone().try_acquire_owned().ok()
+    /// A place among the sessions waiting for their CONNECT.
+    pub fn try_open(&self, client: IpAddr) -> Result<Opening, Busy> {
+        let address = address_key(client);
+        let mut map = lock(&self.by_address);
+        if map.get(&address).is_some_and(|n| *n >= self.per_address) {
+            return Err(Busy::Address);
+        }
+        // Counted only once it holds a place: a refused address leaves no entry.
+        let permit = self.opening.clone().try_acquire_owned().map_err(|_| Busy::Node)?;
+        *map.entry(address).or_insert(0) += 1;
+        drop(map);
+        Ok(Opening { _permit: permit, address, by_address: self.by_address.clone() })
     }
 
     pub fn insert(&self, poll: Arc<Poll>) {
@@ -89,19 +195,27 @@ pub enum Taken {
     Closed,
 }
 
-/// The session is closed.
+/// Why a packet cannot be queued.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Closed;
+pub enum Closed {
+    /// The session is closed.
+    Closed,
+    /// It is longer than a response may be (`maxPayload`): never sent.
+    TooLarge,
+}
 
 /// Why a polling request is refused.
 #[derive(Debug, PartialEq, Eq)]
 pub enum PollError {
-    /// Another GET is already waiting on this session.
+    /// Another GET (or POST) is already under way on this session: the
+    /// session is closed, as Engine.IO does.
     Overlap,
     /// The session is gone.
     Gone,
     /// A packet over `--max-message-bytes` (the session is closed).
     TooLarge,
+    /// More than [`MAX_PACKETS`] packets in one payload (the session is closed).
+    TooMany,
 }
 
 /// One polling session's shared state.
@@ -112,33 +226,48 @@ pub struct Poll {
     ready: Notify,
     /// A GET took packets: room for the session to write.
     room: Notify,
-    inbound: mpsc::Sender<String>,
+    inbound: mpsc::Sender<Payload>,
     /// Longest packet a POST may carry (`--max-message-bytes`).
     max_packet: usize,
     upgrade: Mutex<Option<oneshot::Sender<Ws>>>,
     getting: AtomicBool,
+    posting: AtomicBool,
     /// Cancelled when the session is over (closed by either side).
     ended: tokio_util::sync::CancellationToken,
-    /// Bytes queued at most (and per GET response): `maxPayload`.
+    /// Bytes queued at most (and per GET response unless one packet is longer).
     cap: usize,
+    /// Bytes a response may carry at most: `maxPayload`.
+    max_response: usize,
 }
 
 /// The session's side of a polling session.
 pub struct PollEnd {
-    pub inbound: mpsc::Receiver<String>,
+    pub inbound: mpsc::Receiver<Payload>,
     pub upgrade: oneshot::Receiver<Ws>,
 }
 
-struct Getting<'a>(&'a AtomicBool);
+/// A GET under way on a session, until its response body is gone: over
+/// HTTP/2 a response the client does not read (window 0) keeps it, so a
+/// client cannot pile up unread responses on one session.
+pub struct Getting(Arc<Poll>);
 
-impl Drop for Getting<'_> {
+impl Drop for Getting {
+    fn drop(&mut self) {
+        self.0.getting.store(false, Ordering::Release);
+    }
+}
+
+/// A POST under way on a session (one at a time).
+pub struct Posting<'a>(&'a AtomicBool);
+
+impl Drop for Posting<'_> {
     fn drop(&mut self) {
         self.0.store(false, Ordering::Release);
     }
 }
 
 impl Poll {
-    pub fn new(sid: Arc<str>, cap: usize, max_packet: usize) -> (Arc<Poll>, PollEnd) {
+    pub fn new(sid: Arc<str>, cap: usize, max_packet: usize, max_response: usize) -> (Arc<Poll>, PollEnd) {
         let (tx, inbound) = mpsc::channel(INBOUND);
         let (up_tx, upgrade) = oneshot::channel();
         let poll = Arc::new(Poll {
@@ -150,18 +279,24 @@ impl Poll {
             max_packet,
             upgrade: Mutex::new(Some(up_tx)),
             getting: AtomicBool::new(false),
+            posting: AtomicBool::new(false),
             ended: tokio_util::sync::CancellationToken::new(),
             cap,
+            max_response: max_response.max(cap),
         });
         (poll, PollEnd { inbound, upgrade })
     }
 
     /// Queues a packet for the next GET. Ok(false) when the queue is full
-    /// (wait for [`room`](Self::room)); Err once closed.
+    /// (wait for [`room`](Self::room)); Err once closed, or for a packet
+    /// that no response may carry (longer than `maxPayload`).
     pub fn push(&self, packet: &Utf8Bytes) -> Result<bool, Closed> {
         let mut out = lock(&self.out);
         if out.closed {
-            return Err(Closed);
+            return Err(Closed::Closed);
+        }
+        if packet.len() > self.max_response {
+            return Err(Closed::TooLarge);
         }
         if !out.queue.is_empty() && out.bytes + packet.len() > self.cap {
             return Ok(false);
@@ -228,12 +363,18 @@ impl Poll {
     }
 
     /// A GET: what is queued, waiting up to `wait` for something (then a
-    /// noop, `6`).
-    pub async fn get(&self, wait: Duration) -> Result<Taken, PollError> {
+    /// noop, `6`), and the mark of a GET under way, to keep as long as the
+    /// response. A second GET meanwhile closes the session.
+    pub async fn get(self: &Arc<Self>, wait: Duration) -> Result<(Taken, Getting), PollError> {
         if self.getting.swap(true, Ordering::AcqRel) {
+            self.close();
             return Err(PollError::Overlap);
         }
-        let _guard = Getting(&self.getting);
+        let guard = Getting(self.clone());
+        self.take(wait).await.map(|t| (t, guard))
+    }
+
+    async fn take(&self, wait: Duration) -> Result<Taken, PollError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let ready = self.ready.notified();
@@ -282,16 +423,34 @@ impl Poll {
         }
     }
 
+    /// Marks a POST under way; a second one at the same time closes the
+    /// session (engine.io-client never overlaps them).
+    pub fn begin_post(&self) -> Result<Posting<'_>, PollError> {
+        if self.posting.swap(true, Ordering::AcqRel) {
+            self.close();
+            return Err(PollError::Overlap);
+        }
+        Ok(Posting(&self.posting))
+    }
+
     /// A POST: the client's payload (packets joined by [`SEPARATOR`]), in
-    /// one piece, to the session. Waits while the session has [`INBOUND`]
-    /// payloads unread (back-pressure); a packet over the size limit closes
-    /// the session.
-    pub async fn post(&self, payload: String) -> Result<(), PollError> {
-        if payload.split(SEPARATOR).any(|p| p.len() > self.max_packet) {
+    /// one piece, to the session. Waits while the session has a payload
+    /// unread (back-pressure), or until the session ends; a packet over the
+    /// size limit, or too many packets, close the session.
+    pub async fn post(&self, payload: Payload) -> Result<(), PollError> {
+        let (packets, longest) = payload.shape();
+        if packets > MAX_PACKETS {
+            self.close();
+            return Err(PollError::TooMany);
+        }
+        if longest > self.max_packet {
             self.close();
             return Err(PollError::TooLarge);
         }
-        self.inbound.send(payload).await.map_err(|_| PollError::Gone)
+        tokio::select! {
+            r = self.inbound.send(payload) => r.map_err(|_| PollError::Gone),
+            () = self.ended.cancelled() => Err(PollError::Gone),
+        }
     }
 
     /// A GET has taken everything, the close packet included.
@@ -310,26 +469,87 @@ mod tests {
 
     #[tokio::test]
     async fn an_oversized_packet_closes_the_session() {
-        let (poll, mut end) = Poll::new(Arc::from("n.1"), 1000, 4);
-        assert_eq!(poll.post("42[]\u{1e}42[1]".to_owned()).await, Err(PollError::TooLarge));
+        let (poll, mut end) = Poll::new(Arc::from("n.1"), 1000, 4, 1000);
+        assert_eq!(poll.post(Payload::new("42[]\u{1e}42[1]".into(), None)).await, Err(PollError::TooLarge));
         assert!(poll.is_closed());
         assert!(end.inbound.try_recv().is_err());
     }
 
     #[tokio::test]
     async fn get_takes_queued_packets_up_to_the_cap() {
-        let (poll, _end) = Poll::new(Arc::from("n.1"), 8, 100);
+        let (poll, _end) = Poll::new(Arc::from("n.1"), 8, 100, 8);
         assert_eq!(poll.push(&Utf8Bytes::from("42[1]")), Ok(true));
         assert_eq!(poll.push(&Utf8Bytes::from("42[2]")), Ok(false));
-        assert_eq!(poll.get(Duration::from_millis(10)).await, Ok(Taken::Payload("42[1]".into())));
-        assert_eq!(poll.get(Duration::from_millis(10)).await, Ok(Taken::Payload("6".into())));
+        assert_eq!(poll.take(Duration::from_millis(10)).await, Ok(Taken::Payload("42[1]".into())));
+        assert_eq!(poll.take(Duration::from_millis(10)).await, Ok(Taken::Payload("6".into())));
         assert_eq!(poll.push(&Utf8Bytes::from("41")), Ok(true));
         poll.close();
         // What is left, then (in a response of its own) the close packet.
-        assert_eq!(poll.get(Duration::from_millis(10)).await, Ok(Taken::Payload("41".into())));
+        assert_eq!(poll.take(Duration::from_millis(10)).await, Ok(Taken::Payload("41".into())));
         assert!(!poll.close_sent());
-        assert_eq!(poll.get(Duration::from_millis(10)).await, Ok(Taken::Closed));
+        assert_eq!(poll.take(Duration::from_millis(10)).await, Ok(Taken::Closed));
         assert!(poll.close_sent());
-        assert_eq!(poll.push(&Utf8Bytes::from("2")), Err(Closed));
+        assert_eq!(poll.push(&Utf8Bytes::from("2")), Err(Closed::Closed));
+
+        // One packet may fill a response alone, up to maxPayload, never more.
+        let (poll, _end) = Poll::new(Arc::from("n.3"), 8, 100, 16);
+        assert_eq!(poll.push(&Utf8Bytes::from("42[\"0123456789\"]")), Ok(true));
+        assert_eq!(poll.push(&Utf8Bytes::from("42[\"0123456789ab\"]")), Err(Closed::TooLarge));
+    }
+
+    #[test]
+    fn a_payload_is_walked_in_place() {
+        let mut p = Payload::new("40\u{1e}42[\"é\"]\u{1e}6".into(), None);
+        assert_eq!(p.shape(), (3, "42[\"é\"]".len()));
+        let packets: Vec<String> = std::iter::from_fn(|| p.next_packet()).map(|u| u.as_str().to_owned()).collect();
+        assert_eq!(packets, ["40", "42[\"é\"]", "6"]);
+        let mut empty = Payload::new("".into(), None);
+        assert_eq!(empty.next_packet().as_deref(), Some(""));
+        assert_eq!(empty.next_packet(), None);
+    }
+
+    #[tokio::test]
+    async fn too_many_packets_close_the_session() {
+        let (poll, _end) = Poll::new(Arc::from("n.1"), 1000, 100, 1000);
+        let body = vec!["6"; MAX_PACKETS + 1].join("\u{1e}");
+        assert_eq!(poll.post(Payload::new(body.into(), None)).await, Err(PollError::TooMany));
+        assert!(poll.is_closed());
+    }
+
+    #[tokio::test]
+    async fn overlapping_requests_close_the_session() {
+        let (poll, _end) = Poll::new(Arc::from("n.1"), 1000, 100, 1000);
+        let first = poll.begin_post().unwrap();
+        assert!(matches!(poll.begin_post(), Err(PollError::Overlap)));
+        assert!(poll.is_closed());
+        drop(first);
+
+        let (poll, _end) = Poll::new(Arc::from("n.2"), 1000, 100, 1000);
+        assert_eq!(poll.push(&Utf8Bytes::from("42[1]")), Ok(true));
+        // The first GET's response is not gone yet (an HTTP/2 client that
+        // does not read it): a second GET is an overlap.
+        let (taken, getting) = poll.get(Duration::from_millis(10)).await.unwrap();
+        assert_eq!(taken, Taken::Payload("42[1]".into()));
+        assert!(matches!(poll.get(Duration::from_millis(10)).await, Err(PollError::Overlap)));
+        assert!(poll.is_closed());
+        drop(getting);
+    }
+
+    #[test]
+    fn opening_is_limited_per_address_and_in_total() {
+        let reg = Registry::new(4, 2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let a1 = reg.try_open(a).unwrap();
+        let _a2 = reg.try_open(a).unwrap();
+        assert_eq!(reg.try_open(a).err(), Some(Busy::Address));
+        // Another address still gets in; the same /64 is the same client.
+        let _b1 = reg.try_open("2001:db8::1".parse().unwrap()).unwrap();
+        let _b2 = reg.try_open("2001:db8::2".parse().unwrap()).unwrap();
+        assert_eq!(reg.try_open("2001:db8::3".parse().unwrap()).err(), Some(Busy::Address));
+        // The node is full.
+        assert_eq!(reg.try_open("10.0.0.9".parse().unwrap()).err(), Some(Busy::Node));
+        drop(a1);
+        let _a3 = reg.try_open(a).unwrap();
+        assert_eq!(lock(&reg.by_address).len(), 2);
     }
 }

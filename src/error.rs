@@ -376,6 +376,13 @@ impl Reject {
         Reject { status: StatusCode::SERVICE_UNAVAILABLE, result: ConnResult::LimitReached, error }
     }
 
+    /// One client address has too many sessions waiting for their CONNECT.
+    pub fn busy_address() -> Self {
+        let error = ApiError::new(ErrorCode::RateLimited, "too many connections opening from this address")
+            .blame(Fault::Client);
+        Reject { status: StatusCode::TOO_MANY_REQUESTS, result: ConnResult::LimitReached, error }
+    }
+
     /// The replica is draining.
     pub fn draining() -> Self {
         let error = ApiError::unavailable("shutting down: reconnect to another replica").blame(Fault::Internal);

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub published_client: IntCounter,
     pub delivered: IntCounter,
     pub dropped_slow_consumer: IntCounter,
+    /// Larger than `--max-message-bytes` (python-socketio bridge emits).
+    pub dropped_too_large: IntCounter,
     disconnects: IntCounterVec,
     pub broker_up: IntGauge,
     pub broker_publish_seconds: Histogram,
@@ -108,6 +110,7 @@ impl Metrics {
             published_client: published.with_label_values(&["client"]),
             delivered: r.counter("messages_delivered_total", "Messages written to client sockets")?,
             dropped_slow_consumer: dropped.with_label_values(&["slow_consumer"]),
+            dropped_too_large: dropped.with_label_values(&["too_large"]),
             disconnects: r.counters("disconnects_total", "Closed sessions by reason", &["reason"])?,
             broker_up: r.gauge("broker_up", "1 while the broker is reachable and delivering")?,
             broker_publish_seconds: r.histogram("broker_publish_seconds", "Time to publish to the broker")?,
@@ -205,8 +208,17 @@ impl Metrics {
         for result in ["answered", "timeout", "gone", "unsupported"] {
             m.calls.with_label_values(&[result]);
         }
-        for method in ["emit", "enter_room", "leave_room", "close_room", "disconnect", "callback", "refused", "unknown"]
-        {
+        for method in [
+            "emit",
+            "enter_room",
+            "leave_room",
+            "close_room",
+            "disconnect",
+            "callback",
+            "refused",
+            "too_large",
+            "unknown",
+        ] {
             m.socketio_bridge.with_label_values(&[method]);
         }
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;

@@ -71,7 +71,8 @@ impl Node {
     pub fn new(cfg: Config, metrics: Arc<Metrics>, hub: Arc<Hub>, broker: Broker, auth: Auth, proxy: Proxy) -> Self {
         let hook_paths = cfg.auth.hook_paths().map(normalized_path).filter(|h| h != "/").collect();
         let slots = Arc::new(Semaphore::new(cfg.session.max_connections));
-        let polls = crate::engineio::Registry::new((cfg.session.max_connections / 4).max(16));
+        let per_address = cfg.session.socketio.as_ref().map_or(16, |s| s.opening_per_address);
+        let polls = crate::engineio::Registry::new((cfg.session.max_connections / 4).max(16), per_address);
         Node {
             cfg,
             metrics,

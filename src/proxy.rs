@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, warn};
 
-use crate::body::{Body, full, text};
+use crate::body::{Body, Progress, full, text};
 use crate::config::ProxyConfig;
 use crate::metrics::Metrics;
 use crate::upstream::{self, UpstreamClient, set_forwarded};
@@ -244,39 +243,6 @@ impl Proxy {
     fn done(&self, resp: Response<Body>, started: Instant) -> Response<Body> {
         self.metrics.upstream(resp.status(), started.elapsed().as_secs_f64());
         resp
-    }
-}
-
-/// How a request body moves toward the app.
-struct Progress {
-    base: Instant,
-    min_rate: u64,
-    /// Nanoseconds after `base` of the last chunk.
-    last: AtomicU64,
-    /// Bytes so far.
-    bytes: AtomicU64,
-}
-
-impl Progress {
-    fn new(min_rate: usize) -> Self {
-        Progress { base: Instant::now(), min_rate: min_rate as u64, last: AtomicU64::new(0), bytes: AtomicU64::new(0) }
-    }
-
-    fn touch(&self, bytes: usize) {
-        let n = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.last.store(n, Ordering::Release);
-        self.bytes.fetch_add(bytes as u64, Ordering::AcqRel);
-    }
-
-    /// `timeout` after the last progress, but no later than `timeout` plus
-    /// the time the bytes so far earn at the minimum rate.
-    fn deadline(&self, timeout: Duration) -> Instant {
-        let last = self.base + Duration::from_nanos(self.last.load(Ordering::Acquire)) + timeout;
-        if self.min_rate == 0 {
-            return last;
-        }
-        let earned = Duration::from_secs_f64(self.bytes.load(Ordering::Acquire) as f64 / self.min_rate as f64);
-        last.min(self.base + timeout + earned)
     }
 }
 

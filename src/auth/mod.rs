@@ -271,19 +271,22 @@ impl Auth {
         channel: &str,
         data: Option<&RawValue>,
     ) -> Result<(), ApiError> {
-        let rule = self.cfg.rule(channel);
+        let (rule, name) = self.cfg.resolve(channel);
         let (policy, verb) = match action {
             Action::Subscribe => (rule.subscribe, "subscribe to"),
             Action::Publish => (rule.publish, "publish on"),
         };
         let user = ident.user.as_deref();
         let denied = |why: &str| Err(ApiError::forbidden(format!("may not {verb} {channel:?}: {why}")));
+        if crate::channel::is_private(channel) && !self.cfg.namespaces.names(channel) {
+            return denied("it stands for a Socket.IO namespace or connection");
+        }
         match policy {
             Policy::Anyone => Ok(()),
             Policy::Authenticated if user.is_some() => Ok(()),
             Policy::Authenticated => denied("authentication required"),
             Policy::Owner => {
-                let owner = &channel[rule.prefix.len()..];
+                let owner = &name[rule.prefix.len()..];
                 if user == Some(owner) { Ok(()) } else { denied("only its owner may") }
             }
             Policy::None => denied("not allowed in this namespace"),

@@ -37,10 +37,22 @@ pub struct MemoryBroker {
     /// Stashed values and when they expire (bounded: expired ones are swept
     /// when full, and a new one is refused if it still is).
     stash: Mutex<HashMap<String, (Instant, String)>>,
+    /// The last commands (disconnect, subscribe, unsubscribe) with the time
+    /// they were issued, as Redis's control log keeps them.
+    log: Mutex<CommandLog>,
 }
 
 /// Stashed values kept at most.
 const MAX_STASH: usize = 100_000;
+/// Commands kept in the log at most.
+const COMMAND_LOG: usize = 10_000;
+
+#[derive(Default)]
+struct CommandLog {
+    entries: VecDeque<(u64, NodeCommand)>,
+    /// When the newest command dropped from the log was issued.
+    dropped: u64,
+}
 
 struct Ring {
     epoch: Arc<str>,
@@ -79,6 +91,7 @@ impl MemoryBroker {
             publishes: AtomicU64::new(0),
             presence: LocalPresence::default(),
             stash: Mutex::new(HashMap::new()),
+            log: Mutex::new(CommandLog::default()),
         }
     }
 
@@ -187,6 +200,25 @@ impl MemoryBroker {
     }
 
     pub fn command(&self, cmd: &NodeCommand) {
+        if matches!(cmd, NodeCommand::Disconnect(_) | NodeCommand::Subscribe { .. } | NodeCommand::Unsubscribe { .. }) {
+            let mut log = lock(&self.log);
+            if log.entries.len() == COMMAND_LOG {
+                if let Some((t, _)) = log.entries.pop_front() {
+                    log.dropped = t;
+                }
+            }
+            log.entries.push_back((crate::hub::now_us(), cmd.clone()));
+        }
         self.hub.apply(cmd, None);
+    }
+
+    /// The logged commands issued after `t_us`, oldest first (None: some of
+    /// them are no longer kept).
+    pub fn commands_after(&self, t_us: u64) -> Option<Vec<(u64, NodeCommand)>> {
+        let log = lock(&self.log);
+        if log.dropped > t_us {
+            return None;
+        }
+        Some(log.entries.iter().filter(|(t, _)| *t > t_us).cloned().collect())
     }
 }

@@ -178,6 +178,16 @@ impl Broker {
         }
     }
 
+    /// The commands (disconnect, subscribe, unsubscribe) issued after
+    /// `t_us`, oldest first, with the time each was issued; None when they
+    /// are no longer all kept.
+    pub async fn commands_after(&self, t_us: u64) -> Result<Option<Vec<(u64, NodeCommand)>>, BrokerError> {
+        match self {
+            Broker::Memory(m) => Ok(m.commands_after(t_us)),
+            Broker::Redis(r) => r.commands_after(t_us).await,
+        }
+    }
+
     /// Makes this node reachable by the others at `url` (Redis only).
     pub fn advertise(&self, node_id: &str, url: String, shutdown: CancellationToken) {
         if let Broker::Redis(r) = self {

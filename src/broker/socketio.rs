@@ -58,13 +58,19 @@ struct PyMessage {
 
 /// Applies one message from python-socketio's channel to this node's
 /// sockets. Returns the method label it was counted under.
-pub fn apply(hub: &Hub, metrics: &Metrics, payload: &[u8]) -> &'static str {
-    let label = apply_inner(hub, payload);
+/// An emit larger than `max_bytes` (`--max-message-bytes`, as the event's
+/// name and arguments) is dropped and counted, never sent: a frame over the
+/// limit would be refused by the clients (and close WebSocket ones).
+pub fn apply(hub: &Hub, metrics: &Metrics, payload: &[u8], max_bytes: usize) -> &'static str {
+    let label = apply_inner(hub, payload, max_bytes);
+    if label == "too_large" {
+        metrics.dropped_too_large.inc();
+    }
     metrics.socketio_bridge.with_label_values(&[label]).inc();
     label
 }
 
-fn apply_inner(hub: &Hub, payload: &[u8]) -> &'static str {
+fn apply_inner(hub: &Hub, payload: &[u8], max_bytes: usize) -> &'static str {
     if payload.first() == Some(&0x80) {
         tracing::warn!(
             "a pickled message on the python-socketio channel was ignored: upgrade python-socketio to 5.14 or \
@@ -93,6 +99,14 @@ fn apply_inner(hub: &Hub, payload: &[u8]) -> &'static str {
             };
             if check_depth(&args).is_err() {
                 return "refused";
+            }
+            if args.len() + event.len() > max_bytes {
+                tracing::warn!(
+                    bytes = args.len(),
+                    max_bytes,
+                    "a python-socketio emit over max-message-bytes was dropped"
+                );
+                return "too_large";
             }
             let channels: Vec<_> = match msg.room {
                 Some(r) => r.list().iter().filter_map(|r| room(r)).collect(),

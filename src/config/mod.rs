@@ -134,6 +134,7 @@ impl Config {
 
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
+    /// Empty when wsrelay.v1 is switched off (`--ws-enabled false`).
     pub ws_paths: Vec<String>,
     pub max_message_bytes: usize,
     pub max_connections: usize,
@@ -159,6 +160,8 @@ pub struct SocketIoConfig {
     pub redis_channel: Option<String>,
     pub recovery_window: Duration,
     pub max_payload: usize,
+    /// Sessions one client address may have waiting for their CONNECT.
+    pub opening_per_address: usize,
 }
 
 impl SocketIoConfig {
@@ -211,6 +214,8 @@ pub struct BrokerConfig {
     pub receive_buffer: usize,
     /// python-socketio's Redis manager channel, bridged to Socket.IO clients.
     pub socketio_channel: Option<String>,
+    /// The longest emit the bridge relays (`--max-message-bytes`).
+    pub max_message_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -241,8 +246,8 @@ impl AuthConfig {
             .map(|p| p.split('?').next().unwrap_or(p))
     }
 
-    /// The namespace rule that covers `channel`.
-    pub fn rule(&self, channel: &str) -> &NamespaceRule {
-        self.namespaces.rule(channel)
+    /// The namespace rule that covers `channel`, and the name it covers it by.
+    pub fn resolve<'a>(&self, channel: &'a str) -> (&NamespaceRule, &'a str) {
+        self.namespaces.resolve(channel)
     }
 }

@@ -86,6 +86,11 @@ pub struct Options {
     #[arg(long, env = "WSRELAY_WS_PATH", value_name = "PATH", value_delimiter = ',', default_value = "/ws")]
     pub ws_path: Vec<String>,
 
+    /// Serve wsrelay.v1 clients on --ws-path; false for a Socket.IO-only app (upgrades on
+    /// --ws-path then go to the app like any other request)
+    #[arg(long, env = "WSRELAY_WS_ENABLED", value_name = "BOOL", default_value = "true", action = clap::ArgAction::Set, value_parser = clap::value_parser!(bool))]
+    pub ws_enabled: bool,
+
     /// Serve Socket.IO (Engine.IO v4 polling and WebSocket) clients on this path, e.g. /socket.io/
     /// [default: off]
     #[arg(long, env = "WSRELAY_SOCKETIO_PATH", value_name = "PATH")]
@@ -104,6 +109,11 @@ pub struct Options {
     /// Largest Socket.IO polling request body and response (Engine.IO maxPayload)
     #[arg(long, env = "WSRELAY_SOCKETIO_MAX_PAYLOAD", value_name = "BYTES", default_value = "1000000", value_parser = count(1024, 64 << 20))]
     pub socketio_max_payload: usize,
+
+    /// Socket.IO sessions one client address may have waiting for their CONNECT at once
+    /// (behind a reverse proxy, list it in --trusted-proxy so clients are told apart)
+    #[arg(long, env = "WSRELAY_SOCKETIO_OPENING_PER_ADDRESS", value_name = "N", default_value = "16", value_parser = count(1, 1 << 20))]
+    pub socketio_opening_per_address: usize,
 
     /// URL at which the other sidecars reach this one's public listener (Socket.IO polling
     /// requests that land on another replica are forwarded here) [default: http://<listen

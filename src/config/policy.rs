@@ -36,7 +36,33 @@ pub struct Namespaces {
 impl Namespaces {
     /// The rule that covers `channel`: the longest matching prefix, or the default.
     pub fn rule(&self, channel: &str) -> &NamespaceRule {
-        self.rules.iter().find(|r| channel.starts_with(&r.prefix)).unwrap_or(&self.default)
+        self.resolve(channel).0
+    }
+
+    /// The rule that covers `channel`, and the name it covers it by (what
+    /// `owner` compares): a Socket.IO room `/chat#user:42` is covered as
+    /// `user:42`, as in the main namespace, unless a longer rule names the
+    /// channel itself (`prefix = "/chat#"`).
+    pub fn resolve<'a>(&self, channel: &'a str) -> (&NamespaceRule, &'a str) {
+        let room = match crate::channel::split_socketio(channel) {
+            (ns, Some(room)) if ns != "/" => Some(room),
+            _ => None,
+        };
+        for r in &self.rules {
+            if channel.starts_with(&r.prefix) {
+                return (r, channel);
+            }
+            if let Some(room) = room.filter(|room| room.starts_with(&r.prefix)) {
+                return (r, room);
+            }
+        }
+        (&self.default, room.unwrap_or(channel))
+    }
+
+    /// Whether a `[[namespace]]` rule names `channel` itself (not by its
+    /// room name, and not the default).
+    pub fn names(&self, channel: &str) -> bool {
+        self.rules.iter().any(|r| channel.starts_with(&r.prefix))
     }
 
     /// Every rule, the default included.

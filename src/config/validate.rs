@@ -104,6 +104,7 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
                 redis_channel,
                 recovery_window: o.socketio_recovery_window,
                 max_payload: o.socketio_max_payload,
+                opening_per_address: o.socketio_opening_per_address,
             })
         }
     };
@@ -122,7 +123,7 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
         return Err(ConfigError::new("client-burst", "must be at least 1 when client-rate is set"));
     }
     let session = SessionConfig {
-        ws_paths: o.ws_path,
+        ws_paths: if o.ws_enabled { o.ws_path } else { Vec::new() },
         max_message_bytes: o.max_message_bytes,
         max_connections: o.max_connections,
         max_subscriptions: o.max_subscriptions,
@@ -171,6 +172,7 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
         probe_timeout: o.redis_probe_timeout,
         receive_buffer: o.redis_receive_buffer,
         socketio_channel: session.socketio.as_ref().and_then(|s| s.redis_channel.clone()),
+        max_message_bytes: session.max_message_bytes,
     };
     if broker.prefix.contains(char::is_whitespace) {
         return Err(ConfigError::new("redis-prefix", "must not contain whitespace"));

@@ -57,6 +57,51 @@ impl QueueBudget {
             self.used.fetch_sub(bytes, Ordering::AcqRel);
         }
     }
+
+    /// Counts `bytes` unless the budget is used up.
+    pub fn try_take(&self, bytes: usize) -> bool {
+        let before = self.used.fetch_add(bytes, Ordering::AcqRel);
+        if before + bytes > self.max && bytes > 0 {
+            self.used.fetch_sub(bytes, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+}
+
+/// Bytes held outside a queue (a client's polling payload) and counted
+/// against the node's [`QueueBudget`] until dropped.
+pub struct Held {
+    hub: Arc<Hub>,
+    bytes: usize,
+}
+
+impl Held {
+    /// Nothing held yet.
+    pub fn new(hub: Arc<Hub>) -> Self {
+        Held { hub, bytes: 0 }
+    }
+
+    /// Holds `bytes` more; false (nothing more held) once the budget is used up.
+    pub fn grow(&mut self, bytes: usize) -> bool {
+        if !self.hub.budget.try_take(bytes) {
+            return false;
+        }
+        self.bytes += bytes;
+        true
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.hub.budget.release(self.bytes);
+    }
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held").field("bytes", &self.bytes).finish()
+    }
 }
 
 /// One item queued for a session's socket.

@@ -43,19 +43,7 @@ pub fn namespace_channel(namespace: &str) -> Result<Channel, crate::channel::Cha
     Channel::parse(namespace)
 }
 
-/// A channel's namespace and room (None: the namespace's own channel).
-pub fn split_channel(channel: &str) -> (&str, Option<&str>) {
-    if channel == ROOT {
-        return (ROOT, None);
-    }
-    match channel.strip_prefix('/') {
-        Some(rest) => match rest.find('#') {
-            Some(i) => (&channel[..i + 1], Some(&rest[i + 1..])),
-            None => (channel, None),
-        },
-        None => (ROOT, Some(channel)),
-    }
-}
+pub use crate::channel::split_socketio as split_channel;
 
 /// Whether `channel` belongs to `namespace` (its rooms and its own channel).
 pub fn in_namespace(channel: &str, namespace: &str) -> bool {

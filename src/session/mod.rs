@@ -131,6 +131,11 @@ pub(crate) struct Session<C: Codec> {
     /// Socket.IO: the open request's head and the client's address, for the
     /// connect hook of further namespaces.
     pub(crate) origin: Option<Arc<(http::Request<()>, std::net::SocketAddr)>>,
+    /// When the session ends for its token's expiry (the earliest of its
+    /// namespaces' tokens), Unix seconds.
+    expires: Option<u64>,
+    /// `expires` moved since the loop set its timer.
+    expiry_moved: bool,
 }
 
 impl<C: Codec> Drop for Session<C> {
@@ -178,7 +183,10 @@ impl<C: Codec> Session<C> {
     ) -> Self {
         let cfg = &node.cfg.session;
         let bucket = Bucket::new(cfg.client_rate, cfg.client_burst);
+        let expires = ident.expires;
         Session {
+            expires,
+            expiry_moved: false,
             node,
             codec,
             handle,
@@ -265,7 +273,7 @@ impl<C: Codec> Session<C> {
         let ping_every = node.cfg.session.ping_interval;
         let idle_timeout = node.cfg.session.idle_timeout;
         // A JWT's expiry ends the session, as it would refuse a new one.
-        let mut expiry = self.ident.expires.map(|exp| Box::pin(tokio::time::sleep(until_unix(exp))));
+        let mut expiry = self.expires.map(|exp| Box::pin(tokio::time::sleep(until_unix(exp))));
         let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pending: Option<Pending<C::Id>> = None;
@@ -292,6 +300,9 @@ impl<C: Codec> Session<C> {
                 outcome = maybe(&mut pending) => {
                     pending = None;
                     self.apply(outcome);
+                    if std::mem::take(&mut self.expiry_moved) {
+                        expiry = self.expires.map(|exp| Box::pin(tokio::time::sleep(until_unix(exp))));
+                    }
                     // The request read meanwhile, now.
                     if let Some(msg) = deferred.take() {
                         match self.on_message(&msg) {
@@ -504,20 +515,20 @@ impl<C: Codec> Session<C> {
             WsMessage::Text(t) => Frame::Text(t.as_str()),
             WsMessage::Binary(b) => Frame::Binary(b),
             WsMessage::Close(_) => return Err(CloseReason::Client),
-            WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => return Ok(None),
+            // Pings, pongs and (Socket.IO) noops cost no reply, but they are
+            // frames like any other: a flood of them is rate limited too.
+            WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => {
+                self.rate_limited()?;
+                return Ok(None);
+            }
         };
         self.node.metrics.messages_received.inc();
-        if !self.bucket.take() {
-            self.strikes += 1;
-            if self.strikes >= RATE_STRIKES {
-                return Err(CloseReason::RateLimited);
-            }
+        if self.rate_limited()? {
             let id = self.codec.decode(frame).id;
             let err = ApiError::new(ErrorCode::RateLimited, "too many frames: slow down");
             self.reply(id.as_ref(), Err(&err));
             return Ok(None);
         }
-        self.strikes = 0;
         let decoded = self.codec.decode(frame);
         if let Ok(Request::Refuse(why)) = &decoded.request {
             tracing::info!(reason = why, "closing: the client sent what this server does not do");
@@ -525,6 +536,22 @@ impl<C: Codec> Session<C> {
             return Err(CloseReason::Protocol);
         }
         Ok(self.dispatch(decoded))
+    }
+}
+
+impl<C: Codec> Session<C> {
+    /// Takes a frame from the client's rate: true when over it (the frame is
+    /// refused); too many refusals in a row close the session.
+    fn rate_limited(&mut self) -> Result<bool, CloseReason> {
+        if self.bucket.take() {
+            self.strikes = 0;
+            return Ok(false);
+        }
+        self.strikes += 1;
+        if self.strikes >= RATE_STRIKES {
+            return Err(CloseReason::RateLimited);
+        }
+        Ok(true)
     }
 }
 

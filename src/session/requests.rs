@@ -16,6 +16,8 @@ pub(super) struct Joined {
     namespace: Arc<str>,
     /// The app's rooms in it, or why it is refused.
     result: Result<Vec<Channel>, String>,
+    /// When its token expires (JWT), if it does.
+    expires: Option<u64>,
 }
 
 /// What a request's future ends with.
@@ -542,12 +544,16 @@ impl<C: Codec> Session<C> {
         let origin = self.origin.clone();
         let user = self.ident.user.clone();
         Some(async move {
+            let mut expires = None;
             let result = match origin.as_deref() {
                 None => Err("this connection cannot open namespaces".to_owned()),
                 Some((head, remote)) => {
                     let sio = crate::auth::SioConnect { namespace: &namespace, auth: auth.as_deref() };
                     match node.auth.authenticate_with(head, *remote, Some(sio)).await {
-                        Ok(ident) if ident.user == user => Ok(ident.channels),
+                        Ok(ident) if ident.user == user => {
+                            expires = ident.expires;
+                            Ok(ident.channels)
+                        }
                         Ok(_) => Err("a connection's namespaces belong to one user".to_owned()),
                         Err(r) => {
                             r.error.log("Socket.IO namespace CONNECT refused");
@@ -556,7 +562,7 @@ impl<C: Codec> Session<C> {
                     }
                 }
             };
-            Done { joined: Some(Joined { namespace, result }), ..Done::reply(Ok(None)) }
+            Done { joined: Some(Joined { namespace, result, expires }), ..Done::reply(Ok(None)) }
         })
     }
 
@@ -564,7 +570,7 @@ impl<C: Codec> Session<C> {
     /// namespace's channel, the room named by the connection id and the
     /// app's rooms; or it is refused (CONNECT_ERROR).
     fn join_namespace(&mut self, joined: Joined) {
-        let Joined { namespace, result } = joined;
+        let Joined { namespace, result, expires } = joined;
         let rooms = match result {
             Ok(rooms) => rooms,
             Err(why) => {
@@ -598,6 +604,13 @@ impl<C: Codec> Session<C> {
                 return;
             }
             self.subs.insert(ch.clone());
+        }
+        // The connection lasts no longer than its shortest-lived token.
+        if let Some(exp) = expires {
+            if self.expires.is_none_or(|e| exp < e) {
+                self.expires = Some(exp);
+                self.expiry_moved = true;
+            }
         }
         let (node, handle) = (self.node.clone(), self.handle.clone());
         tokio::spawn(async move {

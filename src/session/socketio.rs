@@ -40,10 +40,12 @@ use tracing::Instrument;
 use super::transport::{CLOSE_TIMEOUT, Transport, close_ws};
 use super::{Codec, Session};
 use crate::auth::SioConnect;
-use crate::body::{Body, ReadError, full, read_limited};
+use crate::body::{Body, ReadError, full, full_holding, read_paced};
 use crate::channel::Channel;
-use crate::engineio::{Poll, PollEnd, PollError, SEPARATOR, Taken, Ws};
+use crate::engineio::{Busy, Closed, Opening, Payload, Poll, PollEnd, PollError, Taken, Ws};
 use crate::error::{ConnResult, Reject};
+use crate::hub::Held;
+use crate::hub::{NodeCommand, Outbound, SessionCommand, Target, now_us};
 use crate::node::Node;
 use crate::protocol::socketio::{ROOT, SocketIo, parse_packet, valid_namespace};
 pub use crate::protocol::socketio::{in_namespace, namespace_channel, room_channel, split_channel};
@@ -53,6 +55,11 @@ use crate::protocol::{Message, Offset};
 const FORWARDED: &str = "x-wsrelay-forwarded";
 /// Bytes of packets a polling session holds for the client's next GET.
 const POLL_BUFFER: usize = 64 * 1024;
+/// Bytes of the open request a socket keeps for its connect hook: its URL,
+/// `Cookie`, `Authorization`, `Origin`, `Host` and `X-Forwarded-*`.
+const MAX_KEPT_HEAD: usize = 8 * 1024;
+/// Engine.IO packets other than the CONNECT a client may send before it.
+const PRE_CONNECT_CONTROL: u32 = 16;
 /// Entries of a trail's write log (older ones are summed up per channel).
 const TRAIL_LOG: usize = 64;
 
@@ -82,6 +89,29 @@ pub(crate) struct Trail {
     /// Per channel: the last offset written before the log.
     base: HashMap<Channel, Offset>,
     log: VecDeque<(Channel, Offset)>,
+    /// The socket's connection id, and when it connected and ended (µs since
+    /// the Unix epoch): app commands for it issued meanwhile still apply.
+    #[serde(default)]
+    connection: String,
+    #[serde(default)]
+    connected_us: u64,
+    #[serde(default)]
+    kept_us: u64,
+    /// Rooms the app put the socket in while it was away: joined without a
+    /// position (it was not in them, so it missed nothing there).
+    #[serde(skip)]
+    fresh: Vec<Channel>,
+}
+
+/// What an app command issued while the socket was away does to its trail.
+#[derive(Debug, PartialEq, Eq)]
+enum Applied {
+    /// Not about this socket.
+    Skipped,
+    /// A room joined or left.
+    Changed,
+    /// The app disconnected it: nothing is recovered.
+    Dropped,
 }
 
 impl Trail {
@@ -103,6 +133,40 @@ impl Trail {
         self.log.push_back((channel.clone(), offset.clone()));
     }
 
+    /// Applies an app command issued while the socket was away, as it would
+    /// have applied to the socket (`/api/subscribe`, `/api/unsubscribe`,
+    /// `/api/disconnect` of its user or connection).
+    fn apply(&mut self, cmd: &NodeCommand) -> Applied {
+        let (target, change) = match cmd {
+            NodeCommand::Disconnect(t) => (t, None),
+            NodeCommand::Subscribe { target, channel } => (target, Some((channel, true))),
+            NodeCommand::Unsubscribe { target, channel } => (target, Some((channel, false))),
+            NodeCommand::Call { .. } | NodeCommand::Answer { .. } => return Applied::Skipped,
+        };
+        let ours = match target {
+            Target::User(u) => self.user.as_deref() == Some(u.as_str()),
+            Target::Connection(c) => *c == self.connection,
+        };
+        match (ours, change) {
+            (false, _) => Applied::Skipped,
+            (true, None) => Applied::Dropped,
+            (true, Some((channel, true))) => {
+                if in_namespace(channel, &self.namespace) && !self.rooms.contains(channel) {
+                    self.rooms.push(channel.clone());
+                    self.fresh.push(channel.clone());
+                }
+                Applied::Changed
+            }
+            (true, Some((channel, false))) => {
+                self.rooms.retain(|r| r != channel);
+                self.fresh.retain(|r| r != channel);
+                self.base.remove(channel);
+                self.log.retain(|(c, _)| c != channel);
+                Applied::Changed
+            }
+        }
+    }
+
     /// Each room's `since` given the client's last offset, and whether that
     /// offset could be placed (the client's position is known).
     fn positions(&self, client_offset: Option<&str>) -> (HashMap<Channel, Offset>, bool) {
@@ -121,6 +185,14 @@ impl Trail {
         }
         (since, known)
     }
+}
+
+/// Where a trail is kept: its pid and its owner (user and namespace), so
+/// that a `pid` presented by anyone else names nothing.
+fn trail_key(pid: &str, user: Option<&str>, namespace: &str) -> String {
+    // JSON keeps the parts apart whatever they contain.
+    let owner = serde_json::to_string(&(namespace, user)).unwrap_or_default();
+    format!("sio:{pid}:{owner}")
 }
 
 impl<C: Codec> Session<C> {
@@ -156,11 +228,34 @@ impl<C: Codec> Session<C> {
             return;
         }
         let Some(window) = self.node.cfg.session.socketio.as_ref().map(|s| s.recovery_window) else { return };
+        let mut trail = trail;
+        // Commands that reached the queue but not the socket apply too.
+        if let Some(rx) = self.rx.as_mut() {
+            while let Ok(out) = rx.try_recv() {
+                self.node.hub.budget().release(out.weight());
+                if let Outbound::Command(cmd) = out {
+                    match *cmd {
+                        SessionCommand::Subscribe(c)
+                            if in_namespace(&c, &trail.namespace) && !trail.rooms.contains(&c) =>
+                        {
+                            trail.rooms.push(c);
+                        }
+                        SessionCommand::Unsubscribe(c) => {
+                            trail.rooms.retain(|r| *r != c);
+                            trail.base.remove(&c);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        trail.kept_us = now_us();
         let Ok(value) = serde_json::to_string(&trail) else { return };
         let node = self.node.clone();
         let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
         rt.spawn(async move {
-            if let Err(e) = node.broker.stash(&format!("sio:{}", trail.pid), value, window).await {
+            let key = trail_key(&trail.pid, trail.user.as_deref(), &trail.namespace);
+            if let Err(e) = node.broker.stash(&key, value, window).await {
                 tracing::debug!(error = %e, "recovery state not kept: this socket will not be recovered");
             }
         });
@@ -176,10 +271,11 @@ impl<C: Codec> Session<C> {
 pub(crate) struct Eio {
     ws: Option<Ws>,
     poll: Option<Arc<Poll>>,
-    inbound: Option<mpsc::Receiver<String>>,
+    inbound: Option<mpsc::Receiver<Payload>>,
     upgrade: Option<oneshot::Receiver<Ws>>,
-    /// Client packets read from polling before the switch to WebSocket.
-    early: VecDeque<String>,
+    /// Client payloads read from polling and not yet walked through (each
+    /// one buffer, counted in the node's queue budget until dropped).
+    early: VecDeque<Payload>,
     /// Packets queued for polling and not fetched when the client upgraded.
     backlog: VecDeque<Utf8Bytes>,
     node: Arc<Node>,
@@ -200,9 +296,15 @@ enum Packet {
     Deliver(WsMessage),
     /// A client ping (only probes in v4): answer with this.
     Answer(Utf8Bytes),
-    Skip,
     Closed,
     Bad,
+}
+
+/// What the loop sees of a packet it has nothing to do with (a noop, an
+/// upgrade, a client ping): a ping, which it counts against the client's
+/// rate like any frame, so a flood of them closes the session.
+fn control() -> WsMessage {
+    WsMessage::Ping(Default::default())
 }
 
 fn classify(text: Utf8Bytes) -> Packet {
@@ -211,7 +313,7 @@ fn classify(text: Utf8Bytes) -> Packet {
         Some(b'3') => Packet::Deliver(WsMessage::Pong(Default::default())),
         Some(b'2') => Packet::Answer(Utf8Bytes::from(format!("3{}", &text.as_str()[1..]))),
         Some(b'1') => Packet::Closed,
-        Some(b'6' | b'5') => Packet::Skip,
+        Some(b'6' | b'5') => Packet::Deliver(control()),
         _ => Packet::Bad,
     }
 }
@@ -266,7 +368,7 @@ impl Eio {
         }
         if let Some(mut rx) = self.inbound.take() {
             while let Ok(p) = rx.try_recv() {
-                self.early.extend(p.split(SEPARATOR).map(str::to_owned));
+                self.early.push_back(p);
             }
         }
         self.ws = Some(ws);
@@ -284,6 +386,18 @@ impl Eio {
             }
         }
         Ok(())
+    }
+
+    /// The next packet of what polling delivered, if any is left.
+    fn next_early(&mut self) -> Option<Utf8Bytes> {
+        while let Some(p) = self.early.front_mut() {
+            if let Some(packet) = p.next_packet() {
+                return Some(packet);
+            }
+            // Walked through: the payload's memory goes back now.
+            self.early.pop_front();
+        }
+        None
     }
 
     /// A packet for the client, in Engine.IO terms (None: nothing to send).
@@ -306,8 +420,8 @@ impl Transport for Eio {
                     return Some(Err(e));
                 }
             }
-            let text = if let Some(p) = self.early.pop_front() {
-                Utf8Bytes::from(p)
+            let text = if let Some(p) = self.next_early() {
+                p
             } else if let Some(ws) = self.ws.as_mut() {
                 match ws.next().await? {
                     Ok(WsMessage::Text(t)) => t,
@@ -320,7 +434,7 @@ impl Transport for Eio {
                 tokio::select! {
                     p = inbound.recv() => {
                         // A POST body: its packets, in order.
-                        self.early.extend(p?.split(SEPARATOR).map(str::to_owned));
+                        self.early.push_back(p?);
                         continue;
                     }
                     // Closed from the HTTP side (an oversized body).
@@ -339,8 +453,8 @@ impl Transport for Eio {
                     if self.feed(WsMessage::Text(a)).await.is_err() || self.flush().await.is_err() {
                         return None;
                     }
+                    return Some(Ok(control()));
                 }
-                Packet::Skip => {}
                 Packet::Closed => return None,
                 Packet::Bad => return Some(Err(bad_packet())),
             }
@@ -366,7 +480,13 @@ impl Transport for Eio {
             room.as_mut().enable();
             match poll.push(&packet) {
                 Ok(true) => return Ok(()),
-                Err(_) => return Err(WsError::ConnectionClosed),
+                Err(Closed::TooLarge) => {
+                    // Dropped and counted: no response may carry it.
+                    tracing::warn!(bytes = packet.len(), "a packet longer than maxPayload was dropped");
+                    self.node.metrics.dropped_too_large.inc();
+                    return Ok(());
+                }
+                Err(Closed::Closed) => return Err(WsError::ConnectionClosed),
                 Ok(false) => poll.flush(),
             }
             tokio::select! {
@@ -447,7 +567,19 @@ fn unknown_sid() -> Response<Body> {
 }
 
 fn plain(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
-    let mut r = Response::new(full(body));
+    with_plain(status, full(body))
+}
+
+fn plain_holding<G: Send + Sync + 'static>(
+    status: StatusCode,
+    body: impl Into<bytes::Bytes>,
+    guard: G,
+) -> Response<Body> {
+    with_plain(status, full_holding(body, guard))
+}
+
+fn with_plain(status: StatusCode, body: Body) -> Response<Body> {
+    let mut r = Response::new(body);
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=UTF-8"));
     r
@@ -579,13 +711,16 @@ fn open_packet(node: &Node, sid: &str, upgrades: bool) -> String {
 }
 
 /// The request's head, kept for the connect hook (which runs at CONNECT,
-/// for each namespace): its URI and the headers the hook and the JWT check
-/// read, nothing else (it lives as long as the socket).
+/// for each namespace): its URI and the headers the hook is documented to
+/// receive (and the JWT check and `X-Forwarded-*` read), nothing else, and
+/// at most [`MAX_KEPT_HEAD`] bytes of them (None: more), since it lives as
+/// long as the socket.
 ///
 /// Copied, not cloned: a request's URI and header values are slices of the
 /// HTTP connection's read buffer, and a clone would keep that whole buffer
 /// (~16 KiB) alive for the socket's life.
-fn head_of(req: &Request<Incoming>) -> Request<()> {
+fn head_of(req: &Request<Incoming>) -> Option<Request<()>> {
+    let mut size = req.uri().path().len() + req.uri().query().map_or(0, str::len);
     let mut head = Request::new(());
     if let Ok(uri) = req.uri().to_string().parse() {
         *head.uri_mut() = uri;
@@ -599,12 +734,29 @@ fn head_of(req: &Request<Incoming>) -> Request<()> {
         if !kept {
             continue;
         }
+        size += name.as_str().len() + value.len();
+        if size > MAX_KEPT_HEAD {
+            return None;
+        }
         let name = header::HeaderName::from_bytes(name.as_str().as_bytes());
         if let (Ok(n), Ok(v)) = (name, HeaderValue::from_bytes(value.as_bytes())) {
             head.headers_mut().append(n, v);
         }
     }
-    head
+    (size <= MAX_KEPT_HEAD).then_some(head)
+}
+
+/// The client's address: the peer's, or behind a trusted reverse proxy the
+/// nearest untrusted address in `X-Forwarded-For` (the server dropped that
+/// header from anyone else).
+fn client_ip(node: &Node, req: &Request<Incoming>, remote: SocketAddr) -> std::net::IpAddr {
+    let server = &node.cfg.server;
+    if !server.is_trusted(remote.ip()) {
+        return remote.ip();
+    }
+    let hops = req.headers().get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok());
+    let hops: Vec<std::net::IpAddr> = hops.flat_map(|v| v.split(',')).filter_map(|a| a.trim().parse().ok()).collect();
+    hops.into_iter().rev().find(|ip| !server.is_trusted(*ip)).unwrap_or(remote.ip())
 }
 
 /// A new Engine.IO session (no sid yet).
@@ -615,16 +767,26 @@ async fn open(node: Arc<Node>, mut req: Request<Incoming>, remote: SocketAddr, w
     if let Err(r) = node.auth.check_origin(req.headers()) {
         return refused(&node, &r);
     }
+    // What the connect hook will get is kept for the socket's life: bounded.
+    let Some(head) = head_of(&req) else {
+        node.metrics.connection_result(ConnResult::HandshakeFailed);
+        let mut r = eio_error(3, "Bad request: cookies, authorization and URL over 8 KiB");
+        *r.status_mut() = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+        return r;
+    };
     // Until its CONNECT a session is nobody's: how many may wait is capped
     // (a slot each), so opens cannot take every slot of the node.
-    let Some(opening) = node.polls.try_open() else { return refused(&node, &Reject::full()) };
+    let opening = match node.polls.try_open(client_ip(&node, &req, remote)) {
+        Ok(o) => o,
+        Err(Busy::Node) => return refused(&node, &Reject::full()),
+        Err(Busy::Address) => return refused(&node, &Reject::busy_address()),
+    };
     let Some(slot) = node.take_slot() else { return refused(&node, &Reject::full()) };
     // The Engine.IO sid is this client's secret (polling requests and the
     // upgrade are authorized by it); the connection id (`socket.id`) is
     // public (rooms, presence, the app). Both name the node.
     let eio_sid: Arc<str> = Arc::from(format!("{}.{}", node.cfg.node_id, crate::config::random_id(24)).as_str());
     let sid: Arc<str> = Arc::from(format!("{}.{}", node.cfg.node_id, crate::config::random_id(12)).as_str());
-    let head = head_of(&req);
     let span = tracing::info_span!("socketio", conn.id = %sid, remote.addr = %remote);
     let start = Start { head, remote, sid, slot, opening };
     if websocket {
@@ -650,8 +812,9 @@ async fn open(node: Arc<Node>, mut req: Request<Incoming>, remote: SocketAddr, w
     // What waits for a GET is bounded well below maxPayload: beyond it the
     // session's own queue fills and a client that does not poll is closed
     // as a slow consumer, like a WebSocket that does not read.
-    let cap = node.cfg.session.socketio.as_ref().map_or(POLL_BUFFER, |c| c.max_payload.min(POLL_BUFFER));
-    let (poll, end) = Poll::new(eio_sid.clone(), cap, node.cfg.session.max_message_bytes);
+    let max_payload = node.cfg.session.socketio.as_ref().map_or(1_000_000, |c| c.max_payload);
+    let cap = max_payload.min(POLL_BUFFER);
+    let (poll, end) = Poll::new(eio_sid.clone(), cap, node.cfg.session.max_message_bytes, max_payload);
     node.polls.insert(poll.clone());
     let eio = Eio::polling(node.clone(), poll, end);
     let open = open_packet(&node, &eio_sid, true);
@@ -674,36 +837,60 @@ async fn open_websocket(node: Arc<Node>, on_upgrade: hyper::upgrade::OnUpgrade, 
     Some(eio)
 }
 
-/// A polling GET: what the session queued (or a noop after a while).
-async fn poll_get(node: &Node, poll: &Poll) -> Response<Body> {
+/// A polling GET: what the session queued (or a noop after a while). The
+/// response keeps the session's GET mark until it is sent.
+async fn poll_get(node: &Node, poll: &Arc<Poll>) -> Response<Body> {
     let wait = node.cfg.session.ping_interval + Duration::from_secs(5);
     match poll.get(wait).await {
-        Ok(Taken::Payload(p)) => plain(StatusCode::OK, p),
-        Ok(Taken::Closed) => {
+        Ok((Taken::Payload(p), getting)) => plain_holding(StatusCode::OK, p, getting),
+        Ok((Taken::Closed, _)) => {
             node.polls.remove(&poll.sid);
             plain(StatusCode::OK, "1")
         }
         Err(PollError::Overlap) => eio_error(3, "Bad request: overlapping GET requests"),
-        Err(PollError::Gone | PollError::TooLarge) => unknown_sid(),
+        Err(_) => unknown_sid(),
     }
 }
 
-/// A polling POST: the client's packets for the session.
+/// A polling POST: the client's packets for the session. One at a time;
+/// the body is read as proxied uploads are (`--upstream-timeout`,
+/// `--upstream-min-upload-rate`), counted in the node's queue budget, and
+/// abandoned when the session ends. Anything wrong with it ends the
+/// session, as in Engine.IO.
 async fn poll_post(node: &Node, poll: &Poll, req: Request<Incoming>) -> Response<Body> {
-    let cap = node.cfg.session.socketio.as_ref().map_or(1_000_000, |c| c.max_payload);
-    let body = match read_limited(req.into_body(), cap).await {
-        Ok(b) => b,
-        Err(ReadError::TooLarge(_)) => {
-            // As Engine.IO does: the session ends.
-            poll.close();
-            return plain(StatusCode::PAYLOAD_TOO_LARGE, "payload too large");
-        }
-        Err(ReadError::Io(_)) => return eio_error(3, "Bad request"),
+    let Ok(_posting) = poll.begin_post() else {
+        return eio_error(3, "Bad request: overlapping POST requests");
     };
-    let Ok(text) = String::from_utf8(body.to_vec()) else { return eio_error(3, "Bad request: not UTF-8") };
-    match poll.post(text).await {
+    let cap = node.cfg.session.socketio.as_ref().map_or(1_000_000, |c| c.max_payload);
+    let mut held = Held::new(node.hub.clone());
+    let proxy = &node.cfg.proxy;
+    let read = read_paced(req.into_body(), cap, proxy.timeout, proxy.min_upload_rate, |n| {
+        if held.grow(n) { Ok(()) } else { Err(ReadError::NoRoom) }
+    });
+    let body = tokio::select! {
+        r = read => r,
+        () = poll.ended() => return unknown_sid(),
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            poll.close();
+            return match e {
+                ReadError::TooLarge(_) => plain(StatusCode::PAYLOAD_TOO_LARGE, "payload too large"),
+                ReadError::NoRoom => plain(StatusCode::SERVICE_UNAVAILABLE, "server busy"),
+                ReadError::TimedOut => eio_error(3, "Bad request: body not received in time"),
+                ReadError::Io(_) => eio_error(3, "Bad request"),
+            };
+        }
+    };
+    let Ok(text) = Utf8Bytes::try_from(body) else {
+        poll.close();
+        return eio_error(3, "Bad request: not UTF-8");
+    };
+    match poll.post(Payload::new(text, Some(held))).await {
         Ok(()) => plain(StatusCode::OK, "ok"),
         Err(PollError::TooLarge) => plain(StatusCode::PAYLOAD_TOO_LARGE, "a packet is larger than max-message-bytes"),
+        Err(PollError::TooMany) => eio_error(3, "Bad request: too many packets in one payload"),
         Err(_) => unknown_sid(),
     }
 }
@@ -770,7 +957,7 @@ struct Start {
     sid: Arc<str>,
     slot: crate::node::Slot,
     /// Its place among the sessions waiting for CONNECT.
-    opening: tokio::sync::OwnedSemaphorePermit,
+    opening: Opening,
 }
 
 /// Waits for the client's first CONNECT, authenticates it and runs the
@@ -790,6 +977,8 @@ async fn socket(node: Arc<Node>, mut eio: Eio, start: Start) {
 async fn connect(node: &Arc<Node>, eio: &mut Eio, start: Start) -> Option<(Session<SocketIo>, Utf8Bytes)> {
     let Start { head, remote, sid, slot, opening } = start;
     let first = tokio::time::timeout(node.cfg.session.handshake_timeout, async {
+        // Pongs (and noops) before the CONNECT: a few at most.
+        let mut control = 0;
         loop {
             match eio.recv().await? {
                 Ok(WsMessage::Text(t)) => {
@@ -804,8 +993,8 @@ async fn connect(node: &Arc<Node>, eio: &mut Eio, start: Start) -> Option<(Sessi
                     };
                     return Some((p.namespace.to_owned(), auth));
                 }
-                Ok(_) => {}
-                Err(_) => return None,
+                Ok(_) if control < PRE_CONNECT_CONTROL => control += 1,
+                Ok(_) | Err(_) => return None,
             }
         }
     })
@@ -866,11 +1055,28 @@ async fn connect(node: &Arc<Node>, eio: &mut Eio, start: Start) -> Option<(Sessi
     // Put back if this connection fails, so the client's retry can use it.
     let mut taken: Option<(String, String)> = None;
     if let Some(RecoveryAuth { pid: Some(pid), offset }) = recovery {
-        let key = format!("sio:{pid}");
+        // Only the state of this user and namespace can be taken: someone
+        // else's `pid` finds nothing, and leaves that state for its owner.
+        let key = trail_key(&pid, user.as_deref(), &namespace);
         match node.broker.take_stash(&key).await {
             Ok(Some(saved)) => {
-                match serde_json::from_str::<Trail>(&saved) {
+                let trail = match serde_json::from_str::<Trail>(&saved) {
                     Ok(trail) if trail.user == user && trail.namespace == namespace => {
+                        match since_away(node, trail).await {
+                            Ok(t) => Ok(t),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "Socket.IO CONNECT failed: the app's commands unavailable");
+                                restash(node, Some((key, saved)));
+                                say_goodbye(eio, None).await;
+                                return None;
+                            }
+                        }
+                    }
+                    other => other.map(Some),
+                };
+                match trail {
+                    Ok(None) => tracing::debug!("the app disconnected this socket while it was away: not recovered"),
+                    Ok(Some(trail)) if trail.user == user && trail.namespace == namespace => {
                         let (positions, k) = trail.positions(offset.as_deref());
                         known = k;
                         for ch in trail.rooms {
@@ -878,6 +1084,8 @@ async fn connect(node: &Arc<Node>, eio: &mut Eio, start: Start) -> Option<(Sessi
                                 Some(o) => {
                                     since.insert(ch.clone(), o.to_string());
                                 }
+                                // Joined while away: nothing missed there.
+                                None if trail.fresh.contains(&ch) => {}
                                 // History kept, but where the socket was is not known.
                                 None if node.cfg.namespaces.rule(&ch).history.is_some() => known = false,
                                 None => {}
@@ -900,17 +1108,6 @@ async fn connect(node: &Arc<Node>, eio: &mut Eio, start: Start) -> Option<(Sessi
         tracing::warn!(channels = channels.len(), max, "more rooms than max-subscriptions: the rest are not joined");
         channels.truncate(max);
     }
-    let restash = |node: &Arc<Node>, taken: Option<(String, String)>| {
-        let (Some((key, saved)), Some(window)) = (taken, node.cfg.session.socketio.as_ref().map(|s| s.recovery_window))
-        else {
-            return;
-        };
-        let node = node.clone();
-        tokio::spawn(async move {
-            let _ = node.broker.stash(&key, saved, window).await;
-        });
-    };
-
     let (handle, rx) = node.hub.register(sid.clone(), ident.user.clone(), node.cfg.session.client_queue);
     let ident = Arc::new(ident);
     let mut session = Session::new(node.clone(), SocketIo, handle, ident, slot, rx);
@@ -948,7 +1145,13 @@ async fn connect(node: &Arc<Node>, eio: &mut Eio, start: Start) -> Option<(Sessi
             return None;
         }
     };
-    let mut trail = Trail { user, namespace: namespace.clone(), ..Trail::default() };
+    let mut trail = Trail {
+        user,
+        namespace: namespace.clone(),
+        connection: sid.to_string(),
+        connected_us: session.handle.connected_us,
+        ..Trail::default()
+    };
     trail.rooms = channels.iter().filter(|c| Some(*c) != own_room.as_ref()).cloned().collect();
     trail.base.extend(bases);
     for (ch, o) in &since {
@@ -975,6 +1178,37 @@ async fn connect(node: &Arc<Node>, eio: &mut Eio, start: Start) -> Option<(Sessi
     node.metrics.connection_result(ConnResult::Accepted);
     tracing::debug!(namespace, recovered = is_recovered, "socket connected");
     Some((session, welcome))
+}
+
+/// Puts back a recovery state taken for a CONNECT that failed, so that the
+/// client's retry can use it.
+fn restash(node: &Arc<Node>, taken: Option<(String, String)>) {
+    let (Some((key, saved)), Some(window)) = (taken, node.cfg.session.socketio.as_ref().map(|s| s.recovery_window))
+    else {
+        return;
+    };
+    let node = node.clone();
+    tokio::spawn(async move {
+        let _ = node.broker.stash(&key, saved, window).await;
+    });
+}
+
+/// A trail with the app's commands issued while its socket was away
+/// applied; None when the app disconnected the socket meanwhile, or when
+/// the commands of that time are no longer all known.
+async fn since_away(node: &Node, mut trail: Trail) -> Result<Option<Trail>, crate::broker::BrokerError> {
+    // Commands issued well before the socket ended reached it live.
+    let after = trail.kept_us.saturating_sub(5_000_000).max(trail.connected_us);
+    let Some(commands) = node.broker.commands_after(after).await? else {
+        tracing::debug!("the app's commands since this socket left are no longer all kept: not recovered");
+        return Ok(None);
+    };
+    for (_, cmd) in &commands {
+        if trail.apply(cmd) == Applied::Dropped {
+            return Ok(None);
+        }
+    }
+    Ok(Some(trail))
 }
 
 /// Ends a socket that never started: a CONNECT_ERROR first when it is a

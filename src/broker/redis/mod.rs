@@ -145,6 +145,7 @@ impl RedisBroker {
             probe_timeout: cfg.probe_timeout,
             node_id: node_id.clone(),
             socketio_channel: cfg.socketio_channel.clone(),
+            max_message_bytes: cfg.max_message_bytes,
         };
         tokio::spawn(sub.run(shutdown).instrument(tracing::info_span!("redis_subscriber")));
         Ok(RedisBroker {
@@ -337,6 +338,53 @@ impl RedisBroker {
     pub async fn take_stash(&self, key: &str) -> Result<Option<String>, BrokerError> {
         let key = format!("{}stash:{key}", self.keys.prefix);
         self.with_conn(|mut c| async move { redis::cmd("GETDEL").arg(key).query_async(&mut c).await }).await
+    }
+
+    /// The logged commands issued after `t_us` (µs since the Unix epoch),
+    /// oldest first; None when the log no longer reaches back that far.
+    pub async fn commands_after(&self, t_us: u64) -> Result<Option<Vec<(u64, NodeCommand)>>, BrokerError> {
+        let key = self.keys.control_log.clone();
+        // Stream ids are Redis's clock, `t` the issuer's: read from a second
+        // before, and filter by `t`.
+        let start_ms = (t_us / 1000).saturating_sub(1000);
+        type Entries = Vec<(String, Vec<(String, String)>)>;
+        let (first, len, entries): (Entries, usize, Entries) = self
+            .with_conn(|mut c| async move {
+                redis::pipe()
+                    .cmd("XRANGE")
+                    .arg(&key)
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(1)
+                    .cmd("XLEN")
+                    .arg(&key)
+                    .cmd("XRANGE")
+                    .arg(&key)
+                    .arg(format!("{start_ms}-0"))
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(CONTROL_LOG_LEN)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        // Trimmed (the log is full) past where we start reading: some
+        // commands may be gone.
+        let oldest_ms = first.first().and_then(|(id, _)| StreamId::parse(id)).map(|id| id.0);
+        if len >= CONTROL_LOG_LEN && oldest_ms.is_some_and(|ms| ms > start_ms) {
+            return Ok(None);
+        }
+        let mut out = Vec::new();
+        for (_, fields) in entries {
+            let Some((_, payload)) = fields.iter().find(|(k, _)| k == "c") else { continue };
+            if let Ok(Command { t, op }) = serde_json::from_str::<Command>(payload) {
+                if t > t_us {
+                    out.push((t, op));
+                }
+            }
+        }
+        Ok(Some(out))
     }
 
     /// A command for every node: logged, then published.

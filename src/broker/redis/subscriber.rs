@@ -70,6 +70,7 @@ pub(super) struct Subscriber {
     pub(super) node_id: String,
     /// python-socketio's Redis manager channel, when bridged.
     pub(super) socketio_channel: Option<String>,
+    pub(super) max_message_bytes: usize,
 }
 
 pub(super) enum Lost {
@@ -544,7 +545,7 @@ impl Subscriber {
             self.on_call(payload);
             None
         } else if self.socketio_channel.as_deref() == Some(name) {
-            crate::broker::socketio::apply(&self.hub, &self.metrics, payload);
+            crate::broker::socketio::apply(&self.hub, &self.metrics, payload, self.max_message_bytes);
             None
         } else if name == self.keys.control {
             let parsed = std::str::from_utf8(payload)
