@@ -106,8 +106,9 @@ where
 {
     let progress = Progress::new(min_rate);
     let mut body = body;
-    let mut first: Option<Bytes> = None;
-    let mut rest: Option<BytesMut> = None;
+    // The chunks as they came (slices of hyper's read buffer), joined once
+    // at the end: no buffer grown by doubling, no copy for a single chunk.
+    let mut chunks: Vec<Bytes> = Vec::new();
     let mut len = 0;
     loop {
         let frame = tokio::select! {
@@ -127,23 +128,18 @@ where
         on_chunk(data.len())?;
         len += data.len();
         progress.touch(data.len());
-        // One chunk (the usual case) is kept as it came: no copy.
-        match (&mut first, &mut rest) {
-            (None, None) => first = Some(data),
-            (Some(f), None) => {
-                let mut b = BytesMut::with_capacity(f.len() + data.len());
-                b.extend_from_slice(f);
-                b.extend_from_slice(&data);
-                first = None;
-                rest = Some(b);
-            }
-            (_, Some(b)) => b.extend_from_slice(&data),
-        }
+        chunks.push(data);
     }
-    Ok(match (first, rest) {
-        (_, Some(b)) => b.freeze(),
-        (Some(f), None) => f,
-        (None, None) => Bytes::new(),
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.swap_remove(0),
+        _ => {
+            let mut all = BytesMut::with_capacity(len);
+            for c in chunks {
+                all.extend_from_slice(&c);
+            }
+            all.freeze()
+        }
     })
 }
 

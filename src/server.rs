@@ -25,10 +25,16 @@ use crate::body::{Body, text};
 use crate::node::Node;
 use crate::proxy;
 
+/// hyper's HTTP/1 read buffer, per connection: room for a request head
+/// (headers up to 32 KiB, as nginx's default 4 × 8 KiB) and body reads of
+/// that size. hyper's default (~400 KiB) let every connection that
+/// uploads fast hold 400 KiB (issue 16: 200 stalled polling POSTs).
+const READ_BUFFER: usize = 32 * 1024;
+
 /// An HTTP server builder with our limits.
 pub fn builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout).max_headers(128);
+    b.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout).max_headers(128).max_buf_size(READ_BUFFER);
     b.http2().timer(TokioTimer::new()).max_concurrent_streams(256).keep_alive_interval(Some(Duration::from_secs(30)));
     b
 }

@@ -1162,6 +1162,9 @@ async fn connect(node: &Arc<Node>, eio: &mut Eio, start: Start) -> Option<(Sessi
     // Recovered: the trail was ours, the client's position known, and every
     // channel with history caught up.
     let is_recovered = old_pid.is_some() && known && recovered.iter().all(|(_, ok)| *ok);
+    if old_pid.is_some() && !is_recovered {
+        tracing::debug!(known, ?recovered, ?since, "recovery state found, but not everything missed could be sent");
+    }
     if taken.is_some() {
         node.metrics
             .socketio_recoveries

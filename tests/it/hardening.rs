@@ -281,7 +281,7 @@ async fn a_cpu_starved_node_does_not_take_itself_for_a_dead_redis() {
     assert_eq!(bin.metric("wsrelay_broker_up").await, Some(1.0));
 }
 
-fn rss_kib(pid: u32) -> u64 {
+pub(crate) fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()

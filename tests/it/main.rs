@@ -16,3 +16,4 @@ mod limits;
 mod proxy;
 mod relay;
 mod socketio;
+mod socketio_hardening;

@@ -13,22 +13,22 @@ use crate::common::sio::{Driven, RoundRobin, settle};
 use crate::common::upstream::HookReply;
 use crate::common::{Relay, Upstream, request};
 
-const PATH: &str = "/socket.io/";
+pub(crate) const PATH: &str = "/socket.io/";
 
-fn history_config() -> tempfile::NamedTempFile {
+pub(crate) fn history_config() -> tempfile::NamedTempFile {
     let f = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(f.path(), "[[namespace]]\nprefix = \"h:\"\nhistory = { size = 1000, ttl = \"10m\" }\n").unwrap();
     f
 }
 
 /// A relay with the Socket.IO front, the connect and message hooks.
-async fn relay(app: &Upstream, extra: &[&str]) -> Relay {
+pub(crate) async fn relay(app: &Upstream, extra: &[&str]) -> Relay {
     let mut args = vec!["--socketio-path", PATH, "--connect-hook", "/ws/connect", "--message-hook", "/ws/message"];
     args.extend_from_slice(extra);
     Relay::start(&app.url(), &args).await
 }
 
-fn alice(app: &Upstream) {
+pub(crate) fn alice(app: &Upstream) {
     app.set_hook("/ws/connect", HookReply::new(200, &json!({"user": "alice", "channels": ["user:alice"]})));
 }
 
@@ -251,19 +251,19 @@ async fn a_reconnecting_client_recovers_what_it_missed() {
 }
 
 /// Two sidecars sharing a Redis, behind a per-request round-robin proxy.
-struct Cluster {
-    _redis: RedisServer,
-    redis_url: String,
-    a: Relay,
-    b: Relay,
-    lb: RoundRobin,
+pub(crate) struct Cluster {
+    pub(crate) _redis: RedisServer,
+    pub(crate) redis_url: String,
+    pub(crate) a: Relay,
+    pub(crate) b: Relay,
+    pub(crate) lb: RoundRobin,
 }
 
 async fn cluster(app: &Upstream) -> Cluster {
     cluster_with(app, &[]).await
 }
 
-async fn cluster_with(app: &Upstream, extra: &[&str]) -> Cluster {
+pub(crate) async fn cluster_with(app: &Upstream, extra: &[&str]) -> Cluster {
     let redis = RedisServer::start();
     let url = redis.url();
     let mut common = vec!["--redis-url", &url, "--socketio-redis-channel", "socketio"];
@@ -458,7 +458,7 @@ async fn assert_closed(base: &str, sid: &str) {
 }
 
 /// Opens an Engine.IO polling session by hand; returns its sid.
-async fn open_polling(base: &str) -> String {
+pub(crate) async fn open_polling(base: &str) -> String {
     let (s, _, body) = request(Method::GET, &format!("{base}{PATH}?EIO=4&transport=polling"), None, &[]).await;
     assert_eq!(s, StatusCode::OK);
     let text = String::from_utf8(body.to_vec()).unwrap();

@@ -3,7 +3,8 @@
 //
 //   node client.mjs <url> '<options JSON>'
 //
-// options: path, transports, auth, namespace, reconnection, answers
+// options: path, transports, auth, namespace, reconnection, reconnectionDelay
+// (ms, fixed), answers
 // ({event: [ack args]} answered to server calls), forceNew.
 // It prints {"type": connect|disconnect|connect_error|event|call|ack|upgrade|state, ...}
 // and reads {"op": emit|disconnect|close-engine|connect|state, ...}.
@@ -19,8 +20,9 @@ const socket = io(url + (opts.namespace || ''), {
   transports: opts.transports || ['polling', 'websocket'],
   auth: opts.auth || {},
   reconnection: opts.reconnection ?? true,
-  reconnectionDelay: 100,
-  reconnectionDelayMax: 500,
+  reconnectionDelay: opts.reconnectionDelay ?? 100,
+  reconnectionDelayMax: opts.reconnectionDelay ?? 500,
+  randomizationFactor: opts.reconnectionDelay ? 0 : 0.5,
   timeout: 5000,
   forceNew: true,
 });

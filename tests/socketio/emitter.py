@@ -3,7 +3,8 @@ and no Socket.IO server: what the tests check wsrelay relays.
 
     python emitter.py <redis url> <channel> '<JSON list of operations>'
 
-operations: {"op": "emit", "event", "data", "room", "skip_sid", "namespace"},
+operations: {"op": "emit", "event", "data" (or "data_size": a string of that many
+bytes), "room", "skip_sid", "namespace"},
 {"op": "enter_room" | "leave_room", "sid", "room", "namespace"},
 {"op": "close_room", "room", "namespace"}, {"op": "disconnect", "sid", "namespace"}.
 """
@@ -22,7 +23,8 @@ async def main():
         ns = op.get("namespace", "/")
         kind = op["op"]
         if kind == "emit":
-            await mgr.emit(op["event"], data=op.get("data"), namespace=ns, room=op.get("room"),
+            data = "x" * op["data_size"] if "data_size" in op else op.get("data")
+            await mgr.emit(op["event"], data=data, namespace=ns, room=op.get("room"),
                            skip_sid=op.get("skip_sid"))
         elif kind == "enter_room":
             await mgr.enter_room(op["sid"], ns, op["room"])
