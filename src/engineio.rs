@@ -45,9 +45,12 @@ impl Payload {
         Payload { text: Bytes::from(text), pos: 0, done: false, _held: held }
     }
 
-    /// How many packets it carries, and the longest one's length.
-    fn shape(&self) -> (usize, usize) {
-        self.text.split(|b| *b == SEPARATOR as u8).fold((0, 0), |(n, max), p| (n + 1, max.max(p.len())))
+    /// How many packets it carries, the longest one's length, and whether
+    /// each starts as a client's packet may (`1`–`6`, or `b`: base64 binary).
+    fn shape(&self) -> (usize, usize, bool) {
+        self.text.split(|b| *b == SEPARATOR as u8).fold((0, 0, true), |(n, max, ok), p| {
+            (n + 1, max.max(p.len()), ok && matches!(p.first(), Some(b'1'..=b'6' | b'b')))
+        })
     }
 
     /// The next packet, a slice of the payload (no copy).
@@ -184,6 +187,15 @@ struct Out {
     noop: bool,
     /// A GET has carried the close packet to the client.
     close_sent: bool,
+    /// The client closed the session (its `1`).
+    by_client: bool,
+    /// Closed without a word to the client (a ping timeout): every GET
+    /// gets `400`.
+    discarded: bool,
+    /// A ping is unanswered, and past this the session is over: a GET that
+    /// comes later gets `400`, whichever of it and the session's own timer
+    /// runs first.
+    pong_due: Option<tokio::time::Instant>,
 }
 
 /// What a GET gets.
@@ -216,6 +228,8 @@ pub enum PollError {
     TooLarge,
     /// More than [`MAX_PACKETS`] packets in one payload (the session is closed).
     TooMany,
+    /// A packet of no type a client sends (the session is closed).
+    Invalid,
 }
 
 /// One polling session's shared state.
@@ -317,7 +331,34 @@ impl Poll {
         self.room.notified()
     }
 
-    /// Ends the session: the next (or waiting) GET gets the close packet.
+    /// Ends the session without telling the client (it stopped answering
+    /// pings): what is queued is dropped, and every GET, a waiting one too,
+    /// gets `400`.
+    pub fn discard(&self) {
+        {
+            let mut out = lock(&self.out);
+            out.discarded = true;
+            out.queue.clear();
+            out.bytes = 0;
+        }
+        self.room.notify_waiters();
+        self.close();
+    }
+
+    /// A ping went out and its pong is due by `due` (None: it came).
+    pub fn pong_due(&self, due: Option<tokio::time::Instant>) {
+        lock(&self.out).pong_due = due;
+    }
+
+    /// The client sent `1`: a GET waiting gets a noop, and the session ends.
+    pub fn close_by_client(&self) {
+        lock(&self.out).by_client = true;
+        self.close();
+    }
+
+    /// Ends the session: a GET waiting gets the close packet (what is queued
+    /// first); a GET that comes after gets `400`, the sid unknown, as from
+    /// Engine.IO.
     pub fn close(&self) {
         lock(&self.out).closed = true;
         self.ready.notify_one();
@@ -376,6 +417,12 @@ impl Poll {
 
     async fn take(&self, wait: Duration) -> Result<Taken, PollError> {
         let deadline = tokio::time::Instant::now() + wait;
+        // Whether this GET was waiting when the session closed.
+        let mut waited = false;
+        let late = lock(&self.out).pong_due.is_some_and(|due| due <= tokio::time::Instant::now());
+        if late {
+            self.discard();
+        }
         loop {
             let ready = self.ready.notified();
             tokio::pin!(ready);
@@ -395,21 +442,34 @@ impl Poll {
                         out.bytes -= p.len();
                         out.queue.pop_front();
                     }
-                    // The close packet, if closed, goes in the next GET: not
-                    // in this payload. socket.io-client hands decoded events
-                    // to the socket on the next tick but acts on a close at
-                    // once, so events before it in one payload would reach a
-                    // disconnected socket, be buffered past the offset it
-                    // reconnects with, and come twice after a recovery.
+                    // Never a close packet in this payload, if closed: the
+                    // next GET gets 400. socket.io-client hands decoded
+                    // events to the socket on the next tick but acts on a
+                    // close at once, so events before it in one payload would
+                    // reach a disconnected socket, be buffered past the
+                    // offset it reconnects with, and come twice after a
+                    // recovery.
                     drop(out);
                     self.room.notify_waiters();
                     return Ok(Taken::Payload(payload));
                 }
                 if out.closed {
+                    let first = !out.close_sent;
                     out.close_sent = true;
+                    let (by_client, discarded) = (out.by_client, out.discarded);
                     drop(out);
                     self.room.notify_waiters();
-                    return Ok(Taken::Closed);
+                    return if discarded {
+                        Err(PollError::Gone)
+                    } else if by_client && first {
+                        // The client's own `1`: the GET beside its POST (waiting
+                        // or just behind it) gets a noop.
+                        Ok(Taken::Payload("6".to_owned()))
+                    } else if waited && !by_client {
+                        Ok(Taken::Closed)
+                    } else {
+                        Err(PollError::Gone)
+                    };
                 }
                 if out.noop {
                     out.noop = false;
@@ -417,7 +477,7 @@ impl Poll {
                 }
             }
             tokio::select! {
-                () = ready => {}
+                () = ready => waited = true,
                 () = tokio::time::sleep_until(deadline) => return Ok(Taken::Payload("6".to_owned())),
             }
         }
@@ -438,10 +498,14 @@ impl Poll {
     /// unread (back-pressure), or until the session ends; a packet over the
     /// size limit, or too many packets, close the session.
     pub async fn post(&self, payload: Payload) -> Result<(), PollError> {
-        let (packets, longest) = payload.shape();
+        let (packets, longest, valid) = payload.shape();
         if packets > MAX_PACKETS {
             self.close();
             return Err(PollError::TooMany);
+        }
+        if !valid {
+            self.close();
+            return Err(PollError::Invalid);
         }
         if longest > self.max_packet {
             self.close();
@@ -453,9 +517,11 @@ impl Poll {
         }
     }
 
-    /// A GET has taken everything, the close packet included.
-    pub fn close_sent(&self) -> bool {
-        lock(&self.out).close_sent
+    /// Nothing is left for a GET to take (or one has taken the close): what
+    /// was queued, or the noop owed to the GET beside a client's `1`.
+    pub fn drained(&self) -> bool {
+        let out = lock(&self.out);
+        out.close_sent || (out.queue.is_empty() && !out.by_client)
     }
 
     pub fn is_closed(&self) -> bool {
@@ -484,12 +550,29 @@ mod tests {
         assert_eq!(poll.take(Duration::from_millis(10)).await, Ok(Taken::Payload("6".into())));
         assert_eq!(poll.push(&Utf8Bytes::from("41")), Ok(true));
         poll.close();
-        // What is left, then (in a response of its own) the close packet.
+        // What is left; then the session is gone (Engine.IO's 400).
+        assert!(!poll.drained());
         assert_eq!(poll.take(Duration::from_millis(10)).await, Ok(Taken::Payload("41".into())));
-        assert!(!poll.close_sent());
-        assert_eq!(poll.take(Duration::from_millis(10)).await, Ok(Taken::Closed));
-        assert!(poll.close_sent());
+        assert!(poll.drained());
+        assert_eq!(poll.take(Duration::from_millis(10)).await, Err(PollError::Gone));
         assert_eq!(poll.push(&Utf8Bytes::from("2")), Err(Closed::Closed));
+
+        // A GET waiting when the server closes gets the close packet; when
+        // the client closes (its `1`), a noop.
+        for (by_client, want) in [(false, Taken::Closed), (true, Taken::Payload("6".into()))] {
+            let (poll, _end) = Poll::new(Arc::from("n.2"), 8, 100, 8);
+            let waiting = tokio::spawn({
+                let poll = poll.clone();
+                async move { poll.take(Duration::from_secs(5)).await }
+            });
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if by_client {
+                poll.close_by_client();
+            } else {
+                poll.close();
+            }
+            assert_eq!(waiting.await.unwrap(), Ok(want));
+        }
 
         // One packet may fill a response alone, up to maxPayload, never more.
         let (poll, _end) = Poll::new(Arc::from("n.3"), 8, 100, 16);
@@ -500,7 +583,7 @@ mod tests {
     #[test]
     fn a_payload_is_walked_in_place() {
         let mut p = Payload::new("40\u{1e}42[\"é\"]\u{1e}6".into(), None);
-        assert_eq!(p.shape(), (3, "42[\"é\"]".len()));
+        assert_eq!(p.shape(), (3, "42[\"é\"]".len(), true));
         let packets: Vec<String> = std::iter::from_fn(|| p.next_packet()).map(|u| u.as_str().to_owned()).collect();
         assert_eq!(packets, ["40", "42[\"é\"]", "6"]);
         let mut empty = Payload::new("".into(), None);

@@ -241,8 +241,8 @@ impl Auth {
         let resp = self.hooks.call(HookKind::Connect, path, headers, body).await.map_err(|_| unavailable())?;
         match resp.status {
             StatusCode::OK => {}
-            StatusCode::UNAUTHORIZED => return Err(unauthorized("refused by the app".into())),
-            StatusCode::FORBIDDEN => return Err(ApiError::forbidden("refused by the app").into()),
+            StatusCode::UNAUTHORIZED => return Err(unauthorized(refusal(&resp.body))),
+            StatusCode::FORBIDDEN => return Err(ApiError::forbidden(refusal(&resp.body)).into()),
             s => {
                 tracing::warn!(status = %s, "connect hook answered neither 200, 401 nor 403: refusing (fail closed)");
                 return Err(unavailable());
@@ -412,6 +412,37 @@ impl Site {
             _ => 80,
         };
         Some(Site { port: u.port_u16().unwrap_or(default), host: u.host()?.to_ascii_lowercase(), scheme })
+    }
+}
+
+/// Longest refusal message passed on from a hook to the client.
+const MAX_REFUSAL: usize = 256;
+
+/// What a connect hook's 401/403 says to the client: the message of a
+/// `{"error":{"message":…}}` body (as the message hook's errors), or
+/// "refused by the app".
+fn refusal(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        error: Inner,
+    }
+    #[derive(serde::Deserialize)]
+    struct Inner {
+        message: String,
+    }
+    match serde_json::from_slice::<Body>(body) {
+        Ok(b) if !b.error.message.is_empty() => {
+            let mut m = b.error.message;
+            if m.len() > MAX_REFUSAL {
+                let mut end = MAX_REFUSAL;
+                while !m.is_char_boundary(end) {
+                    end -= 1;
+                }
+                m.truncate(end);
+            }
+            m
+        }
+        _ => "refused by the app".to_owned(),
     }
 }
 

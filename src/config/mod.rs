@@ -152,6 +152,14 @@ pub struct SessionConfig {
     pub socketio: Option<SocketIoConfig>,
 }
 
+impl SessionConfig {
+    /// How long after a ping its pong may come (Engine.IO's `pingTimeout`):
+    /// `--idle-timeout` − `--ping-interval`, at most 20 s.
+    pub fn ping_timeout(&self) -> Duration {
+        self.idle_timeout.saturating_sub(self.ping_interval).min(Duration::from_secs(20))
+    }
+}
+
 /// The Socket.IO front (`--socketio-path`).
 #[derive(Debug, Clone)]
 pub struct SocketIoConfig {

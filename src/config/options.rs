@@ -102,7 +102,7 @@ pub struct Options {
     pub socketio_redis_channel: Option<String>,
 
     /// How long a disconnected Socket.IO client's rooms and position are kept for its
-    /// connection-state recovery
+    /// connection-state recovery (`0s`: no recovery, and no `pid` in CONNECT answers)
     #[arg(long, env = "WSRELAY_SOCKETIO_RECOVERY_WINDOW", value_name = "DURATION", default_value = "2m", value_parser = duration)]
     pub socketio_recovery_window: Duration,
 

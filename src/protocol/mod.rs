@@ -175,6 +175,11 @@ pub trait Codec: Send + Sync + 'static {
     /// take [`is_answer`](Self::is_answer) frames at once (Socket.IO: the
     /// client's ACK to an app call may be what the pending hook waits for).
     const READS_WHILE_PENDING: bool = false;
+    /// Whether a ping must be answered within `--idle-timeout` −
+    /// `--ping-interval` (Engine.IO's `pingTimeout`), checked when that
+    /// passes, rather than any frame within `--idle-timeout`, checked at
+    /// each ping.
+    const PONG_DEADLINE: bool = false;
     /// A frame that answers the server (an ACK) and never starts a request.
     fn is_answer(&self, _frame: Frame<'_>) -> bool {
         false

@@ -210,38 +210,44 @@ impl Codec for SocketIo {
             return Decoded { id, request: Err(e) };
         }
         let request = match p.kind {
-            0 => {
-                let auth = match p.json.trim() {
-                    "" => Ok(None),
-                    j => RawValue::from_string(j.to_owned())
-                        .map(Some)
-                        .map_err(|_| bad("CONNECT data must be a JSON object")),
-                };
-                auth.map(|auth| Request::Connect { namespace, auth })
-            }
-            1 => Ok(Request::Leave { namespace }),
-            2 => split_event(p.json).map(|(event, args)| Request::Emit {
-                namespace,
-                event: Arc::from(event),
-                args,
-                ack: p.ack.is_some(),
-            }),
+            // A packet that cannot be parsed closes the connection, as the
+            // reference server does (socket.io-parser's payload checks).
+            0 => match p.json.trim() {
+                "" => Ok(Request::Connect { namespace, auth: None }),
+                j if j.starts_with('{') => match RawValue::from_string(j.to_owned()) {
+                    Ok(auth) => Ok(Request::Connect { namespace, auth: Some(auth) }),
+                    Err(_) => Ok(Request::Refuse("CONNECT data must be a JSON object")),
+                },
+                _ => Ok(Request::Refuse("CONNECT data must be a JSON object")),
+            },
+            1 if p.json.trim().is_empty() => Ok(Request::Leave { namespace }),
+            1 => Ok(Request::Refuse("a DISCONNECT carries no data")),
+            2 => match split_event(p.json) {
+                Ok((event, args)) => {
+                    Ok(Request::Emit { namespace, event: Arc::from(event), args, ack: p.ack.is_some() })
+                }
+                Err(e) if e.code == crate::error::ErrorCode::BadRequest && !p.json.trim_start().starts_with('[') => {
+                    Ok(Request::Refuse("an EVENT must be a JSON array starting with the event name"))
+                }
+                Err(e) => Err(e),
+            },
             // Parsed in full: the app gets these arguments back as a JSON
             // value (`/api/call`), so a number out of range is refused here.
             3 => match (p.ack, serde_json::from_str::<Vec<serde_json::Value>>(p.json)) {
                 (Some(ack), Ok(_)) => match RawValue::from_string(p.json.to_owned()) {
                     Ok(args) => return Decoded { id: None, request: Ok(Request::Ack { ack, args }) },
-                    Err(_) => Err(bad("an ACK needs an id and a JSON array")),
+                    Err(_) => Ok(Request::Refuse("an ACK needs an id and a JSON array")),
                 },
-                _ => Err(bad("an ACK needs an id and a JSON array")),
+                _ => Ok(Request::Refuse("an ACK needs an id and a JSON array")),
             },
-            4 => Err(bad("CONNECT_ERROR is sent by servers only")),
+            4 => Ok(Request::Refuse("CONNECT_ERROR is sent by servers only")),
             _ => Ok(Request::Refuse("binary events are not supported (see the README, \"Socket.IO apps\")")),
         };
         Decoded { id, request }
     }
 
     const READS_WHILE_PENDING: bool = true;
+    const PONG_DEADLINE: bool = true;
 
     fn is_answer(&self, frame: Frame<'_>) -> bool {
         matches!(frame, Frame::Text(t) if t.starts_with("43"))
@@ -339,8 +345,9 @@ mod tests {
     #[test]
     fn acks_with_numbers_out_of_range_are_refused() {
         // Found by the fuzzer: valid raw JSON that no JSON value can hold.
+        // (an ACK that cannot be parsed closes the connection)
         let d = SocketIo.decode(Frame::Text("431[4e524]"));
-        assert!(d.request.is_err());
+        assert!(matches!(d.request, Ok(Request::Refuse(_))));
         let d = SocketIo.decode(Frame::Text("431[4e5,\"x\"]"));
         assert!(matches!(d.request, Ok(Request::Ack { ack: 1, .. })));
     }

@@ -279,6 +279,9 @@ impl<C: Codec> Session<C> {
         let mut pending: Option<Pending<C::Id>> = None;
         let mut deferred: Option<WsMessage> = None;
         let mut drain_at: Option<Pin<Box<Sleep>>> = None;
+        // C::PONG_DEADLINE: when the last ping went, and when its pong is due.
+        let mut pinged = Instant::now();
+        let mut pong_due: Option<Pin<Box<Sleep>>> = None;
         loop {
             tokio::select! {
                 r = handle.killed() => return r,
@@ -327,9 +330,19 @@ impl<C: Codec> Session<C> {
                         Err(r) => return r,
                     },
                 },
+                _ = maybe(&mut pong_due) => {
+                    if self.last_seen <= pinged {
+                        return CloseReason::IdleTimeout;
+                    }
+                    pong_due = None;
+                }
                 _ = ping.tick() => {
                     if self.last_seen.elapsed() > idle_timeout {
                         return CloseReason::IdleTimeout;
+                    }
+                    if C::PONG_DEADLINE {
+                        pinged = Instant::now();
+                        pong_due = Some(Box::pin(tokio::time::sleep(node.cfg.session.ping_timeout())));
                     }
                     tokio::select! {
                         r = tokio::time::timeout(idle_timeout, async {

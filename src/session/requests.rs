@@ -623,8 +623,7 @@ impl<C: Codec> Session<C> {
         });
     }
 
-    /// Socket.IO: the client leaves a namespace (its rooms go with it); the
-    /// last one ends the connection.
+    /// Socket.IO: the client leaves a namespace (its rooms go with it).
     fn leave_namespace(&mut self, namespace: &str) {
         let gone: Vec<Channel> = self.subs.iter().filter(|c| socketio::in_namespace(c, namespace)).cloned().collect();
         for ch in gone {
@@ -635,9 +634,11 @@ impl<C: Codec> Session<C> {
             self.trail_leave(&ch);
         }
         if !self.subs.iter().any(|c| socketio::split_channel(c).1.is_none()) {
-            // The client disconnected on purpose: nothing to recover later.
+            // The client left every namespace on purpose: nothing to recover
+            // later. The Engine.IO connection stays open (pings go on), as
+            // with the reference server: the client closes it, or CONNECTs
+            // again.
             self.trail = None;
-            self.handle.kill(CloseReason::Client);
         }
     }
 

@@ -33,6 +33,7 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage, Utf8Bytes};
 use tracing::Instrument;
@@ -189,6 +190,11 @@ impl Trail {
 
 /// Where a trail is kept: its pid and its owner (user and namespace), so
 /// that a `pid` presented by anyone else names nothing.
+/// Whether connection-state recovery is on (`--socketio-recovery-window` > 0).
+fn recovers(node: &Node) -> bool {
+    node.cfg.session.socketio.as_ref().is_some_and(|s| !s.recovery_window.is_zero())
+}
+
 fn trail_key(pid: &str, user: Option<&str>, namespace: &str) -> String {
     // JSON keeps the parts apart whatever they contain.
     let owner = serde_json::to_string(&(namespace, user)).unwrap_or_default();
@@ -228,6 +234,9 @@ impl<C: Codec> Session<C> {
             return;
         }
         let Some(window) = self.node.cfg.session.socketio.as_ref().map(|s| s.recovery_window) else { return };
+        if window.is_zero() {
+            return;
+        }
         let mut trail = trail;
         // Commands that reached the queue but not the socket apply too.
         if let Some(rx) = self.rx.as_mut() {
@@ -400,6 +409,15 @@ impl Eio {
         None
     }
 
+    /// The session is over for a reason the client is not told (a ping
+    /// timeout): what polling still held is dropped, so the next GET gets
+    /// `400` at once, as from Engine.IO.
+    fn discard(&mut self) {
+        if let Some(p) = &self.poll {
+            p.discard();
+        }
+    }
+
     /// A packet for the client, in Engine.IO terms (None: nothing to send).
     fn outgoing(msg: WsMessage) -> Option<Utf8Bytes> {
         match msg {
@@ -455,7 +473,12 @@ impl Transport for Eio {
                     }
                     return Some(Ok(control()));
                 }
-                Packet::Closed => return None,
+                Packet::Closed => {
+                    if let Some(p) = &self.poll {
+                        p.close_by_client();
+                    }
+                    return None;
+                }
                 Packet::Bad => return Some(Err(bad_packet())),
             }
         }
@@ -516,15 +539,15 @@ impl Transport for Eio {
     async fn close(&mut self, frame: Option<CloseFrame>) {
         if let Some(p) = self.poll.clone() {
             p.close();
-            // Give the client's GET a moment to collect what is left and the
-            // close packet, or an upgrade under way a moment to take it over.
+            // Give the client's GET a moment to collect what is left, or an
+            // upgrade under way a moment to take it over.
             let drained = async {
                 loop {
                     // A GET that takes packets wakes `room`.
                     let room = p.room();
                     tokio::pin!(room);
                     room.as_mut().enable();
-                    if p.close_sent() {
+                    if p.drained() {
                         return;
                     }
                     room.await;
@@ -655,7 +678,11 @@ pub(crate) async fn handle(node: Arc<Node>, req: Request<Incoming>, remote: Sock
             if owner != node.cfg.node_id {
                 return forward(&node, req, remote, owner).await;
             }
-            let Some(poll) = node.polls.get(&sid) else { return unknown_sid() };
+            let Some(poll) = node.polls.get(&sid) else {
+                // A WebSocket for a session that upgraded already (or is
+                // gone): it opens and is closed, as from the reference server.
+                return if websocket { refuse_upgrade(&node, req) } else { unknown_sid() };
+            };
             if websocket {
                 return probe(&node, req, poll);
             }
@@ -699,7 +726,7 @@ async fn forward(node: &Node, req: Request<Incoming>, remote: SocketAddr, owner:
 fn open_packet(node: &Node, sid: &str, upgrades: bool) -> String {
     let s = &node.cfg.session;
     let max_payload = s.socketio.as_ref().map_or(1_000_000, |c| c.max_payload);
-    let ping_timeout = (s.idle_timeout - s.ping_interval).min(Duration::from_secs(20));
+    let ping_timeout = s.ping_timeout();
     let v = serde_json::json!({
         "sid": sid,
         "upgrades": if upgrades { vec!["websocket"] } else { Vec::new() },
@@ -788,7 +815,7 @@ async fn open(node: Arc<Node>, mut req: Request<Incoming>, remote: SocketAddr, w
     let eio_sid: Arc<str> = Arc::from(format!("{}.{}", node.cfg.node_id, crate::config::random_id(24)).as_str());
     let sid: Arc<str> = Arc::from(format!("{}.{}", node.cfg.node_id, crate::config::random_id(12)).as_str());
     let span = tracing::info_span!("socketio", conn.id = %sid, remote.addr = %remote);
-    let start = Start { head, remote, sid, slot, opening };
+    let start = Start { head, remote, sid, slot, opening, opened: tokio::time::Instant::now() };
     if websocket {
         let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned)
         else {
@@ -891,8 +918,29 @@ async fn poll_post(node: &Node, poll: &Poll, req: Request<Incoming>) -> Response
         Ok(()) => plain(StatusCode::OK, "ok"),
         Err(PollError::TooLarge) => plain(StatusCode::PAYLOAD_TOO_LARGE, "a packet is larger than max-message-bytes"),
         Err(PollError::TooMany) => eio_error(3, "Bad request: too many packets in one payload"),
+        Err(PollError::Invalid) => eio_error(3, "Bad request: invalid packet"),
         Err(_) => unknown_sid(),
     }
+}
+
+/// A WebSocket for a session that cannot take one (upgraded already, or
+/// gone): it opens and is closed at once, as the reference server does (an
+/// HTTP 400 is an error event to `ws` clients, not a close).
+fn refuse_upgrade(node: &Node, mut req: Request<Incoming>) -> Response<Body> {
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    else {
+        return eio_error(3, "missing Sec-WebSocket-Key");
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let timeout = node.cfg.session.handshake_timeout;
+    let cfg = super::upgrade::ws_config(node.cfg.session.max_message_bytes);
+    node.sessions.spawn(async move {
+        let Ok(Ok(up)) = tokio::time::timeout(timeout, on_upgrade).await else { return };
+        let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg)).await;
+        let frame = CloseFrame { code: CloseCode::Policy, reason: Utf8Bytes::from_static("Session ID unknown") };
+        let _ = tokio::time::timeout(timeout, ws.close(Some(frame))).await;
+    });
+    super::upgrade::switching(&key, None)
 }
 
 /// The WebSocket upgrade of a polling session: `2probe` → `3probe`, the
@@ -903,7 +951,7 @@ fn probe(node: &Node, mut req: Request<Incoming>, poll: Arc<Poll>) -> Response<B
         return eio_error(3, "missing Sec-WebSocket-Key");
     };
     if !poll.can_upgrade() {
-        return eio_error(3, "Bad request: already upgraded");
+        return refuse_upgrade(node, req);
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
     let timeout = node.cfg.session.handshake_timeout;
@@ -958,6 +1006,8 @@ struct Start {
     slot: crate::node::Slot,
     /// Its place among the sessions waiting for CONNECT.
     opening: Opening,
+    /// When the open packet was made: the heartbeat counts from there.
+    opened: tokio::time::Instant,
 }
 
 /// Waits for the client's first CONNECT, authenticates it and runs the
@@ -975,12 +1025,43 @@ async fn socket(node: Arc<Node>, mut eio: Eio, start: Start) {
 /// A socket's CONNECT: the session and its CONNECT answer, or None once
 /// the client was refused (or failed) and told.
 async fn connect(node: &Arc<Node>, eio: &mut Eio, start: Start) -> Option<(Session<SocketIo>, Utf8Bytes)> {
-    let Start { head, remote, sid, slot, opening } = start;
-    let first = tokio::time::timeout(node.cfg.session.handshake_timeout, async {
-        // Pongs (and noops) before the CONNECT: a few at most.
+    let Start { head, remote, sid, slot, opening, opened } = start;
+    let s = &node.cfg.session;
+    let (every, pong_within) = (s.ping_interval, s.ping_timeout());
+    let first = tokio::time::timeout(s.handshake_timeout, async {
+        // Noops before the CONNECT: a few at most. The Engine.IO heartbeat
+        // runs from the open packet on, as in Engine.IO: a ping every
+        // interval, and no pong within pingTimeout ends the session.
         let mut control = 0;
+        let mut ping = tokio::time::interval_at(opened + every, every);
+        let mut pong_due: Option<tokio::time::Instant> = None;
         loop {
-            match eio.recv().await? {
+            let frame = tokio::select! {
+                f = eio.recv() => f,
+                at = ping.tick(), if pong_due.is_none() => {
+                    if eio.feed(WsMessage::Ping(Default::default())).await.is_err() || eio.flush().await.is_err() {
+                        return None;
+                    }
+                    // Counted from when the ping was due, as the client counts.
+                    pong_due = Some(at + pong_within);
+                    if let Some(p) = &eio.poll {
+                        p.pong_due(pong_due);
+                    }
+                    continue;
+                }
+                () = tokio::time::sleep_until(pong_due.unwrap_or_else(tokio::time::Instant::now)), if pong_due.is_some() => {
+                    tracing::debug!("no pong before CONNECT within pingTimeout: closed");
+                    eio.discard();
+                    return None;
+                }
+            };
+            match frame? {
+                Ok(WsMessage::Pong(_)) if pong_due.is_some() => {
+                    pong_due = None;
+                    if let Some(p) = &eio.poll {
+                        p.pong_due(None);
+                    }
+                }
                 Ok(WsMessage::Text(t)) => {
                     let Ok(p) = parse_packet(&t) else { return None };
                     if p.kind != 0 {
@@ -1001,7 +1082,6 @@ async fn connect(node: &Arc<Node>, eio: &mut Eio, start: Start) -> Option<(Sessi
     .await;
     let Ok(Some((namespace, auth))) = first else {
         node.metrics.connection_result(ConnResult::HandshakeFailed);
-        use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
         let reason = Utf8Bytes::from_static("a CONNECT packet was expected");
         eio.close(Some(CloseFrame { code: CloseCode::Protocol, reason })).await;
         return None;
@@ -1048,7 +1128,8 @@ async fn connect(node: &Arc<Node>, eio: &mut Eio, start: Start) -> Option<(Sessi
     let recovery = auth
         .as_deref()
         .and_then(|a| serde_json::from_str::<RecoveryAuth>(a.get()).ok())
-        .filter(|r| r.pid.as_ref().is_some_and(|p| p.len() <= 64));
+        .filter(|r| r.pid.as_ref().is_some_and(|p| p.len() <= 64))
+        .filter(|_| recovers(node));
     let mut since: HashMap<Channel, String> = HashMap::new();
     let mut known = false;
     let mut old_pid = None;
@@ -1176,7 +1257,9 @@ async fn connect(node: &Arc<Node>, eio: &mut Eio, start: Start) -> Option<(Sessi
         Some(p) if is_recovered => p,
         _ => crate::config::random_id(16),
     };
-    let welcome = SocketIo::connected(&namespace, &sid, Some(&trail.pid));
+    // No `pid` when recovery is off (`--socketio-recovery-window 0`), as
+    // Socket.IO answers without connection-state recovery.
+    let welcome = SocketIo::connected(&namespace, &sid, recovers(node).then_some(trail.pid.as_str()));
     session.trail = Some(Box::new(trail));
     node.metrics.connection_result(ConnResult::Accepted);
     tracing::debug!(namespace, recovered = is_recovered, "socket connected");
@@ -1217,7 +1300,6 @@ async fn since_away(node: &Node, mut trail: Trail) -> Result<Option<Trail>, crat
 /// Ends a socket that never started: a CONNECT_ERROR first when it is a
 /// refusal (final for the client), else a close that says "try again".
 async fn say_goodbye(eio: &mut Eio, packet: Option<Utf8Bytes>) {
-    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
     let frame = match packet {
         Some(p) => {
             let _ = eio.feed(WsMessage::Text(p)).await;

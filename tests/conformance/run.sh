@@ -57,6 +57,7 @@ wait_http "http://127.0.0.1:$APP/healthz" "hook app"
   --ping-interval 300ms \
   --idle-timeout 500ms \
   --handshake-timeout 1s \
+  --socketio-recovery-window 0s \
   --connect-hook /hooks/connect \
   --message-hook /hooks/message \
   --disconnect-hook /hooks/disconnect \

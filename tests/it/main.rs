@@ -16,4 +16,5 @@ mod limits;
 mod proxy;
 mod relay;
 mod socketio;
+mod socketio_conformance;
 mod socketio_hardening;
