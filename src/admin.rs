@@ -161,6 +161,9 @@ struct PublishBody {
     event: Option<String>,
     #[serde(default, deserialize_with = "present")]
     args: Option<Box<RawValue>>,
+    /// A binary event's attachments, base64 (`args` holds placeholders).
+    #[serde(default)]
+    attachments: Option<Vec<String>>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
@@ -175,6 +178,8 @@ pub struct PublishRequest {
     pub exclude: Option<String>,
     /// A named event: `data` is then the JSON array of its arguments.
     pub event: Option<Arc<str>>,
+    /// A named event's binary attachments.
+    pub attachments: Option<crate::protocol::Attachments>,
 }
 
 /// The arguments of an event as one JSON array: `args` (an array) or `[data]`.
@@ -206,11 +211,15 @@ pub fn parse_publish(body: &[u8], max: usize) -> Result<PublishRequest, ApiError
         None => body.data.ok_or_else(|| ApiError::bad_request("missing field \"data\""))?,
     };
     check_depth(data.get())?;
-    if data.get().len() > max {
-        return Err(ApiError::new(
-            ErrorCode::TooLarge,
-            format!("data is {} bytes, max-message-bytes is {max}", data.get().len()),
-        ));
+    let attachments = match body.attachments {
+        Some(_) if event.is_none() => return Err(ApiError::bad_request("\"attachments\" needs an \"event\"")),
+        Some(a) => Some(crate::protocol::check_attachments(a)?),
+        None => None,
+    };
+    // Arguments and attachments (base64) together.
+    let size = data.get().len() + attachments.as_ref().map_or(0, |a| a.iter().map(|x| x.len()).sum());
+    if size > max {
+        return Err(ApiError::new(ErrorCode::TooLarge, format!("data is {size} bytes, max-message-bytes is {max}")));
     }
     let channels = match (body.channel, body.channels) {
         (Some(c), None) => vec![c],
@@ -232,14 +241,14 @@ pub fn parse_publish(body: &[u8], max: usize) -> Result<PublishRequest, ApiError
     if body.exclude.as_ref().is_some_and(|x| x.len() > 256) {
         return Err(ApiError::bad_request("\"exclude\" is not a connection id"));
     }
-    Ok(PublishRequest { channels, data, exclude: body.exclude, event })
+    Ok(PublishRequest { channels, data, exclude: body.exclude, event, attachments })
 }
 
 async fn publish(node: &Arc<Node>, req: Request<Incoming>) -> Result<serde_json::Value, ApiError> {
     let max = node.cfg.session.max_message_bytes;
     let p = parse_publish(&read_body(req, max + 64 * 1024).await?, max)?;
     let channels = p.channels.clone();
-    let offsets = node.publish(p.channels, &p.data, p.exclude.as_deref(), p.event, Source::Api).await?;
+    let offsets = node.publish(p.channels, &p.data, p.exclude.as_deref(), p.event, p.attachments, Source::Api).await?;
     Ok(publish_answer(&channels, &offsets))
 }
 
@@ -272,6 +281,9 @@ struct CallBody {
     /// Seconds, as python-socketio's `call(timeout=)`.
     #[serde(default)]
     timeout: Option<f64>,
+    /// Binary attachments, base64 (`args` holds their placeholders).
+    #[serde(default)]
+    attachments: Option<Vec<String>>,
 }
 
 /// Longest `/api/call` wait.
@@ -301,7 +313,12 @@ async fn call(node: &Arc<Node>, req: Request<Incoming>) -> Result<serde_json::Va
     let gone = || ApiError::new(ErrorCode::NotFound, "no such connection");
     let metric = |r: &str| node.metrics.calls.with_label_values(&[r]).inc();
     let id = crate::config::random_id(16);
-    let call = crate::hub::Call { id: id.clone(), namespace, event: body.event, args: args.get().to_owned() };
+    let attachments = match body.attachments {
+        Some(a) => Some(crate::protocol::check_attachments(a)?.iter().map(|x| x.to_string()).collect()),
+        None => None,
+    };
+    let call =
+        crate::hub::Call { id: id.clone(), namespace, event: body.event, args: args.get().to_owned(), attachments };
     let cmd = NodeCommand::Call { target: Target::Connection(conn.clone()), call };
     let rx = node
         .hub
@@ -337,6 +354,11 @@ async fn call(node: &Arc<Node>, req: Request<Incoming>) -> Result<serde_json::Va
             metric("answered");
             let args: serde_json::Value = serde_json::from_str(&a).unwrap_or(serde_json::Value::Null);
             Ok(serde_json::json!({ "args": args }))
+        }
+        Ok(Ok(crate::hub::CallAnswer::Binary { args, attachments })) => {
+            metric("answered");
+            let args: serde_json::Value = serde_json::from_str(&args).unwrap_or(serde_json::Value::Null);
+            Ok(serde_json::json!({ "args": args, "attachments": attachments }))
         }
         Ok(Ok(crate::hub::CallAnswer::Gone)) | Ok(Err(_)) => {
             metric("gone");

@@ -160,6 +160,7 @@ impl Node {
         data: &RawValue,
         exclude: Option<&str>,
         event: Option<Arc<str>>,
+        attachments: Option<crate::protocol::Attachments>,
         source: Source,
     ) -> Result<Vec<Option<Offset>>, ApiError> {
         let data = Utf8Bytes::from(data.get().to_owned());
@@ -168,7 +169,11 @@ impl Node {
         let messages = channels
             .into_iter()
             .map(|c| {
-                Arc::new(Message::new(c, data.clone(), exclude.map(Into::into), published_us).with_event(event.clone()))
+                Arc::new(
+                    Message::new(c, data.clone(), exclude.map(Into::into), published_us)
+                        .with_event(event.clone())
+                        .with_attachments(attachments.clone()),
+                )
             })
             .collect();
         let offsets = self.broker.publish(messages).await?;

@@ -88,6 +88,20 @@ struct EmitRequest<'a> {
     namespace: &'a str,
     connection: &'a str,
     user: Option<&'a str>,
+    /// A binary event's attachments, base64 (its `args` hold placeholders).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attachments: Option<&'a [Box<str>]>,
+}
+
+/// A Socket.IO client's event, for the message hook.
+#[derive(Debug)]
+pub struct Event<'a> {
+    pub namespace: &'a str,
+    pub event: &'a str,
+    pub args: &'a RawValue,
+    /// The client waits for an answer.
+    pub ack: bool,
+    pub attachments: Option<&'a [Box<str>]>,
 }
 
 #[derive(Deserialize)]
@@ -331,18 +345,16 @@ impl Auth {
         &self,
         ident: &Identity,
         connection: &str,
-        namespace: &str,
-        event: &str,
-        args: &RawValue,
-        ack: bool,
+        e: Event<'_>,
     ) -> Result<Option<Box<RawValue>>, ApiError> {
+        let Event { namespace, event, args, ack, attachments } = e;
         let Some(path) = &self.cfg.message_hook else {
             return Err(ApiError::new(
                 ErrorCode::NotSupported,
                 "events are not handled: no message hook is configured",
             ));
         };
-        let req = EmitRequest { event, args, ack, namespace, connection, user: ident.user.as_deref() };
+        let req = EmitRequest { event, args, ack, namespace, connection, user: ident.user.as_deref(), attachments };
         self.message(path, serde_json::to_vec(&req).unwrap_or_default()).await
     }
 

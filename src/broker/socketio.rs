@@ -54,6 +54,9 @@ struct PyMessage {
     skip_sid: Option<OneOrMany>,
     #[serde(default)]
     sid: Option<String>,
+    /// `data` is `[<arguments with placeholders>, <base64 attachment>…]`.
+    #[serde(default)]
+    binary: bool,
 }
 
 /// Applies one message from python-socketio's channel to this node's
@@ -68,6 +71,14 @@ pub fn apply(hub: &Hub, metrics: &Metrics, payload: &[u8], max_bytes: usize) -> 
     }
     metrics.socketio_bridge.with_label_values(&[label]).inc();
     label
+}
+
+/// A binary emit's `data`: `[<arguments with placeholders>, "<base64>", …]`.
+fn binary_data(data: &RawValue) -> Option<(Box<RawValue>, crate::protocol::Attachments)> {
+    let items: Vec<Box<RawValue>> = serde_json::from_str(data.get()).ok()?;
+    let (first, rest) = items.split_first()?;
+    let rest: Vec<String> = rest.iter().map(|r| serde_json::from_str(r.get())).collect::<Result<_, _>>().ok()?;
+    Some((first.clone(), crate::protocol::check_attachments(rest).ok()?))
 }
 
 fn apply_inner(hub: &Hub, payload: &[u8], max_bytes: usize) -> &'static str {
@@ -90,9 +101,16 @@ fn apply_inner(hub: &Hub, payload: &[u8], max_bytes: usize) -> &'static str {
     match msg.method.as_str() {
         "emit" => {
             let Some(event) = msg.event.filter(|e| check_event(e).is_ok()) else { return "refused" };
+            let (data, attachments) = match msg.data {
+                Some(d) if msg.binary => match binary_data(&d) {
+                    Some((args, attachments)) => (Some(args), Some(attachments)),
+                    None => return "refused",
+                },
+                d => (d, None),
+            };
             // Since python-socketio 5.15.1 `data` is the list of arguments;
             // before, a list meant several arguments too, anything else one.
-            let args = match msg.data {
+            let args = match data {
                 Some(d) if d.get().trim_start().starts_with('[') => d.get().to_owned(),
                 Some(d) => format!("[{}]", d.get()),
                 None => "[]".to_owned(),
@@ -100,7 +118,8 @@ fn apply_inner(hub: &Hub, payload: &[u8], max_bytes: usize) -> &'static str {
             if check_depth(&args).is_err() {
                 return "refused";
             }
-            if args.len() + event.len() > max_bytes {
+            let attached: usize = attachments.iter().flat_map(|a| a.iter()).map(|x| x.len()).sum();
+            if args.len() + event.len() + attached > max_bytes {
                 tracing::warn!(
                     bytes = args.len(),
                     max_bytes,
@@ -114,7 +133,9 @@ fn apply_inner(hub: &Hub, payload: &[u8], max_bytes: usize) -> &'static str {
             };
             let Some(first) = channels.first().cloned() else { return "refused" };
             let skip = msg.skip_sid.map(OneOrMany::list).unwrap_or_default();
-            let m = Message::new(first, Utf8Bytes::from(args), None, now_us()).with_event(Some(Arc::from(event)));
+            let m = Message::new(first, Utf8Bytes::from(args), None, now_us())
+                .with_event(Some(Arc::from(event)))
+                .with_attachments(attachments);
             hub.deliver_many(&channels, &Arc::new(m), &skip);
             "emit"
         }

@@ -135,6 +135,9 @@ pub struct Call {
     pub event: String,
     /// The event's arguments, a JSON array.
     pub args: String,
+    /// Binary attachments, base64 (`args` holds their placeholders).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachments: Option<Vec<String>>,
 }
 
 /// How a call ended.
@@ -143,6 +146,9 @@ pub struct Call {
 pub enum CallAnswer {
     /// The client's acknowledgement arguments (a JSON array).
     Args(String),
+    /// A binary acknowledgement: the arguments with placeholders, and the
+    /// attachments, base64.
+    Binary { args: String, attachments: Vec<String> },
     /// No such connection (any more).
     Gone,
     /// The connection's protocol cannot answer (wsrelay.v1).

@@ -93,14 +93,40 @@ pub enum Request {
         event: Arc<str>,
         args: Box<RawValue>,
         ack: bool,
+        /// A binary event's attachments (its `args` hold the placeholders).
+        attachments: Option<Attachments>,
     },
     /// Socket.IO: the client's answer to an event the app sent with `/api/call`.
     Ack {
         ack: u64,
         args: Box<RawValue>,
+        attachments: Option<Attachments>,
     },
     /// Something this server does not do: the session is closed, saying why.
     Refuse(&'static str),
+}
+
+/// A binary event's attachments, base64 (standard, padded) as they travel
+/// in JSON (hooks, the API, the broker, history) and over Engine.IO
+/// polling; decoded only for a WebSocket's binary frames. The event's
+/// arguments hold Socket.IO's placeholders, `{"_placeholder":true,"num":i}`.
+pub type Attachments = Arc<[Box<str>]>;
+
+/// Attachments one event may carry.
+pub const MAX_ATTACHMENTS: usize = 64;
+
+/// Checks attachments given as JSON (base64 strings).
+pub fn check_attachments(list: Vec<String>) -> Result<Attachments, ApiError> {
+    use base64::Engine as _;
+    if list.len() > MAX_ATTACHMENTS {
+        return Err(ApiError::bad_request(format!("at most {MAX_ATTACHMENTS} attachments")));
+    }
+    for a in &list {
+        if base64::engine::general_purpose::STANDARD.decode(a).is_err() {
+            return Err(ApiError::bad_request("\"attachments\" must be base64 strings"));
+        }
+    }
+    Ok(list.into_iter().map(String::into_boxed_str).collect())
 }
 
 /// Longest event name accepted.
@@ -168,7 +194,14 @@ pub trait Codec: Send + Sync + 'static {
     fn server_subscription(&self, channel: &Channel, on: bool) -> Option<Utf8Bytes>;
     /// An event the app sends with `/api/call`, whose answer comes back as
     /// `Request::Ack` with `ack`. None: the protocol cannot.
-    fn call(&self, _namespace: &str, _event: &str, _args: &str, _ack: u64) -> Option<Utf8Bytes> {
+    fn call(
+        &self,
+        _namespace: &str,
+        _event: &str,
+        _args: &str,
+        _attachments: &[Box<str>],
+        _ack: u64,
+    ) -> Option<Utf8Bytes> {
         None
     }
     /// Whether the session keeps reading while a request is pending, to
@@ -271,6 +304,8 @@ pub struct Message {
     /// array of its arguments. Socket.IO sockets get it as that event;
     /// wsrelay.v1 sockets as `{"event","args"}` data.
     pub event: Option<Arc<str>>,
+    /// A named event's binary attachments.
+    pub attachments: Option<Attachments>,
     frames: [OnceLock<Utf8Bytes>; PROTOCOLS],
 }
 
@@ -284,8 +319,15 @@ impl Message {
             exclude,
             published_us,
             event: None,
+            attachments: None,
             frames: Default::default(),
         }
+    }
+
+    /// The same message with binary attachments (a named event's).
+    pub fn with_attachments(mut self, attachments: Option<Attachments>) -> Self {
+        self.attachments = attachments.filter(|a| !a.is_empty());
+        self
     }
 
     /// The same message as the named event `event` (`data` holds its
@@ -311,13 +353,18 @@ impl Message {
             exclude: self.exclude.clone(),
             published_us: self.published_us,
             event: self.event.clone(),
+            attachments: self.attachments.clone(),
             frames: Default::default(),
         }
     }
 
     /// Bytes it stands for in a session's queue (its frame, roughly).
     pub fn weight(&self) -> usize {
-        self.data.len() + self.channel.len() + self.event.as_ref().map_or(0, |e| e.len()) + 64
+        self.data.len()
+            + self.channel.len()
+            + self.event.as_ref().map_or(0, |e| e.len())
+            + self.attachments.as_ref().map_or(0, |a| a.iter().map(|x| x.len() + 2).sum())
+            + 64
     }
 
     /// The message as `C` frames it, encoded on first use and shared after.

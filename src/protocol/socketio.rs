@@ -78,10 +78,50 @@ fn inner(array: &str) -> &str {
     t.strip_prefix('[').and_then(|t| t.strip_suffix(']')).map_or(t, str::trim)
 }
 
+/// Between a binary packet and each of its attachments (`b<base64>`), in
+/// what the codec reads and writes: Engine.IO's payload separator, so a
+/// polling response carries the packet as it is, and the transport turns
+/// the attachments into binary frames on a WebSocket. JSON text never holds
+/// this byte unescaped.
+pub const ATTACHMENT_SEPARATOR: char = '\u{1e}';
+
+/// `<type><n>-[<namespace>,]`: a binary packet's head.
+fn binary_head(kind: char, namespace: &str, n: usize) -> String {
+    let mut s = String::with_capacity(20 + namespace.len());
+    s.push('4');
+    s.push(kind);
+    s.push_str(&n.to_string());
+    s.push('-');
+    if namespace != ROOT {
+        s.push_str(namespace);
+        s.push(',');
+    }
+    s
+}
+
+/// Appends attachments to a binary packet, each as `␞b<base64>`.
+fn push_attachments(s: &mut String, attachments: &[Box<str>]) {
+    for a in attachments {
+        s.push(ATTACHMENT_SEPARATOR);
+        s.push('b');
+        s.push_str(a);
+    }
+}
+
 /// An EVENT packet: `event` with the arguments of the JSON array `args`,
-/// then `extra` (already JSON) if any, and an ack id if any.
-pub fn event_packet(namespace: &str, ack: Option<u64>, event: &str, args: &str, extra: Option<&str>) -> String {
-    let mut s = head('2', namespace);
+/// then `extra` (already JSON) if any, and an ack id if any; a BINARY_EVENT
+/// followed by its attachments when there are any.
+pub fn event_packet(
+    namespace: &str,
+    ack: Option<u64>,
+    event: &str,
+    args: &str,
+    extra: Option<&str>,
+    attachments: Option<&[Box<str>]>,
+) -> String {
+    let attachments = attachments.unwrap_or_default();
+    let mut s =
+        if attachments.is_empty() { head('2', namespace) } else { binary_head('5', namespace, attachments.len()) };
     if let Some(id) = ack {
         s.push_str(&id.to_string());
     }
@@ -97,6 +137,7 @@ pub fn event_packet(namespace: &str, ack: Option<u64>, event: &str, args: &str, 
         s.push_str(x);
     }
     s.push(']');
+    push_attachments(&mut s, attachments);
     s
 }
 
@@ -120,9 +161,14 @@ impl SocketIo {
         Utf8Bytes::from(head('1', namespace))
     }
 
-    /// An ACK with the arguments in the JSON array `args`.
-    pub fn ack(namespace: &str, ack: u64, args: &str) -> Utf8Bytes {
-        Utf8Bytes::from(format!("{}{ack}[{}]", head('3', namespace), inner(args)))
+    /// An ACK with the arguments in the JSON array `args` (a BINARY_ACK
+    /// followed by its attachments when there are any).
+    pub fn ack(namespace: &str, ack: u64, args: &str, attachments: &[Box<str>]) -> Utf8Bytes {
+        let head =
+            if attachments.is_empty() { head('3', namespace) } else { binary_head('6', namespace, attachments.len()) };
+        let mut s = format!("{head}{ack}[{}]", inner(args));
+        push_attachments(&mut s, attachments);
+        Utf8Bytes::from(s)
     }
 }
 
@@ -132,6 +178,8 @@ pub struct Packet<'a> {
     pub namespace: &'a str,
     pub ack: Option<u64>,
     pub json: &'a str,
+    /// Attachments a binary packet (5, 6) announces.
+    pub attachments: usize,
 }
 
 /// Parses a Socket.IO packet carried in an Engine.IO message (`4…`).
@@ -142,11 +190,15 @@ pub fn parse_packet(text: &str) -> Result<Packet<'_>, &'static str> {
         return Err("unknown Socket.IO packet type");
     }
     let mut rest = &p[1..];
+    let mut attachments = 0;
     if kind == b'5' || kind == b'6' {
-        // Attachments count: `<n>-` (binary packets are refused anyway).
-        if let Some(i) = rest.find('-') {
-            rest = &rest[i + 1..];
+        // Attachments count: `<n>-`.
+        let i = rest.find('-').ok_or("a binary packet needs its attachment count")?;
+        attachments = rest[..i].parse::<usize>().map_err(|_| "invalid attachment count")?;
+        if attachments == 0 || attachments > super::MAX_ATTACHMENTS {
+            return Err("invalid attachment count");
         }
+        rest = &rest[i + 1..];
     }
     let mut namespace = ROOT;
     if rest.starts_with('/') {
@@ -166,7 +218,27 @@ pub fn parse_packet(text: &str) -> Result<Packet<'_>, &'static str> {
     }
     let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
     let ack = if digits > 0 { Some(rest[..digits].parse::<u64>().map_err(|_| "ack id out of range")?) } else { None };
-    Ok(Packet { kind: kind - b'0', namespace, ack, json: &rest[digits..] })
+    Ok(Packet { kind: kind - b'0', namespace, ack, json: &rest[digits..], attachments })
+}
+
+/// A hook's answer that is a binary ack: exactly `{"args": [...],
+/// "attachments": ["<base64>", ...]}`.
+fn binary_answer(answer: &RawValue) -> Option<(Box<RawValue>, super::Attachments)> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Binary {
+        args: Box<RawValue>,
+        attachments: Vec<String>,
+    }
+    let text = answer.get();
+    if !text.trim_start().starts_with('{') || !text.contains("\"attachments\"") {
+        return None;
+    }
+    let b: Binary = serde_json::from_str(text).ok()?;
+    if !b.args.get().trim_start().starts_with('[') {
+        return None;
+    }
+    Some((b.args, super::check_attachments(b.attachments).ok()?))
 }
 
 fn bad(msg: impl Into<String>) -> ApiError {
@@ -200,9 +272,29 @@ impl Codec for SocketIo {
                 return Decoded { id: None, request: Ok(Request::Refuse("binary attachments are not supported")) };
             }
         };
+        // A binary packet comes with its attachments (`␞b<base64>` each).
+        let (text, rest) = text.split_once(ATTACHMENT_SEPARATOR).unwrap_or((text, ""));
         let p = match parse_packet(text) {
             Ok(p) => p,
             Err(e) => return Decoded { id: None, request: Ok(Request::Refuse(e)) },
+        };
+        let attachments: Option<super::Attachments> = if p.attachments == 0 {
+            if !rest.is_empty() {
+                return Decoded { id: None, request: Ok(Request::Refuse("attachments after a text packet")) };
+            }
+            None
+        } else {
+            let list: Option<Vec<Box<str>>> =
+                rest.split(ATTACHMENT_SEPARATOR).map(|a| a.strip_prefix('b').map(Box::from)).collect();
+            match list {
+                Some(list) if list.len() == p.attachments => Some(list.into()),
+                _ => {
+                    return Decoded {
+                        id: None,
+                        request: Ok(Request::Refuse("a binary packet without its attachments")),
+                    };
+                }
+            }
         };
         let namespace: Arc<str> = Arc::from(p.namespace);
         let id = p.ack.map(|ack| AckId { namespace: namespace.clone(), ack });
@@ -222,9 +314,9 @@ impl Codec for SocketIo {
             },
             1 if p.json.trim().is_empty() => Ok(Request::Leave { namespace }),
             1 => Ok(Request::Refuse("a DISCONNECT carries no data")),
-            2 => match split_event(p.json) {
+            2 | 5 => match split_event(p.json) {
                 Ok((event, args)) => {
-                    Ok(Request::Emit { namespace, event: Arc::from(event), args, ack: p.ack.is_some() })
+                    Ok(Request::Emit { namespace, event: Arc::from(event), args, ack: p.ack.is_some(), attachments })
                 }
                 Err(e) if e.code == crate::error::ErrorCode::BadRequest && !p.json.trim_start().starts_with('[') => {
                     Ok(Request::Refuse("an EVENT must be a JSON array starting with the event name"))
@@ -233,15 +325,14 @@ impl Codec for SocketIo {
             },
             // Parsed in full: the app gets these arguments back as a JSON
             // value (`/api/call`), so a number out of range is refused here.
-            3 => match (p.ack, serde_json::from_str::<Vec<serde_json::Value>>(p.json)) {
+            3 | 6 => match (p.ack, serde_json::from_str::<Vec<serde_json::Value>>(p.json)) {
                 (Some(ack), Ok(_)) => match RawValue::from_string(p.json.to_owned()) {
-                    Ok(args) => return Decoded { id: None, request: Ok(Request::Ack { ack, args }) },
+                    Ok(args) => return Decoded { id: None, request: Ok(Request::Ack { ack, args, attachments }) },
                     Err(_) => Ok(Request::Refuse("an ACK needs an id and a JSON array")),
                 },
                 _ => Ok(Request::Refuse("an ACK needs an id and a JSON array")),
             },
-            4 => Ok(Request::Refuse("CONNECT_ERROR is sent by servers only")),
-            _ => Ok(Request::Refuse("binary events are not supported (see the README, \"Socket.IO apps\")")),
+            _ => Ok(Request::Refuse("CONNECT_ERROR is sent by servers only")),
         };
         Decoded { id, request }
     }
@@ -250,23 +341,26 @@ impl Codec for SocketIo {
     const PONG_DEADLINE: bool = true;
 
     fn is_answer(&self, frame: Frame<'_>) -> bool {
-        matches!(frame, Frame::Text(t) if t.starts_with("43"))
+        matches!(frame, Frame::Text(t) if t.starts_with("43") || t.starts_with("46"))
     }
 
     fn reply_ok(&self, id: Option<&AckId>, result: Option<&RawValue>) -> Option<Utf8Bytes> {
         let id = id?;
+        if let Some((args, attachments)) = result.and_then(binary_answer) {
+            return Some(SocketIo::ack(&id.namespace, id.ack, args.get(), &attachments));
+        }
         let args = match result.map(RawValue::get) {
             None => "[]".to_owned(),
             Some(r) if r.trim_start().starts_with('[') => r.to_owned(),
             Some(r) => format!("[{r}]"),
         };
-        Some(SocketIo::ack(&id.namespace, id.ack, &args))
+        Some(SocketIo::ack(&id.namespace, id.ack, &args, &[]))
     }
 
     fn reply_err(&self, id: Option<&AckId>, err: &ApiError) -> Option<Utf8Bytes> {
         let id = id?;
         let v = serde_json::json!([{ "error": err.to_json() }]);
-        Some(SocketIo::ack(&id.namespace, id.ack, &v.to_string()))
+        Some(SocketIo::ack(&id.namespace, id.ack, &v.to_string(), &[]))
     }
 
     fn server_subscription(&self, _: &Channel, _: bool) -> Option<Utf8Bytes> {
@@ -274,8 +368,8 @@ impl Codec for SocketIo {
         None
     }
 
-    fn call(&self, namespace: &str, event: &str, args: &str, ack: u64) -> Option<Utf8Bytes> {
-        Some(Utf8Bytes::from(event_packet(namespace, Some(ack), event, args, None)))
+    fn call(&self, namespace: &str, event: &str, args: &str, attachments: &[Box<str>], ack: u64) -> Option<Utf8Bytes> {
+        Some(Utf8Bytes::from(event_packet(namespace, Some(ack), event, args, None, Some(attachments))))
     }
 
     fn goodbye(&self, reason: CloseReason, channels: &std::collections::HashSet<Channel>) -> Vec<Utf8Bytes> {
@@ -301,16 +395,25 @@ impl Codec for SocketIo {
             Kind::Publication => {
                 let offset = msg.offset.as_ref().map(|o| json_str(&o.to_string()));
                 match &msg.event {
-                    Some(event) => event_packet(namespace, None, event, msg.data.as_str(), offset.as_deref()),
+                    Some(event) => event_packet(
+                        namespace,
+                        None,
+                        event,
+                        msg.data.as_str(),
+                        offset.as_deref(),
+                        msg.attachments.as_deref(),
+                    ),
                     None => {
                         let args = format!("[{}]", msg.data.as_str());
-                        event_packet(namespace, None, "message", &args, offset.as_deref())
+                        event_packet(namespace, None, "message", &args, offset.as_deref(), None)
                     }
                 }
             }
-            Kind::Join => event_packet(namespace, None, "wsrelay:join", &format!("[{room},{}]", msg.data), None),
-            Kind::Leave => event_packet(namespace, None, "wsrelay:leave", &format!("[{room},{}]", msg.data), None),
-            Kind::Gap => event_packet(namespace, None, "wsrelay:gap", &format!("[{room}]"), None),
+            Kind::Join => event_packet(namespace, None, "wsrelay:join", &format!("[{room},{}]", msg.data), None, None),
+            Kind::Leave => {
+                event_packet(namespace, None, "wsrelay:leave", &format!("[{room},{}]", msg.data), None, None)
+            }
+            Kind::Gap => event_packet(namespace, None, "wsrelay:gap", &format!("[{room}]"), None, None),
         };
         Utf8Bytes::from(s)
     }
@@ -354,8 +457,16 @@ mod tests {
 
     #[test]
     fn events_encode_with_offset_last() {
-        assert_eq!(event_packet("/", None, "ev", "[1,{\"a\":2}]", Some("\"e:3\"")), "42[\"ev\",1,{\"a\":2},\"e:3\"]");
-        assert_eq!(event_packet("/chat", Some(4), "ev", "[]", None), "42/chat,4[\"ev\"]");
+        assert_eq!(
+            event_packet("/", None, "ev", "[1,{\"a\":2}]", Some("\"e:3\""), None),
+            "42[\"ev\",1,{\"a\":2},\"e:3\"]"
+        );
+        assert_eq!(event_packet("/chat", Some(4), "ev", "[]", None, None), "42/chat,4[\"ev\"]");
+        let bin: Vec<Box<str>> = vec!["AQID".into()];
+        assert_eq!(
+            event_packet("/chat", None, "up", r#"[{"_placeholder":true,"num":0}]"#, None, Some(&bin)),
+            "451-/chat,[\"up\",{\"_placeholder\":true,\"num\":0}]\u{1e}bAQID"
+        );
         let (ev, args) = split_event("[\"hello\",1,[2]]").unwrap();
         assert_eq!((ev.as_str(), args.get()), ("hello", "[1,[2]]"));
     }

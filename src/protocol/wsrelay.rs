@@ -58,10 +58,17 @@ impl Codec for WsrelayV1 {
             Kind::Publication => {
                 let offset = msg.offset.as_ref().map(ToString::to_string);
                 match &msg.event {
-                    // A named event reads as `{"event","args"}` data here.
+                    // A named event reads as `{"event","args"}` data here, and
+                    // a binary one with `"attachments"` (base64) besides.
                     Some(event) => {
                         let name = serde_json::to_string(&**event).unwrap_or_default();
-                        let data = format!(r#"{{"event":{name},"args":{}}}"#, msg.data.as_str());
+                        let data = match &msg.attachments {
+                            None => format!(r#"{{"event":{name},"args":{}}}"#, msg.data.as_str()),
+                            Some(a) => {
+                                let list = serde_json::to_string(&**a).unwrap_or_else(|_| "[]".to_owned());
+                                format!(r#"{{"event":{name},"args":{},"attachments":{list}}}"#, msg.data.as_str())
+                            }
+                        };
                         message(&msg.channel, &data, offset.as_deref())
                     }
                     None => message(&msg.channel, msg.data.as_str(), offset.as_deref()),

@@ -252,15 +252,15 @@ impl<C: Codec> Session<C> {
                 Ok(fut) => return Some(Self::pending(id, fut)),
                 Err(e) => Err(e),
             },
-            Request::Emit { namespace, event, args, ack } => {
+            Request::Emit { namespace, event, args, ack, attachments } => {
                 if !self.subs.iter().any(|c| socketio::in_namespace(c, &namespace)) {
                     Err(ApiError::bad_request(format!("not connected to namespace {namespace:?}")))
                 } else {
-                    return Some(Self::pending(id, self.emit(namespace, event, args, ack)));
+                    return Some(Self::pending(id, self.emit(namespace, event, args, ack, attachments)));
                 }
             }
-            Request::Ack { ack, args } => {
-                self.acked(ack, &args);
+            Request::Ack { ack, args, attachments } => {
+                self.acked(ack, &args, attachments.as_deref());
                 return None;
             }
             Request::Connect { namespace, auth } => {
@@ -474,7 +474,7 @@ impl<C: Codec> Session<C> {
         async move {
             let result = async {
                 node.auth.authorize(Action::Publish, &ident, &handle.id, &channel, Some(&data)).await?;
-                let offsets = node.publish(vec![channel], &data, None, None, Source::Client).await?;
+                let offsets = node.publish(vec![channel], &data, None, None, None, Source::Client).await?;
                 // Where history is kept, the reply says where the message went.
                 Ok(offsets.into_iter().flatten().next().and_then(|o| {
                     RawValue::from_string(serde_json::json!({ "offset": o.to_string() }).to_string()).ok()
@@ -493,11 +493,21 @@ impl<C: Codec> Session<C> {
         event: Arc<str>,
         args: Box<RawValue>,
         ack: bool,
+        attachments: Option<crate::protocol::Attachments>,
     ) -> impl Future<Output = Done> + Send + 'static {
         let node = self.node.clone();
         let handle = self.handle.clone();
         let ident = self.ident.clone();
-        async move { Done::reply(node.auth.emit(&ident, &handle.id, &namespace, &event, &args, ack).await) }
+        async move {
+            let event = crate::auth::Event {
+                namespace: &namespace,
+                event: &event,
+                args: &args,
+                ack,
+                attachments: attachments.as_deref(),
+            };
+            Done::reply(node.auth.emit(&ident, &handle.id, event).await)
+        }
     }
 
     /// Sends an event the app waits an answer for (`/api/call`).
@@ -505,7 +515,8 @@ impl<C: Codec> Session<C> {
         use crate::hub::CallAnswer;
         self.next_ack += 1;
         let ack = self.next_ack;
-        let Some(frame) = self.codec.call(&call.namespace, &call.event, &call.args, ack) else {
+        let attachments: Vec<Box<str>> = call.attachments.iter().flatten().map(|a| Box::from(a.as_str())).collect();
+        let Some(frame) = self.codec.call(&call.namespace, &call.event, &call.args, &attachments, ack) else {
             self.node.answer_call(call.id, CallAnswer::Unsupported);
             return;
         };
@@ -522,9 +533,17 @@ impl<C: Codec> Session<C> {
     }
 
     /// The client answered a call.
-    fn acked(&mut self, ack: u64, args: &RawValue) {
+    fn acked(&mut self, ack: u64, args: &RawValue, attachments: Option<&[Box<str>]>) {
+        use crate::hub::CallAnswer;
+        let answer = match attachments {
+            Some(a) => CallAnswer::Binary {
+                args: args.get().to_owned(),
+                attachments: a.iter().map(|x| x.to_string()).collect(),
+            },
+            None => CallAnswer::Args(args.get().to_owned()),
+        };
         match self.calls.remove(&ack) {
-            Some(call) => self.node.answer_call(call, crate::hub::CallAnswer::Args(args.get().to_owned())),
+            Some(call) => self.node.answer_call(call, answer),
             None => tracing::debug!(ack, "acknowledgement for no pending call: ignored"),
         }
     }

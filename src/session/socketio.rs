@@ -287,6 +287,10 @@ pub(crate) struct Eio {
     early: VecDeque<Payload>,
     /// Packets queued for polling and not fetched when the client upgraded.
     backlog: VecDeque<Utf8Bytes>,
+    /// A binary packet waiting for its attachments: the text so far (the
+    /// packet, then `␞b<base64>` for each attachment come), and how many
+    /// are still to come.
+    assembling: Option<(String, usize)>,
     node: Arc<Node>,
 }
 
@@ -305,6 +309,8 @@ enum Packet {
     Deliver(WsMessage),
     /// A client ping (only probes in v4): answer with this.
     Answer(Utf8Bytes),
+    /// An attachment of a binary packet, over polling: `b<base64>`.
+    Attachment(Utf8Bytes),
     Closed,
     Bad,
 }
@@ -323,8 +329,42 @@ fn classify(text: Utf8Bytes) -> Packet {
         Some(b'2') => Packet::Answer(Utf8Bytes::from(format!("3{}", &text.as_str()[1..]))),
         Some(b'1') => Packet::Closed,
         Some(b'6' | b'5') => Packet::Deliver(control()),
+        Some(b'b') => Packet::Attachment(text),
         _ => Packet::Bad,
     }
+}
+
+/// How many attachments a client's packet announces (0: not a binary
+/// packet, or not a valid count: the codec refuses it then).
+fn binary_count(packet: &str) -> usize {
+    let Some(rest) = packet.strip_prefix("45").or_else(|| packet.strip_prefix("46")) else { return 0 };
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    if rest.as_bytes().get(digits) != Some(&b'-') {
+        return 0;
+    }
+    rest[..digits].parse::<usize>().ok().filter(|n| *n <= crate::protocol::MAX_ATTACHMENTS).unwrap_or(0)
+}
+
+/// Whether an outgoing packet is a binary one (with its attachments).
+fn is_binary(packet: &str) -> bool {
+    packet.starts_with("45") || packet.starts_with("46")
+}
+
+/// A packet as WebSocket frames: one text frame, and a binary packet's
+/// attachments (`␞b<base64>` in the packet) as binary frames after it.
+fn ws_frames(packet: Utf8Bytes) -> Vec<WsMessage> {
+    use base64::Engine as _;
+    let sep = crate::protocol::socketio::ATTACHMENT_SEPARATOR;
+    let Some((head, rest)) = packet.as_str().split_once(sep).filter(|_| is_binary(&packet)) else {
+        return vec![WsMessage::Text(packet)];
+    };
+    let mut frames = vec![WsMessage::Text(Utf8Bytes::from(head))];
+    for a in rest.split(sep) {
+        let raw =
+            base64::engine::general_purpose::STANDARD.decode(a.strip_prefix('b').unwrap_or(a)).unwrap_or_default();
+        frames.push(WsMessage::Binary(raw.into()));
+    }
+    frames
 }
 
 fn bad_packet() -> WsError {
@@ -351,6 +391,7 @@ impl Eio {
             upgrade: None,
             early: VecDeque::new(),
             backlog: VecDeque::new(),
+            assembling: None,
             node,
         }
     }
@@ -363,6 +404,7 @@ impl Eio {
             upgrade: Some(end.upgrade),
             early: VecDeque::new(),
             backlog: VecDeque::new(),
+            assembling: None,
             node,
         }
     }
@@ -391,7 +433,12 @@ impl Eio {
         while !self.backlog.is_empty() {
             std::future::poll_fn(|cx| ws.poll_ready_unpin(cx)).await?;
             if let Some(p) = self.backlog.pop_front() {
-                ws.start_send_unpin(WsMessage::Text(p))?;
+                let mut frames = ws_frames(p);
+                let first = frames.remove(0);
+                ws.start_send_unpin(first)?;
+                for f in frames {
+                    SinkExt::feed(ws, f).await?;
+                }
             }
         }
         Ok(())
@@ -407,6 +454,27 @@ impl Eio {
             self.early.pop_front();
         }
         None
+    }
+
+    /// Adds an attachment (`b<base64>`) to the binary packet being
+    /// assembled; the whole packet once the last one came.
+    fn attach(&mut self, attachment: &str) -> Result<Option<Utf8Bytes>, WsError> {
+        // Attachments count as the message they belong to, base64 and all.
+        let max = self.node.cfg.session.max_message_bytes.saturating_mul(2);
+        let Some((text, left)) = self.assembling.as_mut() else { return Err(bad_packet()) };
+        if text.len() + attachment.len() + 1 > max {
+            let size = text.len() + attachment.len();
+            self.assembling = None;
+            use tokio_tungstenite::tungstenite::error::CapacityError;
+            return Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size: max }));
+        }
+        text.push(crate::protocol::socketio::ATTACHMENT_SEPARATOR);
+        text.push_str(attachment);
+        *left -= 1;
+        if *left > 0 {
+            return Ok(None);
+        }
+        Ok(self.assembling.take().map(|(t, _)| Utf8Bytes::from(t)))
     }
 
     /// The session is over for a reason the client is not told (a ping
@@ -444,6 +512,16 @@ impl Transport for Eio {
                 match ws.next().await? {
                     Ok(WsMessage::Text(t)) => t,
                     Ok(WsMessage::Close(_)) => return None,
+                    // An attachment of the binary packet being assembled.
+                    Ok(WsMessage::Binary(b)) => {
+                        use base64::Engine as _;
+                        let text = format!("b{}", base64::engine::general_purpose::STANDARD.encode(&b));
+                        match self.attach(&text) {
+                            Ok(Some(whole)) => return Some(Ok(WsMessage::Text(whole))),
+                            Ok(None) => continue,
+                            Err(e) => return Some(Err(e)),
+                        }
+                    }
                     other => return Some(other),
                 }
             } else {
@@ -465,8 +543,20 @@ impl Transport for Eio {
                     }
                 }
             };
+            if self.assembling.is_some() && !text.starts_with('b') {
+                // The attachments of a binary packet come right after it.
+                return Some(Err(bad_packet()));
+            }
             match classify(text) {
+                Packet::Deliver(WsMessage::Text(t)) if binary_count(&t) > 0 => {
+                    self.assembling = Some((t.as_str().to_owned(), binary_count(&t)));
+                }
                 Packet::Deliver(m) => return Some(Ok(m)),
+                Packet::Attachment(a) => match self.attach(&a) {
+                    Ok(Some(whole)) => return Some(Ok(WsMessage::Text(whole))),
+                    Ok(None) => {}
+                    Err(e) => return Some(Err(e)),
+                },
                 Packet::Answer(a) => {
                     if self.feed(WsMessage::Text(a)).await.is_err() || self.flush().await.is_err() {
                         return None;
@@ -495,7 +585,13 @@ impl Transport for Eio {
             if self.ws.is_some() {
                 self.drain_backlog().await?;
                 let ws = self.ws.as_mut().ok_or(WsError::AlreadyClosed)?;
-                return SinkExt::feed(ws, WsMessage::Text(packet)).await;
+                if !is_binary(&packet) {
+                    return SinkExt::feed(ws, WsMessage::Text(packet)).await;
+                }
+                for f in ws_frames(packet) {
+                    SinkExt::feed(&mut *ws, f).await?;
+                }
+                return Ok(());
             }
             let poll = self.poll.clone().ok_or(WsError::AlreadyClosed)?;
             let room = poll.room();

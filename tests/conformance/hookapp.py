@@ -58,8 +58,11 @@ def room_channel(namespace, room):
     return room if namespace == "/" else f"{namespace}#{room}"
 
 
-def publish(channel, event, args):
-    body = dumps({"channel": channel, "event": event, "args": args}).encode()
+def publish(channel, event, args, attachments=None):
+    msg = {"channel": channel, "event": event, "args": args}
+    if attachments:
+        msg["attachments"] = attachments
+    body = dumps(msg).encode()
     req = urllib.request.Request(ARGS.admin + "/api/publish", data=body, method="POST")
     req.add_header("Content-Type", "application/json")
     if ARGS.token:
@@ -133,11 +136,15 @@ class Handler(BaseHTTPRequestHandler):
         log(hook="message", body=body)
         event, args = body.get("event"), body.get("args") or []
         ns, conn = body.get("namespace", "/"), body.get("connection")
+        attachments = body.get("attachments")
         if event == "message":
-            publish(room_channel(ns, conn), "message-back", args)
+            publish(room_channel(ns, conn), "message-back", args, attachments)
             return self.answer(200, {})
         if event == "message-with-ack":
-            # The JSON answer is the ACK's argument list.
+            # The JSON answer is the ACK's argument list (with the binary
+            # attachments beside it, for a binary event).
+            if attachments:
+                return self.answer(200, {"args": args, "attachments": attachments})
             return self.answer(200, args)
         return self.answer(200, {})
 

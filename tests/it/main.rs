@@ -16,5 +16,6 @@ mod limits;
 mod proxy;
 mod relay;
 mod socketio;
+mod socketio_binary;
 mod socketio_conformance;
 mod socketio_hardening;

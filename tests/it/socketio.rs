@@ -502,13 +502,13 @@ async fn malformed_and_oversized_engineio_input_gets_clear_errors_and_harms_noth
     assert_eq!(post(sid.clone(), "4zzz".into()).await.0, StatusCode::OK);
     // The session ends: the client is told (close packet), then the sid is unknown.
     assert_closed(&base, &sid).await;
-    // Binary packets are refused with a DISCONNECT (not supported, see README).
+    // A binary packet must be followed by its attachments: anything else
+    // ends the session.
     let sid = open_polling(&base).await;
     post(sid.clone(), "40".into()).await;
     let _ = get(format!("EIO=4&transport=polling&sid={sid}")).await;
-    post(sid.clone(), "451-[\"up\",{\"_placeholder\":true,\"num\":0}]".into()).await;
-    let (_, b) = get(format!("EIO=4&transport=polling&sid={sid}")).await;
-    assert!(b.starts_with("41"), "told it is disconnected: {b:?}");
+    post(sid.clone(), "451-[\"up\",{\"_placeholder\":true,\"num\":0}]\u{1e}42[\"text\"]".into()).await;
+    assert_closed(&base, &sid).await;
 
     // An oversized polling body: 413, and the session is over.
     let sid = open_polling(&base).await;

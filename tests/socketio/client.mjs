@@ -7,6 +7,7 @@
 // (ms, fixed), answers
 // ({event: [ack args]} answered to server calls), forceNew.
 // It prints {"type": connect|disconnect|connect_error|event|call|ack|upgrade|state, ...}
+// (binary values as {"$bin": "<base64>"}, and such values it is given are sent as Buffers)
 // and reads {"op": emit|disconnect|close-engine|connect|state, ...}.
 import { io } from 'socket.io-client';
 import readline from 'node:readline';
@@ -27,6 +28,23 @@ const socket = io(url + (opts.namespace || ''), {
   forceNew: true,
 });
 
+// Binary values travel in the JSON lines as {"$bin": "<base64>"}, both ways.
+const toJson = (v) => {
+  if (v instanceof ArrayBuffer) return { $bin: Buffer.from(v).toString('base64') };
+  if (ArrayBuffer.isView(v)) return { $bin: Buffer.from(v.buffer, v.byteOffset, v.byteLength).toString('base64') };
+  if (Array.isArray(v)) return v.map(toJson);
+  if (v && typeof v === 'object') return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, toJson(x)]));
+  return v;
+};
+const fromJson = (v) => {
+  if (Array.isArray(v)) return v.map(fromJson);
+  if (v && typeof v === 'object') {
+    if (typeof v.$bin === 'string') return Buffer.from(v.$bin, 'base64');
+    return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, fromJson(x)]));
+  }
+  return v;
+};
+
 const transport = () => socket.io.engine && socket.io.engine.transport && socket.io.engine.transport.name;
 
 socket.io.on('open', () => {
@@ -39,12 +57,12 @@ socket.onAny((event, ...args) => {
   const last = args[args.length - 1];
   if (typeof last === 'function') {
     const ack = args.pop();
-    out({ type: 'call', event, args });
+    out({ type: 'call', event, args: toJson(args) });
     const answer = (opts.answers || {})[event];
-    if (answer !== undefined) ack(...answer);
+    if (answer !== undefined) ack(...fromJson(answer));
     return;
   }
-  out({ type: 'event', event, args });
+  out({ type: 'event', event, args: toJson(args) });
 });
 
 const rl = readline.createInterface({ input: process.stdin });
@@ -53,10 +71,10 @@ rl.on('line', (line) => {
   switch (cmd.op) {
     case 'emit':
       if (cmd.ack) {
-        socket.timeout(cmd.timeout || 5000).emit(cmd.event, ...(cmd.args || []), (err, ...res) =>
-          out({ type: 'ack', id: cmd.id, error: err ? err.message : null, args: res }));
+        socket.timeout(cmd.timeout || 5000).emit(cmd.event, ...fromJson(cmd.args || []), (err, ...res) =>
+          out({ type: 'ack', id: cmd.id, error: err ? err.message : null, args: toJson(res) }));
       } else {
-        socket.emit(cmd.event, ...(cmd.args || []));
+        socket.emit(cmd.event, ...fromJson(cmd.args || []));
       }
       break;
     case 'disconnect':

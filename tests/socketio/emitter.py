@@ -4,16 +4,28 @@ and no Socket.IO server: what the tests check wsrelay relays.
     python emitter.py <redis url> <channel> '<JSON list of operations>'
 
 operations: {"op": "emit", "event", "data" (or "data_size": a string of that many
-bytes), "room", "skip_sid", "namespace"},
+bytes; {"$bin": "<base64>"} anywhere in "data" is bytes), "room", "skip_sid", "namespace"},
 {"op": "enter_room" | "leave_room", "sid", "room", "namespace"},
 {"op": "close_room", "room", "namespace"}, {"op": "disconnect", "sid", "namespace"}.
 """
 
 import asyncio
+import base64
 import json
 import sys
 
 import socketio
+
+
+def unjson(v):
+    """{"$bin": "<base64>"} in the operations is bytes (a binary emit)."""
+    if isinstance(v, dict):
+        if set(v) == {"$bin"}:
+            return base64.b64decode(v["$bin"])
+        return {k: unjson(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [unjson(x) for x in v]
+    return v
 
 
 async def main():
@@ -23,7 +35,7 @@ async def main():
         ns = op.get("namespace", "/")
         kind = op["op"]
         if kind == "emit":
-            data = "x" * op["data_size"] if "data_size" in op else op.get("data")
+            data = "x" * op["data_size"] if "data_size" in op else unjson(op.get("data"))
             await mgr.emit(op["event"], data=data, namespace=ns, room=op.get("room"),
                            skip_sid=op.get("skip_sid"))
         elif kind == "enter_room":

@@ -183,6 +183,7 @@ impl RedisBroker {
                     t: m.published_us,
                     x: m.exclude.as_deref().map(Into::into),
                     v: m.event.as_deref().map(Into::into),
+                    b: wire::attachments_of(m),
                 };
                 match self.namespaces.rule(&m.channel).history {
                     None => Out::Publish {
@@ -234,6 +235,7 @@ impl RedisBroker {
             t: 0,
             x: Some((&**connection).into()),
             v: None,
+            b: None,
         };
         let mut header = serde_json::to_vec(&header).unwrap_or_default();
         header.push(b'\n');

@@ -140,6 +140,18 @@ pub(super) struct Header<'a> {
     /// The event name of a named event (`data` is its arguments).
     #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
     pub(super) v: Option<std::borrow::Cow<'a, str>>,
+    /// A named event's binary attachments, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) b: Option<Vec<String>>,
+}
+
+/// Attachments as the header carries them.
+pub(super) fn attachments_of(m: &Message) -> Option<Vec<String>> {
+    m.attachments.as_ref().map(|a| a.iter().map(|x| x.to_string()).collect())
+}
+
+fn attachments_from(b: Option<Vec<String>>) -> Option<crate::protocol::Attachments> {
+    b.map(|b| b.into_iter().map(String::into_boxed_str).collect())
 }
 
 /// A command to every node, as logged and published.
@@ -265,7 +277,8 @@ pub(super) async fn read_history(
         let Ok(header) = serde_json::from_slice::<Header<'_>>(h) else { continue };
         let Ok(data) = Utf8Bytes::try_from(Bytes::copy_from_slice(d)) else { continue };
         let msg = Message::new(channel.clone(), data, header.x.map(|x| x.into_owned().into_boxed_str()), header.t)
-            .with_event(header.v.map(|v| Arc::from(&*v)));
+            .with_event(header.v.map(|v| Arc::from(&*v)))
+            .with_attachments(attachments_from(header.b));
         messages.push(Arc::new(msg.with_offset(Offset { epoch: epoch.clone(), seq })));
     }
     Ok(History { epoch, top, first, messages })
@@ -301,7 +314,8 @@ pub fn decode_message(channel: &str, payload: &[u8]) -> Result<Message, Envelope
         return Ok(Message::event(kind, channel, data, header.x.map(|x| x.into_owned().into_boxed_str())));
     }
     let msg = Message::new(channel, data, header.x.map(|x| x.into_owned().into_boxed_str()), header.t)
-        .with_event(header.v.map(|v| Arc::from(&*v)));
+        .with_event(header.v.map(|v| Arc::from(&*v)))
+        .with_attachments(attachments_from(header.b));
     Ok(match (header.o, header.e) {
         (Some(seq), Some(epoch)) => msg.with_offset(Offset { epoch: Arc::from(&*epoch), seq }),
         _ => msg,
@@ -322,7 +336,7 @@ mod tests {
 
     #[test]
     fn envelope_roundtrip() {
-        let h = Header { k: None, o: None, e: None, t: 42, x: Some("c1".into()), v: None };
+        let h = Header { k: None, o: None, e: None, t: 42, x: Some("c1".into()), v: None, b: None };
         let e = envelope(&h, br#"{"op":"message"}"#);
         let nl = e.iter().position(|b| *b == b'\n').unwrap();
         let back: Header<'_> = serde_json::from_slice(&e[..nl]).unwrap();
