@@ -34,7 +34,6 @@ pub mod body;
 pub mod broker;
 pub mod channel;
 pub mod config;
-pub mod engineio;
 pub mod error;
 pub mod hub;
 pub mod metrics;
@@ -43,6 +42,7 @@ pub mod protocol;
 pub mod proxy;
 pub mod server;
 pub mod session;
+pub mod socketio;
 pub mod upstream;
 
 use std::future::Future;
@@ -129,12 +129,13 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let stop_public = CancellationToken::new();
     let stop_admin = CancellationToken::new();
     let n = node.clone();
+    let sio = Arc::new(socketio::Front::new(&node.cfg));
     let public_task = tokio::spawn(
         server::serve(
             listeners.public,
             builder.clone(),
             public_limits,
-            move |req, remote| server::public(n.clone(), req, remote),
+            move |req, remote| server::public(n.clone(), sio.clone(), req, remote),
             stop_public.clone(),
         )
         .instrument(tracing::info_span!(parent: &node_span, "public")),

@@ -46,8 +46,6 @@ pub struct Node {
     pub drain: CancellationToken,
     /// Every session task, so the drain can wait for them.
     pub sessions: TaskTracker,
-    /// Socket.IO sessions on HTTP long-polling.
-    pub polls: crate::engineio::Registry,
     /// `--max-connections` permits; a session holds one for its life.
     slots: Arc<Semaphore>,
     /// Hook paths, normalized once (see [`is_hook_path`](Self::is_hook_path)).
@@ -71,8 +69,6 @@ impl Node {
     pub fn new(cfg: Config, metrics: Arc<Metrics>, hub: Arc<Hub>, broker: Broker, auth: Auth, proxy: Proxy) -> Self {
         let hook_paths = cfg.auth.hook_paths().map(normalized_path).filter(|h| h != "/").collect();
         let slots = Arc::new(Semaphore::new(cfg.session.max_connections));
-        let per_address = cfg.session.socketio.as_ref().map_or(16, |s| s.opening_per_address);
-        let polls = crate::engineio::Registry::new((cfg.session.max_connections / 4).max(16), per_address);
         Node {
             cfg,
             metrics,
@@ -82,7 +78,6 @@ impl Node {
             proxy,
             drain: CancellationToken::new(),
             sessions: TaskTracker::new(),
-            polls,
             slots,
             hook_paths,
         }

@@ -41,7 +41,12 @@ pub fn builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
 
 /// The public listener: relay upgrades on a ws-path, everything else to the
 /// app, except the hook paths.
-pub(crate) async fn public(node: Arc<Node>, mut req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+pub(crate) async fn public(
+    node: Arc<Node>,
+    sio: Arc<crate::socketio::Front>,
+    mut req: Request<Incoming>,
+    remote: SocketAddr,
+) -> Response<Body> {
     // What a client says about the original request (its address, scheme,
     // host) is believed only from a trusted reverse proxy: anyone else
     // could poison links, logs and the origin check.
@@ -58,7 +63,7 @@ pub(crate) async fn public(node: Arc<Node>, mut req: Request<Incoming>, remote: 
     }
     let path = req.uri().path();
     if node.cfg.session.socketio.as_ref().is_some_and(|s| s.matches(path)) {
-        return crate::session::socketio::handle(node, req, remote).await;
+        return crate::socketio::handle(node, sio, req, remote).await;
     }
     if node.cfg.session.ws_paths.iter().any(|p| p == path) && proxy::is_upgrade(&req) {
         return crate::session::upgrade::accept(node, req, remote).await;

@@ -15,7 +15,6 @@
 //! token itself and closes with 1001 at a spread-out moment.
 
 mod requests;
-pub mod socketio;
 pub(crate) mod transport;
 pub mod upgrade;
 
@@ -94,7 +93,7 @@ impl Bucket {
 pub(crate) struct Session<C: Codec> {
     node: Arc<Node>,
     codec: C,
-    handle: Arc<SessionHandle>,
+    pub(crate) handle: Arc<SessionHandle>,
     ident: Arc<Identity>,
     /// Held for the session's life; given back on drop.
     _slot: Slot,
@@ -125,9 +124,9 @@ pub(crate) struct Session<C: Codec> {
     /// Events sent with `/api/call`, by the ack id they were sent with.
     calls: HashMap<u64, String>,
     next_ack: u64,
-    /// Socket.IO connection-state recovery: where this socket is, kept for
-    /// its next connection (None: not kept).
-    pub(crate) trail: Option<Box<socketio::Trail>>,
+    /// What a front keeps of this socket beside the loop (Socket.IO: its
+    /// recovery trail), told what the loop writes and joins.
+    pub(crate) state: Option<Box<dyn SocketState>>,
     /// Socket.IO: the open request's head and the client's address, for the
     /// connect hook of further namespaces.
     pub(crate) origin: Option<Arc<(http::Request<()>, std::net::SocketAddr)>>,
@@ -172,6 +171,53 @@ async fn maybe<F: Future + Unpin>(f: &mut Option<F>) -> F::Output {
     }
 }
 
+/// What a front keeps per socket beside the session loop (Socket.IO: the
+/// recovery trail): the loop, which knows no protocol, tells it what it
+/// wrote, joined and left, and hands it over when the session ends.
+pub(crate) trait SocketState: Send + Sync {
+    /// A channel message with an offset was written to the client.
+    fn wrote(&mut self, m: &Message);
+    /// The socket joined a channel.
+    fn joined(&mut self, channel: &Channel);
+    /// The socket left a channel.
+    fn left(&mut self, channel: &Channel);
+    /// The session ended for `reason`; `queued` are the membership changes
+    /// that reached its queue but not the socket.
+    fn ended(self: Box<Self>, node: &Arc<Node>, reason: CloseReason, queued: Vec<SessionCommand>);
+}
+
+impl<C: Codec> Session<C> {
+    /// Hands the front's state over as the session ends, with the
+    /// membership changes still queued (their bytes given back).
+    fn end_state(&mut self, reason: CloseReason) {
+        let Some(state) = self.state.take() else { return };
+        let mut queued = Vec::new();
+        if let Some(rx) = self.rx.as_mut() {
+            while let Ok(out) = rx.try_recv() {
+                self.node.hub.budget().release(out.weight());
+                if let Outbound::Command(cmd) = out {
+                    if matches!(*cmd, SessionCommand::Subscribe(_) | SessionCommand::Unsubscribe(_)) {
+                        queued.push(*cmd);
+                    }
+                }
+            }
+        }
+        state.ended(&self.node, reason, queued);
+    }
+
+    pub(super) fn state_joined(&mut self, channel: &Channel) {
+        if let Some(s) = &mut self.state {
+            s.joined(channel);
+        }
+    }
+
+    pub(super) fn state_left(&mut self, channel: &Channel) {
+        if let Some(s) = &mut self.state {
+            s.left(channel);
+        }
+    }
+}
+
 impl<C: Codec> Session<C> {
     pub(crate) fn new(
         node: Arc<Node>,
@@ -200,7 +246,7 @@ impl<C: Codec> Session<C> {
             held: 0,
             calls: HashMap::new(),
             next_ack: 0,
-            trail: None,
+            state: None,
             origin: None,
             bucket,
             strikes: 0,
@@ -221,7 +267,7 @@ impl<C: Codec> Session<C> {
         // Counted when decided, not when the close handshake ends: a client
         // that does not read can hold the socket for CLOSE_TIMEOUT.
         self.report(reason);
-        self.keep_trail(reason);
+        self.end_state(reason);
         // A protocol may say goodbye first (Socket.IO: "the server
         // disconnected you", so the client does not reconnect).
         let bye = self.codec.goodbye(reason, &self.subs);
@@ -420,7 +466,9 @@ impl<C: Codec> Session<C> {
                         continue;
                     }
                     messages += 1;
-                    self.trail_wrote(&m);
+                    if let (Some(s), Some(_)) = (&mut self.state, &m.offset) {
+                        s.wrote(&m);
+                    }
                     if m.published_us != 0 {
                         metrics.delivery_seconds.observe(now.saturating_sub(m.published_us) as f64 / 1e6);
                     }

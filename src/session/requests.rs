@@ -3,6 +3,7 @@
 //! (server-side subscribe). The loop in [`super`] reads, writes and closes.
 
 use super::*;
+use crate::protocol::socketio::{self, SocketIo};
 
 /// What a pending request ends with: the reply's address, and what the
 /// request's future did.
@@ -416,7 +417,7 @@ impl<C: Codec> Session<C> {
                     return;
                 }
                 self.subs.insert(channel.clone());
-                self.trail_join(&channel);
+                self.state_joined(&channel);
                 let frame = self.codec.server_subscription(&channel, true);
                 let rule = self.node.cfg.namespaces.rule(&channel);
                 let presence = rule.presence.then(|| (self.presence_entry(), rule.join_leave));
@@ -439,7 +440,7 @@ impl<C: Codec> Session<C> {
                     self.node.hub.unsubscribe(&ch, self.handle.key);
                     self.forget(&ch);
                     self.leave(&ch);
-                    self.trail_leave(&ch);
+                    self.state_left(&ch);
                     if let Some(f) = self.codec.server_subscription(&ch, false) {
                         self.send_frame(f);
                     }
@@ -593,7 +594,7 @@ impl<C: Codec> Session<C> {
         let rooms = match result {
             Ok(rooms) => rooms,
             Err(why) => {
-                self.send_frame(socketio::connect_error(&namespace, &why));
+                self.send_frame(SocketIo::connect_error(&namespace, &why));
                 return;
             }
         };
@@ -604,14 +605,14 @@ impl<C: Codec> Session<C> {
                 Ok(c) if !channels.contains(&c) => channels.push(c),
                 Ok(_) => {}
                 Err(_) => {
-                    self.send_frame(socketio::connect_error(&namespace, "invalid namespace or room"));
+                    self.send_frame(SocketIo::connect_error(&namespace, "invalid namespace or room"));
                     return;
                 }
             }
         }
         let max = self.node.cfg.session.max_subscriptions;
         if self.subs.len() + channels.len() > max {
-            self.send_frame(socketio::connect_error(&namespace, "too many rooms (max-subscriptions)"));
+            self.send_frame(SocketIo::connect_error(&namespace, "too many rooms (max-subscriptions)"));
             return;
         }
         for ch in &channels {
@@ -619,7 +620,7 @@ impl<C: Codec> Session<C> {
                 continue;
             }
             if let Err(e) = self.node.hub.subscribe(ch, &self.handle) {
-                self.send_frame(socketio::connect_error(&namespace, &e.to_string()));
+                self.send_frame(SocketIo::connect_error(&namespace, &e.to_string()));
                 return;
             }
             self.subs.insert(ch.clone());
@@ -638,7 +639,7 @@ impl<C: Codec> Session<C> {
                     tracing::warn!(channel = %ch, error = %e, "namespace channel not confirmed by the broker");
                 }
             }
-            handle.enqueue(Outbound::Frame(Box::new(socketio::connected(&namespace, &handle.id))));
+            handle.enqueue(Outbound::Frame(Box::new(SocketIo::connected(&namespace, &handle.id, None))));
         });
     }
 
@@ -650,14 +651,14 @@ impl<C: Codec> Session<C> {
             self.node.hub.unsubscribe(&ch, self.handle.key);
             self.leave(&ch);
             self.forget(&ch);
-            self.trail_leave(&ch);
+            self.state_left(&ch);
         }
         if !self.subs.iter().any(|c| socketio::split_channel(c).1.is_none()) {
             // The client left every namespace on purpose: nothing to recover
             // later. The Engine.IO connection stays open (pings go on), as
             // with the reference server: the client closes it, or CONNECTs
             // again.
-            self.trail = None;
+            self.state = None;
         }
     }
 

@@ -1,7 +1,7 @@
 //! What a session reads client frames from and writes frames to. A plain
 //! WebSocket for wsrelay.v1; for Socket.IO, an Engine.IO transport that is
 //! HTTP long-polling until the client upgrades it to a WebSocket
-//! ([`super::socketio::Eio`]). The session loop is written once against this.
+//! (`crate::socketio`'s `Eio`). The session loop is written once against this.
 
 use std::future::Future;
 
@@ -10,7 +10,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 
-use crate::engineio::Ws;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::WebSocketStream;
+
+/// An upgraded client socket.
+pub type Ws = WebSocketStream<TokioIo<Upgraded>>;
 
 /// How long a close may take before the socket is dropped.
 pub(crate) const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);

@@ -13,10 +13,12 @@ const LAYERS: &[&[&str]] = &[
     &["protocol"],
     &["hub"],
     &["broker"],
-    &["body", "upstream", "engineio"],
+    &["body", "upstream"],
     &["auth", "proxy"],
     &["node"],
     &["session", "admin"],
+    // The client-protocol fronts, above the core.
+    &["socketio"],
     &["server"],
 ];
 

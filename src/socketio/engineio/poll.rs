@@ -1,182 +1,16 @@
-//! Engine.IO v4 sessions that use HTTP long-polling: what a session's
-//! transport and the polling requests share. The server sends packets by
-//! queueing them here; a client `GET` takes what is queued (or waits for
-//! it), a `POST` hands the client's packets to the session. When the client
-//! upgrades to a WebSocket the socket is handed over here too.
-//!
-//! Every sid names the node that holds it (`<node-id>.<random>`): a polling
-//! request that a round-robin proxy sends to another sidecar is forwarded
-//! to the right one (see [`crate::session::socketio`]).
+//! One polling session's shared state: what GETs take and POSTs bring.
 
-use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, Ipv6Addr};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use tokio::sync::{Notify, mpsc, oneshot};
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::hub::Held;
-
-/// An upgraded client socket.
-pub type Ws = WebSocketStream<TokioIo<Upgraded>>;
-
-/// Separates packets in a polling payload.
-pub const SEPARATOR: char = '\u{1e}';
-
-/// A client's polling payload (a POST body, valid UTF-8), kept as the one
-/// buffer it arrived in and walked packet by packet; counted against the
-/// node's queue budget until dropped.
-#[derive(Debug)]
-pub struct Payload {
-    text: Bytes,
-    pos: usize,
-    done: bool,
-    _held: Option<Held>,
-}
-
-impl Payload {
-    pub fn new(text: Utf8Bytes, held: Option<Held>) -> Self {
-        Payload { text: Bytes::from(text), pos: 0, done: false, _held: held }
-    }
-
-    /// How many packets it carries, the longest one's length, and whether
-    /// each starts as a client's packet may (`1`–`6`, or `b`: base64 binary).
-    fn shape(&self) -> (usize, usize, bool) {
-        self.text.split(|b| *b == SEPARATOR as u8).fold((0, 0, true), |(n, max, ok), p| {
-            (n + 1, max.max(p.len()), ok && matches!(p.first(), Some(b'1'..=b'6' | b'b')))
-        })
-    }
-
-    /// The next packet, a slice of the payload (no copy).
-    pub fn next_packet(&mut self) -> Option<Utf8Bytes> {
-        if self.done {
-            return None;
-        }
-        let rest = &self.text[self.pos..];
-        let end = match rest.iter().position(|b| *b == SEPARATOR as u8) {
-            Some(i) => self.pos + i,
-            None => {
-                self.done = true;
-                self.text.len()
-            }
-        };
-        let packet = self.text.slice(self.pos..end);
-        self.pos = end + 1;
-        // Cut at an ASCII separator inside valid UTF-8: valid UTF-8.
-        Some(Utf8Bytes::try_from(packet).unwrap_or_default())
-    }
-}
-
-/// Client payloads waiting for the session besides the one it is reading:
-/// one POST is in flight at a time (a second one ends the session).
-const INBOUND: usize = 1;
-
-/// Packets one polling payload may carry (Engine.IO sets no limit; a
-/// client's batch of buffered emits is far below it, and the client rate
-/// limit counts each packet anyway).
-pub const MAX_PACKETS: usize = 1024;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// The polling sessions of this node, by sid, and the sessions (of both
-/// transports) that are open but not yet authenticated.
-pub struct Registry {
-    polls: Mutex<HashMap<Arc<str>, Arc<Poll>>>,
-    opening: Arc<tokio::sync::Semaphore>,
-    /// Sessions waiting for their CONNECT, per client address.
-    by_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    per_address: usize,
-}
-
-/// Why a session cannot open now.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Busy {
-    /// Too many sessions wait for their CONNECT on this node.
-    Node,
-    /// Too many of them come from this client address.
-    Address,
-}
-
-/// A place among the sessions waiting for their CONNECT, given back on drop.
-pub struct Opening {
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    address: IpAddr,
-    by_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
-}
-
-impl Drop for Opening {
-    fn drop(&mut self) {
-        let mut map = lock(&self.by_address);
-        if let Some(n) = map.get_mut(&self.address) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.address);
-            }
-        }
-    }
-}
-
-/// The address a client is counted under: IPv4 as it is, IPv6 by its /64
-/// (one host usually has a whole /64).
-fn address_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
-        v4 => v4,
-    }
-}
-
-impl Registry {
-    /// At most `opening` sessions may wait for their CONNECT at once (each
-    /// holds a connection slot before anyone knows who it is), and at most
-    /// `per_address` of them from one client address, so one client's burst
-    /// cannot lock the others out.
-    pub fn new(opening: usize, per_address: usize) -> Self {
-        Registry {
-            polls: Mutex::new(HashMap::new()),
-            opening: Arc::new(tokio::sync::Semaphore::new(opening)),
-            by_address: Arc::new(Mutex::new(HashMap::new())),
-            per_address,
-        }
-    }
-
-    /// A place among the sessions waiting for their CONNECT.
-    pub fn try_open(&self, client: IpAddr) -> Result<Opening, Busy> {
-        let address = address_key(client);
-        let mut map = lock(&self.by_address);
-        if map.get(&address).is_some_and(|n| *n >= self.per_address) {
-            return Err(Busy::Address);
-        }
-        // Counted only once it holds a place: a refused address leaves no entry.
-        let permit = self.opening.clone().try_acquire_owned().map_err(|_| Busy::Node)?;
-        *map.entry(address).or_insert(0) += 1;
-        drop(map);
-        Ok(Opening { _permit: permit, address, by_address: self.by_address.clone() })
-    }
-
-    pub fn insert(&self, poll: Arc<Poll>) {
-        lock(&self.polls).insert(poll.sid.clone(), poll);
-    }
-    pub fn get(&self, sid: &str) -> Option<Arc<Poll>> {
-        lock(&self.polls).get(sid).cloned()
-    }
-    pub fn remove(&self, sid: &str) {
-        lock(&self.polls).remove(sid);
-    }
-    pub fn len(&self) -> usize {
-        lock(&self.polls).len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
+use super::payload::Payload;
+use super::{INBOUND, MAX_PACKETS, SEPARATOR, lock};
+use crate::session::transport::Ws;
 
 #[derive(Default)]
 struct Out {
@@ -532,6 +366,9 @@ impl Poll {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::socketio::engineio::{Busy, Registry};
+    use std::net::IpAddr;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn an_oversized_packet_closes_the_session() {
