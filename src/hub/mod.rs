@@ -14,6 +14,7 @@
 //! subscribe/unsubscribe pair cannot leave the broker subscription behind or
 //! missing.
 
+mod commands;
 pub mod interest;
 
 use std::collections::HashMap;
@@ -26,6 +27,7 @@ use indexmap::IndexMap;
 use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+pub use self::commands::{Call, CallAnswer, NodeCommand, Target};
 pub use self::interest::Interest;
 use crate::channel::Channel;
 use crate::error::{ApiError, CloseReason, ErrorCode, Fault};
@@ -126,61 +128,6 @@ pub enum SessionCommand {
     Call(Call),
 }
 
-/// An event sent to one client whose answer the app waits for.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Call {
-    /// Unique; names the waiting API request on the node that made it.
-    pub id: String,
-    pub namespace: String,
-    pub event: String,
-    /// The event's arguments, a JSON array.
-    pub args: String,
-    /// Binary attachments, base64 (`args` holds their placeholders).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub attachments: Option<Vec<String>>,
-}
-
-/// How a call ended.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CallAnswer {
-    /// The client's acknowledgement arguments (a JSON array).
-    Args(String),
-    /// A binary acknowledgement: the arguments with placeholders, and the
-    /// attachments, base64.
-    Binary { args: String, attachments: Vec<String> },
-    /// No such connection (any more).
-    Gone,
-    /// The connection's protocol cannot answer (wsrelay.v1).
-    Unsupported,
-}
-
-/// A command for the sessions of a connection or user, on every node
-/// (`/api/disconnect`, `/api/subscribe`, `/api/unsubscribe`).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NodeCommand {
-    Disconnect(Target),
-    Subscribe {
-        target: Target,
-        channel: Channel,
-    },
-    Unsubscribe {
-        target: Target,
-        channel: Channel,
-    },
-    /// `/api/call`: the event for one connection.
-    Call {
-        target: Target,
-        call: Call,
-    },
-    /// The answer to a call, for the node whose API request waits.
-    Answer {
-        call: String,
-        answer: CallAnswer,
-    },
-}
-
 impl Outbound {
     /// What it counts against the node's [`QueueBudget`]: channel messages
     /// (replies are one per request, bounded by the session's read loop).
@@ -260,14 +207,6 @@ struct Subscribers {
 struct Sessions {
     by_id: HashMap<Arc<str>, Arc<SessionHandle>>,
     by_user: HashMap<Arc<str>, Vec<Arc<SessionHandle>>>,
-}
-
-/// Whose sessions a [`NodeCommand`] is for.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Target {
-    Connection(String),
-    User(String),
 }
 
 type Shard = Mutex<HashMap<Channel, Subscribers>>;

@@ -3,7 +3,7 @@
 //! (server-side subscribe). The loop in [`super`] reads, writes and closes.
 
 use super::*;
-use crate::protocol::socketio::{self, SocketIo};
+use crate::protocol::socketio;
 
 /// What a pending request ends with: the reply's address, and what the
 /// request's future did.
@@ -12,14 +12,7 @@ pub(super) struct Outcome<Id> {
     done: Done,
 }
 
-/// A further Socket.IO namespace, as its CONNECT ended.
-pub(super) struct Joined {
-    namespace: Arc<str>,
-    /// The app's rooms in it, or why it is refused.
-    result: Result<Vec<Channel>, String>,
-    /// When its token expires (JWT), if it does.
-    expires: Option<u64>,
-}
+use super::namespaces::Joined;
 
 /// What a request's future ends with.
 pub(super) struct Done {
@@ -38,7 +31,12 @@ pub(super) struct Done {
 }
 
 impl Done {
-    fn reply(result: Result<Option<Box<RawValue>>, ApiError>) -> Self {
+    /// A further Socket.IO namespace's CONNECT ended.
+    pub(super) fn joined(j: Joined) -> Self {
+        Done { joined: Some(j), ..Done::reply(Ok(None)) }
+    }
+
+    pub(super) fn reply(result: Result<Option<Box<RawValue>>, ApiError>) -> Self {
         Done { result, recovery: None, release: None, subscribed: None, unhold: None, joined: None }
     }
 }
@@ -483,182 +481,6 @@ impl<C: Codec> Session<C> {
             }
             .await;
             Done::reply(result)
-        }
-    }
-
-    /// A Socket.IO event for the app: the message hook answers it (and its
-    /// answer is the acknowledgement when the client asked for one).
-    pub(super) fn emit(
-        &self,
-        namespace: Arc<str>,
-        event: Arc<str>,
-        args: Box<RawValue>,
-        ack: bool,
-        attachments: Option<crate::protocol::Attachments>,
-    ) -> impl Future<Output = Done> + Send + 'static {
-        let node = self.node.clone();
-        let handle = self.handle.clone();
-        let ident = self.ident.clone();
-        async move {
-            let event = crate::auth::Event {
-                namespace: &namespace,
-                event: &event,
-                args: &args,
-                ack,
-                attachments: attachments.as_deref(),
-            };
-            Done::reply(node.auth.emit(&ident, &handle.id, event).await)
-        }
-    }
-
-    /// Sends an event the app waits an answer for (`/api/call`).
-    fn call(&mut self, call: crate::hub::Call) {
-        use crate::hub::CallAnswer;
-        self.next_ack += 1;
-        let ack = self.next_ack;
-        let attachments: Vec<Box<str>> = call.attachments.iter().flatten().map(|a| Box::from(a.as_str())).collect();
-        let Some(frame) = self.codec.call(&call.namespace, &call.event, &call.args, &attachments, ack) else {
-            self.node.answer_call(call.id, CallAnswer::Unsupported);
-            return;
-        };
-        // Not connected to that namespace: no socket there to answer. And
-        // bounded like the queue: a client that never answers does not pile
-        // calls up.
-        let joined = self.subs.iter().any(|c| socketio::in_namespace(c, &call.namespace));
-        if !joined || self.calls.len() >= self.node.cfg.session.client_queue {
-            self.node.answer_call(call.id, CallAnswer::Gone);
-            return;
-        }
-        self.calls.insert(ack, call.id);
-        self.send_frame(frame);
-    }
-
-    /// The client answered a call.
-    fn acked(&mut self, ack: u64, args: &RawValue, attachments: Option<&[Box<str>]>) {
-        use crate::hub::CallAnswer;
-        let answer = match attachments {
-            Some(a) => CallAnswer::Binary {
-                args: args.get().to_owned(),
-                attachments: a.iter().map(|x| x.to_string()).collect(),
-            },
-            None => CallAnswer::Args(args.get().to_owned()),
-        };
-        match self.calls.remove(&ack) {
-            Some(call) => self.node.answer_call(call, answer),
-            None => tracing::debug!(ack, "acknowledgement for no pending call: ignored"),
-        }
-    }
-
-    /// Socket.IO: the client connects one more namespace on this connection.
-    /// The connect hook (or the JWT) is asked again, with that namespace and
-    /// its `auth`; it must be the same user. None when it is connected already.
-    fn connect_namespace(
-        &mut self,
-        namespace: Arc<str>,
-        auth: Option<Box<RawValue>>,
-    ) -> Option<impl Future<Output = Done> + Send + 'static> {
-        if self.subs.iter().any(|c| socketio::in_namespace(c, &namespace)) {
-            return None;
-        }
-        let node = self.node.clone();
-        let origin = self.origin.clone();
-        let user = self.ident.user.clone();
-        Some(async move {
-            let mut expires = None;
-            let result = match origin.as_deref() {
-                None => Err("this connection cannot open namespaces".to_owned()),
-                Some((head, remote)) => {
-                    let sio = crate::auth::SioConnect { namespace: &namespace, auth: auth.as_deref() };
-                    match node.auth.authenticate_with(head, *remote, Some(sio)).await {
-                        Ok(ident) if ident.user == user => {
-                            expires = ident.expires;
-                            Ok(ident.channels)
-                        }
-                        Ok(_) => Err("a connection's namespaces belong to one user".to_owned()),
-                        Err(r) => {
-                            r.error.log("Socket.IO namespace CONNECT refused");
-                            Err(r.error.message.to_string())
-                        }
-                    }
-                }
-            };
-            Done { joined: Some(Joined { namespace, result, expires }), ..Done::reply(Ok(None)) }
-        })
-    }
-
-    /// A further namespace's CONNECT ended: its sockets are in the
-    /// namespace's channel, the room named by the connection id and the
-    /// app's rooms; or it is refused (CONNECT_ERROR).
-    fn join_namespace(&mut self, joined: Joined) {
-        let Joined { namespace, result, expires } = joined;
-        let rooms = match result {
-            Ok(rooms) => rooms,
-            Err(why) => {
-                self.send_frame(SocketIo::connect_error(&namespace, &why));
-                return;
-            }
-        };
-        let mut channels = Vec::new();
-        let own = [socketio::namespace_channel(&namespace), socketio::room_channel(&namespace, &self.handle.id)];
-        for c in own.into_iter().chain(rooms.iter().map(|r| socketio::room_channel(&namespace, r))) {
-            match c {
-                Ok(c) if !channels.contains(&c) => channels.push(c),
-                Ok(_) => {}
-                Err(_) => {
-                    self.send_frame(SocketIo::connect_error(&namespace, "invalid namespace or room"));
-                    return;
-                }
-            }
-        }
-        let max = self.node.cfg.session.max_subscriptions;
-        if self.subs.len() + channels.len() > max {
-            self.send_frame(SocketIo::connect_error(&namespace, "too many rooms (max-subscriptions)"));
-            return;
-        }
-        for ch in &channels {
-            if self.subs.contains(ch) {
-                continue;
-            }
-            if let Err(e) = self.node.hub.subscribe(ch, &self.handle) {
-                self.send_frame(SocketIo::connect_error(&namespace, &e.to_string()));
-                return;
-            }
-            self.subs.insert(ch.clone());
-        }
-        // The connection lasts no longer than its shortest-lived token.
-        if let Some(exp) = expires {
-            if self.expires.is_none_or(|e| exp < e) {
-                self.expires = Some(exp);
-                self.expiry_moved = true;
-            }
-        }
-        let (node, handle) = (self.node.clone(), self.handle.clone());
-        tokio::spawn(async move {
-            for ch in &channels {
-                if let Err(e) = node.broker.ensure_subscribed(ch).await {
-                    tracing::warn!(channel = %ch, error = %e, "namespace channel not confirmed by the broker");
-                }
-            }
-            handle.enqueue(Outbound::Frame(Box::new(SocketIo::connected(&namespace, &handle.id, None))));
-        });
-    }
-
-    /// Socket.IO: the client leaves a namespace (its rooms go with it).
-    fn leave_namespace(&mut self, namespace: &str) {
-        let gone: Vec<Channel> = self.subs.iter().filter(|c| socketio::in_namespace(c, namespace)).cloned().collect();
-        for ch in gone {
-            self.subs.remove(&ch);
-            self.node.hub.unsubscribe(&ch, self.handle.key);
-            self.leave(&ch);
-            self.forget(&ch);
-            self.state_left(&ch);
-        }
-        if !self.subs.iter().any(|c| socketio::split_channel(c).1.is_none()) {
-            // The client left every namespace on purpose: nothing to recover
-            // later. The Engine.IO connection stays open (pings go on), as
-            // with the reference server: the client closes it, or CONNECTs
-            // again.
-            self.state = None;
         }
     }
 

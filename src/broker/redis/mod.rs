@@ -56,7 +56,7 @@ use self::presence::*;
 use self::publisher::*;
 use self::subscriber::*;
 use self::wire::*;
-pub use self::wire::{EnvelopeError, decode_command, decode_message};
+pub use self::wire::{EnvelopeError, StreamId, decode_command, decode_control, decode_message};
 use crate::broker::{BrokerError, History, Wiring};
 use crate::channel::Channel;
 use crate::config::{BrokerConfig, Namespaces, Secret};

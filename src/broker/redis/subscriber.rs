@@ -350,8 +350,8 @@ impl Subscriber {
             return;
         }
         *applied = id;
-        match serde_json::from_str::<Command>(payload) {
-            Ok(Command { t, op }) => {
+        match decode_command(payload.as_bytes()) {
+            Ok((t, op)) => {
                 let n = self.hub.apply(&op, replayed.then_some(t));
                 debug!(?op, sessions = n, replayed, "command applied");
             }
@@ -362,8 +362,8 @@ impl Subscriber {
     /// A call or its answer (`{prefix}calls`): live only, never logged nor
     /// replayed (a late one is useless: its caller timed out).
     fn on_call(&self, payload: &[u8]) {
-        let op = match serde_json::from_slice::<Command>(payload) {
-            Ok(Command { op: op @ (NodeCommand::Call { .. } | NodeCommand::Answer { .. }), .. }) => op,
+        let op = match decode_command(payload) {
+            Ok((_, op @ (NodeCommand::Call { .. } | NodeCommand::Answer { .. }))) => op,
             _ => return warn!("ignoring a malformed call"),
         };
         let n = self.hub.apply(&op, None);
@@ -548,11 +548,7 @@ impl Subscriber {
             crate::broker::socketio::apply(&self.hub, &self.metrics, payload, self.max_message_bytes);
             None
         } else if name == self.keys.control {
-            let parsed = std::str::from_utf8(payload)
-                .ok()
-                .and_then(|p| p.split_once(' '))
-                .and_then(|(id, cmd)| Some((StreamId::parse(id)?, cmd)));
-            match parsed {
+            match decode_control(payload) {
                 Some((id, cmd)) => self.apply(id, cmd, &mut st.applied, false),
                 None => warn!("ignoring a malformed control message"),
             }

@@ -224,10 +224,10 @@ pub(super) async fn send_call(
 
 /// A Redis stream id, `<ms>-<seq>`, ordered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) struct StreamId(pub(super) u64, pub(super) u64);
+pub struct StreamId(pub(super) u64, pub(super) u64);
 
 impl StreamId {
-    pub(super) fn parse(s: &str) -> Option<StreamId> {
+    pub fn parse(s: &str) -> Option<StreamId> {
         let (ms, seq) = s.split_once('-')?;
         Some(StreamId(ms.parse().ok()?, seq.parse().ok()?))
     }
@@ -322,12 +322,17 @@ pub fn decode_message(channel: &str, payload: &[u8]) -> Result<Message, Envelope
     })
 }
 
-/// Decodes a control message (`<stream id> <command JSON>`); None if malformed.
-pub fn decode_command(payload: &[u8]) -> Option<(String, String)> {
+/// Splits a control message as published (`<stream id> <command JSON>`);
+/// None if malformed. The command is read by [`decode_command`].
+pub fn decode_control(payload: &[u8]) -> Option<(StreamId, &str)> {
     let (id, cmd) = std::str::from_utf8(payload).ok()?.split_once(' ')?;
-    let id = StreamId::parse(id)?;
-    serde_json::from_str::<Command>(cmd).ok()?;
-    Some((id.to_string(), cmd.to_owned()))
+    Some((StreamId::parse(id)?, cmd))
+}
+
+/// Reads a command (from the control channel or log, or a call): when it
+/// was issued and what it does.
+pub fn decode_command(cmd: &[u8]) -> Result<(u64, NodeCommand), serde_json::Error> {
+    serde_json::from_slice::<Command>(cmd).map(|c| (c.t, c.op))
 }
 
 #[cfg(test)]
