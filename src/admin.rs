@@ -308,70 +308,29 @@ async fn call(node: &Arc<Node>, req: Request<Incoming>) -> Result<serde_json::Va
     if !(timeout > 0.0 && timeout <= MAX_CALL_TIMEOUT) {
         return Err(ApiError::bad_request(format!("\"timeout\" must be 0-{MAX_CALL_TIMEOUT} seconds")));
     }
-    let conn = body.connection;
-    let owner = conn.rsplit_once('.').map(|(n, _)| n.to_owned()).unwrap_or_default();
-    let gone = || ApiError::new(ErrorCode::NotFound, "no such connection");
-    let metric = |r: &str| node.metrics.calls.with_label_values(&[r]).inc();
-    let id = crate::config::random_id(16);
     let attachments = match body.attachments {
         Some(a) => Some(crate::protocol::check_attachments(a)?.iter().map(|x| x.to_string()).collect()),
         None => None,
     };
-    let call =
-        crate::hub::Call { id: id.clone(), namespace, event: body.event, args: args.get().to_owned(), attachments };
-    let cmd = NodeCommand::Call { target: Target::Connection(conn.clone()), call };
-    let rx = node
-        .hub
-        .await_call(&id)
-        .ok_or_else(|| ApiError::new(ErrorCode::LimitExceeded, "too many calls waiting on this node"))?;
-    if owner == node.cfg.node_id || matches!(node.broker, crate::broker::Broker::Memory(_)) {
-        if !node.hub.has_session(&conn) {
-            node.hub.forget_call(&id);
-            metric("gone");
-            return Err(gone());
-        }
-        node.hub.apply(&cmd, None);
-    } else {
-        match node.broker.peer_url(&owner).await {
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                node.hub.forget_call(&id);
-                metric("gone");
-                return Err(gone());
-            }
-            Err(e) => {
-                node.hub.forget_call(&id);
-                return Err(e.into());
-            }
-        }
-        if let Err(e) = node.broker.command(cmd).await {
-            node.hub.forget_call(&id);
-            return Err(e.into());
-        }
-    }
-    match tokio::time::timeout(std::time::Duration::from_secs_f64(timeout), rx).await {
-        Ok(Ok(crate::hub::CallAnswer::Args(a))) => {
-            metric("answered");
+    let call = crate::hub::Call {
+        id: crate::config::random_id(16),
+        namespace,
+        event: body.event,
+        args: args.get().to_owned(),
+        attachments,
+    };
+    match node.call(&body.connection, call, std::time::Duration::from_secs_f64(timeout)).await? {
+        crate::hub::CallAnswer::Args(a) => {
             let args: serde_json::Value = serde_json::from_str(&a).unwrap_or(serde_json::Value::Null);
             Ok(serde_json::json!({ "args": args }))
         }
-        Ok(Ok(crate::hub::CallAnswer::Binary { args, attachments })) => {
-            metric("answered");
+        crate::hub::CallAnswer::Binary { args, attachments } => {
             let args: serde_json::Value = serde_json::from_str(&args).unwrap_or(serde_json::Value::Null);
             Ok(serde_json::json!({ "args": args, "attachments": attachments }))
         }
-        Ok(Ok(crate::hub::CallAnswer::Gone)) | Ok(Err(_)) => {
-            metric("gone");
-            Err(gone())
-        }
-        Ok(Ok(crate::hub::CallAnswer::Unsupported)) => {
-            metric("unsupported");
-            Err(ApiError::new(ErrorCode::NotSupported, "the connection's protocol (wsrelay.v1) cannot answer calls"))
-        }
-        Err(_) => {
-            node.hub.forget_call(&id);
-            metric("timeout");
-            Err(ApiError::new(ErrorCode::Timeout, format!("the client did not answer within {timeout} s")))
+        // `Node::call` answers these as errors.
+        crate::hub::CallAnswer::Gone | crate::hub::CallAnswer::Unsupported => {
+            Err(ApiError::new(ErrorCode::NotFound, "no such connection"))
         }
     }
 }

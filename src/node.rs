@@ -18,7 +18,7 @@ use crate::broker::{Broker, PresenceList};
 use crate::channel::Channel;
 use crate::config::Config;
 use crate::error::ApiError;
-use crate::hub::{CallAnswer, Hub, NodeCommand, now_us};
+use crate::hub::{Call, CallAnswer, Hub, NodeCommand, Target, now_us};
 use crate::metrics::Metrics;
 use crate::protocol::{Message, Offset};
 use crate::proxy::Proxy;
@@ -122,13 +122,86 @@ impl Node {
 
     /// Hands a call's answer to the API request waiting for it: on this
     /// node directly, else through the broker to the node that has it.
+    /// Runs `fut` in the background, tracked with the sessions (the drain
+    /// waits for it); outside a runtime (a `Drop` at exit) it does not run.
+    pub fn spawn<F: std::future::Future<Output = ()> + Send + 'static>(&self, fut: F) {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(self.sessions.track_future(fut));
+        }
+    }
+
+    /// Sends `call` to `connection` on whichever node holds it and waits up
+    /// to `timeout` for the client's answer: `/api/call` and python-socketio's
+    /// `sio.call`. The answer is `Args` or `Binary`; a socket that is gone
+    /// (or its node) is `NotFound`, a protocol that cannot answer
+    /// `NotSupported`, no answer in time `Timeout`. Counted by result.
+    pub async fn call(&self, connection: &str, call: Call, timeout: Duration) -> Result<CallAnswer, ApiError> {
+        use crate::error::ErrorCode;
+        let gone = || ApiError::new(ErrorCode::NotFound, "no such connection");
+        let metric = |r: &str| self.metrics.calls.with_label_values(&[r]).inc();
+        let id = call.id.clone();
+        let rx = self
+            .hub
+            .await_call(&id)
+            .ok_or_else(|| ApiError::new(ErrorCode::LimitExceeded, "too many calls waiting on this node"))?;
+        let forget = |e: ApiError| {
+            self.hub.forget_call(&id);
+            if e.code == ErrorCode::NotFound {
+                metric("gone");
+            }
+            e
+        };
+        let cmd = NodeCommand::Call { target: Target::Connection(connection.to_owned()), call };
+        let owner = connection.rsplit_once('.').map_or("", |(n, _)| n);
+        // Here, or (one node only) nowhere else.
+        if owner == self.cfg.node_id || !self.broker.is_shared() {
+            if !self.hub.has_session(connection) {
+                return Err(forget(gone()));
+            }
+            self.hub.apply(&cmd, None);
+        } else {
+            match self.broker.peer_url(owner).await {
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(forget(gone())),
+                Err(e) => return Err(forget(e.into())),
+            }
+            if let Err(e) = self.broker.command(cmd).await {
+                return Err(forget(e.into()));
+            }
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(a @ (CallAnswer::Args(_) | CallAnswer::Binary { .. }))) => {
+                metric("answered");
+                Ok(a)
+            }
+            Ok(Ok(CallAnswer::Gone) | Err(_)) => {
+                metric("gone");
+                Err(gone())
+            }
+            Ok(Ok(CallAnswer::Unsupported)) => {
+                metric("unsupported");
+                Err(ApiError::new(
+                    ErrorCode::NotSupported,
+                    "the connection's protocol (wsrelay.v1) cannot answer calls",
+                ))
+            }
+            Err(_) => {
+                self.hub.forget_call(&id);
+                metric("timeout");
+                Err(ApiError::new(
+                    ErrorCode::Timeout,
+                    format!("the client did not answer within {} s", timeout.as_secs_f64()),
+                ))
+            }
+        }
+    }
+
     pub fn answer_call(self: &Arc<Self>, call: String, answer: CallAnswer) {
         if self.hub.answer_call(&call, answer.clone()) {
             return;
         }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
         let node = self.clone();
-        rt.spawn(async move {
+        self.spawn(async move {
             if let Err(e) = node.broker.command(NodeCommand::Answer { call, answer }).await {
                 tracing::warn!(error = %e, "a call's answer could not be sent back (the caller times out)");
             }

@@ -96,6 +96,11 @@ impl Broker {
     }
 
     /// The start-up line naming the broker.
+    /// Whether other nodes share it (Redis); in memory this node is alone.
+    pub fn is_shared(&self) -> bool {
+        !matches!(self, Broker::Memory(_))
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Broker::Memory(_) => {

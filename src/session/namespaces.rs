@@ -165,7 +165,7 @@ impl<C: Codec> Session<C> {
             }
         }
         let (node, handle) = (self.node.clone(), self.handle.clone());
-        tokio::spawn(async move {
+        self.node.spawn(async move {
             for ch in &channels {
                 if let Err(e) = node.broker.ensure_subscribed(ch).await {
                     tracing::warn!(channel = %ch, error = %e, "namespace channel not confirmed by the broker");

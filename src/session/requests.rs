@@ -87,8 +87,7 @@ impl<C: Codec> Session<C> {
         let (node, channel, id, entry, announce) =
             (self.node.clone(), channel.clone(), self.handle.id.clone(), self.presence_entry(), rule.join_leave);
         // From Drop too: only where a runtime still runs (else the entry expires).
-        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
-        rt.spawn(async move {
+        self.node.spawn(async move {
             if let Err(e) = node.broker.presence_change(&channel, &id, entry, false, announce).await {
                 tracing::debug!(error = %e, "presence leave not recorded (the entry expires)");
             }
@@ -420,7 +419,7 @@ impl<C: Codec> Session<C> {
                 let rule = self.node.cfg.namespaces.rule(&channel);
                 let presence = rule.presence.then(|| (self.presence_entry(), rule.join_leave));
                 let (node, handle) = (self.node.clone(), self.handle.clone());
-                tokio::spawn(async move {
+                self.node.spawn(async move {
                     if let Err(e) = node.broker.ensure_subscribed(&channel).await {
                         tracing::warn!(%channel, error = %e, "server-side subscribe not confirmed by the broker");
                     }

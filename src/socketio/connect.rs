@@ -311,9 +311,9 @@ fn restash(node: &Arc<Node>, taken: Option<(String, String)>) {
     else {
         return;
     };
-    let node = node.clone();
-    tokio::spawn(async move {
-        let _ = node.broker.stash(&key, saved, window).await;
+    let n = node.clone();
+    node.spawn(async move {
+        let _ = n.broker.stash(&key, saved, window).await;
     });
 }
 

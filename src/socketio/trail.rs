@@ -187,9 +187,9 @@ impl SocketState for Trail {
         }
         trail.kept_us = now_us();
         let Ok(value) = serde_json::to_string(&trail) else { return };
-        let node = node.clone();
-        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
-        rt.spawn(async move {
+        let n = node.clone();
+        node.spawn(async move {
+            let node = n;
             let key = trail_key(&trail.pid, trail.user.as_deref(), &trail.namespace);
             if let Err(e) = node.broker.stash(&key, value, window).await {
                 tracing::debug!(error = %e, "recovery state not kept: this socket will not be recovered");
