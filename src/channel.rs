@@ -60,8 +60,44 @@ pub fn split_socketio(channel: &str) -> (&str, Option<&str>) {
 /// room of one Socket.IO socket.
 pub fn is_connection_id(name: &str) -> bool {
     name.rsplit_once('.').is_some_and(|(node, tail)| {
-        !node.is_empty() && tail.len() == 12 && tail.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+        !node.is_empty()
+            && tail.len() == CONNECTION_ID_RANDOM
+            && tail.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
     })
+}
+
+// Ids that name their node, minted and read here only. A connection id
+// (`socket.id`, what hooks, `exclude` and `/api/*` name) and an Engine.IO
+// sid (the client's secret for polling) are `<node-id>.<random>`: the part
+// before the last dot says which sidecar holds the connection, so any
+// sidecar can route to it.
+
+/// Random characters of a connection id.
+const CONNECTION_ID_RANDOM: usize = 12;
+/// Random characters of an Engine.IO sid (a secret: longer).
+const ENGINEIO_SID_RANDOM: usize = 24;
+
+/// `len` random characters of `[0-9a-z]`.
+pub fn random_id(len: usize) -> String {
+    use rand::RngExt;
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::rng();
+    (0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+}
+
+/// A new connection id on `node_id`.
+pub fn connection_id(node_id: &str) -> String {
+    format!("{node_id}.{}", random_id(CONNECTION_ID_RANDOM))
+}
+
+/// A new Engine.IO session id on `node_id`.
+pub fn engineio_sid(node_id: &str) -> String {
+    format!("{node_id}.{}", random_id(ENGINEIO_SID_RANDOM))
+}
+
+/// The node an id names (None: not one of ours).
+pub fn node_of(id: &str) -> Option<&str> {
+    id.rsplit_once('.').map(|(n, _)| n).filter(|n| !n.is_empty())
 }
 
 /// Whether a channel stands for a Socket.IO namespace (`/`, `/chat`) or

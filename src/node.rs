@@ -152,7 +152,7 @@ impl Node {
             e
         };
         let cmd = NodeCommand::Call { target: Target::Connection(connection.to_owned()), call };
-        let owner = connection.rsplit_once('.').map_or("", |(n, _)| n);
+        let owner = crate::channel::node_of(connection).unwrap_or_default();
         // Here, or (one node only) nowhere else.
         if owner == self.cfg.node_id || !self.broker.is_shared() {
             if !self.hub.has_session(connection) {

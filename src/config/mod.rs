@@ -84,12 +84,7 @@ pub fn from_toml_text(text: &str) -> Result<Config, LoadError> {
 }
 
 /// A random identifier of `len` characters from [0-9a-z].
-pub fn random_id(len: usize) -> String {
-    use rand::RngExt;
-    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut rng = rand::rng();
-    (0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
-}
+pub use crate::channel::random_id;
 
 /// The validated configuration, one sub-config per component.
 #[derive(Debug, Clone)]

@@ -22,6 +22,7 @@ use super::connect::{Start, socket};
 use super::engineio::{Busy, Payload, Poll, PollError, Taken};
 use super::transport::Eio;
 use crate::body::{Body, ReadError, full, full_holding, read_paced};
+use crate::channel::node_of;
 use crate::error::{ConnResult, Reject};
 use crate::hub::Held;
 use crate::node::Node;
@@ -73,11 +74,6 @@ fn refused(node: &Node, r: &Reject) -> Response<Body> {
     let mut resp = eio_error(if r.status == StatusCode::FORBIDDEN { 4 } else { 3 }, &r.error.message);
     *resp.status_mut() = r.status;
     resp
-}
-
-/// The node named in a sid (`<node-id>.<random>`).
-fn node_of(sid: &str) -> Option<&str> {
-    sid.rsplit_once('.').map(|(n, _)| n).filter(|n| !n.is_empty())
 }
 
 struct Query {
@@ -281,8 +277,8 @@ async fn open(
     // The Engine.IO sid is this client's secret (polling requests and the
     // upgrade are authorized by it); the connection id (`socket.id`) is
     // public (rooms, presence, the app). Both name the node.
-    let eio_sid: Arc<str> = Arc::from(format!("{}.{}", node.cfg.node_id, crate::config::random_id(24)).as_str());
-    let sid: Arc<str> = Arc::from(format!("{}.{}", node.cfg.node_id, crate::config::random_id(12)).as_str());
+    let eio_sid: Arc<str> = Arc::from(crate::channel::engineio_sid(&node.cfg.node_id));
+    let sid: Arc<str> = Arc::from(crate::channel::connection_id(&node.cfg.node_id));
     let span = tracing::info_span!("socketio", conn.id = %sid, remote.addr = %remote);
     let start = Start { head, remote, sid, slot, opening, opened: tokio::time::Instant::now() };
     if websocket {

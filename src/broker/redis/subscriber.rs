@@ -368,7 +368,7 @@ impl Subscriber {
         };
         let n = self.hub.apply(&op, None);
         if let NodeCommand::Call { target: Target::Connection(id), call } = &op {
-            let here = id.rsplit_once('.').is_some_and(|(node, _)| node == self.node_id);
+            let here = crate::channel::node_of(id) == Some(self.node_id.as_str());
             if n == 0 && here {
                 // Ours by its name, and gone: say so now rather than at the timeout.
                 let answer = NodeCommand::Answer { call: call.id.clone(), answer: CallAnswer::Gone };
