@@ -136,3 +136,86 @@ fn the_checker_reads_real_edges() {
     assert!(graph["hub"].contains("protocol"), "{:?}", graph["hub"]);
     assert!(!graph["hub"].contains("broker"), "the hub must not know the broker");
 }
+
+/// Inside a module's folder, its files are layered too (lowest first; the
+/// folder's `mod.rs`, its face and shared items, is left out). A file names
+/// a sibling as `super::<file>` (`super::super::` from a subfolder) or
+/// `crate::<module>::<file>`.
+const INNER: &[(&str, &[&[&str]])] = &[
+    ("session", &[&["transport"], &["state"], &["requests", "namespaces"], &["upgrade"]]),
+    ("socketio", &[&["engineio"], &["trail", "transport"], &["connect"], &["http"]]),
+];
+
+/// file → the sibling files (of the same folder) it names.
+fn inner_edges(module: &str, files: &[&str]) -> BTreeMap<String, BTreeSet<String>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src").join(module);
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
+        if name == "mod" {
+            continue;
+        }
+        // A subfolder is one unit: its files reach siblings one level further up.
+        let (sources, up): (Vec<_>, &str) = if path.is_dir() {
+            (std::fs::read_dir(&path).unwrap().map(|f| f.unwrap().path()).collect(), "super::super::")
+        } else {
+            (vec![path.clone()], "super::")
+        };
+        let deps = graph.entry(name.clone()).or_default();
+        for src in sources {
+            let text = std::fs::read_to_string(&src).unwrap();
+            let code: String =
+                text.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n");
+            let full = format!("crate::{module}::");
+            for prefix in [up, full.as_str()] {
+                for (i, _) in code.match_indices(prefix) {
+                    // `super::super::x` is not `super::` followed by a file named `super`.
+                    if prefix == "super::" && code[..i].ends_with("super::") {
+                        continue;
+                    }
+                    let rest = &code[i + prefix.len()..];
+                    let names: Vec<&str> = match rest.strip_prefix('{') {
+                        Some(group) => group[..group.find('}').unwrap()].split(',').collect(),
+                        None => vec![rest],
+                    };
+                    for n in names {
+                        let n = n.trim();
+                        let end = n.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(n.len());
+                        let dep = &n[..end];
+                        if dep != name && files.contains(&dep) {
+                            deps.insert(dep.to_owned());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    graph
+}
+
+#[test]
+fn files_inside_a_folder_point_down_its_own_layers() {
+    let mut wrong = vec![];
+    for (module, layers) in INNER {
+        let files: Vec<&str> = layers.iter().flat_map(|l| l.iter().copied()).collect();
+        let at = |f: &str| layers.iter().position(|l| l.contains(&f));
+        let graph = inner_edges(module, &files);
+        assert!(graph.len() >= files.len(), "{module}: read too few files: {graph:?}");
+        for (file, deps) in &graph {
+            let Some(own) = at(file) else {
+                wrong.push(format!("src/{module}/{file} is in no layer of INNER in tests/it/arch.rs"));
+                continue;
+            };
+            for dep in deps {
+                if let Some(l) = at(dep).filter(|l| *l > own) {
+                    wrong.push(format!("src/{module}/{file} (layer {own}) names {dep} (layer {l}): upward"));
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    // The reader sees real edges inside folders (so the check can fail).
+    let socketio = inner_edges("socketio", &["engineio", "trail", "transport", "connect", "http"]);
+    assert!(socketio["http"].contains("connect") && socketio["connect"].contains("trail"), "{socketio:?}");
+}
