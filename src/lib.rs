@@ -36,6 +36,7 @@ pub mod channel;
 pub mod config;
 pub mod error;
 pub mod hub;
+pub mod interest;
 pub mod metrics;
 pub mod node;
 pub mod protocol;
@@ -57,7 +58,8 @@ use crate::auth::Auth;
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::error::CloseReason;
-use crate::hub::{Hub, HubLimits, Interest};
+use crate::hub::{Hub, HubLimits};
+use crate::interest::Interest;
 use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::proxy::Proxy;
@@ -78,6 +80,28 @@ pub enum RunError {
     Io(#[from] std::io::Error),
 }
 
+/// What the broker reports, handed to this node's hub, and python-socketio's
+/// messages to the Socket.IO front's bridge.
+struct NodeEvents {
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    max_message_bytes: usize,
+}
+
+impl broker::BrokerEvents for NodeEvents {
+    fn deliver(&self, m: &Arc<protocol::Message>) {
+        self.hub.deliver(m);
+    }
+
+    fn command(&self, cmd: &protocol::commands::NodeCommand, replayed_at: Option<u64>) -> usize {
+        self.hub.apply(cmd, replayed_at)
+    }
+
+    fn foreign(&self, payload: &[u8]) {
+        socketio::bridge::apply(&self.hub, &self.metrics, payload, self.max_message_bytes);
+    }
+}
+
 /// Runs a relay on bound listeners until `shutdown` completes, then drains:
 /// `/readyz` 503 at once, new upgrades refused, sessions closed with 1001
 /// spread over the drain window, in-flight proxied requests finished.
@@ -94,7 +118,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let background = CancellationToken::new();
     let wiring = broker::Wiring {
         node_id: config.node_id.clone(),
-        hub: hub.clone(),
+        events: Arc::new(NodeEvents {
+            hub: hub.clone(),
+            metrics: metrics.clone(),
+            max_message_bytes: config.broker.max_message_bytes,
+        }),
         metrics: metrics.clone(),
         namespaces: config.namespaces.clone(),
         shutdown: background.clone(),

@@ -1,4 +1,5 @@
-//! In-memory broker: one process, publish goes straight to the local hub.
+//! In-memory broker: one process, publish goes straight to the local hub
+//! (through [`super::BrokerEvents`]).
 //! Ordering per channel comes from the hub's shard lock, taken once per
 //! message; where a namespace keeps history, from the channel's ring lock,
 //! held while the offset is assigned and the message delivered.
@@ -12,12 +13,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
+use super::BrokerEvents;
 use super::History;
 use super::presence::{LocalPresence, PresenceList};
 use crate::channel::Channel;
 use crate::config::{HistoryPolicy, Namespaces};
-use crate::hub::{Hub, NodeCommand};
 use crate::metrics::Metrics;
+use crate::protocol::commands::NodeCommand;
 use crate::protocol::{Kind, Message, Offset};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
@@ -25,7 +27,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 const SWEEP_EVERY: u64 = 1024;
 
 pub struct MemoryBroker {
-    hub: Arc<Hub>,
+    events: Arc<dyn BrokerEvents>,
     metrics: Arc<Metrics>,
     namespaces: Arc<Namespaces>,
     rings: Mutex<HashMap<Channel, Arc<Mutex<Ring>>>>,
@@ -80,9 +82,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl MemoryBroker {
-    pub fn new(hub: Arc<Hub>, metrics: Arc<Metrics>, namespaces: Arc<Namespaces>) -> Self {
+    pub fn new(events: Arc<dyn BrokerEvents>, metrics: Arc<Metrics>, namespaces: Arc<Namespaces>) -> Self {
         MemoryBroker {
-            hub,
+            events,
             metrics,
             namespaces,
             rings: Mutex::new(HashMap::new()),
@@ -141,7 +143,7 @@ impl MemoryBroker {
         let mut offsets = Vec::with_capacity(pubs.len());
         for m in pubs {
             let Some(policy) = self.namespaces.rule(&m.channel).history else {
-                self.hub.deliver(m);
+                self.events.deliver(m);
                 offsets.push(None);
                 continue;
             };
@@ -153,7 +155,7 @@ impl MemoryBroker {
             r.entries.push_back((now, stored.clone()));
             r.trim(policy, now);
             // Delivered under the ring's lock: offsets reach subscribers in order.
-            self.hub.deliver(&stored);
+            self.events.deliver(&stored);
             offsets.push(Some(offset));
         }
         if self.publishes.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
@@ -191,7 +193,7 @@ impl MemoryBroker {
         if announce {
             let kind = if join { Kind::Join } else { Kind::Leave };
             let event = Message::event(kind, channel.clone(), Utf8Bytes::from(entry), Some(connection.as_ref().into()));
-            self.hub.deliver(&Arc::new(event));
+            self.events.deliver(&Arc::new(event));
         }
     }
 
@@ -207,9 +209,9 @@ impl MemoryBroker {
                     log.dropped = t;
                 }
             }
-            log.entries.push_back((crate::hub::now_us(), cmd.clone()));
+            log.entries.push_back((crate::protocol::now_us(), cmd.clone()));
         }
-        self.hub.apply(cmd, None);
+        self.events.command(cmd, None);
     }
 
     /// The logged commands issued after `t_us`, oldest first (None: some of

@@ -19,7 +19,6 @@
 pub mod memory;
 pub mod presence;
 pub mod redis;
-pub mod socketio;
 
 use std::sync::Arc;
 
@@ -29,14 +28,28 @@ pub use self::presence::PresenceList;
 use crate::channel::Channel;
 use crate::config::{BrokerConfig, HistoryPolicy, Namespaces};
 pub use crate::error::BrokerError;
-use crate::hub::{Hub, Interest, NodeCommand};
+use crate::interest::Interest;
 use crate::metrics::Metrics;
+use crate::protocol::commands::NodeCommand;
 use crate::protocol::{Message, Offset};
+
+/// What a broker reports upward, to what holds the node's sockets (the
+/// hub, and a front for foreign traffic), as centrifuge's
+/// `BrokerEventHandler`: the broker names none of them.
+pub trait BrokerEvents: Send + Sync + 'static {
+    /// A message for the local subscribers of its channel.
+    fn deliver(&self, m: &Arc<Message>);
+    /// An app command for the local sessions (`replayed_at`: when it was
+    /// issued, for one read back from the log); how many it reached.
+    fn command(&self, cmd: &NodeCommand, replayed_at: Option<u64>) -> usize;
+    /// A message on the python-socketio channel (`--socketio-redis-channel`).
+    fn foreign(&self, payload: &[u8]);
+}
 
 /// What a broker is wired to.
 pub struct Wiring {
     pub node_id: String,
-    pub hub: Arc<Hub>,
+    pub events: Arc<dyn BrokerEvents>,
     pub metrics: Arc<Metrics>,
     pub namespaces: Arc<Namespaces>,
     /// Its background tasks stop when this is cancelled.
@@ -84,7 +97,7 @@ impl Broker {
             }
             (None, _) => {
                 w.metrics.broker_up.set(1);
-                Ok(Broker::Memory(Box::new(memory::MemoryBroker::new(w.hub, w.metrics, w.namespaces))))
+                Ok(Broker::Memory(Box::new(memory::MemoryBroker::new(w.events, w.metrics, w.namespaces))))
             }
             (Some(_), None) => Err(BrokerError::Config("the Redis broker needs the hub's interest".into())),
         }

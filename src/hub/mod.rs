@@ -14,25 +14,22 @@
 //! subscribe/unsubscribe pair cannot leave the broker subscription behind or
 //! missing.
 
-mod commands;
-pub mod interest;
-
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use indexmap::IndexMap;
 use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-pub use self::commands::{Call, CallAnswer, NodeCommand, Target};
-pub use self::interest::Interest;
 use crate::channel::Channel;
 use crate::error::{ApiError, CloseReason, ErrorCode, Fault};
+pub use crate::interest::Interest;
 use crate::metrics::Metrics;
 use crate::protocol::Message;
+pub use crate::protocol::commands::{Call, CallAnswer, NodeCommand, Target};
+pub use crate::protocol::now_us;
 
 const SHARDS: usize = 64;
 
@@ -137,12 +134,6 @@ impl Outbound {
             Outbound::Frame(_) | Outbound::Command(_) => 0,
         }
     }
-}
-
-/// Microseconds since the Unix epoch (comparable across nodes, give or
-/// take their clocks).
-pub fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 /// The hub's handle on one session: its queue and the way to stop it.

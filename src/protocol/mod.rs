@@ -8,10 +8,18 @@
 //! protocol encodes it at most once ([`Message::encoded`]), whatever the
 //! number of its sessions.
 
+pub mod commands;
 pub mod socketio;
 pub mod wsrelay;
 
 use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Microseconds since the Unix epoch (comparable across nodes, give or
+/// take their clocks).
+pub fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
 
 use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Utf8Bytes;

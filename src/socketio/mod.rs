@@ -23,9 +23,11 @@
 //! session's requests and its transport share, [`transport`] is the
 //! Engine.IO transport the session loop reads and writes, [`connect`] runs
 //! a socket's CONNECT (authentication, recovery) and then the loop, and
-//! [`trail`] is the recovery state. The codec is `crate::protocol::socketio`
-//! and the python-socketio bridge `crate::broker::socketio`.
+//! [`trail`] is the recovery state, and [`bridge`] applies python-socketio's
+//! Redis manager messages (which the broker hands up). The codec is
+//! `crate::protocol::socketio`.
 
+pub mod bridge;
 pub(crate) mod connect;
 pub mod engineio;
 pub(crate) mod http;

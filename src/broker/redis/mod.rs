@@ -60,7 +60,8 @@ pub use self::wire::{EnvelopeError, StreamId, decode_command, decode_control, de
 use crate::broker::{BrokerError, History, Wiring};
 use crate::channel::Channel;
 use crate::config::{BrokerConfig, Namespaces, Secret};
-use crate::hub::{Interest, NodeCommand};
+use crate::interest::Interest;
+use crate::protocol::commands::NodeCommand;
 use crate::protocol::{Message, Offset};
 
 /// Publishes taken into one pipeline at most.
@@ -92,7 +93,7 @@ pub struct RedisBroker {
 
 impl RedisBroker {
     pub fn start(url: &Secret, cfg: &BrokerConfig, w: Wiring, interest: Arc<Interest>) -> Result<Self, BrokerError> {
-        let Wiring { node_id, hub, metrics, namespaces, shutdown } = w;
+        let Wiring { node_id, events, metrics, namespaces, shutdown } = w;
         if url.expose().starts_with("rediss://") {
             // rustls needs one process-wide crypto provider; a second install is a no-op error.
             let _ = rustls::crypto::ring::default_provider().install_default();
@@ -135,7 +136,7 @@ impl RedisBroker {
             namespaces: namespaces.clone(),
             history_script: redis::Script::new(HISTORY_SCRIPT),
             keys: keys.clone(),
-            hub,
+            events,
             interest: interest.clone(),
             metrics,
             pool,
@@ -145,7 +146,6 @@ impl RedisBroker {
             probe_timeout: cfg.probe_timeout,
             node_id: node_id.clone(),
             socketio_channel: cfg.socketio_channel.clone(),
-            max_message_bytes: cfg.max_message_bytes,
         };
         tokio::spawn(sub.run(shutdown).instrument(tracing::info_span!("redis_subscriber")));
         Ok(RedisBroker {
@@ -240,7 +240,7 @@ impl RedisBroker {
         let mut header = serde_json::to_vec(&header).unwrap_or_default();
         header.push(b'\n');
         let (hash, zset) = self.keys.presence(channel);
-        let expiry = if join { (crate::hub::now_us() / 1000 + expiry_ms()).to_string() } else { String::new() };
+        let expiry = if join { (crate::protocol::now_us() / 1000 + expiry_ms()).to_string() } else { String::new() };
         let run = async {
             let mut c = self.pool.get().await?;
             let mut inv = self.presence_script.key(hash);
@@ -261,7 +261,7 @@ impl RedisBroker {
         let run = async {
             let mut c = self.pool.get().await?;
             let mut inv = self.presence_read_script.key(hash);
-            inv.key(zset).arg(crate::hub::now_us() / 1000).arg(super::presence::MAX_LISTED);
+            inv.key(zset).arg(crate::protocol::now_us() / 1000).arg(super::presence::MAX_LISTED);
             let (count, entries): (usize, Vec<String>) = inv.invoke_async(&mut c).await?;
             Ok::<_, BrokerError>(super::PresenceList::from_entries(entries, count))
         };

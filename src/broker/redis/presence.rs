@@ -34,7 +34,7 @@ pub(super) async fn heartbeat(
         if entries.is_empty() {
             continue;
         }
-        let until = crate::hub::now_us() / 1000 + expiry_ms();
+        let until = crate::protocol::now_us() / 1000 + expiry_ms();
         let refresh = async {
             let mut c = pool.get().await?;
             let mut pipe = redis::pipe();

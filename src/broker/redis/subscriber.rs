@@ -19,10 +19,12 @@ use tracing::{Instrument, debug, info, warn};
 use super::SUBSCRIBE_CHUNK;
 use super::wire::*;
 use crate::broker::BrokerError;
+use crate::broker::BrokerEvents;
 use crate::channel::Channel;
 use crate::config::Namespaces;
-use crate::hub::{CallAnswer, Hub, Interest, NodeCommand, Target};
+use crate::interest::Interest;
 use crate::metrics::Metrics;
+use crate::protocol::commands::{CallAnswer, NodeCommand, Target};
 use crate::protocol::{Kind, Message, Offset};
 
 /// Publishes probe `seq` to this node's probe channel on a pooled connection.
@@ -55,7 +57,7 @@ pub(super) struct Subscriber {
     pub(super) namespaces: Arc<Namespaces>,
     pub(super) history_script: redis::Script,
     pub(super) keys: Keys,
-    pub(super) hub: Arc<Hub>,
+    pub(super) events: Arc<dyn BrokerEvents>,
     pub(super) interest: Arc<Interest>,
     pub(super) metrics: Arc<Metrics>,
     /// For probes: a checkout per probe (one a second), never the publish
@@ -70,7 +72,6 @@ pub(super) struct Subscriber {
     pub(super) node_id: String,
     /// python-socketio's Redis manager channel, when bridged.
     pub(super) socketio_channel: Option<String>,
-    pub(super) max_message_bytes: usize,
 }
 
 pub(super) enum Lost {
@@ -92,7 +93,7 @@ impl Subscriber {
         let mut attempt: u32 = 0;
         let mut ever_connected = false;
         // Commands issued since this node started may concern its sessions.
-        let started_ms = crate::hub::now_us() / 1000;
+        let started_ms = crate::protocol::now_us() / 1000;
         let mut st = SubState { applied: StreamId(started_ms.saturating_sub(1), u64::MAX), tracked: HashMap::new() };
         loop {
             let result = self.connection(&shutdown, &mut attempt, &mut ever_connected, &mut st).await;
@@ -352,7 +353,7 @@ impl Subscriber {
         *applied = id;
         match decode_command(payload.as_bytes()) {
             Ok((t, op)) => {
-                let n = self.hub.apply(&op, replayed.then_some(t));
+                let n = self.events.command(&op, replayed.then_some(t));
                 debug!(?op, sessions = n, replayed, "command applied");
             }
             Err(e) => warn!(error = %e, "ignoring a malformed command"),
@@ -366,7 +367,7 @@ impl Subscriber {
             Ok((_, op @ (NodeCommand::Call { .. } | NodeCommand::Answer { .. }))) => op,
             _ => return warn!("ignoring a malformed call"),
         };
-        let n = self.hub.apply(&op, None);
+        let n = self.events.command(&op, None);
         if let NodeCommand::Call { target: Target::Connection(id), call } = &op {
             let here = crate::channel::node_of(id) == Some(self.node_id.as_str());
             if n == 0 && here {
@@ -457,7 +458,7 @@ impl Subscriber {
         }
         let mut n = 0u64;
         for m in h.messages.iter().filter(|m| before.is_none_or(|b| m.offset.as_ref().is_some_and(|o| o.seq < b))) {
-            self.hub.deliver(m);
+            self.events.deliver(m);
             n += 1;
             if let Some(o) = &m.offset {
                 st.tracked.insert(channel.clone(), o.clone());
@@ -476,7 +477,7 @@ impl Subscriber {
         self.metrics.history_gaps.inc();
         warn!(%channel, "messages lost beyond history: subscribers told to reload");
         let notice = Message::event(Kind::Gap, channel.clone(), Utf8Bytes::from_static("null"), None);
-        self.hub.deliver(&Arc::new(notice));
+        self.events.deliver(&Arc::new(notice));
         st.tracked.insert(channel.clone(), at);
     }
 
@@ -513,7 +514,7 @@ impl Subscriber {
         if self.namespaces.rule(&channel).history.is_some() {
             st.tracked.insert(channel, off);
         }
-        self.hub.deliver(&Arc::new(msg));
+        self.events.deliver(&Arc::new(msg));
     }
 
     /// Handles one item of the receive buffer; returns the probe number if
@@ -533,7 +534,7 @@ impl Subscriber {
                 Ok(m) => match m.offset.clone() {
                     Some(off) => self.on_offset_message(m, off, st).await,
                     None => {
-                        self.hub.deliver(&Arc::new(m));
+                        self.events.deliver(&Arc::new(m));
                     }
                 },
                 Err(e) => warn!(prefix = %self.keys.prefix, error = %e, "ignoring a message"),
@@ -545,7 +546,7 @@ impl Subscriber {
             self.on_call(payload);
             None
         } else if self.socketio_channel.as_deref() == Some(name) {
-            crate::broker::socketio::apply(&self.hub, &self.metrics, payload, self.max_message_bytes);
+            self.events.foreign(payload);
             None
         } else if name == self.keys.control {
             match decode_control(payload) {

@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::broker::{BrokerError, History};
 use crate::channel::Channel;
-use crate::hub::NodeCommand;
+use crate::protocol::commands::NodeCommand;
 use crate::protocol::{Kind, Message, Offset};
 
 /// Redis channel names, all under the prefix.
@@ -184,7 +184,7 @@ pub(super) async fn send_command(
     op: &NodeCommand,
     timeout: Duration,
 ) -> Result<(), BrokerError> {
-    let cmd = Command { t: crate::hub::now_us(), op: op.clone() };
+    let cmd = Command { t: crate::protocol::now_us(), op: op.clone() };
     // A struct of strings always serializes.
     let payload = serde_json::to_string(&cmd).unwrap_or_default();
     within(timeout, async {
@@ -212,7 +212,7 @@ pub(super) async fn send_call(
     op: &NodeCommand,
     timeout: Duration,
 ) -> Result<(), BrokerError> {
-    let cmd = Command { t: crate::hub::now_us(), op: op.clone() };
+    let cmd = Command { t: crate::protocol::now_us(), op: op.clone() };
     let payload = serde_json::to_string(&cmd).unwrap_or_default();
     within(timeout, async {
         let mut c = pool.get().await?;

@@ -1,7 +1,7 @@
 //! What the app asks of sessions anywhere in the cluster (subscribe,
 //! unsubscribe, disconnect, call), as it travels between nodes.
 
-use super::Channel;
+use crate::channel::Channel;
 
 /// An event sent to one client whose answer the app waits for.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
