@@ -12,7 +12,7 @@ use crate::protocol::socketio::{self, SocketIo};
 pub(super) struct Joined {
     pub(super) namespace: Arc<str>,
     /// The app's rooms in it, or why it is refused.
-    pub(super) result: Result<Vec<Channel>, String>,
+    pub(super) result: Result<Vec<Channel>, ApiError>,
     /// When its token expires (JWT), if it does.
     pub(super) expires: Option<u64>,
 }
@@ -98,7 +98,7 @@ impl<C: Codec> Session<C> {
         Some(async move {
             let mut expires = None;
             let result = match origin.as_deref() {
-                None => Err("this connection cannot open namespaces".to_owned()),
+                None => Err(ApiError::bad_request("this connection cannot open namespaces")),
                 Some((head, remote)) => {
                     let sio = crate::auth::SioConnect { namespace: &namespace, auth: auth.as_deref() };
                     match node.auth.authenticate_with(head, *remote, Some(sio)).await {
@@ -106,10 +106,10 @@ impl<C: Codec> Session<C> {
                             expires = ident.expires;
                             Ok(ident.channels)
                         }
-                        Ok(_) => Err("a connection's namespaces belong to one user".to_owned()),
+                        Ok(_) => Err(ApiError::forbidden("a connection's namespaces belong to one user")),
                         Err(r) => {
                             r.error.log("Socket.IO namespace CONNECT refused");
-                            Err(r.error.message.to_string())
+                            Err(r.error)
                         }
                     }
                 }
@@ -126,7 +126,7 @@ impl<C: Codec> Session<C> {
         let rooms = match result {
             Ok(rooms) => rooms,
             Err(why) => {
-                self.send_frame(SocketIo::connect_error(&namespace, &why));
+                self.send_frame(SocketIo::connect_error(&namespace, &why.message));
                 return;
             }
         };

@@ -76,7 +76,23 @@ pub(super) struct Subscriber {
 
 pub(super) enum Lost {
     Shutdown,
-    Error(String),
+    Error(LostReason),
+}
+
+/// Why the subscriber's connection was given up (it then reconnects).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum LostReason {
+    #[error("{step}: {error}")]
+    Failed { step: &'static str, error: BrokerError },
+    #[error("connection closed by Redis")]
+    Closed,
+    #[error("self-probe not received back: subscriber is not delivering")]
+    NotDelivering,
+}
+
+/// `Lost::Error` for a step that failed.
+fn failed(step: &'static str) -> impl FnOnce(BrokerError) -> LostReason {
+    move |error| LostReason::Failed { step, error }
 }
 
 /// What the subscriber keeps across reconnects.
@@ -127,17 +143,17 @@ impl Subscriber {
     ) -> Lost {
         let (mut sink, mut stream) = match self.subscriber_connection().await {
             Ok(pair) => pair,
-            Err(e) => return Lost::Error(format!("connect: {e}")),
+            Err(e) => return Lost::Error(failed("connect")(e)),
         };
         let mut own = vec![self.keys.control.as_str(), self.keys.probe.as_str(), self.keys.calls.as_str()];
         own.extend(self.socketio_channel.as_deref());
         if let Err(e) = self.with_timeout(sink.subscribe(&own)).await {
-            return Lost::Error(format!("subscribe: {e}"));
+            return Lost::Error(failed("subscribe")(e));
         }
         // Commands published while this node was not listening, now that
         // new ones reach it (a command in both is applied once, by id).
         if let Err(e) = self.replay_commands(&mut st.applied).await {
-            return Lost::Error(format!("reading the control log: {e}"));
+            return Lost::Error(failed("reading the control log")(e));
         }
         // Channels given up while disconnected are not tracked any more.
         st.tracked.retain(|c, _| self.interest.wants(c));
@@ -149,7 +165,7 @@ impl Subscriber {
         // streams, before any new message (those wait in the connection and
         // are de-duplicated by offset).
         if let Err(e) = self.catch_up(st).await {
-            return Lost::Error(format!("catching up from history: {e}"));
+            return Lost::Error(failed("catching up from history")(e));
         }
         self.interest.set_up(true);
         // Channels wanted while the first pass ran.
@@ -176,8 +192,8 @@ impl Subscriber {
             tokio::select! {
                 _ = shutdown.cancelled() => return Lost::Shutdown,
                 msg = stream.recv() => match msg {
-                    None => return Lost::Error("connection closed by Redis".into()),
-                    Some(Received::Closed) => return Lost::Error("connection closed by Redis".into()),
+                    None => return Lost::Error(LostReason::Closed),
+                    Some(Received::Closed) => return Lost::Error(LostReason::Closed),
                     Some(msg) => {
                         last_rx = Instant::now();
                         if let Some(got) = self.on_message(&msg, st).await {
@@ -215,7 +231,7 @@ impl Subscriber {
                         // first reads what has already arrived.
                         for _ in 0..100_000 {
                             match stream.try_recv() {
-                                Ok(Received::Closed) => return Lost::Error("connection closed by Redis".into()),
+                                Ok(Received::Closed) => return Lost::Error(LostReason::Closed),
                                 Ok(msg) => {
                                     last_rx = Instant::now();
                                     if self.on_message(&msg, st).await.is_some_and(|got| got >= want) {
@@ -223,7 +239,7 @@ impl Subscriber {
                                     }
                                 }
                                 Err(mpsc::error::TryRecvError::Disconnected) => {
-                                    return Lost::Error("connection closed by Redis".into());
+                                    return Lost::Error(LostReason::Closed);
                                 }
                                 Err(mpsc::error::TryRecvError::Empty) => break,
                             }
@@ -231,7 +247,7 @@ impl Subscriber {
                         // Still missing, and nothing at all arrived lately: dead.
                         if outstanding.is_some() && last_rx.elapsed() > self.probe_timeout {
                             self.metrics.broker_probe_failures.inc();
-                            return Lost::Error("self-probe not received back: subscriber is not delivering".into());
+                            return Lost::Error(LostReason::NotDelivering);
                         }
                     }
                     Some(_) => last_tick = Instant::now(),
@@ -256,7 +272,7 @@ impl Subscriber {
     /// bound.
     async fn subscriber_connection(
         &self,
-    ) -> Result<(redis::aio::MultiplexedConnection, mpsc::UnboundedReceiver<Received>), String> {
+    ) -> Result<(redis::aio::MultiplexedConnection, mpsc::UnboundedReceiver<Received>), BrokerError> {
         let (tx, rx) = mpsc::unbounded_channel::<Received>();
         let queued = Arc::new(AtomicU64::new(0));
         let (budget, metrics, overflowed) = (self.receive_buffer, self.metrics.clone(), self.overflowed.clone());
@@ -282,22 +298,25 @@ impl Subscriber {
         Ok((conn, rx))
     }
 
-    async fn with_timeout<T>(&self, f: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, String> {
+    async fn with_timeout<T>(
+        &self,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, BrokerError> {
         match tokio::time::timeout(self.timeout, f).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("Redis did not answer in time".into()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(BrokerError::Timeout(self.timeout)),
         }
     }
 
     /// Applies the hub's wanted channels to the connection, in batches of
     /// [`SUBSCRIBE_CHUNK`]. One pass per call: changes made meanwhile wake the
     /// loop again, so a steady churn cannot keep it from reading messages.
-    async fn sync(&self, sink: &mut redis::aio::MultiplexedConnection, st: &mut SubState) -> Result<(), String> {
+    async fn sync(&self, sink: &mut redis::aio::MultiplexedConnection, st: &mut SubState) -> Result<(), LostReason> {
         let (add, remove) = self.interest.take_changes();
         for chunk in remove.chunks(SUBSCRIBE_CHUNK) {
             let names: Vec<String> = chunk.iter().map(|c| self.keys.channel(c)).collect();
-            self.with_timeout(sink.unsubscribe(&names)).await.map_err(|e| format!("unsubscribe: {e}"))?;
+            self.with_timeout(sink.unsubscribe(&names)).await.map_err(failed("unsubscribe"))?;
             for c in chunk {
                 st.tracked.remove(c);
             }
@@ -306,9 +325,9 @@ impl Subscriber {
             // Where each history channel stands, read *before* subscribing:
             // what is published in between shows up as a gap and is read
             // from the stream, never lost.
-            self.track(chunk, st).await.map_err(|e| format!("reading history meta: {e}"))?;
+            self.track(chunk, st).await.map_err(failed("reading history meta"))?;
             let names: Vec<String> = chunk.iter().map(|c| self.keys.channel(c)).collect();
-            self.with_timeout(sink.subscribe(&names)).await.map_err(|e| format!("subscribe: {e}"))?;
+            self.with_timeout(sink.subscribe(&names)).await.map_err(failed("subscribe"))?;
             self.interest.confirm(chunk);
         }
         self.metrics.broker_subscriptions.set(self.interest.active_count() as i64);
