@@ -538,6 +538,67 @@ impl Hub {
 mod tests {
     use super::*;
 
+    fn hub(queued_bytes: usize) -> Hub {
+        let metrics = Arc::new(Metrics::new("t").unwrap());
+        Hub::new(None, metrics, HubLimits { channels: 100, subscriptions: 100, queued_bytes })
+    }
+
+    fn msg(channel: &str, exclude: Option<&str>) -> Arc<Message> {
+        let c = Channel::parse(channel).unwrap();
+        Arc::new(Message::new(c, Utf8Bytes::from_static("1"), exclude.map(Into::into), 0))
+    }
+
+    fn queued(rx: &mut mpsc::Receiver<Outbound>) -> usize {
+        std::iter::from_fn(|| rx.try_recv().ok()).count()
+    }
+
+    #[test]
+    fn a_message_reaches_each_subscriber_once_but_the_excluded_one() {
+        let hub = hub(1 << 20);
+        let (a, mut ra) = hub.register(Arc::from("n.a"), Some(Arc::from("alice")), 8);
+        let (b, mut rb) = hub.register(Arc::from("n.b"), None, 8);
+        let (_c, mut rc) = hub.register(Arc::from("n.c"), None, 8);
+        let room = Channel::parse("room").unwrap();
+        assert_eq!(hub.subscribe(&room, &a), Ok(true));
+        assert_eq!(hub.subscribe(&room, &b), Ok(true));
+        assert_eq!(hub.subscribe(&room, &b), Ok(false));
+        assert_eq!(hub.deliver(&msg("room", None)), 2);
+        assert_eq!((queued(&mut ra), queued(&mut rb), queued(&mut rc)), (1, 1, 0));
+        assert_eq!(hub.deliver(&msg("room", Some("n.a"))), 1);
+        assert_eq!((queued(&mut ra), queued(&mut rb)), (0, 1));
+        // Several rooms: each session once, `skip` left out.
+        let other = Channel::parse("other").unwrap();
+        hub.subscribe(&other, &a).unwrap();
+        assert_eq!(hub.deliver_many(&[room.clone(), other.clone()], &msg("room", None), &[]), 2);
+        assert_eq!((queued(&mut ra), queued(&mut rb)), (1, 1));
+        assert_eq!(hub.deliver_many(&[room.clone(), other], &msg("room", None), &["n.b".to_owned()]), 1);
+        assert_eq!((queued(&mut ra), queued(&mut rb)), (1, 0));
+        // Unsubscribed: nothing more; the budget is given back as frames go.
+        assert!(hub.unsubscribe("room", b.key));
+        assert_eq!(hub.deliver(&msg("room", None)), 1);
+    }
+
+    #[test]
+    fn a_full_queue_drops_for_that_session_only_and_the_budget_closes_laggards() {
+        let hub = hub(1 << 20);
+        let (slow, _rs) = hub.register(Arc::from("n.s"), None, 1);
+        let (fast, mut rf) = hub.register(Arc::from("n.f"), None, 8);
+        let room = Channel::parse("room").unwrap();
+        hub.subscribe(&room, &slow).unwrap();
+        hub.subscribe(&room, &fast).unwrap();
+        assert_eq!(hub.deliver(&msg("room", None)), 2);
+        // The slow one's queue (1 frame) is full: only the fast one gets it.
+        assert_eq!(hub.deliver(&msg("room", None)), 1);
+        assert_eq!(queued(&mut rf), 2);
+        // Over the node-wide budget, a session already behind is closed.
+        let tight = self::hub(1);
+        let (behind, _rb) = tight.register(Arc::from("n.x"), None, 8);
+        tight.subscribe(&room, &behind).unwrap();
+        assert_eq!(tight.deliver(&msg("room", None)), 1);
+        assert_eq!(tight.deliver(&msg("room", None)), 0);
+        assert_eq!(behind.kill_reason(), Some(CloseReason::SlowConsumer));
+    }
+
     #[test]
     fn a_queue_slot_is_two_words() {
         // Every session's queue holds blocks of these: keep them small.
