@@ -4,18 +4,18 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use wsrelay::protocol::socketio::{SocketIo, parse_packet};
+use wsrelay::protocol::socketio::{SioRequest, SocketIo, parse_packet};
 use wsrelay::protocol::{Codec, Frame, Request};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let d = SocketIo.decode(Frame::Text(text));
     match &d.request {
-        Ok(Request::Emit { args, .. }) => {
+        Ok(Request::Own(SioRequest::Emit { args, .. })) => {
             // Relayed as they are (raw JSON, never re-parsed on the way).
             serde_json::from_str::<Vec<&serde_json::value::RawValue>>(args.get()).expect("event arguments are an array");
         }
-        Ok(Request::Ack { args, .. }) => {
+        Ok(Request::Own(SioRequest::Ack { args, .. })) => {
             serde_json::from_str::<serde_json::Value>(args.get()).expect("ack arguments are JSON");
         }
         Err(e) => assert!(!e.message.is_empty()),

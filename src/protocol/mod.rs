@@ -63,9 +63,11 @@ pub fn check_depth(json: &str) -> Result<(), ApiError> {
 /// Protocols known to this build; each has a slot in [`Message`]'s cache.
 pub const PROTOCOLS: usize = 2;
 
-/// What a client asks for, whatever protocol it speaks.
+/// What a client asks of the core, whatever protocol it speaks, or (`Own`)
+/// something only its front knows (`X`: the front's own requests, handled
+/// by the front; wsrelay.v1 has none).
 #[derive(Debug)]
-pub enum Request {
+pub enum Request<X = NoOwn> {
     Subscribe {
         channel: Channel,
         since: Option<String>,
@@ -84,35 +86,15 @@ pub enum Request {
         channel: Channel,
     },
     Ping,
-    /// Socket.IO: connect a further namespace (the first is connected
-    /// before the session starts).
-    Connect {
-        namespace: Arc<str>,
-        auth: Option<Box<RawValue>>,
-    },
-    /// Socket.IO: leave a namespace.
-    Leave {
-        namespace: Arc<str>,
-    },
-    /// Socket.IO: an event for the app (the message hook); `ack` when the
-    /// client waits for an answer.
-    Emit {
-        namespace: Arc<str>,
-        event: Arc<str>,
-        args: Box<RawValue>,
-        ack: bool,
-        /// A binary event's attachments (its `args` hold the placeholders).
-        attachments: Option<Attachments>,
-    },
-    /// Socket.IO: the client's answer to an event the app sent with `/api/call`.
-    Ack {
-        ack: u64,
-        args: Box<RawValue>,
-        attachments: Option<Attachments>,
-    },
+    /// A request of the front's own vocabulary.
+    Own(X),
     /// Something this server does not do: the session is closed, saying why.
     Refuse(&'static str),
 }
+
+/// A front without requests of its own.
+#[derive(Debug)]
+pub enum NoOwn {}
 
 /// A binary event's attachments, base64 (standard, padded) as they travel
 /// in JSON (hooks, the API, the broker, history) and over Engine.IO
@@ -162,9 +144,9 @@ pub fn check_event(event: &str) -> Result<(), ApiError> {
 /// One decoded client frame: where the reply goes (if anywhere) and the
 /// request, or why it is not one.
 #[derive(Debug)]
-pub struct Decoded<Id> {
+pub struct Decoded<Id, X = NoOwn> {
     pub id: Option<Id>,
-    pub request: Result<Request, ApiError>,
+    pub request: Result<Request<X>, ApiError>,
 }
 
 /// A client frame as read from the socket.
@@ -178,6 +160,8 @@ pub enum Frame<'a> {
 pub trait Codec: Send + Sync + 'static {
     /// How a request names its reply (wsrelay.v1: the `id` field).
     type Id: Send + Sync + 'static;
+    /// The protocol's own requests, beside the core's ([`Request::Own`]).
+    type Own: Send + 'static;
     /// Index of this protocol's slot in [`Message`]'s encoding cache.
     const SLOT: usize;
 
@@ -192,7 +176,7 @@ pub trait Codec: Send + Sync + 'static {
     ) -> Utf8Bytes;
     /// Parses one client frame. Never fails: a bad frame is a request error
     /// (with the id when it could be read), answered with an error reply.
-    fn decode(&self, frame: Frame<'_>) -> Decoded<Self::Id>;
+    fn decode(&self, frame: Frame<'_>) -> Decoded<Self::Id, Self::Own>;
     /// A successful reply, with an optional result (None: the protocol has
     /// no reply for it).
     fn reply_ok(&self, id: Option<&Self::Id>, result: Option<&RawValue>) -> Option<Utf8Bytes>;
@@ -201,7 +185,7 @@ pub trait Codec: Send + Sync + 'static {
     /// The app subscribed (`on`) or unsubscribed the client server-side.
     fn server_subscription(&self, channel: &Channel, on: bool) -> Option<Utf8Bytes>;
     /// An event the app sends with `/api/call`, whose answer comes back as
-    /// `Request::Ack` with `ack`. None: the protocol cannot.
+    /// the protocol's own acknowledgement with `ack`. None: the protocol cannot.
     fn call(
         &self,
         _namespace: &str,

@@ -26,6 +26,29 @@ pub const ROOT: &str = "/";
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SocketIo;
 
+/// Socket.IO's own requests, which its front handles (the core knows none
+/// of them).
+#[derive(Debug)]
+pub enum SioRequest {
+    /// Connect a further namespace (the first is connected before the
+    /// session starts).
+    Connect { namespace: Arc<str>, auth: Option<Box<RawValue>> },
+    /// Leave a namespace.
+    Leave { namespace: Arc<str> },
+    /// An event for the app (the message hook); `ack` when the client waits
+    /// for an answer.
+    Emit {
+        namespace: Arc<str>,
+        event: Arc<str>,
+        args: Box<RawValue>,
+        ack: bool,
+        /// A binary event's attachments (its `args` hold the placeholders).
+        attachments: Option<super::Attachments>,
+    },
+    /// The client's answer to an event the app sent with `/api/call`.
+    Ack { ack: u64, args: Box<RawValue>, attachments: Option<super::Attachments> },
+}
+
 /// Where an acknowledgement goes: the namespace and the client's ack id.
 #[derive(Debug, Clone)]
 pub struct AckId {
@@ -259,13 +282,14 @@ fn split_event(json: &str) -> Result<(String, Box<RawValue>), ApiError> {
 
 impl Codec for SocketIo {
     type Id = AckId;
+    type Own = SioRequest;
     const SLOT: usize = 1;
 
     fn welcome(&self, connection: &str, _: Option<&str>, _: &[Channel], _: &[(Channel, bool)]) -> Utf8Bytes {
         SocketIo::connected(ROOT, connection, None)
     }
 
-    fn decode(&self, frame: Frame<'_>) -> Decoded<AckId> {
+    fn decode(&self, frame: Frame<'_>) -> Decoded<AckId, SioRequest> {
         let text = match frame {
             Frame::Text(t) => t,
             Frame::Binary(_) => {
@@ -305,19 +329,23 @@ impl Codec for SocketIo {
             // A packet that cannot be parsed closes the connection, as the
             // reference server does (socket.io-parser's payload checks).
             0 => match p.json.trim() {
-                "" => Ok(Request::Connect { namespace, auth: None }),
+                "" => Ok(Request::Own(SioRequest::Connect { namespace, auth: None })),
                 j if j.starts_with('{') => match RawValue::from_string(j.to_owned()) {
-                    Ok(auth) => Ok(Request::Connect { namespace, auth: Some(auth) }),
+                    Ok(auth) => Ok(Request::Own(SioRequest::Connect { namespace, auth: Some(auth) })),
                     Err(_) => Ok(Request::Refuse("CONNECT data must be a JSON object")),
                 },
                 _ => Ok(Request::Refuse("CONNECT data must be a JSON object")),
             },
-            1 if p.json.trim().is_empty() => Ok(Request::Leave { namespace }),
+            1 if p.json.trim().is_empty() => Ok(Request::Own(SioRequest::Leave { namespace })),
             1 => Ok(Request::Refuse("a DISCONNECT carries no data")),
             2 | 5 => match split_event(p.json) {
-                Ok((event, args)) => {
-                    Ok(Request::Emit { namespace, event: Arc::from(event), args, ack: p.ack.is_some(), attachments })
-                }
+                Ok((event, args)) => Ok(Request::Own(SioRequest::Emit {
+                    namespace,
+                    event: Arc::from(event),
+                    args,
+                    ack: p.ack.is_some(),
+                    attachments,
+                })),
                 Err(e) if e.code == crate::error::ErrorCode::BadRequest && !p.json.trim_start().starts_with('[') => {
                     Ok(Request::Refuse("an EVENT must be a JSON array starting with the event name"))
                 }
@@ -327,7 +355,12 @@ impl Codec for SocketIo {
             // value (`/api/call`), so a number out of range is refused here.
             3 | 6 => match (p.ack, serde_json::from_str::<Vec<serde_json::Value>>(p.json)) {
                 (Some(ack), Ok(_)) => match RawValue::from_string(p.json.to_owned()) {
-                    Ok(args) => return Decoded { id: None, request: Ok(Request::Ack { ack, args, attachments }) },
+                    Ok(args) => {
+                        return Decoded {
+                            id: None,
+                            request: Ok(Request::Own(SioRequest::Ack { ack, args, attachments })),
+                        };
+                    }
                     Err(_) => Ok(Request::Refuse("an ACK needs an id and a JSON array")),
                 },
                 _ => Ok(Request::Refuse("an ACK needs an id and a JSON array")),
@@ -452,7 +485,7 @@ mod tests {
         let d = SocketIo.decode(Frame::Text("431[4e524]"));
         assert!(matches!(d.request, Ok(Request::Refuse(_))));
         let d = SocketIo.decode(Frame::Text("431[4e5,\"x\"]"));
-        assert!(matches!(d.request, Ok(Request::Ack { ack: 1, .. })));
+        assert!(matches!(d.request, Ok(Request::Own(SioRequest::Ack { ack: 1, .. }))));
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub struct WsrelayV1;
 
 impl Codec for WsrelayV1 {
     type Id = Box<RawValue>;
+    type Own = super::NoOwn;
     const SLOT: usize = 0;
 
     fn welcome(

@@ -14,7 +14,6 @@
 //! Hyper forgets upgraded connections, so the session watches the drain
 //! token itself and closes with 1001 at a spread-out moment.
 
-mod namespaces;
 mod requests;
 mod state;
 pub(crate) mod transport;
@@ -46,7 +45,30 @@ use crate::hub::{Outbound, SessionCommand, SessionHandle, now_us};
 use crate::node::{Node, Slot, Source};
 use crate::protocol::{Codec, Decoded, Frame, Message, Offset, Request};
 
-type Pending<Id> = Pin<Box<dyn Future<Output = Outcome<Id>> + Send>>;
+pub(crate) type Pending<Id> = Pin<Box<dyn Future<Output = Outcome<Id>> + Send>>;
+
+/// A client protocol as the session loop sees it: its codec, and the
+/// handling of the protocol's own requests ([`Request::Own`]), which the
+/// core does not know. wsrelay.v1 has none; Socket.IO's front handles its
+/// events, acks and namespaces (`crate::socketio::requests`).
+pub(crate) trait ProtocolFront: Codec + Sized {
+    /// One of the protocol's own requests; a future when it waits on
+    /// something (its `Done` may carry [`Done::front`] back to
+    /// [`resume`](Self::resume)).
+    fn handle(s: &mut Session<Self>, id: Option<Self::Id>, req: Self::Own) -> Option<Pending<Self::Id>>;
+    /// Whether the client can answer `call` now (Socket.IO: it is
+    /// connected to the call's namespace).
+    fn can_answer(s: &Session<Self>, call: &crate::hub::Call) -> bool {
+        let _ = (s, call);
+        true
+    }
+    /// What the front's own pending request left for it.
+    fn resume(s: &mut Session<Self>, id: Option<Self::Id>, left: Box<dyn std::any::Any + Send>) {
+        let _ = (s, id, left);
+    }
+}
+
+pub(crate) use self::requests::Done;
 
 /// Frames written per flush at most, so reads and pings get their turn.
 const WRITE_BATCH: usize = 256;
@@ -93,18 +115,18 @@ impl Bucket {
 
 /// A session's state. Dropping it removes every trace of the session from
 /// the hub, whichever way it ends (close, error, failed upgrade, panic).
-pub(crate) struct Session<C: Codec> {
-    node: Arc<Node>,
+pub(crate) struct Session<C: ProtocolFront> {
+    pub(crate) node: Arc<Node>,
     codec: C,
     pub(crate) handle: Arc<SessionHandle>,
-    ident: Arc<Identity>,
+    pub(crate) ident: Arc<Identity>,
     /// Held for the session's life; given back on drop.
     _slot: Slot,
     /// Its outbound queue, owned here so that whatever is left in it is
     /// given back to the node's queue budget however the session ends.
     rx: Option<mpsc::Receiver<Outbound>>,
     /// Channels subscribed, or reserved by a pending subscribe.
-    subs: HashSet<Channel>,
+    pub(crate) subs: HashSet<Channel>,
     /// Channels being recovered (`since`): their live messages wait here
     /// until history has been read, then follow it.
     recovering: HashMap<Channel, Vec<Arc<Message>>>,
@@ -125,8 +147,8 @@ pub(crate) struct Session<C: Codec> {
     /// counted against the node's queue budget, given back on drop.
     held: usize,
     /// Events sent with `/api/call`, by the ack id they were sent with.
-    calls: HashMap<u64, String>,
-    next_ack: u64,
+    pub(crate) calls: HashMap<u64, String>,
+    pub(crate) next_ack: u64,
     /// What a front keeps of this socket beside the loop (Socket.IO: its
     /// recovery trail), told what the loop writes and joins.
     pub(crate) state: Option<Box<dyn SocketState>>,
@@ -135,12 +157,12 @@ pub(crate) struct Session<C: Codec> {
     pub(crate) origin: Option<Arc<(http::Request<()>, std::net::SocketAddr)>>,
     /// When the session ends for its token's expiry (the earliest of its
     /// namespaces' tokens), Unix seconds.
-    expires: Option<u64>,
+    pub(crate) expires: Option<u64>,
     /// `expires` moved since the loop set its timer.
-    expiry_moved: bool,
+    pub(crate) expiry_moved: bool,
 }
 
-impl<C: Codec> Drop for Session<C> {
+impl<C: ProtocolFront> Drop for Session<C> {
     fn drop(&mut self) {
         let hub = self.node.hub.clone();
         for ch in self.subs.drain().collect::<Vec<_>>() {
@@ -174,7 +196,7 @@ async fn maybe<F: Future + Unpin>(f: &mut Option<F>) -> F::Output {
     }
 }
 
-impl<C: Codec> Session<C> {
+impl<C: ProtocolFront> Session<C> {
     pub(crate) fn new(
         node: Arc<Node>,
         codec: C,
@@ -484,7 +506,7 @@ impl<C: Codec> Session<C> {
     }
 
     /// Forgets a channel's recovery state (its wait list given back).
-    fn forget(&mut self, channel: &Channel) {
+    pub(crate) fn forget(&mut self, channel: &Channel) {
         if let Some(waiting) = self.recovering.remove(channel) {
             let bytes = waiting.iter().map(|m| m.weight()).sum();
             self.release(bytes);
@@ -492,13 +514,13 @@ impl<C: Codec> Session<C> {
         self.seen.remove(channel);
     }
 
-    fn send_frame(&self, frame: Utf8Bytes) {
+    pub(crate) fn send_frame(&self, frame: Utf8Bytes) {
         self.handle.enqueue(Outbound::Frame(Box::new(frame)));
     }
 
     /// Answers a request: always for an error or a result, and for a bare
     /// success only when the client asked (gave an id).
-    fn reply(&self, id: Option<&C::Id>, result: Result<Option<&RawValue>, &ApiError>) {
+    pub(crate) fn reply(&self, id: Option<&C::Id>, result: Result<Option<&RawValue>, &ApiError>) {
         match result {
             Ok(None) if id.is_none() => {}
             Ok(r) => {
@@ -556,7 +578,7 @@ impl<C: Codec> Session<C> {
     }
 }
 
-impl<C: Codec> Session<C> {
+impl<C: ProtocolFront> Session<C> {
     /// Takes a frame from the client's rate: true when over it (the frame is
     /// refused); too many refusals in a row close the session.
     fn rate_limited(&mut self) -> Result<bool, CloseReason> {

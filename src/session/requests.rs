@@ -3,19 +3,16 @@
 //! (server-side subscribe). The loop in [`super`] reads, writes and closes.
 
 use super::*;
-use crate::protocol::socketio;
 
 /// What a pending request ends with: the reply's address, and what the
 /// request's future did.
-pub(super) struct Outcome<Id> {
+pub(crate) struct Outcome<Id> {
     id: Option<Id>,
     done: Done,
 }
 
-use super::namespaces::Joined;
-
 /// What a request's future ends with.
-pub(super) struct Done {
+pub(crate) struct Done {
     result: Result<Option<Box<RawValue>>, ApiError>,
     /// A subscribe with `since`: what history holds after it.
     recovery: Option<Recovery>,
@@ -26,18 +23,18 @@ pub(super) struct Done {
     /// A recovery of a subscribed channel that failed: its held live
     /// messages go out as they are.
     unhold: Option<Channel>,
-    /// Socket.IO: a further namespace, authenticated (or refused).
-    joined: Option<Joined>,
+    /// What a front's own request left for [`ProtocolFront::resume`].
+    front: Option<Box<dyn std::any::Any + Send>>,
 }
 
 impl Done {
-    /// A further Socket.IO namespace's CONNECT ended.
-    pub(super) fn joined(j: Joined) -> Self {
-        Done { joined: Some(j), ..Done::reply(Ok(None)) }
+    /// A front's own request ended, leaving `left` for [`ProtocolFront::resume`].
+    pub(crate) fn front(left: Box<dyn std::any::Any + Send>) -> Self {
+        Done { front: Some(left), ..Done::reply(Ok(None)) }
     }
 
-    pub(super) fn reply(result: Result<Option<Box<RawValue>>, ApiError>) -> Self {
-        Done { result, recovery: None, release: None, subscribed: None, unhold: None, joined: None }
+    pub(crate) fn reply(result: Result<Option<Box<RawValue>>, ApiError>) -> Self {
+        Done { result, recovery: None, release: None, subscribed: None, unhold: None, front: None }
     }
 }
 
@@ -67,7 +64,7 @@ impl Recovery {
     }
 }
 
-impl<C: Codec> Session<C> {
+impl<C: ProtocolFront> Session<C> {
     /// This session as its channels' presence lists it.
     pub(super) fn presence_entry(&self) -> String {
         let v = serde_json::json!({
@@ -79,7 +76,7 @@ impl<C: Codec> Session<C> {
     }
 
     /// Leaves `channel`'s presence, in the background (from Drop too).
-    pub(super) fn leave(&self, channel: &Channel) {
+    pub(crate) fn leave(&self, channel: &Channel) {
         let rule = self.node.cfg.namespaces.rule(channel);
         if !rule.presence {
             return;
@@ -136,8 +133,8 @@ impl<C: Codec> Session<C> {
 
     pub(super) fn apply(&mut self, outcome: Outcome<C::Id>) {
         let Outcome { id, done: mut outcome } = outcome;
-        if let Some(joined) = outcome.joined.take() {
-            self.join_namespace(joined);
+        if let Some(left) = outcome.front.take() {
+            C::resume(self, id, left);
             return;
         }
         if let Some(channel) = &outcome.unhold {
@@ -206,7 +203,7 @@ impl<C: Codec> Session<C> {
     }
 
     /// Answers a request at once, or returns the future that will.
-    pub(super) fn dispatch(&mut self, decoded: Decoded<C::Id>) -> Option<Pending<C::Id>> {
+    pub(super) fn dispatch(&mut self, decoded: Decoded<C::Id, C::Own>) -> Option<Pending<C::Id>> {
         let Decoded { id, request } = decoded;
         let request = match request {
             Ok(r) => r,
@@ -250,24 +247,7 @@ impl<C: Codec> Session<C> {
                 Ok(fut) => return Some(Self::pending(id, fut)),
                 Err(e) => Err(e),
             },
-            Request::Emit { namespace, event, args, ack, attachments } => {
-                if !self.subs.iter().any(|c| socketio::in_namespace(c, &namespace)) {
-                    Err(ApiError::bad_request(format!("not connected to namespace {namespace:?}")))
-                } else {
-                    return Some(Self::pending(id, self.emit(namespace, event, args, ack, attachments)));
-                }
-            }
-            Request::Ack { ack, args, attachments } => {
-                self.acked(ack, &args, attachments.as_deref());
-                return None;
-            }
-            Request::Connect { namespace, auth } => {
-                return self.connect_namespace(namespace, auth).map(|fut| Self::pending(None, fut));
-            }
-            Request::Leave { namespace } => {
-                self.leave_namespace(&namespace);
-                return None;
-            }
+            Request::Own(req) => return C::handle(self, id, req),
             // Handled before dispatch (the session closes).
             Request::Refuse(why) => Err(ApiError::bad_request(why)),
         };
@@ -276,7 +256,7 @@ impl<C: Codec> Session<C> {
     }
 
     /// Wraps a request's future with its reply address.
-    pub(super) fn pending(id: Option<C::Id>, fut: impl Future<Output = Done> + Send + 'static) -> Pending<C::Id> {
+    pub(crate) fn pending(id: Option<C::Id>, fut: impl Future<Output = Done> + Send + 'static) -> Pending<C::Id> {
         Box::pin(async move { Outcome { id, done: fut.await } })
     }
 
@@ -481,6 +461,28 @@ impl<C: Codec> Session<C> {
             .await;
             Done::reply(result)
         }
+    }
+
+    /// Sends an event the app waits an answer for (`/api/call`).
+    pub(super) fn call(&mut self, call: crate::hub::Call) {
+        use crate::hub::CallAnswer;
+        self.next_ack += 1;
+        let ack = self.next_ack;
+        let attachments: Vec<Box<str>> = call.attachments.iter().flatten().map(|a| Box::from(a.as_str())).collect();
+        let Some(frame) = self.codec.call(&call.namespace, &call.event, &call.args, &attachments, ack) else {
+            self.node.answer_call(call.id, CallAnswer::Unsupported);
+            return;
+        };
+        // Not connected to that namespace: no socket there to answer. And
+        // bounded like the queue: a client that never answers does not pile
+        // calls up.
+        let joined = C::can_answer(self, &call);
+        if !joined || self.calls.len() >= self.node.cfg.session.client_queue {
+            self.node.answer_call(call.id, CallAnswer::Gone);
+            return;
+        }
+        self.calls.insert(ack, call.id);
+        self.send_frame(frame);
     }
 
     pub(super) fn send(&self, data: Box<RawValue>) -> impl Future<Output = Done> + Send + 'static {

@@ -18,7 +18,7 @@ pub(crate) trait SocketState: Send + Sync {
     fn ended(self: Box<Self>, node: &Arc<Node>, reason: CloseReason, queued: Vec<SessionCommand>);
 }
 
-impl<C: Codec> Session<C> {
+impl<C: ProtocolFront> Session<C> {
     /// Hands the front's state over as the session ends, with the
     /// membership changes still queued (their bytes given back).
     pub(super) fn end_state(&mut self, reason: CloseReason) {
@@ -43,7 +43,7 @@ impl<C: Codec> Session<C> {
         }
     }
 
-    pub(super) fn state_left(&mut self, channel: &Channel) {
+    pub(crate) fn state_left(&mut self, channel: &Channel) {
         if let Some(s) = &mut self.state {
             s.left(channel);
         }

@@ -216,3 +216,10 @@ async fn prepare(node: &Arc<Node>, req: &Request<Incoming>, remote: SocketAddr) 
     let channels = ident.channels.iter().cloned().chain(url_channels).collect();
     Ok(Prepared { key, protocol, session, channels, since })
 }
+
+/// wsrelay.v1 has no requests beyond the core's.
+impl super::ProtocolFront for crate::protocol::wsrelay::WsrelayV1 {
+    fn handle(_: &mut Session<Self>, _: Option<Self::Id>, req: Self::Own) -> Option<super::Pending<Self::Id>> {
+        match req {}
+    }
+}

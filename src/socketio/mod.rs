@@ -31,6 +31,7 @@ pub mod bridge;
 pub(crate) mod connect;
 pub mod engineio;
 pub(crate) mod http;
+pub(crate) mod requests;
 pub(crate) mod trail;
 pub(crate) mod transport;
 

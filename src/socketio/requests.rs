@@ -1,26 +1,69 @@
-//! Socket.IO's requests in the session: events for the app (the message
-//! hook), acknowledgements of app calls, and further namespaces on one
-//! connection (CONNECT, DISCONNECT). They still live in the core, which is
-//! why the loop knows Socket.IO's vocabulary; the front's own request type
-//! over a small core interface is the next step (issue 17).
+//! Socket.IO's own requests, handled by its front: events for the app (the
+//! message hook), acknowledgements of app calls, and further namespaces on
+//! one connection (CONNECT, DISCONNECT). The session loop knows none of
+//! them: it hands them over through [`ProtocolFront`].
 
-use super::requests::Done;
-use super::*;
-use crate::protocol::socketio::{self, SocketIo};
+use std::any::Any;
+use std::future::Future;
+use std::sync::Arc;
+
+use serde_json::value::RawValue;
+
+use crate::channel::Channel;
+use crate::error::ApiError;
+use crate::hub::Outbound;
+use crate::protocol::socketio::{self, SioRequest, SocketIo};
+use crate::session::{Done, Pending, ProtocolFront, Session};
 
 /// A further Socket.IO namespace, as its CONNECT ended.
-pub(super) struct Joined {
-    pub(super) namespace: Arc<str>,
+struct Joined {
+    namespace: Arc<str>,
     /// The app's rooms in it, or why it is refused.
-    pub(super) result: Result<Vec<Channel>, ApiError>,
+    result: Result<Vec<Channel>, ApiError>,
     /// When its token expires (JWT), if it does.
-    pub(super) expires: Option<u64>,
+    expires: Option<u64>,
 }
 
-impl<C: Codec> Session<C> {
+impl ProtocolFront for SocketIo {
+    fn handle(s: &mut Session<Self>, id: Option<Self::Id>, req: SioRequest) -> Option<Pending<Self::Id>> {
+        match req {
+            SioRequest::Emit { namespace, event, args, ack, attachments } => {
+                if s.subs.iter().any(|c| socketio::in_namespace(c, &namespace)) {
+                    return Some(Session::<SocketIo>::pending(id, s.emit(namespace, event, args, ack, attachments)));
+                }
+                let e = ApiError::bad_request(format!("not connected to namespace {namespace:?}"));
+                s.reply(id.as_ref(), Err(&e));
+                None
+            }
+            SioRequest::Ack { ack, args, attachments } => {
+                s.acked(ack, &args, attachments.as_deref());
+                None
+            }
+            SioRequest::Connect { namespace, auth } => {
+                s.connect_namespace(namespace, auth).map(|fut| Session::<SocketIo>::pending(None, fut))
+            }
+            SioRequest::Leave { namespace } => {
+                s.leave_namespace(&namespace);
+                None
+            }
+        }
+    }
+
+    fn can_answer(s: &Session<Self>, call: &crate::hub::Call) -> bool {
+        s.subs.iter().any(|c| socketio::in_namespace(c, &call.namespace))
+    }
+
+    fn resume(s: &mut Session<Self>, _id: Option<Self::Id>, left: Box<dyn Any + Send>) {
+        if let Ok(joined) = left.downcast::<Joined>() {
+            s.join_namespace(*joined);
+        }
+    }
+}
+
+impl Session<SocketIo> {
     /// A Socket.IO event for the app: the message hook answers it (and its
     /// answer is the acknowledgement when the client asked for one).
-    pub(super) fn emit(
+    fn emit(
         &self,
         namespace: Arc<str>,
         event: Arc<str>,
@@ -43,30 +86,8 @@ impl<C: Codec> Session<C> {
         }
     }
 
-    /// Sends an event the app waits an answer for (`/api/call`).
-    pub(super) fn call(&mut self, call: crate::hub::Call) {
-        use crate::hub::CallAnswer;
-        self.next_ack += 1;
-        let ack = self.next_ack;
-        let attachments: Vec<Box<str>> = call.attachments.iter().flatten().map(|a| Box::from(a.as_str())).collect();
-        let Some(frame) = self.codec.call(&call.namespace, &call.event, &call.args, &attachments, ack) else {
-            self.node.answer_call(call.id, CallAnswer::Unsupported);
-            return;
-        };
-        // Not connected to that namespace: no socket there to answer. And
-        // bounded like the queue: a client that never answers does not pile
-        // calls up.
-        let joined = self.subs.iter().any(|c| socketio::in_namespace(c, &call.namespace));
-        if !joined || self.calls.len() >= self.node.cfg.session.client_queue {
-            self.node.answer_call(call.id, CallAnswer::Gone);
-            return;
-        }
-        self.calls.insert(ack, call.id);
-        self.send_frame(frame);
-    }
-
     /// The client answered a call.
-    pub(super) fn acked(&mut self, ack: u64, args: &RawValue, attachments: Option<&[Box<str>]>) {
+    fn acked(&mut self, ack: u64, args: &RawValue, attachments: Option<&[Box<str>]>) {
         use crate::hub::CallAnswer;
         let answer = match attachments {
             Some(a) => CallAnswer::Binary {
@@ -84,7 +105,7 @@ impl<C: Codec> Session<C> {
     /// Socket.IO: the client connects one more namespace on this connection.
     /// The connect hook (or the JWT) is asked again, with that namespace and
     /// its `auth`; it must be the same user. None when it is connected already.
-    pub(super) fn connect_namespace(
+    fn connect_namespace(
         &mut self,
         namespace: Arc<str>,
         auth: Option<Box<RawValue>>,
@@ -114,14 +135,14 @@ impl<C: Codec> Session<C> {
                     }
                 }
             };
-            Done::joined(Joined { namespace, result, expires })
+            Done::front(Box::new(Joined { namespace, result, expires }))
         })
     }
 
     /// A further namespace's CONNECT ended: its sockets are in the
     /// namespace's channel, the room named by the connection id and the
     /// app's rooms; or it is refused (CONNECT_ERROR).
-    pub(super) fn join_namespace(&mut self, joined: Joined) {
+    fn join_namespace(&mut self, joined: Joined) {
         let Joined { namespace, result, expires } = joined;
         let rooms = match result {
             Ok(rooms) => rooms,
@@ -176,7 +197,7 @@ impl<C: Codec> Session<C> {
     }
 
     /// Socket.IO: the client leaves a namespace (its rooms go with it).
-    pub(super) fn leave_namespace(&mut self, namespace: &str) {
+    fn leave_namespace(&mut self, namespace: &str) {
         let gone: Vec<Channel> = self.subs.iter().filter(|c| socketio::in_namespace(c, namespace)).cloned().collect();
         for ch in gone {
             self.subs.remove(&ch);
