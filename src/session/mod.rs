@@ -14,6 +14,7 @@
 //! Hyper forgets upgraded connections, so the session watches the drain
 //! token itself and closes with 1001 at a spread-out moment.
 
+mod membership;
 mod requests;
 mod state;
 pub(crate) mod transport;
@@ -68,6 +69,7 @@ pub(crate) trait ProtocolFront: Codec + Sized {
     }
 }
 
+pub(crate) use self::membership::{OnFailure, confirm_join};
 pub(crate) use self::requests::Done;
 
 /// Frames written per flush at most, so reads and pings get their turn.
@@ -167,7 +169,7 @@ impl<C: ProtocolFront> Drop for Session<C> {
         let hub = self.node.hub.clone();
         for ch in self.subs.drain().collect::<Vec<_>>() {
             hub.unsubscribe(&ch, self.handle.key);
-            self.leave(&ch);
+            self.leave_presence(&ch);
         }
         hub.unregister(&self.handle);
         // Nothing more can be queued (unsubscribed above): release the rest,

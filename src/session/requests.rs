@@ -75,22 +75,6 @@ impl<C: ProtocolFront> Session<C> {
         v.to_string()
     }
 
-    /// Leaves `channel`'s presence, in the background (from Drop too).
-    pub(crate) fn leave(&self, channel: &Channel) {
-        let rule = self.node.cfg.namespaces.rule(channel);
-        if !rule.presence {
-            return;
-        }
-        let (node, channel, id, entry, announce) =
-            (self.node.clone(), channel.clone(), self.handle.id.clone(), self.presence_entry(), rule.join_leave);
-        // From Drop too: only where a runtime still runs (else the entry expires).
-        self.node.spawn(async move {
-            if let Err(e) = node.broker.presence_change(&channel, &id, entry, false, announce).await {
-                tracing::debug!(error = %e, "presence leave not recorded (the entry expires)");
-            }
-        });
-    }
-
     /// Subscribes before the upgrade (URL, hook and token channels); a URL
     /// channel with `since` is recovered: its history after that offset is
     /// written right after the welcome. Returns each recovery's outcome.
@@ -105,14 +89,8 @@ impl<C: ProtocolFront> Session<C> {
                 continue;
             }
             self.node.hub.subscribe(ch, &self.handle)?;
-            self.node.broker.ensure_subscribed(ch).await?;
-            let rule = self.node.cfg.namespaces.rule(ch);
-            if rule.presence {
-                self.node
-                    .broker
-                    .presence_change(ch, &self.handle.id, self.presence_entry(), true, rule.join_leave)
-                    .await?;
-            }
+            let presence = self.presence_of(ch);
+            membership::confirm_join(&self.node, &self.handle, ch, presence, membership::OnFailure::Keep).await?;
             let Some(offset) = since.get(ch) else { continue };
             let Some(policy) = self.node.cfg.namespaces.rule(ch).history else {
                 recovered.push((ch.clone(), false));
@@ -149,9 +127,7 @@ impl<C: ProtocolFront> Session<C> {
         if let Some(channel) = &outcome.subscribed {
             // The app unsubscribed it (server-side) while this was pending.
             if !self.subs.contains(channel) {
-                self.node.hub.unsubscribe(channel, self.handle.key);
-                self.leave(channel);
-                self.forget(channel);
+                self.drop_channel(channel);
                 outcome.recovery = None;
             }
         }
@@ -234,11 +210,7 @@ impl<C: ProtocolFront> Session<C> {
                 Err(e) => Err(e),
             },
             Request::Unsubscribe { channel } => {
-                if let Some(ch) = self.subs.take(&channel) {
-                    self.node.hub.unsubscribe(&ch, self.handle.key);
-                    self.leave(&ch);
-                    self.forget(&ch);
-                }
+                self.leave_channel(&channel);
                 Ok(())
             }
             Request::Publish { channel, data } => return Some(Self::pending(id, self.publish(channel, data))),
@@ -282,7 +254,7 @@ impl<C: ProtocolFront> Session<C> {
         self.subs.insert(channel.clone());
         let rule = self.node.cfg.namespaces.rule(&channel);
         let history = rule.history;
-        let presence = rule.presence.then(|| (self.presence_entry(), rule.join_leave));
+        let presence = self.presence_of(&channel);
         if since.is_some() && history.is_some() {
             // Live messages wait from the moment the hub has us.
             self.recovering.insert(channel.clone(), Vec::new());
@@ -295,18 +267,8 @@ impl<C: ProtocolFront> Session<C> {
             let result = async {
                 node.auth.authorize(Action::Subscribe, &ident, &handle.id, &channel, None).await?;
                 node.hub.subscribe(&channel, &handle)?;
-                if let Err(e) = node.broker.ensure_subscribed(&channel).await {
-                    node.hub.unsubscribe(&channel, handle.key);
-                    return Err(ApiError::from(e));
-                }
-                if let Some((entry, announce)) = &presence {
-                    let joined =
-                        node.broker.presence_change(&channel, &handle.id, entry.clone(), true, *announce).await;
-                    if let Err(e) = joined {
-                        node.hub.unsubscribe(&channel, handle.key);
-                        return Err(ApiError::from(e));
-                    }
-                }
+                membership::confirm_join(&node, &handle, &channel, presence.clone(), membership::OnFailure::Undo)
+                    .await?;
                 match (since, history) {
                     (Some(since), Some(policy)) => {
                         let since = Offset::parse(&since);
@@ -316,11 +278,7 @@ impl<C: ProtocolFront> Session<C> {
                             Ok(h) => Ok(Some(Recovery::new(channel.clone(), since, h))),
                             Err(e) => {
                                 // Undo what succeeded: the subscribe failed as a whole.
-                                node.hub.unsubscribe(&channel, handle.key);
-                                if let Some((entry, announce)) = presence {
-                                    let _ =
-                                        node.broker.presence_change(&channel, &handle.id, entry, false, announce).await;
-                                }
+                                membership::undo_join(&node, &handle, &channel, presence).await;
                                 Err(ApiError::from(e))
                             }
                         }
@@ -389,22 +347,17 @@ impl<C: ProtocolFront> Session<C> {
                     tracing::warn!(%channel, "server-side subscribe over max-subscriptions: ignored");
                     return;
                 }
-                if let Err(e) = self.node.hub.subscribe(&channel, &self.handle) {
+                if let Err(e) = self.join_now(&channel) {
                     tracing::warn!(%channel, error = %e, "server-side subscribe refused");
                     return;
                 }
-                self.subs.insert(channel.clone());
-                self.state_joined(&channel);
                 let frame = self.codec.server_subscription(&channel, true);
-                let rule = self.node.cfg.namespaces.rule(&channel);
-                let presence = rule.presence.then(|| (self.presence_entry(), rule.join_leave));
+                let presence = self.presence_of(&channel);
                 let (node, handle) = (self.node.clone(), self.handle.clone());
                 self.node.spawn(async move {
-                    if let Err(e) = node.broker.ensure_subscribed(&channel).await {
+                    let keep = membership::OnFailure::Keep;
+                    if let Err(e) = membership::confirm_join(&node, &handle, &channel, presence, keep).await {
                         tracing::warn!(%channel, error = %e, "server-side subscribe not confirmed by the broker");
-                    }
-                    if let Some((entry, announce)) = presence {
-                        let _ = node.broker.presence_change(&channel, &handle.id, entry, true, announce).await;
                     }
                     if let Some(frame) = frame {
                         handle.enqueue(Outbound::Frame(Box::new(frame)));
@@ -413,12 +366,8 @@ impl<C: ProtocolFront> Session<C> {
             }
             SessionCommand::Call(call) => self.call(call),
             SessionCommand::Unsubscribe(channel) => {
-                if let Some(ch) = self.subs.take(&channel) {
-                    self.node.hub.unsubscribe(&ch, self.handle.key);
-                    self.forget(&ch);
-                    self.leave(&ch);
-                    self.state_left(&ch);
-                    if let Some(f) = self.codec.server_subscription(&ch, false) {
+                if self.leave_channel(&channel) {
+                    if let Some(f) = self.codec.server_subscription(&channel, false) {
                         self.send_frame(f);
                     }
                 }

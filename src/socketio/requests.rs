@@ -13,7 +13,7 @@ use crate::channel::Channel;
 use crate::error::ApiError;
 use crate::hub::Outbound;
 use crate::protocol::socketio::{self, SioRequest, SocketIo};
-use crate::session::{Done, Pending, ProtocolFront, Session};
+use crate::session::{Done, OnFailure, Pending, ProtocolFront, Session, confirm_join};
 
 /// A further Socket.IO namespace, as its CONNECT ended.
 struct Joined {
@@ -168,15 +168,16 @@ impl Session<SocketIo> {
             self.send_frame(SocketIo::connect_error(&namespace, "too many rooms (max-subscriptions)"));
             return;
         }
+        let mut joined = Vec::new();
         for ch in &channels {
-            if self.subs.contains(ch) {
-                continue;
+            match self.join_now(ch) {
+                Ok(true) => joined.push((ch.clone(), self.presence_of(ch))),
+                Ok(false) => {}
+                Err(e) => {
+                    self.send_frame(SocketIo::connect_error(&namespace, &e.to_string()));
+                    return;
+                }
             }
-            if let Err(e) = self.node.hub.subscribe(ch, &self.handle) {
-                self.send_frame(SocketIo::connect_error(&namespace, &e.to_string()));
-                return;
-            }
-            self.subs.insert(ch.clone());
         }
         // The connection lasts no longer than its shortest-lived token.
         if let Some(exp) = expires {
@@ -187,8 +188,9 @@ impl Session<SocketIo> {
         }
         let (node, handle) = (self.node.clone(), self.handle.clone());
         self.node.spawn(async move {
-            for ch in &channels {
-                if let Err(e) = node.broker.ensure_subscribed(ch).await {
+            for (ch, presence) in joined {
+                let keep = OnFailure::Keep;
+                if let Err(e) = confirm_join(&node, &handle, &ch, presence, keep).await {
                     tracing::warn!(channel = %ch, error = %e, "namespace channel not confirmed by the broker");
                 }
             }
@@ -200,11 +202,7 @@ impl Session<SocketIo> {
     fn leave_namespace(&mut self, namespace: &str) {
         let gone: Vec<Channel> = self.subs.iter().filter(|c| socketio::in_namespace(c, namespace)).cloned().collect();
         for ch in gone {
-            self.subs.remove(&ch);
-            self.node.hub.unsubscribe(&ch, self.handle.key);
-            self.leave(&ch);
-            self.forget(&ch);
-            self.state_left(&ch);
+            self.leave_channel(&ch);
         }
         if !self.subs.iter().any(|c| socketio::split_channel(c).1.is_none()) {
             // The client left every namespace on purpose: nothing to recover
