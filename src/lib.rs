@@ -116,6 +116,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     };
     let hub = Arc::new(Hub::new(interest.clone(), metrics.clone(), limits));
     let background = CancellationToken::new();
+    let background_tasks = tokio_util::task::TaskTracker::new();
     let wiring = broker::Wiring {
         node_id: config.node_id.clone(),
         events: Arc::new(NodeEvents {
@@ -126,6 +127,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         metrics: metrics.clone(),
         namespaces: config.namespaces.clone(),
         shutdown: background.clone(),
+        tasks: background_tasks.clone(),
     };
     let broker = node_span.in_scope(|| Broker::start(&config.broker, wiring, interest))?;
     info!("{}", broker.describe());
@@ -210,6 +212,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
     }
     background.cancel();
+    // The broker's tasks end on that (the node's address is removed from
+    // Redis on the way out); bounded, as Redis may be unreachable.
+    background_tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), background_tasks.wait()).await;
     info!("stopped");
     Ok(())
 }

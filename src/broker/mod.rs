@@ -54,6 +54,8 @@ pub struct Wiring {
     pub namespaces: Arc<Namespaces>,
     /// Its background tasks stop when this is cancelled.
     pub shutdown: CancellationToken,
+    /// Every task it spawns, so the node can wait for them to end.
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 /// A channel's history as read at one moment.

@@ -87,13 +87,15 @@ pub struct RedisBroker {
     local_presence: Arc<super::presence::LocalPresence>,
     namespaces: Arc<Namespaces>,
     interest: Arc<Interest>,
+    /// Its background tasks.
+    tasks: tokio_util::task::TaskTracker,
     timeout: Duration,
     description: String,
 }
 
 impl RedisBroker {
     pub fn start(url: &Secret, cfg: &BrokerConfig, w: Wiring, interest: Arc<Interest>) -> Result<Self, BrokerError> {
-        let Wiring { node_id, events, metrics, namespaces, shutdown } = w;
+        let Wiring { node_id, events, metrics, namespaces, shutdown, tasks } = w;
         if url.expose().starts_with("rediss://") {
             // rustls needs one process-wide crypto provider; a second install is a no-op error.
             let _ = rustls::crypto::ring::default_provider().install_default();
@@ -123,12 +125,19 @@ impl RedisBroker {
         let (tx, rx) = mpsc::channel(PUBLISH_QUEUE);
         let generation = Arc::new(AtomicU64::new(0));
         metrics.broker_up.set(0);
-        let publisher_task = publisher(pool.clone(), rx, generation.clone(), cfg.timeout, metrics.clone());
-        tokio::spawn(publisher_task.instrument(tracing::info_span!("redis_publisher")));
+        let publisher_task = publisher(
+            pool.clone(),
+            rx,
+            generation.clone(),
+            cfg.timeout,
+            metrics.clone(),
+            (shutdown.clone(), tasks.clone()),
+        );
+        tasks.spawn(publisher_task.instrument(tracing::info_span!("redis_publisher")));
         let command_pool = pool.clone();
         let local_presence = Arc::new(super::presence::LocalPresence::default());
         let beat = heartbeat(pool.clone(), keys.clone(), local_presence.clone(), cfg.timeout, shutdown.clone());
-        tokio::spawn(beat.instrument(tracing::info_span!("redis_presence")));
+        tasks.spawn(beat.instrument(tracing::info_span!("redis_presence")));
         let sub = Subscriber {
             client,
             receive_buffer: cfg.receive_buffer as u64,
@@ -146,8 +155,9 @@ impl RedisBroker {
             probe_timeout: cfg.probe_timeout,
             node_id: node_id.clone(),
             socketio_channel: cfg.socketio_channel.clone(),
+            tasks: tasks.clone(),
         };
-        tokio::spawn(sub.run(shutdown).instrument(tracing::info_span!("redis_subscriber")));
+        tasks.spawn(sub.run(shutdown).instrument(tracing::info_span!("redis_subscriber")));
         Ok(RedisBroker {
             description: format!("using redis broker at {} (prefix {})", redact(url.expose()), cfg.prefix),
             keys,
@@ -160,6 +170,7 @@ impl RedisBroker {
             local_presence,
             namespaces,
             interest,
+            tasks,
             timeout: cfg.timeout,
         })
     }
@@ -317,7 +328,7 @@ impl RedisBroker {
                 let _ = tokio::time::timeout(timeout, redis::cmd("DEL").arg(&key).query_async::<()>(&mut c)).await;
             }
         };
-        tokio::spawn(task.instrument(tracing::info_span!("redis_advertise")));
+        self.tasks.spawn(task.instrument(tracing::info_span!("redis_advertise")));
     }
 
     /// Where node `node_id` is reached, if it is alive.

@@ -56,10 +56,19 @@ pub(super) async fn publisher(
     generation: Arc<AtomicU64>,
     timeout: Duration,
     metrics: Arc<Metrics>,
+    (shutdown, tasks): (tokio_util::sync::CancellationToken, tokio_util::task::TaskTracker),
 ) {
     let mut held: Option<Held> = None;
     let mut batch: Vec<Job> = Vec::with_capacity(64);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    loop {
+        let n = tokio::select! {
+            n = rx.recv_many(&mut batch, MAX_BATCH) => n,
+            // The node stopped: nothing publishes any more.
+            () = shutdown.cancelled() => 0,
+        };
+        if n == 0 {
+            break;
+        }
         let now = generation.load(Ordering::Acquire);
         if held.as_ref().is_some_and(|(_, g, _)| *g != now) {
             discard(&mut held);
@@ -86,7 +95,7 @@ pub(super) async fn publisher(
                     // call them failed and have them delivered anyway.
                     if job.messages.iter().all(|m| matches!(m, Out::History { .. })) {
                         let (pool, err) = (pool.clone(), e.clone());
-                        tokio::spawn(
+                        tasks.spawn(
                             async move {
                                 let r = confirm(&pool, &job.messages, timeout).await.ok_or(err);
                                 let _ = done.send(r);

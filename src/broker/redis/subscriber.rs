@@ -72,6 +72,8 @@ pub(super) struct Subscriber {
     pub(super) node_id: String,
     /// python-socketio's Redis manager channel, when bridged.
     pub(super) socketio_channel: Option<String>,
+    /// Where its one-off tasks (probes, call answers) are tracked.
+    pub(super) tasks: tokio_util::task::TaskTracker,
 }
 
 pub(super) enum Lost {
@@ -256,7 +258,7 @@ impl Subscriber {
                         seq += 1;
                         outstanding = Some((seq, Instant::now()));
                         let probe = probe(self.pool.clone(), self.keys.probe.clone(), seq, self.timeout);
-                        tokio::spawn(probe.in_current_span());
+                        self.tasks.spawn(probe.in_current_span());
                     }
                 },
             }
@@ -393,7 +395,7 @@ impl Subscriber {
                 // Ours by its name, and gone: say so now rather than at the timeout.
                 let answer = NodeCommand::Answer { call: call.id.clone(), answer: CallAnswer::Gone };
                 let (pool, keys, timeout) = (self.pool.clone(), self.keys.clone(), self.timeout);
-                tokio::spawn(async move {
+                self.tasks.spawn(async move {
                     let _ = send_call(&pool, &keys, &answer, timeout).await;
                 });
             }
