@@ -11,22 +11,27 @@
 //! 2. The [`broker`] carries it to every node: in memory it goes straight
 //!    to the hub; with Redis it is published once and every sidecar
 //!    subscribed to the channel receives it on its single subscriber
-//!    connection.
+//!    connection. The broker hands what it receives up through
+//!    [`broker::BrokerEvents`] (wired here to the hub and to the Socket.IO
+//!    front's python-socketio bridge).
 //! 3. Each node's [`hub`] hands the same `Arc<Message>` to the bounded
 //!    queue of every local subscriber; each [`session`] task has its
 //!    protocol's codec frame it (once per protocol per message, shared) and
-//!    writes its queue to the socket in batches.
+//!    writes its queue to its transport in batches: a WebSocket for
+//!    wsrelay.v1, the Engine.IO transport of the [`socketio`] front
+//!    (polling, then WebSocket) for Socket.IO.
 //!
 //! Everything else on the public listener is forwarded to the app
 //! ([`proxy`]). [`server`] runs both listeners and routes their requests;
 //! [`run`] is the lifecycle, from bound listeners to a drained exit.
 //!
 //! Dependencies point one way (a test keeps it so): `error`, `channel` →
-//! `config`, `metrics` → `protocol` → `hub` → `broker` → `body`,
-//! `upstream`, `auth`, `proxy` → `node` → `session`, `admin` → `server` →
-//! `lib`. A second client protocol is a new [`protocol::Codec`] in
-//! `protocol/` plus its upgrade path in `session/`; the session loop is
-//! shared.
+//! `config`, `metrics` → `protocol`, `interest` → `hub` → `broker` →
+//! `body`, `upstream` → `auth`, `proxy` → `node` → `session`, `admin` →
+//! `socketio` (the fronts) → `server` → `lib`. A further client protocol
+//! is a [`protocol::Codec`] in `protocol/`, a `session::ProtocolFront` for
+//! its own requests, and its entry (an upgrade path, or a front folder like
+//! `socketio/`); the session loop is shared and names no protocol.
 
 pub mod admin;
 pub mod auth;

@@ -1,8 +1,11 @@
-//! One task per client WebSocket: reads frames, answers requests, writes the
-//! outbound queue, pings, and closes with the right code.
+//! One task per client connection: reads frames, answers requests, writes
+//! the outbound queue, pings, and closes with the right code.
 //!
-//! The loop knows no wire format: a [`Codec`] (wsrelay.v1 today) turns
-//! frames into [`Request`]s and replies, welcome and messages into frames.
+//! The loop knows no wire format: a [`Codec`] (wsrelay.v1, Socket.IO) turns
+//! frames into [`Request`]s and replies, welcome and messages into frames;
+//! a protocol's own requests go to its `ProtocolFront`, its per-socket
+//! state is a `SocketState`, and it reads and writes through a
+//! `transport::Transport` (a WebSocket, or the Engine.IO transport).
 //!
 //! The task never blocks its writes on a slow operation: a request that
 //! waits (a hook, the broker) becomes the session's single *pending* future,
