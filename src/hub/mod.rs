@@ -14,6 +14,10 @@
 //! subscribe/unsubscribe pair cannot leave the broker subscription behind or
 //! missing.
 
+mod budget;
+
+pub use self::budget::{Held, QueueBudget};
+
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
@@ -32,76 +36,6 @@ pub use crate::protocol::commands::{Call, CallAnswer, NodeCommand, Target};
 pub use crate::protocol::now_us;
 
 const SHARDS: usize = 64;
-
-/// Bytes of channel messages queued on this node, across every session,
-/// under `--max-queued-bytes`: per-connection queue limits alone multiply
-/// (10 000 connections × 1024 messages × 64 KiB).
-#[derive(Debug)]
-pub struct QueueBudget {
-    used: AtomicUsize,
-    max: usize,
-}
-
-impl QueueBudget {
-    pub fn new(max: usize) -> Self {
-        QueueBudget { used: AtomicUsize::new(0), max }
-    }
-    /// Bytes queued now.
-    pub fn used(&self) -> usize {
-        self.used.load(Ordering::Relaxed)
-    }
-    /// Written or dropped: no longer queued.
-    pub fn release(&self, bytes: usize) {
-        if bytes > 0 {
-            self.used.fetch_sub(bytes, Ordering::AcqRel);
-        }
-    }
-
-    /// Counts `bytes` unless the budget is used up.
-    pub fn try_take(&self, bytes: usize) -> bool {
-        let before = self.used.fetch_add(bytes, Ordering::AcqRel);
-        if before + bytes > self.max && bytes > 0 {
-            self.used.fetch_sub(bytes, Ordering::AcqRel);
-            return false;
-        }
-        true
-    }
-}
-
-/// Bytes held outside a queue (a client's polling payload) and counted
-/// against the node's [`QueueBudget`] until dropped.
-pub struct Held {
-    hub: Arc<Hub>,
-    bytes: usize,
-}
-
-impl Held {
-    /// Nothing held yet.
-    pub fn new(hub: Arc<Hub>) -> Self {
-        Held { hub, bytes: 0 }
-    }
-
-    /// Holds `bytes` more; false (nothing more held) once the budget is used up.
-    pub fn grow(&mut self, bytes: usize) -> bool {
-        if !self.hub.budget.try_take(bytes) {
-            return false;
-        }
-        self.bytes += bytes;
-        true
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.hub.budget.release(self.bytes);
-    }
-}
-
-impl std::fmt::Debug for Held {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Held").field("bytes", &self.bytes).finish()
-    }
-}
 
 /// One item queued for a session's socket.
 #[derive(Debug, Clone)]

@@ -17,6 +17,7 @@
 //! Hyper forgets upgraded connections, so the session watches the drain
 //! token itself and closes with 1001 at a spread-out moment.
 
+mod front;
 mod membership;
 mod requests;
 mod state;
@@ -47,31 +48,11 @@ use crate::channel::Channel;
 use crate::error::{ApiError, CloseReason, ErrorCode};
 use crate::hub::{Outbound, SessionCommand, SessionHandle, now_us};
 use crate::node::{Node, Slot, Source};
-use crate::protocol::{Codec, Decoded, Frame, Message, Offset, Request};
+use crate::protocol::{Decoded, Frame, Message, Offset, Request};
 
 pub(crate) type Pending<Id> = Pin<Box<dyn Future<Output = Outcome<Id>> + Send>>;
 
-/// A client protocol as the session loop sees it: its codec, and the
-/// handling of the protocol's own requests ([`Request::Own`]), which the
-/// core does not know. wsrelay.v1 has none; Socket.IO's front handles its
-/// events, acks and namespaces (`crate::socketio::requests`).
-pub(crate) trait ProtocolFront: Codec + Sized {
-    /// One of the protocol's own requests; a future when it waits on
-    /// something (its `Done` may carry [`Done::front`] back to
-    /// [`resume`](Self::resume)).
-    fn handle(s: &mut Session<Self>, id: Option<Self::Id>, req: Self::Own) -> Option<Pending<Self::Id>>;
-    /// Whether the client can answer `call` now (Socket.IO: it is
-    /// connected to the call's namespace).
-    fn can_answer(s: &Session<Self>, call: &crate::hub::Call) -> bool {
-        let _ = (s, call);
-        true
-    }
-    /// What the front's own pending request left for it.
-    fn resume(s: &mut Session<Self>, id: Option<Self::Id>, left: Box<dyn std::any::Any + Send>) {
-        let _ = (s, id, left);
-    }
-}
-
+pub(crate) use self::front::ProtocolFront;
 pub(crate) use self::membership::{OnFailure, confirm_join};
 pub(crate) use self::requests::Done;
 

@@ -147,7 +147,7 @@ fn the_checker_reads_real_edges() {
 /// a sibling as `super::<file>` (`super::super::` from a subfolder) or
 /// `crate::<module>::<file>`.
 const INNER: &[(&str, &[&[&str]])] = &[
-    ("session", &[&["transport"], &["state"], &["membership"], &["requests"], &["upgrade"]]),
+    ("session", &[&["transport", "front"], &["state"], &["membership"], &["requests"], &["upgrade"]]),
     ("socketio", &[&["engineio", "bridge"], &["trail", "transport", "requests"], &["connect"], &["http"]]),
 ];
 

@@ -36,6 +36,7 @@
 //! Files: `wire.rs` (names, scripts, envelope), `publisher.rs`, `subscriber.rs`,
 //! `presence.rs` (the heartbeat).
 
+mod gaps;
 mod presence;
 mod publisher;
 mod subscriber;

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 use super::SUBSCRIBE_CHUNK;
+use super::gaps::{Arrival, arrival};
 use super::wire::*;
 use crate::broker::BrokerError;
 use crate::broker::BrokerEvents;
@@ -572,36 +573,6 @@ impl Subscriber {
     }
 }
 
-/// What a live message at some offset means for its channel, given where
-/// this node's delivery of the channel stands (`last`).
-#[derive(Debug, PartialEq, Eq)]
-pub(super) enum Arrival {
-    /// Already delivered (caught up from history, or a duplicate): dropped.
-    Duplicate,
-    /// The next one, or a channel not tracked: delivered.
-    Next,
-    /// The history was lost and started again: what the old epoch did not
-    /// deliver is gone (a gap), and the new epoch is read from its start
-    /// (`fill`, when something precedes this message) before it.
-    NewEpoch { fill: Option<Offset> },
-    /// Messages after `last` were missed: read from history before it.
-    Missed { last: Offset },
-}
-
-pub(super) fn arrival(last: Option<&Offset>, off: &Offset) -> Arrival {
-    let Some(last) = last else { return Arrival::Next };
-    if !last.epoch.is_empty() && *last.epoch == *off.epoch && off.seq <= last.seq {
-        return Arrival::Duplicate;
-    }
-    if !last.epoch.is_empty() && *last.epoch != *off.epoch {
-        let fill = (off.seq > 1).then(|| Offset { epoch: off.epoch.clone(), seq: 0 });
-        return Arrival::NewEpoch { fill };
-    }
-    // An empty epoch: the channel had no history when tracked.
-    let expected = if last.epoch.is_empty() { 1 } else { last.seq.saturating_add(1) };
-    if off.seq > expected { Arrival::Missed { last: last.clone() } } else { Arrival::Next }
-}
-
 /// Exponential backoff from 100 ms to 2 s, each delay drawn from the upper
 /// half of its step (jitter): a fleet reconnecting after a Redis restart
 /// spreads out instead of stampeding.
@@ -615,28 +586,6 @@ pub(super) fn backoff(attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn off(epoch: &str, seq: u64) -> Offset {
-        Offset { epoch: Arc::from(epoch), seq }
-    }
-
-    #[test]
-    fn live_messages_are_placed_against_what_was_delivered() {
-        // Not tracked (no history): delivered as it comes.
-        assert_eq!(arrival(None, &off("e", 5)), Arrival::Next);
-        // In order, then duplicates (caught up from history, or twice).
-        assert_eq!(arrival(Some(&off("e", 4)), &off("e", 5)), Arrival::Next);
-        assert_eq!(arrival(Some(&off("e", 5)), &off("e", 5)), Arrival::Duplicate);
-        assert_eq!(arrival(Some(&off("e", 9)), &off("e", 5)), Arrival::Duplicate);
-        // A hole: what is between is read from history first.
-        assert_eq!(arrival(Some(&off("e", 4)), &off("e", 7)), Arrival::Missed { last: off("e", 4) });
-        // Tracked before anything was published (empty epoch): 1 is next.
-        assert_eq!(arrival(Some(&off("", 0)), &off("e", 1)), Arrival::Next);
-        assert_eq!(arrival(Some(&off("", 0)), &off("e", 3)), Arrival::Missed { last: off("", 0) });
-        // A new epoch (history lost): a gap, and the new epoch read from 0.
-        assert_eq!(arrival(Some(&off("a", 9)), &off("b", 1)), Arrival::NewEpoch { fill: None });
-        assert_eq!(arrival(Some(&off("a", 9)), &off("b", 4)), Arrival::NewEpoch { fill: Some(off("b", 0)) });
-    }
 
     #[test]
     fn backoff_is_bounded() {
