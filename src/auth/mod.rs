@@ -64,6 +64,10 @@ struct ConnectRequest<'a> {
     path: &'a str,
     query: &'a str,
     remote_addr: String,
+    /// The connection id the session will have (`socket.id`).
+    connection: &'a str,
+    /// `websocket`, or `polling` (Socket.IO before an upgrade).
+    transport: &'a str,
     /// Socket.IO: the namespace connected to.
     #[serde(skip_serializing_if = "Option::is_none")]
     namespace: Option<&'a str>,
@@ -78,6 +82,15 @@ struct ConnectRequest<'a> {
 pub struct SioConnect<'a> {
     pub namespace: &'a str,
     pub auth: Option<&'a RawValue>,
+}
+
+/// Who is connecting, beside its request: the connection id it will have,
+/// its transport, and (Socket.IO) its CONNECT.
+#[derive(Debug, Clone, Copy)]
+pub struct Connecting<'a> {
+    pub connection: &'a str,
+    pub transport: &'a str,
+    pub sio: Option<SioConnect<'a>>,
 }
 
 #[derive(Serialize)]
@@ -194,8 +207,13 @@ impl Auth {
 
     /// Establishes who connects: a JWT when one is presented (and a key is
     /// configured), else the connect hook when configured, else anonymous.
-    pub async fn authenticate<B>(&self, req: &Request<B>, remote: SocketAddr) -> Result<Identity, Reject> {
-        self.authenticate_with(req, remote, None).await
+    pub async fn authenticate<B>(
+        &self,
+        req: &Request<B>,
+        remote: SocketAddr,
+        connection: &str,
+    ) -> Result<Identity, Reject> {
+        self.authenticate_with(req, remote, Connecting { connection, transport: "websocket", sio: None }).await
     }
 
     /// As [`authenticate`](Self::authenticate), for a Socket.IO CONNECT.
@@ -203,8 +221,9 @@ impl Auth {
         &self,
         req: &Request<B>,
         remote: SocketAddr,
-        sio: Option<SioConnect<'_>>,
+        who: Connecting<'_>,
     ) -> Result<Identity, Reject> {
+        let sio = who.sio;
         if let Some(key) = &self.cfg.jwt {
             let from_auth = sio.and_then(|s| s.auth).and_then(|a| {
                 serde_json::from_str::<serde_json::Value>(a.get()).ok()?.get("token")?.as_str().map(str::to_owned)
@@ -224,7 +243,7 @@ impl Auth {
             }
         }
         match &self.cfg.connect_hook {
-            Some(path) => self.connect_hook(path, req, remote, sio).await,
+            Some(path) => self.connect_hook(path, req, remote, who).await,
             None => Ok(Identity::default()),
         }
     }
@@ -234,8 +253,9 @@ impl Auth {
         path: &str,
         req: &Request<B>,
         remote: SocketAddr,
-        sio: Option<SioConnect<'_>>,
+        who: Connecting<'_>,
     ) -> Result<Identity, Reject> {
+        let sio = who.sio;
         let mut headers = HeaderMap::new();
         for (name, value) in req.headers() {
             if is_forwarded_to_hook(name) {
@@ -247,6 +267,8 @@ impl Auth {
             path: req.uri().path(),
             query: req.uri().query().unwrap_or(""),
             remote_addr: remote.to_string(),
+            connection: who.connection,
+            transport: who.transport,
             namespace: sio.map(|s| s.namespace),
             auth: sio.and_then(|s| s.auth),
         })

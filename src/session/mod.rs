@@ -140,7 +140,7 @@ pub(crate) struct Session<C: ProtocolFront> {
     pub(crate) state: Option<Box<dyn SocketState>>,
     /// Socket.IO: the open request's head and the client's address, for the
     /// connect hook of further namespaces.
-    pub(crate) origin: Option<Arc<(http::Request<()>, std::net::SocketAddr)>>,
+    pub(crate) origin: Option<Arc<(http::Request<()>, std::net::SocketAddr, &'static str)>>,
     /// When the session ends for its token's expiry (the earliest of its
     /// namespaces' tokens), Unix seconds.
     pub(crate) expires: Option<u64>,

@@ -194,9 +194,9 @@ async fn prepare(node: &Arc<Node>, req: &Request<Incoming>, remote: SocketAddr) 
         }
     }
 
-    let ident = node.auth.authenticate(req, remote).await?;
-    let slot = node.take_slot().ok_or_else(Reject::full)?;
     let id = crate::channel::connection_id(&node.cfg.node_id);
+    let ident = node.auth.authenticate(req, remote, &id).await?;
+    let slot = node.take_slot().ok_or_else(Reject::full)?;
     let (handle, rx) = node.hub.register(Arc::from(id.as_str()), ident.user.clone(), node.cfg.session.client_queue);
     let ident = Arc::new(ident);
     // The session owns the slot and the registration from here: its Drop

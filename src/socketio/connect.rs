@@ -129,7 +129,9 @@ async fn connect(node: &Arc<Node>, eio: &mut Eio, start: Start) -> Option<(Sessi
         return None;
     }
     let sio = SioConnect { namespace: &namespace, auth: auth.as_deref() };
-    let ident = match node.auth.authenticate_with(&head, remote, Some(sio)).await {
+    let transport = eio.transport_name();
+    let who = crate::auth::Connecting { connection: &sid, transport, sio: Some(sio) };
+    let ident = match node.auth.authenticate_with(&head, remote, who).await {
         Ok(i) => i,
         Err(r) => {
             node.metrics.connection_result(r.result);
@@ -230,7 +232,7 @@ async fn connect(node: &Arc<Node>, eio: &mut Eio, start: Start) -> Option<(Sessi
     let (handle, rx) = node.hub.register(sid.clone(), ident.user.clone(), node.cfg.session.client_queue);
     let ident = Arc::new(ident);
     let mut session = Session::new(node.clone(), SocketIo, handle, ident, slot, rx);
-    session.origin = Some(Arc::new((head, remote)));
+    session.origin = Some(Arc::new((head, remote, transport)));
 
     // Where history is kept, a channel joined without `since` starts its
     // trail at the channel's top (read before anything is written).

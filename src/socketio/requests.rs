@@ -116,13 +116,15 @@ impl Session<SocketIo> {
         let node = self.node.clone();
         let origin = self.origin.clone();
         let user = self.ident.user.clone();
+        let connection = self.handle.id.clone();
         Some(async move {
             let mut expires = None;
             let result = match origin.as_deref() {
                 None => Err(ApiError::bad_request("this connection cannot open namespaces")),
-                Some((head, remote)) => {
+                Some((head, remote, transport)) => {
                     let sio = crate::auth::SioConnect { namespace: &namespace, auth: auth.as_deref() };
-                    match node.auth.authenticate_with(head, *remote, Some(sio)).await {
+                    let who = crate::auth::Connecting { connection: &connection, transport, sio: Some(sio) };
+                    match node.auth.authenticate_with(head, *remote, who).await {
                         Ok(ident) if ident.user == user => {
                             expires = ident.expires;
                             Ok(ident.channels)

@@ -228,6 +228,11 @@ impl Eio {
         Ok(self.assembling.take().map(|(t, _)| Utf8Bytes::from(t)))
     }
 
+    /// `websocket` once upgraded (or opened so), else `polling`.
+    pub(super) fn transport_name(&self) -> &'static str {
+        if self.ws.is_some() { "websocket" } else { "polling" }
+    }
+
     /// The session is over for a reason the client is not told (a ping
     /// timeout): what polling still held is dropped, so the next GET gets
     /// `400` at once, as from Engine.IO.

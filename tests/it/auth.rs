@@ -80,6 +80,9 @@ async fn connect_hook_accepts_with_user_and_channels_and_sees_the_original_reque
     assert_eq!(body["path"], "/ws");
     assert_eq!(body["query"], "room=5");
     assert!(body["remote_addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+    // The connection id the session then has, and its transport.
+    assert_eq!(body["connection"], json!(c.connection_id()));
+    assert_eq!(body["transport"], "websocket");
     assert_eq!(relay.metric("wsrelay_hook_requests_total{hook=\"connect\",status=\"200\"}").await, 1.0);
 }
 

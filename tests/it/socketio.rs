@@ -55,6 +55,16 @@ async fn socketio_clients_connect_with_auth_and_receive_app_events_on_both_trans
     assert_eq!(hooks.len(), 2);
     let asked: Vec<Value> = hooks.iter().map(|r| r.json()).collect();
     assert!(asked.iter().any(|a| a["auth"]["token"] == "t1" && a["namespace"] == "/"), "{asked:?}");
+    // It names the connection (`socket.id`) and the transport of the CONNECT.
+    let by_token = |t: &str| asked.iter().find(|a| a["auth"]["token"] == t).unwrap().clone();
+    assert_eq!(
+        (by_token("t1")["connection"].clone(), by_token("t1")["transport"].clone()),
+        (c1["id"].clone(), json!("polling"))
+    );
+    assert_eq!(
+        (by_token("t2")["connection"].clone(), by_token("t2")["transport"].clone()),
+        (c2["id"].clone(), json!("websocket"))
+    );
 
     // The hook's channels are rooms; an event published there reaches both.
     let (s, _) = relay.publish(json!({"channel": "user:alice", "event": "notify", "args": ["hi", {"n": 1}]})).await;
