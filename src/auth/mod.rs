@@ -231,9 +231,9 @@ impl Auth {
             if let Some(token) = from_auth.or_else(|| token_of(req)) {
                 let claims = key.verify(&token).map_err(|e| unauthorized(format!("invalid token: {e}")))?;
                 return Ok(Identity {
-                    user: Some(Arc::from(claims.sub)),
+                    channels: self.personal_channels(&claims.user, claims.channels),
+                    user: Some(Arc::from(claims.user)),
                     info: claims.info,
-                    channels: claims.channels,
                     // Closed when the token would no longer be accepted.
                     expires: Some(claims.exp.saturating_add(key.leeway())),
                 });
@@ -446,6 +446,21 @@ impl Site {
             _ => 80,
         };
         Some(Site { port: u.port_u16().unwrap_or(default), host: u.host()?.to_ascii_lowercase(), scheme })
+    }
+}
+
+impl Auth {
+    /// A JWT's channels, and the user's own channel from
+    /// `--jwt-user-channel` (e.g. `user:{user}`) when set and valid.
+    fn personal_channels(&self, user: &str, mut channels: Vec<Channel>) -> Vec<Channel> {
+        if let Some(template) = &self.cfg.jwt_user_channel {
+            match Channel::parse(&template.replace("{user}", user)) {
+                Ok(c) if !channels.contains(&c) => channels.push(c),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "jwt-user-channel makes no valid channel for this user"),
+            }
+        }
+        channels
     }
 }
 

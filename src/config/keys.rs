@@ -45,8 +45,8 @@ impl FromStr for Secret {
 pub enum JwtError {
     #[error(transparent)]
     Invalid(#[from] jsonwebtoken::errors::Error),
-    #[error("empty sub")]
-    EmptySubject,
+    #[error("missing or empty user claim {0:?}")]
+    EmptySubject(String),
 }
 
 #[derive(Clone)]
@@ -54,6 +54,8 @@ pub struct JwtKey {
     key: DecodingKey,
     validation: Validation,
     kind: &'static str,
+    /// The claim that names the user (`sub`, or e.g. Open WebUI's `id`).
+    user_claim: String,
 }
 
 impl fmt::Debug for JwtKey {
@@ -62,16 +64,27 @@ impl fmt::Debug for JwtKey {
     }
 }
 
-/// The claims wsrelay reads. `exp` and `sub` are required.
-#[derive(Debug, Deserialize)]
+/// The claims wsrelay reads. `exp` and the user claim are required.
+#[derive(Debug)]
 pub struct Claims {
-    pub sub: String,
+    /// The user: the `--jwt-user-claim` claim (a string, or a number).
+    pub user: String,
     /// Checked by the validation; kept so the session can close at expiry.
     pub exp: u64,
-    #[serde(default)]
     pub channels: Vec<Channel>,
-    #[serde(default)]
     pub info: Option<serde_json::Value>,
+}
+
+/// The claims as they come: the user claim is any of the others.
+#[derive(Deserialize)]
+struct RawClaims {
+    exp: u64,
+    #[serde(default)]
+    channels: Vec<Channel>,
+    #[serde(default)]
+    info: Option<serde_json::Value>,
+    #[serde(flatten)]
+    other: serde_json::Map<String, serde_json::Value>,
 }
 
 fn validation(algs: &[Algorithm]) -> Validation {
@@ -82,7 +95,7 @@ fn validation(algs: &[Algorithm]) -> Validation {
     // Checked only when --jwt-audience is set (identity providers put an
     // `aud` in nearly every token; refusing them all would be useless).
     v.validate_aud = false;
-    v.set_required_spec_claims(&["exp", "sub"]);
+    v.set_required_spec_claims(&["exp"]);
     v
 }
 
@@ -92,6 +105,7 @@ impl JwtKey {
             key: DecodingKey::from_secret(secret.expose().as_bytes()),
             validation: validation(&[Algorithm::HS256, Algorithm::HS384, Algorithm::HS512]),
             kind: "HMAC",
+            user_claim: "sub".to_owned(),
         }
     }
 
@@ -102,10 +116,16 @@ impl JwtKey {
                 key,
                 validation: validation(&[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512]),
                 kind: "RSA",
+                user_claim: "sub".to_owned(),
             });
         }
         if let Ok(key) = DecodingKey::from_ec_pem(pem) {
-            return Ok(JwtKey { key, validation: validation(&[Algorithm::ES256, Algorithm::ES384]), kind: "EC" });
+            return Ok(JwtKey {
+                key,
+                validation: validation(&[Algorithm::ES256, Algorithm::ES384]),
+                kind: "EC",
+                user_claim: "sub".to_owned(),
+            });
         }
         Err("not a PEM RSA or EC public key")
     }
@@ -119,6 +139,12 @@ impl JwtKey {
         if !issuer.is_empty() {
             self.validation.set_issuer(issuer);
         }
+        self
+    }
+
+    /// Takes the user from `claim` instead of `sub`.
+    pub fn with_user_claim(mut self, claim: &str) -> Self {
+        claim.clone_into(&mut self.user_claim);
         self
     }
 
@@ -136,10 +162,12 @@ impl JwtKey {
     /// Verifies signature, algorithm, expiry (and `nbf`, `aud`, `iss` as
     /// configured); returns the claims.
     pub fn verify(&self, token: &str) -> Result<Claims, JwtError> {
-        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)?.claims;
-        if claims.sub.is_empty() {
-            return Err(JwtError::EmptySubject);
-        }
-        Ok(claims)
+        let raw = jsonwebtoken::decode::<RawClaims>(token, &self.key, &self.validation)?.claims;
+        let user = match raw.other.get(&self.user_claim) {
+            Some(serde_json::Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(serde_json::Value::Number(n)) => n.to_string(),
+            _ => return Err(JwtError::EmptySubject(self.user_claim.clone())),
+        };
+        Ok(Claims { user, exp: raw.exp, channels: raw.channels, info: raw.info })
     }
 }

@@ -223,6 +223,8 @@ pub struct BrokerConfig {
 
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
+    /// `--jwt-user-channel`: a channel name with `{user}` in it.
+    pub jwt_user_channel: Option<String>,
     pub connect_hook: Option<String>,
     pub subscribe_hook: Option<String>,
     pub publish_hook: Option<String>,

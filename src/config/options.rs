@@ -316,6 +316,14 @@ pub struct Options {
     #[arg(long, env = "WSRELAY_JWT_ISSUER", value_name = "ISS", value_delimiter = ',')]
     pub jwt_issuer: Vec<String>,
 
+    /// The JWT claim that names the user (a string or a number); Open WebUI's tokens use `id`
+    #[arg(long, env = "WSRELAY_JWT_USER_CLAIM", value_name = "CLAIM", default_value = "sub")]
+    pub jwt_user_claim: String,
+
+    /// A channel every JWT connection joins, `{user}` standing for its user (e.g. `user:{user}`)
+    #[arg(long, env = "WSRELAY_JWT_USER_CHANNEL", value_name = "TEMPLATE")]
+    pub jwt_user_channel: Option<String>,
+
     /// Clock skew allowed on JWT `exp` and `nbf`; a session is closed this long after its token's `exp`
     #[arg(long, env = "WSRELAY_JWT_LEEWAY", value_name = "DURATION", default_value = "5s", value_parser = duration)]
     pub jwt_leeway: Duration,

@@ -202,13 +202,18 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
         hook_timeout: o.hook_timeout,
         hook_concurrency: o.hook_concurrency,
         disconnect_hook_queue: o.disconnect_hook_queue,
-        jwt: jwt_key(nonempty(o.jwt_secret), o.jwt_public_key)?
-            .map(|k| k.with_claims(&o.jwt_audience, &o.jwt_issuer).with_leeway(o.jwt_leeway)),
+        jwt: jwt_key(nonempty(o.jwt_secret), o.jwt_public_key)?.map(|k| {
+            k.with_claims(&o.jwt_audience, &o.jwt_issuer).with_leeway(o.jwt_leeway).with_user_claim(&o.jwt_user_claim)
+        }),
+        jwt_user_channel: jwt_user_channel(o.jwt_user_channel)?,
         max_result_bytes: o.max_message_bytes,
         allowed_origins: validate_origins(o.allowed_origin)?,
         namespaces: namespaces.clone(),
     };
     check_hooks_for_policies(&auth)?;
+    if o.jwt_user_claim.trim().is_empty() {
+        return Err(ConfigError::new("jwt-user-claim", "must name a claim"));
+    }
 
     Ok(Config {
         listen: o.listen,
@@ -256,6 +261,20 @@ fn validate_redis_url(url: Secret) -> Result<Secret, ConfigError> {
     }
     redis::Client::open(s).map_err(|e| ConfigError::new("redis-url", format!("not a valid Redis URL: {e}")))?;
     Ok(url)
+}
+
+/// `--jwt-user-channel`: names a channel once `{user}` is filled in.
+fn jwt_user_channel(v: Option<String>) -> Result<Option<String>, ConfigError> {
+    let key = "jwt-user-channel";
+    match v {
+        None => Ok(None),
+        Some(t) if t.is_empty() => Ok(None),
+        Some(t) if !t.contains("{user}") => Err(ConfigError::new(key, format!("{t:?} must contain {{user}}"))),
+        Some(t) => match crate::channel::Channel::parse(&t.replace("{user}", "42")) {
+            Ok(_) => Ok(Some(t)),
+            Err(e) => Err(ConfigError::new(key, format!("{t:?} does not make a valid channel name: {e}"))),
+        },
+    }
 }
 
 fn hook_path(key: &str, v: Option<String>) -> Result<Option<String>, ConfigError> {

@@ -459,3 +459,26 @@ async fn jwt_audience_issuer_not_before_and_subject() {
     let other_iss = hs256("k", &json!({"sub":"2","exp":now() + 600,"aud":"wsrelay","iss":"https://evil"}));
     assert_eq!(refused(&strict, other_iss).await, Some(StatusCode::UNAUTHORIZED));
 }
+
+#[tokio::test]
+async fn jwt_user_claim_and_personal_channel_as_open_webui_signs_them() {
+    let app = Upstream::start().await;
+    // Open WebUI's tokens: {"id": "<uuid>", "exp": …}, no `sub`.
+    let args = ["--jwt-secret", "k", "--jwt-user-claim", "id", "--jwt-user-channel", "user:{user}"];
+    let relay = Relay::start(&app.url(), &args).await;
+    let token = hs256("k", &json!({"id": "5f1c-ab", "exp": now() + 600}));
+    let mut c = ws_connect(&relay.ws_url(&format!("/ws?token={token}"))).await;
+    assert_eq!(c.welcome["user"], "5f1c-ab");
+    assert_eq!(c.welcome["channels"], json!(["user:5f1c-ab"]));
+    relay.publish(json!({"channel": "user:5f1c-ab", "data": "hi"})).await;
+    assert_eq!(c.recv().await["data"], "hi");
+    // A numeric id is a user too; a token without the claim is refused.
+    let numeric = hs256("k", &json!({"id": 42, "exp": now() + 600}));
+    assert_eq!(ws_connect(&relay.ws_url(&format!("/ws?token={numeric}"))).await.welcome["user"], "42");
+    let only_sub = hs256("k", &json!({"sub": "7", "exp": now() + 600}));
+    let url = relay.ws_url(&format!("/ws?token={only_sub}"));
+    assert_eq!(ws_connect_with(&url, &[]).await.err(), Some(StatusCode::UNAUTHORIZED));
+    // The template must name the user and make a channel.
+    let bad = wsrelay::config::Config::from_args(["wsrelay", "--jwt-secret", "k", "--jwt-user-channel", "user:"]);
+    assert!(bad.unwrap_err().to_string().contains("jwt-user-channel"));
+}
