@@ -166,6 +166,11 @@ struct PublishBody {
     attachments: Option<Vec<String>>,
 }
 
+/// A field that may be `null` (Some(None)) as well as absent (None).
+fn nullable<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<f64>>, D::Error> {
+    Option::<f64>::deserialize(d).map(Some)
+}
+
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
     Box::<RawValue>::deserialize(d).map(Some)
 }
@@ -278,9 +283,11 @@ struct CallBody {
     data: Option<Box<RawValue>>,
     #[serde(default)]
     namespace: Option<String>,
-    /// Seconds, as python-socketio's `call(timeout=)`.
-    #[serde(default)]
-    timeout: Option<f64>,
+    /// Seconds, as python-socketio's `call(timeout=)`; absent: 60; `null`
+    /// (`timeout=None`): until the client answers or goes, at most
+    /// [`MAX_CALL_TIMEOUT`].
+    #[serde(default, deserialize_with = "nullable")]
+    timeout: Option<Option<f64>>,
     /// Binary attachments, base64 (`args` holds their placeholders).
     #[serde(default)]
     attachments: Option<Vec<String>>,
@@ -304,7 +311,11 @@ async fn call(node: &Arc<Node>, req: Request<Incoming>) -> Result<serde_json::Va
     if !crate::protocol::socketio::valid_namespace(&namespace) {
         return Err(ApiError::bad_request("\"namespace\" must be \"/\" or \"/name\""));
     }
-    let timeout = body.timeout.unwrap_or(60.0);
+    let timeout = match body.timeout {
+        None => 60.0,
+        Some(None) => MAX_CALL_TIMEOUT,
+        Some(Some(t)) => t,
+    };
     if !(timeout > 0.0 && timeout <= MAX_CALL_TIMEOUT) {
         return Err(ApiError::bad_request(format!("\"timeout\" must be 0-{MAX_CALL_TIMEOUT} seconds")));
     }

@@ -704,3 +704,24 @@ async fn each_namespace_asks_the_connect_hook_and_failures_are_retried() {
     relay.publish(json!({"channel": "r1", "event": "still-here"})).await;
     c.event("still-here").await;
 }
+
+#[tokio::test]
+async fn a_call_without_a_timeout_waits_for_the_answer_or_the_socket_going() {
+    let app = Upstream::start().await;
+    alice(&app);
+    let relay = relay(&app, &[]).await;
+    let mut c = Driven::node(&relay.http_url(""), json!({"answers": {"confirm": ["ok"]}}));
+    let id = c.wait_type("connect").await["id"].as_str().unwrap().to_owned();
+    // python-socketio's call(timeout=None): `"timeout": null`.
+    let (s, body) = relay.api("/api/call", json!({"connection": id, "event": "confirm", "timeout": null}), None).await;
+    assert_eq!((s, &body["args"]), (StatusCode::OK, &json!(["ok"])), "{body}");
+    // Never answered: it ends when the socket does, not at a default 60 s.
+    let call = relay.api("/api/call", json!({"connection": id, "event": "ignored", "timeout": null}), None);
+    let leave = async {
+        c.wait("the ignored call", |v| v["type"] == "call" && v["event"] == "ignored").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.send(json!({"op": "disconnect"})).await;
+    };
+    let ((s, body), ()) = tokio::join!(call, leave);
+    assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
+}
