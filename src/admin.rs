@@ -44,6 +44,7 @@ pub(crate) async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<
                 (&Method::POST, "/api/disconnect") => disconnect(&node, req).await,
                 (&Method::POST, "/api/subscribe") => server_subscribe(&node, req, true).await,
                 (&Method::POST, "/api/unsubscribe") => server_subscribe(&node, req, false).await,
+                (&Method::POST, "/api/close_room") => close_room(&node, req).await,
                 (&Method::POST, "/api/call") => call(&node, req).await,
                 (&Method::GET, p) if channel_path(p, "/history").is_some() => {
                     history(&node, channel_path(p, "/history").unwrap_or_default(), req.uri().query()).await
@@ -51,9 +52,11 @@ pub(crate) async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<
                 (&Method::GET, p) if channel_path(p, "/presence").is_some() => {
                     presence(&node, channel_path(p, "/presence").unwrap_or_default()).await
                 }
-                (_, "/api/publish" | "/api/disconnect" | "/api/subscribe" | "/api/unsubscribe" | "/api/call") => {
-                    Err(ApiError::new(ErrorCode::BadRequest, "use POST with a JSON body"))
-                }
+                (
+                    _,
+                    "/api/publish" | "/api/disconnect" | "/api/subscribe" | "/api/unsubscribe" | "/api/call"
+                    | "/api/close_room",
+                ) => Err(ApiError::new(ErrorCode::BadRequest, "use POST with a JSON body")),
                 _ => Err(ApiError::new(ErrorCode::NotFound, format!("no such endpoint: {p}"))),
             };
             match result {
@@ -457,6 +460,22 @@ struct SubscribeBody {
     user: Option<serde_json::Value>,
     #[serde(default)]
     connection: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloseRoomBody {
+    channel: String,
+}
+
+/// `POST /api/close_room` `{"channel"}`: every session subscribed to the
+/// channel, on every node, leaves it (python-socketio's `close_room`; a
+/// Socket.IO room in a named namespace is the channel `/chat#room`).
+async fn close_room(node: &Node, req: Request<Incoming>) -> Result<serde_json::Value, ApiError> {
+    let body: CloseRoomBody = parse_json(&read_body(req, 64 * 1024).await?)?;
+    let channel = Channel::parse(&body.channel).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    node.broker.command(NodeCommand::Unsubscribe { target: Target::Room(channel.clone()), channel }).await?;
+    Ok(serde_json::json!({}))
 }
 
 /// Parses a `POST /api/subscribe` or `/api/unsubscribe` body.

@@ -431,6 +431,14 @@ impl Hub {
             let all = match target {
                 Target::Connection(id) => s.by_id.get(id.as_str()).cloned().into_iter().collect(),
                 Target::User(user) => s.by_user.get(user.as_str()).cloned().unwrap_or_default(),
+                Target::Room(_) => Vec::new(),
+            };
+            let all = match target {
+                Target::Room(channel) => {
+                    drop(s);
+                    self.subscribers(channel)
+                }
+                _ => all,
             };
             all.into_iter().filter(|h| before_us.is_none_or(|t| h.connected_us < t)).collect()
         };

@@ -64,4 +64,6 @@ pub enum NodeCommand {
 pub enum Target {
     Connection(String),
     User(String),
+    /// Every session subscribed to this channel (`/api/close_room`).
+    Room(Channel),
 }

@@ -725,3 +725,28 @@ async fn a_call_without_a_timeout_waits_for_the_answer_or_the_socket_going() {
     let ((s, body), ()) = tokio::join!(call, leave);
     assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
 }
+
+#[tokio::test]
+async fn close_room_empties_a_room_on_every_node() {
+    let app = Upstream::start().await;
+    alice(&app);
+    let c = cluster(&app).await;
+    let mut on_a = Driven::node(&c.a.http_url(""), json!({"transports": ["websocket"]}));
+    let mut on_b = Driven::node(&c.b.http_url(""), json!({"transports": ["websocket"]}));
+    let id_a = on_a.wait_type("connect").await["id"].as_str().unwrap().to_owned();
+    on_b.wait_type("connect").await;
+    let mut v1 = crate::common::ws_connect(&c.b.ws_url("/ws")).await;
+    v1.subscribe("user:alice").await;
+    let (s, body) = c.a.api("/api/close_room", json!({"channel": "user:alice"}), None).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    // The wsrelay.v1 client is told; then nothing published there arrives.
+    assert_eq!(v1.recv().await["op"], "unsubscribed");
+    c.b.publish(json!({"channel": "user:alice", "event": "after-close"})).await;
+    c.b.publish(json!({"channel": id_a, "event": "marker"})).await;
+    on_a.event("marker").await;
+    assert!(on_a.seen.iter().all(|v| v["event"] != "after-close"), "{:?}", on_a.seen);
+    assert!(on_b.drain(Duration::from_millis(300)).await.iter().all(|v| v["event"] != "after-close"));
+    v1.expect_silence(Duration::from_millis(100)).await;
+    let (s, _) = c.a.api("/api/close_room", json!({"channel": "no spaces"}), None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}
