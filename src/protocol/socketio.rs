@@ -293,7 +293,7 @@ impl Codec for SocketIo {
         let text = match frame {
             Frame::Text(t) => t,
             Frame::Binary(_) => {
-                return Decoded { id: None, request: Ok(Request::Refuse("binary attachments are not supported")) };
+                return Decoded { id: None, request: Ok(Request::Refuse("a binary frame outside a binary packet")) };
             }
         };
         // A binary packet comes with its attachments (`␞b<base64>` each).
