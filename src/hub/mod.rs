@@ -426,22 +426,13 @@ impl Hub {
                 return usize::from(self.answer_call(call, answer.clone()));
             }
         };
-        let victims: Vec<Arc<SessionHandle>> = {
-            let s = lock(&self.sessions);
-            let all = match target {
-                Target::Connection(id) => s.by_id.get(id.as_str()).cloned().into_iter().collect(),
-                Target::User(user) => s.by_user.get(user.as_str()).cloned().unwrap_or_default(),
-                Target::Room(_) => Vec::new(),
-            };
-            let all = match target {
-                Target::Room(channel) => {
-                    drop(s);
-                    self.subscribers(channel)
-                }
-                _ => all,
-            };
-            all.into_iter().filter(|h| before_us.is_none_or(|t| h.connected_us < t)).collect()
+        let all: Vec<Arc<SessionHandle>> = match target {
+            Target::Connection(id) => lock(&self.sessions).by_id.get(id.as_str()).cloned().into_iter().collect(),
+            Target::User(user) => lock(&self.sessions).by_user.get(user.as_str()).cloned().unwrap_or_default(),
+            Target::Room(channel) => self.subscribers(channel),
         };
+        let victims: Vec<Arc<SessionHandle>> =
+            all.into_iter().filter(|h| before_us.is_none_or(|t| h.connected_us < t)).collect();
         for v in &victims {
             match cmd {
                 NodeCommand::Disconnect(_) => v.kill(CloseReason::Disconnected),

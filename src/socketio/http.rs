@@ -27,6 +27,7 @@ use crate::error::{ConnResult, Reject};
 use crate::hub::Held;
 use crate::node::Node;
 use crate::session::transport::Transport;
+use crate::session::transport::Ws;
 
 /// Marks a request one sidecar forwarded to another (never forwarded again).
 const FORWARDED: &str = "x-wsrelay-forwarded";
@@ -388,10 +389,13 @@ async fn poll_post(node: &Node, poll: &Poll, req: Request<Incoming>) -> Response
     }
 }
 
-/// A WebSocket for a session that cannot take one (upgraded already, or
-/// gone): it opens and is closed at once, as the reference server does (an
-/// HTTP 400 is an error event to `ws` clients, not a close).
-fn refuse_upgrade(node: &Node, mut req: Request<Incoming>) -> Response<Body> {
+/// Answers a WebSocket upgrade with 101 and, once the socket is upgraded
+/// (within the handshake timeout), runs `then` with it in a tracked task.
+fn upgrade_then<F, Fut>(node: &Node, mut req: Request<Incoming>, then: F) -> Response<Body>
+where
+    F: FnOnce(Ws) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned)
     else {
         return eio_error(3, "missing Sec-WebSocket-Key");
@@ -401,29 +405,30 @@ fn refuse_upgrade(node: &Node, mut req: Request<Incoming>) -> Response<Body> {
     let cfg = crate::session::upgrade::ws_config(node.cfg.session.max_message_bytes);
     node.sessions.spawn(async move {
         let Ok(Ok(up)) = tokio::time::timeout(timeout, on_upgrade).await else { return };
-        let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg)).await;
-        let frame = CloseFrame { code: CloseCode::Policy, reason: Utf8Bytes::from_static("Session ID unknown") };
-        let _ = tokio::time::timeout(timeout, ws.close(Some(frame))).await;
+        then(WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg)).await).await;
     });
     crate::session::upgrade::switching(&key, None)
 }
 
+/// A WebSocket for a session that cannot take one (upgraded already, or
+/// gone): it opens and is closed at once, as the reference server does (an
+/// HTTP 400 is an error event to `ws` clients, not a close).
+fn refuse_upgrade(node: &Node, req: Request<Incoming>) -> Response<Body> {
+    let timeout = node.cfg.session.handshake_timeout;
+    upgrade_then(node, req, move |mut ws| async move {
+        let frame = CloseFrame { code: CloseCode::Policy, reason: Utf8Bytes::from_static("Session ID unknown") };
+        let _ = tokio::time::timeout(timeout, ws.close(Some(frame))).await;
+    })
+}
+
 /// The WebSocket upgrade of a polling session: `2probe` → `3probe`, the
 /// waiting GET gets a noop, then `5` hands the socket to the session.
-fn probe(node: &Node, mut req: Request<Incoming>, poll: Arc<Poll>) -> Response<Body> {
-    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned)
-    else {
-        return eio_error(3, "missing Sec-WebSocket-Key");
-    };
+fn probe(node: &Node, req: Request<Incoming>, poll: Arc<Poll>) -> Response<Body> {
     if !poll.can_upgrade() {
         return refuse_upgrade(node, req);
     }
-    let on_upgrade = hyper::upgrade::on(&mut req);
     let timeout = node.cfg.session.handshake_timeout;
-    let cfg = crate::session::upgrade::ws_config(node.cfg.session.max_message_bytes);
-    node.sessions.spawn(async move {
-        let Ok(Ok(up)) = tokio::time::timeout(timeout, on_upgrade).await else { return };
-        let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg)).await;
+    upgrade_then(node, req, move |mut ws| async move {
         let probed = tokio::time::timeout(timeout, async {
             match ws.next().await {
                 Some(Ok(WsMessage::Text(t))) if t.as_str() == "2probe" => {}
@@ -446,6 +451,5 @@ fn probe(node: &Node, mut req: Request<Incoming>, poll: Arc<Poll>) -> Response<B
         if probed == Ok(true) {
             poll.hand_over(ws);
         }
-    });
-    crate::session::upgrade::switching(&key, None)
+    })
 }

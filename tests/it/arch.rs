@@ -26,6 +26,36 @@ fn layer(module: &str) -> Option<usize> {
     LAYERS.iter().position(|l| l.contains(&module))
 }
 
+/// A source file without its comments (doc links are not dependencies).
+fn code_of(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n")
+}
+
+/// The names right after each `prefix` in `code` (`prefix{a, b}` names
+/// several at once). `super::super::x` is not `super::` then `super`.
+fn named_after<'a>(code: &'a str, prefix: &str) -> Vec<&'a str> {
+    let mut out = vec![];
+    for (i, _) in code.match_indices(prefix) {
+        if prefix == "super::" && code[..i].ends_with("super::") {
+            continue;
+        }
+        let rest = &code[i + prefix.len()..];
+        let names: Vec<&str> = match rest.strip_prefix('{') {
+            Some(group) => group[..group.find('}').unwrap()].split(',').collect(),
+            None => vec![rest],
+        };
+        for n in names {
+            let n = n.trim();
+            let end = n.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(n.len());
+            if end > 0 {
+                out.push(&n[..end]);
+            }
+        }
+    }
+    out
+}
+
 /// module → the top-level modules its files name through `crate::`.
 fn edges() -> BTreeMap<String, BTreeSet<String>> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
@@ -48,25 +78,11 @@ fn edges() -> BTreeMap<String, BTreeSet<String>> {
         }
     }
     for (module, file) in files {
-        let text = std::fs::read_to_string(&file).unwrap();
-        // Comments (doc links included) are not dependencies.
-        let code: String = text.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n");
-        let text = code;
+        let text = code_of(&file);
         let deps = graph.entry(module.clone()).or_default();
-        for (i, _) in text.match_indices("crate::") {
-            // `crate::{a, b}` names several at once.
-            let rest = &text[i + "crate::".len()..];
-            let names: Vec<&str> = match rest.strip_prefix('{') {
-                Some(group) => group[..group.find('}').unwrap()].split(',').collect(),
-                None => vec![rest],
-            };
-            for n in names {
-                let n = n.trim();
-                let end = n.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(n.len());
-                let dep = &n[..end];
-                if !dep.is_empty() && dep != module {
-                    deps.insert(dep.to_owned());
-                }
+        for dep in named_after(&text, "crate::") {
+            if dep != module {
+                deps.insert(dep.to_owned());
             }
         }
     }
@@ -169,28 +185,12 @@ fn inner_edges(module: &str, files: &[&str]) -> BTreeMap<String, BTreeSet<String
         };
         let deps = graph.entry(name.clone()).or_default();
         for src in sources {
-            let text = std::fs::read_to_string(&src).unwrap();
-            let code: String =
-                text.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n");
+            let code = code_of(&src);
             let full = format!("crate::{module}::");
             for prefix in [up, full.as_str()] {
-                for (i, _) in code.match_indices(prefix) {
-                    // `super::super::x` is not `super::` followed by a file named `super`.
-                    if prefix == "super::" && code[..i].ends_with("super::") {
-                        continue;
-                    }
-                    let rest = &code[i + prefix.len()..];
-                    let names: Vec<&str> = match rest.strip_prefix('{') {
-                        Some(group) => group[..group.find('}').unwrap()].split(',').collect(),
-                        None => vec![rest],
-                    };
-                    for n in names {
-                        let n = n.trim();
-                        let end = n.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(n.len());
-                        let dep = &n[..end];
-                        if dep != name && files.contains(&dep) {
-                            deps.insert(dep.to_owned());
-                        }
+                for dep in named_after(&code, prefix) {
+                    if dep != name && files.contains(&dep) {
+                        deps.insert(dep.to_owned());
                     }
                 }
             }
