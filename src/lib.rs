@@ -88,6 +88,7 @@ pub enum RunError {
 /// What the broker reports, handed to this node's hub, and python-socketio's
 /// messages to the Socket.IO front's bridge.
 struct NodeEvents {
+    node_id: String,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     max_message_bytes: usize,
@@ -104,6 +105,10 @@ impl broker::BrokerEvents for NodeEvents {
 
     fn foreign(&self, payload: &[u8]) {
         socketio::bridge::apply(&self.hub, &self.metrics, payload, self.max_message_bytes);
+    }
+
+    fn query(&self, q: &protocol::commands::Query) -> Option<protocol::commands::CallAnswer> {
+        node::answer_query(&self.hub, &self.node_id, q)
     }
 }
 
@@ -125,6 +130,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let wiring = broker::Wiring {
         node_id: config.node_id.clone(),
         events: Arc::new(NodeEvents {
+            node_id: config.node_id.clone(),
             hub: hub.clone(),
             metrics: metrics.clone(),
             max_message_bytes: config.broker.max_message_bytes,

@@ -17,12 +17,29 @@ use crate::auth::Auth;
 use crate::broker::{Broker, PresenceList};
 use crate::channel::Channel;
 use crate::config::Config;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::hub::{Call, CallAnswer, Hub, NodeCommand, Target, now_us};
 use crate::metrics::Metrics;
+use crate::protocol::commands::Query;
 use crate::protocol::{Message, Offset};
 use crate::proxy::Proxy;
 use crate::upstream::normalized_path;
+
+/// How long a membership query waits for the other nodes' answers.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// This node's answer to a membership query from another node: the rooms
+/// of a connection it holds (or "gone" when the id names this node), the
+/// members of a channel it has.
+pub fn answer_query(hub: &Hub, node_id: &str, q: &Query) -> Option<CallAnswer> {
+    match q {
+        Query::Rooms(id) => match hub.rooms_of(id) {
+            Some(rooms) => Some(CallAnswer::Names(rooms)),
+            None => (crate::channel::node_of(id) == Some(node_id)).then_some(CallAnswer::Gone),
+        },
+        Query::Members(channel) => Some(CallAnswer::Names(hub.members(channel))),
+    }
+}
 
 /// Who published a message: the `source` label of
 /// `wsrelay_messages_published_total`.
@@ -136,7 +153,6 @@ impl Node {
     /// (or its node) is `NotFound`, a protocol that cannot answer
     /// `NotSupported`, no answer in time `Timeout`. Counted by result.
     pub async fn call(&self, connection: &str, call: Call, timeout: Duration) -> Result<CallAnswer, ApiError> {
-        use crate::error::ErrorCode;
         let gone = || ApiError::new(ErrorCode::NotFound, "no such connection");
         let metric = |r: &str| self.metrics.calls.with_label_values(&[r]).inc();
         let id = call.id.clone();
@@ -174,7 +190,8 @@ impl Node {
                 metric("answered");
                 Ok(a)
             }
-            Ok(Ok(CallAnswer::Gone) | Err(_)) => {
+            // (`Names` answers queries, never a call.)
+            Ok(Ok(CallAnswer::Gone | CallAnswer::Names(_)) | Err(_)) => {
                 metric("gone");
                 Err(gone())
             }
@@ -206,6 +223,78 @@ impl Node {
                 tracing::warn!(error = %e, "a call's answer could not be sent back (the caller times out)");
             }
         });
+    }
+
+    /// The channels a connection is subscribed to, asked of its node.
+    pub async fn rooms_of(&self, connection: &str) -> Result<Vec<String>, ApiError> {
+        let gone = || ApiError::new(ErrorCode::NotFound, "no such connection");
+        let owner = crate::channel::node_of(connection).ok_or_else(gone)?;
+        if owner == self.cfg.node_id || !self.broker.is_shared() {
+            return self.hub.rooms_of(connection).ok_or_else(gone);
+        }
+        if self.broker.peer_url(owner).await?.is_none() {
+            return Err(gone());
+        }
+        let mut answers = self.query(Query::Rooms(connection.to_owned()), &[owner.to_owned()]).await?;
+        match answers.pop().flatten() {
+            Some(CallAnswer::Names(rooms)) => Ok(rooms),
+            Some(_) => Err(gone()),
+            None => Err(ApiError::new(ErrorCode::Unavailable, format!("node {owner} did not answer in time"))),
+        }
+    }
+
+    /// The connections subscribed to `channel` on every live node, and
+    /// whether every node answered in time.
+    pub async fn members(&self, channel: &Channel) -> Result<(Vec<String>, bool), ApiError> {
+        let mut ids = self.hub.members(channel);
+        if !self.broker.is_shared() {
+            return Ok((ids, true));
+        }
+        let others: Vec<String> =
+            self.broker.live_nodes().await?.into_iter().filter(|n| *n != self.cfg.node_id).collect();
+        let answers = self.query(Query::Members(channel.clone()), &others).await?;
+        let mut complete = true;
+        for a in answers {
+            match a {
+                Some(CallAnswer::Names(more)) => ids.extend(more),
+                _ => complete = false,
+            }
+        }
+        ids.sort_unstable();
+        Ok((ids, complete))
+    }
+
+    /// Asks `nodes` a question through the broker and waits (at most
+    /// [`QUERY_TIMEOUT`] in all) for each one's answer: None where a node
+    /// did not answer.
+    async fn query(&self, query: Query, nodes: &[String]) -> Result<Vec<Option<CallAnswer>>, ApiError> {
+        if nodes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let id = format!("q.{}", crate::channel::random_id(16));
+        let keys: Vec<String> = nodes.iter().map(|n| Query::answer_id(&id, n)).collect();
+        let forget = |keys: &[String]| keys.iter().for_each(|k| self.hub.forget_call(k));
+        let mut waits = Vec::with_capacity(keys.len());
+        for k in &keys {
+            match self.hub.await_call(k) {
+                Some(rx) => waits.push(rx),
+                None => {
+                    forget(&keys);
+                    return Err(ApiError::new(ErrorCode::LimitExceeded, "too many calls waiting on this node"));
+                }
+            }
+        }
+        if let Err(e) = self.broker.command(NodeCommand::Query { id, query }).await {
+            forget(&keys);
+            return Err(e.into());
+        }
+        let deadline = tokio::time::Instant::now() + QUERY_TIMEOUT;
+        let mut answers = Vec::with_capacity(waits.len());
+        for rx in waits {
+            answers.push(tokio::time::timeout_at(deadline, rx).await.ok().and_then(Result::ok));
+        }
+        forget(&keys);
+        Ok(answers)
     }
 
     /// Who is subscribed to `channel` across nodes (for the `presence` op and

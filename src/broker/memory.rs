@@ -114,6 +114,12 @@ impl MemoryBroker {
         (until > Instant::now()).then_some(value)
     }
 
+    pub fn read_stash(&self, key: &str) -> Option<String> {
+        let stash = lock(&self.stash);
+        let (until, value) = stash.get(key)?;
+        (*until > Instant::now()).then(|| value.clone())
+    }
+
     fn ring(&self, channel: &Channel) -> Arc<Mutex<Ring>> {
         let mut rings = lock(&self.rings);
         rings

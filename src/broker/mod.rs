@@ -30,7 +30,7 @@ use crate::config::{BrokerConfig, HistoryPolicy, Namespaces};
 pub use crate::error::BrokerError;
 use crate::interest::Interest;
 use crate::metrics::Metrics;
-use crate::protocol::commands::NodeCommand;
+use crate::protocol::commands::{CallAnswer, NodeCommand, Query};
 use crate::protocol::{Message, Offset};
 
 /// What a broker reports upward, to what holds the node's sockets (the
@@ -44,6 +44,8 @@ pub trait BrokerEvents: Send + Sync + 'static {
     fn command(&self, cmd: &NodeCommand, replayed_at: Option<u64>) -> usize;
     /// A message on the python-socketio channel (`--socketio-redis-channel`).
     fn foreign(&self, payload: &[u8]);
+    /// This node's answer to a membership query (None: not for this node).
+    fn query(&self, q: &Query) -> Option<CallAnswer>;
 }
 
 /// What a broker is wired to.
@@ -239,6 +241,34 @@ impl Broker {
         match self {
             Broker::Memory(m) => Ok(m.take_stash(key)),
             Broker::Redis(r) => r.take_stash(key).await,
+        }
+    }
+
+    /// Reads a stashed value without taking it.
+    pub async fn read_stash(&self, key: &str) -> Result<Option<String>, BrokerError> {
+        match self {
+            Broker::Memory(m) => Ok(m.read_stash(key)),
+            Broker::Redis(r) => r.read_stash(key).await,
+        }
+    }
+
+    /// Removes a stashed value.
+    pub async fn drop_stash(&self, key: &str) -> Result<(), BrokerError> {
+        match self {
+            Broker::Memory(m) => {
+                m.take_stash(key);
+                Ok(())
+            }
+            Broker::Redis(r) => r.take_stash(key).await.map(|_| ()),
+        }
+    }
+
+    /// The ids of the nodes alive in the cluster (heard from within 15 s;
+    /// none in memory, where this node is the cluster).
+    pub async fn live_nodes(&self) -> Result<Vec<String>, BrokerError> {
+        match self {
+            Broker::Memory(_) => Ok(Vec::new()),
+            Broker::Redis(r) => r.live_nodes().await,
         }
     }
 

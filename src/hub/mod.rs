@@ -239,6 +239,27 @@ impl Hub {
         lock(&self.sessions).by_id.contains_key(id)
     }
 
+    /// The channels a local connection is subscribed to (None: not here).
+    /// Walks every channel of the node: for the API, not the hot path.
+    pub fn rooms_of(&self, id: &str) -> Option<Vec<String>> {
+        let key = lock(&self.sessions).by_id.get(id)?.key;
+        let mut rooms = Vec::new();
+        for shard in &self.shards {
+            let shard = lock(shard);
+            rooms.extend(shard.iter().filter(|(_, s)| s.sessions.contains_key(&key)).map(|(c, _)| c.to_string()));
+        }
+        rooms.sort_unstable();
+        Some(rooms)
+    }
+
+    /// The ids of the local connections subscribed to `channel`.
+    pub fn members(&self, channel: &str) -> Vec<String> {
+        lock(self.shard(channel))
+            .get(channel)
+            .map(|c| c.sessions.values().map(|h| h.id.to_string()).collect())
+            .unwrap_or_default()
+    }
+
     /// The local sessions subscribed to `channel`.
     pub fn subscribers(&self, channel: &str) -> Vec<Arc<SessionHandle>> {
         lock(self.shard(channel)).get(channel).map(|c| c.sessions.values().cloned().collect()).unwrap_or_default()
@@ -425,6 +446,8 @@ impl Hub {
             NodeCommand::Answer { call, answer } => {
                 return usize::from(self.answer_call(call, answer.clone()));
             }
+            // Answered by the node (`BrokerEvents::query`), not applied.
+            NodeCommand::Query { .. } => return 0,
         };
         let all: Vec<Arc<SessionHandle>> = match target {
             Target::Connection(id) => lock(&self.sessions).by_id.get(id.as_str()).cloned().into_iter().collect(),
@@ -445,7 +468,7 @@ impl Hub {
                 NodeCommand::Call { call, .. } => {
                     v.enqueue(Outbound::Command(Box::new(SessionCommand::Call(call.clone()))));
                 }
-                NodeCommand::Answer { .. } => {}
+                NodeCommand::Answer { .. } | NodeCommand::Query { .. } => {}
             }
         }
         victims.len()

@@ -30,6 +30,28 @@ pub enum CallAnswer {
     Gone,
     /// The connection's protocol cannot answer (wsrelay.v1).
     Unsupported,
+    /// The answer to a [`Query`]: connection ids or channel names.
+    Names(Vec<String>),
+}
+
+/// A question about the sessions of the cluster, answered by the nodes
+/// that hold them (membership without presence: python-socketio's
+/// `rooms(sid)` and `manager.rooms`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Query {
+    /// The channels a connection is subscribed to (its node answers).
+    Rooms(String),
+    /// The connections subscribed to a channel (every node answers).
+    Members(Channel),
+}
+
+impl Query {
+    /// The id under which `node` answers the query `id`: every node that
+    /// answers has its own, so the asker can wait for each.
+    pub fn answer_id(id: &str, node: &str) -> String {
+        format!("{id}@{node}")
+    }
 }
 
 /// A command for the sessions of a connection or user, on every node
@@ -51,7 +73,12 @@ pub enum NodeCommand {
         target: Target,
         call: Call,
     },
-    /// The answer to a call, for the node whose API request waits.
+    /// A membership question, for the nodes that hold the answer.
+    Query {
+        id: String,
+        query: Query,
+    },
+    /// The answer to a call or query, for the node whose API request waits.
     Answer {
         call: String,
         answer: CallAnswer,

@@ -83,7 +83,9 @@ impl Trail {
             NodeCommand::Disconnect(t) => (t, None),
             NodeCommand::Subscribe { target, channel } => (target, Some((channel, true))),
             NodeCommand::Unsubscribe { target, channel } => (target, Some((channel, false))),
-            NodeCommand::Call { .. } | NodeCommand::Answer { .. } => return Applied::Skipped,
+            NodeCommand::Call { .. } | NodeCommand::Answer { .. } | NodeCommand::Query { .. } => {
+                return Applied::Skipped;
+            }
         };
         let ours = match target {
             Target::User(u) => self.user.as_deref() == Some(u.as_str()),

@@ -16,6 +16,7 @@ mod limits;
 mod proxy;
 mod relay;
 mod socketio;
+mod socketio_app;
 mod socketio_binary;
 mod socketio_conformance;
 mod socketio_hardening;

@@ -1,7 +1,10 @@
 """An app process that keeps python-socketio's Redis manager (write only)
 and no Socket.IO server: what the tests check wsrelay relays.
 
-    python emitter.py <redis url> <channel> '<JSON list of operations>'
+    python emitter.py <redis url> <channel> '<JSON list of operations>' [room-channels]
+
+With "room-channels", emits to one room go out on `<channel>#<namespace>#<room>`,
+as Open WebUI 0.12.4's AsyncRedisRoomChannelManager (its default) publishes them.
 
 operations: {"op": "emit", "event", "data" (or "data_size": a string of that many
 bytes; {"$bin": "<base64>"} anywhere in "data" is bytes), "room", "skip_sid", "namespace"},
@@ -28,9 +31,23 @@ def unjson(v):
     return v
 
 
+class RoomChannelManager(socketio.AsyncRedisManager):
+    """The publishing half of Open WebUI's room-channel manager: same wire format."""
+
+    async def _publish(self, data):
+        if data.get("method") == "emit" and isinstance(data.get("room"), str):
+            channel = f"{self.channel}#{data['namespace']}#{data['room']}"
+        else:
+            channel = self.channel
+        if not self.connected:
+            self._redis_connect()
+        return await self.redis.publish(channel, json.dumps(data))
+
+
 async def main():
     url, channel, ops = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    mgr = socketio.AsyncRedisManager(url, channel=channel, write_only=True)
+    cls = RoomChannelManager if sys.argv[4:] == ["room-channels"] else socketio.AsyncRedisManager
+    mgr = cls(url, channel=channel, write_only=True)
     for op in ops:
         ns = op.get("namespace", "/")
         kind = op["op"]

@@ -36,6 +36,7 @@
 //! Files: `wire.rs` (names, scripts, envelope), `publisher.rs`, `subscriber.rs`,
 //! `presence.rs` (the heartbeat).
 
+mod app_commands;
 mod gaps;
 mod presence;
 mod publisher;
@@ -71,6 +72,16 @@ pub(super) const MAX_BATCH: usize = 512;
 pub(super) const PUBLISH_QUEUE: usize = 4096;
 /// How often a node refreshes its advertised address.
 const NODE_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// A node not heard from for three heartbeats is gone.
+fn node_expiry_ms() -> u64 {
+    u64::try_from(NODE_HEARTBEAT.as_millis() * 3).unwrap_or(15_000)
+}
+
+/// Wall-clock milliseconds (node liveness is compared across nodes).
+fn now_ms() -> u64 {
+    crate::protocol::now_us() / 1000
+}
 
 /// Channels per SUBSCRIBE/UNSUBSCRIBE command.
 pub(super) const SUBSCRIBE_CHUNK: usize = 500;
@@ -306,6 +317,8 @@ impl RedisBroker {
     /// 15 s after the node is), so other nodes can forward to it.
     pub fn advertise(&self, node_id: &str, url: String, shutdown: tokio_util::sync::CancellationToken) {
         let key = format!("{}node:{node_id}", self.keys.prefix);
+        let nodes = format!("{}nodes", self.keys.prefix);
+        let id = node_id.to_owned();
         let (pool, timeout) = (self.pool.clone(), self.timeout);
         let task = async move {
             let mut tick = tokio::time::interval(NODE_HEARTBEAT);
@@ -316,8 +329,27 @@ impl RedisBroker {
                 }
                 let set = async {
                     let mut c = pool.get().await?;
-                    let ttl = u64::try_from(NODE_HEARTBEAT.as_millis() * 3).unwrap_or(15_000);
-                    redis::cmd("SET").arg(&key).arg(&url).arg("PX").arg(ttl).query_async::<()>(&mut c).await?;
+                    let now = now_ms();
+                    redis::pipe()
+                        .cmd("SET")
+                        .arg(&key)
+                        .arg(&url)
+                        .arg("PX")
+                        .arg(node_expiry_ms())
+                        .ignore()
+                        // The list of live nodes, for queries every node answers.
+                        .cmd("ZADD")
+                        .arg(&nodes)
+                        .arg(now)
+                        .arg(&id)
+                        .ignore()
+                        .cmd("ZREMRANGEBYSCORE")
+                        .arg(&nodes)
+                        .arg("-inf")
+                        .arg(now.saturating_sub(node_expiry_ms()))
+                        .ignore()
+                        .query_async::<()>(&mut c)
+                        .await?;
                     Ok::<_, BrokerError>(())
                 };
                 if let Err(e) = tokio::time::timeout(timeout, set).await.unwrap_or(Err(BrokerError::Timeout(timeout))) {
@@ -326,7 +358,9 @@ impl RedisBroker {
             }
             // Gone at once when this node stops cleanly.
             if let Ok(mut c) = pool.get().await {
-                let _ = tokio::time::timeout(timeout, redis::cmd("DEL").arg(&key).query_async::<()>(&mut c)).await;
+                let gone =
+                    redis::pipe().cmd("DEL").arg(&key).ignore().cmd("ZREM").arg(&nodes).arg(&id).ignore().to_owned();
+                let _ = tokio::time::timeout(timeout, gone.query_async::<()>(&mut c)).await;
             }
         };
         self.tasks.spawn(task.instrument(tracing::info_span!("redis_advertise")));
@@ -344,6 +378,22 @@ impl RedisBroker {
         let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         self.with_conn(|mut c| async move {
             redis::cmd("SET").arg(key).arg(value).arg("PX").arg(ttl).query_async(&mut c).await
+        })
+        .await
+    }
+
+    /// Reads what was stashed under `key`.
+    pub async fn read_stash(&self, key: &str) -> Result<Option<String>, BrokerError> {
+        let key = format!("{}stash:{key}", self.keys.prefix);
+        self.with_conn(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await }).await
+    }
+
+    /// The nodes that refreshed their address within its expiry.
+    pub async fn live_nodes(&self) -> Result<Vec<String>, BrokerError> {
+        let key = format!("{}nodes", self.keys.prefix);
+        let since = now_ms().saturating_sub(node_expiry_ms());
+        self.with_conn(|mut c| async move {
+            redis::cmd("ZRANGE").arg(key).arg(since).arg("+inf").arg("BYSCORE").query_async(&mut c).await
         })
         .await
     }
@@ -405,7 +455,7 @@ impl RedisBroker {
     pub async fn command(&self, op: &NodeCommand) -> Result<(), BrokerError> {
         self.interest.wait_up(self.timeout).await?;
         match op {
-            NodeCommand::Call { .. } | NodeCommand::Answer { .. } => {
+            NodeCommand::Call { .. } | NodeCommand::Answer { .. } | NodeCommand::Query { .. } => {
                 send_call(&self.pool, &self.keys, op, self.timeout).await
             }
             _ => send_command(&self.pool, &self.control_script, &self.keys, op, self.timeout).await,

@@ -25,7 +25,6 @@ use crate::channel::Channel;
 use crate::config::Namespaces;
 use crate::interest::Interest;
 use crate::metrics::Metrics;
-use crate::protocol::commands::{CallAnswer, NodeCommand, Target};
 use crate::protocol::{Kind, Message, Offset};
 
 /// Publishes probe `seq` to this node's probe channel on a pooled connection.
@@ -312,13 +311,30 @@ impl Subscriber {
         }
     }
 
+    /// The Redis channels that carry `chunk`'s traffic: each channel's own
+    /// and, with a python-socketio channel, the room channel its
+    /// room-channel manager publishes a room's emits on
+    /// (`<socketio channel>#<namespace>#<room>`, Open WebUI's default):
+    /// subscribed only for the rooms this node has members of.
+    fn redis_names(&self, chunk: &[Channel]) -> Vec<String> {
+        let mut names: Vec<String> = chunk.iter().map(|c| self.keys.channel(c)).collect();
+        if let Some(sio) = &self.socketio_channel {
+            for c in chunk {
+                if let (ns, Some(room)) = crate::channel::split_socketio(c) {
+                    names.push(format!("{sio}#{ns}#{room}"));
+                }
+            }
+        }
+        names
+    }
+
     /// Applies the hub's wanted channels to the connection, in batches of
     /// [`SUBSCRIBE_CHUNK`]. One pass per call: changes made meanwhile wake the
     /// loop again, so a steady churn cannot keep it from reading messages.
     async fn sync(&self, sink: &mut redis::aio::MultiplexedConnection, st: &mut SubState) -> Result<(), LostReason> {
         let (add, remove) = self.interest.take_changes();
         for chunk in remove.chunks(SUBSCRIBE_CHUNK) {
-            let names: Vec<String> = chunk.iter().map(|c| self.keys.channel(c)).collect();
+            let names = self.redis_names(chunk);
             self.with_timeout(sink.unsubscribe(&names)).await.map_err(failed("unsubscribe"))?;
             for c in chunk {
                 st.tracked.remove(c);
@@ -329,78 +345,12 @@ impl Subscriber {
             // what is published in between shows up as a gap and is read
             // from the stream, never lost.
             self.track(chunk, st).await.map_err(failed("reading history meta"))?;
-            let names: Vec<String> = chunk.iter().map(|c| self.keys.channel(c)).collect();
+            let names = self.redis_names(chunk);
             self.with_timeout(sink.subscribe(&names)).await.map_err(failed("subscribe"))?;
             self.interest.confirm(chunk);
         }
         self.metrics.broker_subscriptions.set(self.interest.active_count() as i64);
         Ok(())
-    }
-
-    /// Applies the logged commands after `applied` to the sessions older
-    /// than each command, and moves `applied` past them.
-    async fn replay_commands(&self, applied: &mut StreamId) -> Result<(), BrokerError> {
-        let read = async {
-            let mut c = self.pool.get().await?;
-            let start = format!("({applied}");
-            let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-                .arg(&self.keys.control_log)
-                .arg(start)
-                .arg("+")
-                .arg("COUNT")
-                .arg(CONTROL_LOG_LEN)
-                .query_async(&mut c)
-                .await?;
-            Ok::<_, BrokerError>(entries)
-        };
-        let entries = match tokio::time::timeout(self.timeout, read).await {
-            Ok(r) => r?,
-            Err(_) => return Err(BrokerError::Timeout(self.timeout)),
-        };
-        for (id, fields) in entries {
-            let Some(id) = StreamId::parse(&id) else { continue };
-            if let Some((_, payload)) = fields.iter().find(|(k, _)| k == "c") {
-                self.apply(id, payload, applied, true);
-            }
-        }
-        Ok(())
-    }
-
-    /// Applies one command once (by id). A replayed one spares the sessions
-    /// that connected after it was issued.
-    fn apply(&self, id: StreamId, payload: &str, applied: &mut StreamId, replayed: bool) {
-        if id <= *applied {
-            return;
-        }
-        *applied = id;
-        match decode_command(payload.as_bytes()) {
-            Ok((t, op)) => {
-                let n = self.events.command(&op, replayed.then_some(t));
-                debug!(?op, sessions = n, replayed, "command applied");
-            }
-            Err(e) => warn!(error = %e, "ignoring a malformed command"),
-        }
-    }
-
-    /// A call or its answer (`{prefix}calls`): live only, never logged nor
-    /// replayed (a late one is useless: its caller timed out).
-    fn on_call(&self, payload: &[u8]) {
-        let op = match decode_command(payload) {
-            Ok((_, op @ (NodeCommand::Call { .. } | NodeCommand::Answer { .. }))) => op,
-            _ => return warn!("ignoring a malformed call"),
-        };
-        let n = self.events.command(&op, None);
-        if let NodeCommand::Call { target: Target::Connection(id), call } = &op {
-            let here = crate::channel::node_of(id) == Some(self.node_id.as_str());
-            if n == 0 && here {
-                // Ours by its name, and gone: say so now rather than at the timeout.
-                let answer = NodeCommand::Answer { call: call.id.clone(), answer: CallAnswer::Gone };
-                let (pool, keys, timeout) = (self.pool.clone(), self.keys.clone(), self.timeout);
-                self.tasks.spawn(async move {
-                    let _ = send_call(&pool, &keys, &answer, timeout).await;
-                });
-            }
-        }
     }
 
     /// Records the current top offset of the history channels in `chunk`
@@ -558,7 +508,11 @@ impl Subscriber {
         } else if name == self.keys.calls {
             self.on_call(payload);
             None
-        } else if self.socketio_channel.as_deref() == Some(name) {
+        } else if self
+            .socketio_channel
+            .as_deref()
+            .is_some_and(|sio| name.strip_prefix(sio).is_some_and(|rest| rest.is_empty() || rest.starts_with('#')))
+        {
             self.events.foreign(payload);
             None
         } else if name == self.keys.control {

@@ -19,6 +19,8 @@ use crate::hub::{NodeCommand, Target};
 use crate::node::{Node, Source};
 use crate::protocol::{Offset, check_depth, check_event};
 
+mod connections;
+
 /// Channels one broadcast may name at most.
 pub const MAX_BROADCAST: usize = 1000;
 
@@ -48,6 +50,16 @@ pub(crate) async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<
                 (&Method::POST, "/api/call") => call(&node, req).await,
                 (&Method::GET, p) if channel_path(p, "/history").is_some() => {
                     history(&node, channel_path(p, "/history").unwrap_or_default(), req.uri().query()).await
+                }
+                (&Method::GET, p) if channel_path(p, "/connections").is_some() => {
+                    connections::members(&node, channel_path(p, "/connections").unwrap_or_default()).await
+                }
+                (&Method::GET, p) if connections::connection_path(p, "").is_some() => {
+                    connections::rooms(&node, connections::connection_path(p, "").unwrap_or_default()).await
+                }
+                (_, p) if connections::connection_path(p, "/session").is_some() => {
+                    let id = connections::connection_path(p, "/session").unwrap_or_default().to_owned();
+                    connections::session(&node, &id, req).await
                 }
                 (&Method::GET, p) if channel_path(p, "/presence").is_some() => {
                     presence(&node, channel_path(p, "/presence").unwrap_or_default()).await
@@ -107,7 +119,7 @@ fn check_token(node: &Node, req: &Request<Incoming>) -> Result<(), ApiError> {
 /// cross-site POST (text/plain, form data) to a loopback admin listener
 /// without any preflight; it cannot send `application/json` without one.
 fn check_json(req: &Request<Incoming>) -> Result<(), ApiError> {
-    if req.method() != Method::POST {
+    if req.method() != Method::POST && req.method() != Method::PUT {
         return Ok(());
     }
     let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
@@ -343,7 +355,7 @@ async fn call(node: &Arc<Node>, req: Request<Incoming>) -> Result<serde_json::Va
             Ok(serde_json::json!({ "args": args, "attachments": attachments }))
         }
         // `Node::call` answers these as errors.
-        crate::hub::CallAnswer::Gone | crate::hub::CallAnswer::Unsupported => {
+        crate::hub::CallAnswer::Gone | crate::hub::CallAnswer::Unsupported | crate::hub::CallAnswer::Names(_) => {
             Err(ApiError::new(ErrorCode::NotFound, "no such connection"))
         }
     }

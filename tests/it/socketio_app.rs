@@ -1,0 +1,145 @@
+//! What an app that had python-socketio's server asks of the sidecars:
+//! membership without presence (`rooms(sid)`, `manager.rooms`), a session
+//! value per connection shared by every worker and replica, and the bridge
+//! reading Open WebUI's room-channel manager.
+
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::common::Upstream;
+use crate::common::sio::Driven;
+use crate::common::{Relay, request};
+use crate::socketio::{alice, cluster_with};
+
+async fn get(relay: &Relay, path: &str) -> (StatusCode, Value) {
+    let (s, _, body) = request(Method::GET, &relay.admin_url(path), None, &[]).await;
+    (s, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+async fn send(relay: &Relay, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    let headers = [("content-type", "application/json".to_owned())];
+    let (s, _, body) = request(method, &relay.admin_url(path), body.map(|b| b.to_string()), &headers).await;
+    (s, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+fn strs(v: &Value) -> Vec<String> {
+    v.as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_owned()).collect()
+}
+
+#[tokio::test]
+async fn rooms_members_and_sessions_answer_from_any_node() {
+    let app = Upstream::start().await;
+    alice(&app);
+    let c = cluster_with(&app, &[]).await;
+    let mut on_a = Driven::node(&c.a.http_url(""), json!({"transports": ["websocket"]}));
+    let mut on_b = Driven::node(&c.b.http_url(""), json!({"transports": ["websocket"]}));
+    let id_a = on_a.wait_type("connect").await["id"].as_str().unwrap().to_owned();
+    let id_b = on_b.wait_type("connect").await["id"].as_str().unwrap().to_owned();
+    let (s, _) = c.a.api("/api/subscribe", json!({"channel": "doc_1", "connection": id_b}), None).await;
+    assert_eq!(s, StatusCode::OK);
+
+    // A connection's rooms, asked of the node that does not hold it.
+    let mut rooms = Vec::new();
+    for _ in 0..50 {
+        let (s, body) = get(&c.a, &format!("/api/connections/{id_b}")).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        rooms = strs(&body["channels"]);
+        if rooms.contains(&"doc_1".to_owned()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for want in ["/", "doc_1", "user:alice", id_b.as_str()] {
+        assert!(rooms.contains(&want.to_owned()), "{want} missing from {rooms:?}");
+    }
+    // A room's members on every node, without presence configured.
+    let (s, body) = get(&c.b, "/api/channels/user:alice/connections").await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["complete"], true);
+    let mut want = vec![id_a.clone(), id_b.clone()];
+    want.sort();
+    assert_eq!(strs(&body["connections"]), want);
+    let (_, body) = get(&c.a, "/api/channels/nobody-here/connections").await;
+    assert_eq!(body["connections"], json!([]));
+
+    // Gone connections and ids of no shape are told apart.
+    drop(on_b);
+    let gone = id_b.clone();
+    let mut status = StatusCode::OK;
+    for _ in 0..100 {
+        status = get(&c.a, &format!("/api/connections/{gone}")).await.0;
+        if status == StatusCode::NOT_FOUND {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(get(&c.a, "/api/connections/not-an-id").await.0, StatusCode::BAD_REQUEST);
+
+    // A session written through one node is read through the other.
+    let path = format!("/api/connections/{id_a}/session");
+    let (s, body) = get(&c.b, &path).await;
+    assert_eq!((s, body), (StatusCode::OK, json!({"data": null})));
+    let (s, _) = send(&c.a, Method::PUT, &path, Some(json!({"data": {"user": {"id": "u1"}, "n": 1}}))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(get(&c.b, &path).await.1, json!({"data": {"user": {"id": "u1"}, "n": 1}}));
+    // Per namespace.
+    assert_eq!(get(&c.b, &format!("{path}?namespace=/chat")).await.1, json!({"data": null}));
+    let big = "x".repeat(70 * 1024);
+    assert_eq!(send(&c.a, Method::PUT, &path, Some(json!({"data": big}))).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+    let (s, _, _) = request(Method::PUT, &c.a.admin_url(&path), Some("{\"data\":1}".into()), &[]).await;
+    assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE, "a PUT must declare JSON");
+    assert_eq!(send(&c.b, Method::DELETE, &path, None).await.0, StatusCode::OK);
+    assert_eq!(get(&c.a, &path).await.1, json!({"data": null}));
+}
+
+#[tokio::test]
+async fn the_bridge_reads_room_channels_only_for_rooms_with_members_here() {
+    let app = Upstream::start().await;
+    alice(&app);
+    let c = cluster_with(&app, &[]).await;
+    let mut sock = Driven::node(&c.a.http_url(""), json!({"transports": ["websocket"]}));
+    let id = sock.wait_type("connect").await["id"].as_str().unwrap().to_owned();
+    // Node a has a member of user:alice (the connect hook's channel); node b none.
+    let subscribed = |v: redis::Value| match v {
+        redis::Value::Array(list) => list
+            .into_iter()
+            .map(|x| match x {
+                redis::Value::BulkString(b) => String::from_utf8(b).unwrap(),
+                other => panic!("{other:?}"),
+            })
+            .collect::<Vec<_>>(),
+        other => panic!("{other:?}"),
+    };
+    let chans = subscribed(c._redis.cmd(&["PUBSUB", "CHANNELS", "socketio#*"]).await);
+    assert!(chans.contains(&"socketio#/#user:alice".to_owned()), "{chans:?}");
+    assert!(chans.contains(&format!("socketio#/#{id}")), "{chans:?}");
+    assert_eq!(c._redis.numsub("socketio#/#user:alice").await, 1, "only the node with a member subscribes");
+
+    let ops = json!([
+        {"op": "emit", "event": "to-room", "data": {"n": 1}, "room": "user:alice"},
+        {"op": "emit", "event": "to-sid", "data": "hi", "room": id},
+        {"op": "emit", "event": "to-all", "data": "all"},
+    ]);
+    let (ok, out) = Driven::python("emitter.py", &[&c.redis_url, "socketio", &ops.to_string(), "room-channels"])
+        .finish(Duration::from_secs(20))
+        .await;
+    assert!(ok, "emitter failed: {out:?}");
+    assert_eq!(sock.event("to-room").await["args"], json!([{"n": 1}]));
+    assert_eq!(sock.event("to-sid").await["args"], json!(["hi"]));
+    assert_eq!(sock.event("to-all").await["args"], json!(["all"]));
+    // Once the room has no member here, its room channel is left.
+    let (s, _) = c.b.api("/api/unsubscribe", json!({"channel": "user:alice", "connection": id}), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let mut n = 1;
+    for _ in 0..100 {
+        n = c._redis.numsub("socketio#/#user:alice").await;
+        if n == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(n, 0);
+}
