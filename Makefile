@@ -79,7 +79,7 @@ test: deps
 		$(CARGO) test; \
 	fi
 	$(CARGO) build --bin wsrelay
-	@$(MAKE) --no-print-directory test-js test-observability test-browser
+	@$(MAKE) --no-print-directory test-js test-python test-observability test-browser
 
 fmt:
 	$(CARGO) fmt --all
@@ -124,6 +124,7 @@ clean:
 WSRELAY_BIN ?= target/debug/wsrelay
 
 .PHONY: js-deps demo-deps browser-deps observability-deps test-js test-browser test-observability demo demo-stop
+.PHONY: python-deps test-python
 
 js-deps:
 	@$(MAKE) --no-print-directory need PROG=node PKG=nodejs
@@ -145,6 +146,25 @@ observability-deps: demo-deps
 ## The browser client under Node against a real sidecar (~5 s).
 test-js: js-deps
 	WSRELAY_BIN=$(WSRELAY_BIN) clients/js/test/run.sh
+
+## The app-side Python package (clients/python, wsrelay-socketio): a venv in
+## its folder with the pinned test dependencies and the package (editable).
+PY := clients/python
+python-deps: $(PY)/.venv/.installed
+
+$(PY)/.venv/.installed: $(PY)/requirements-test.txt $(PY)/pyproject.toml
+	@$(MAKE) --no-print-directory need PROG=redis-server PKG=redis-server
+	@python3 -c 'import ensurepip, venv' 2>/dev/null || $(MAKE) --no-print-directory need PROG=no-such-program-venv PKG=python3-venv || python3 -c 'import ensurepip, venv'
+	python3 -m venv $(PY)/.venv
+	$(PY)/.venv/bin/pip install --quiet --disable-pip-version-check -r $(PY)/requirements-test.txt
+	$(PY)/.venv/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e $(PY)
+	@touch $@
+
+## ruff, mypy --strict, and pytest against two real sidecars, Redis and two
+## apps with two workers each (~10 s).
+test-python: python-deps
+	cd $(PY) && .venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
+	cd $(PY) && WSRELAY_BIN=$(abspath $(WSRELAY_BIN)) .venv/bin/python -m pytest -q
 
 ## The demo stack in headless Chromium over the DevTools protocol (~15 s).
 test-browser: browser-deps
