@@ -265,7 +265,7 @@ pub fn parse_publish(body: &[u8], max: usize) -> Result<PublishRequest, ApiError
 }
 
 async fn publish(node: &Arc<Node>, req: Request<Incoming>) -> Result<serde_json::Value, ApiError> {
-    let max = node.cfg.session.max_message_bytes;
+    let max = node.cfg.session.largest_message;
     let p = parse_publish(&read_body(req, max + 64 * 1024).await?, max)?;
     let channels = p.channels.clone();
     let offsets = node.publish(p.channels, &p.data, p.exclude.as_deref(), p.event, p.attachments, Source::Api).await?;
@@ -314,7 +314,7 @@ const MAX_CALL_TIMEOUT: f64 = 600.0;
 /// `POST /api/call`: an event for one connection, answered with the
 /// client's acknowledgement, wherever the connection is.
 async fn call(node: &Arc<Node>, req: Request<Incoming>) -> Result<serde_json::Value, ApiError> {
-    let max = node.cfg.session.max_message_bytes;
+    let max = node.cfg.session.largest_message;
     let body: CallBody = parse_json(&read_body(req, max + 64 * 1024).await?)?;
     check_event(&body.event)?;
     let args = event_args(body.args, body.data)?;

@@ -131,7 +131,11 @@ impl Config {
 pub struct SessionConfig {
     /// Empty when wsrelay.v1 is switched off (`--ws-enabled false`).
     pub ws_paths: Vec<String>,
+    /// Largest frame a wsrelay.v1 client may send.
     pub max_message_bytes: usize,
+    /// Largest message the app may publish or answer with: the largest that
+    /// any front's clients may send (a Socket.IO app may allow more).
+    pub largest_message: usize,
     pub max_connections: usize,
     pub max_subscriptions: usize,
     pub client_queue: usize,
@@ -163,6 +167,8 @@ pub struct SocketIoConfig {
     pub redis_channel: Option<String>,
     pub recovery_window: Duration,
     pub max_payload: usize,
+    /// Largest packet a Socket.IO client may send (`--socketio-max-message-bytes`).
+    pub max_message_bytes: usize,
     /// Sessions one client address may have waiting for their CONNECT.
     pub opening_per_address: usize,
 }

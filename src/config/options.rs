@@ -110,6 +110,12 @@ pub struct Options {
     #[arg(long, env = "WSRELAY_SOCKETIO_MAX_PAYLOAD", value_name = "BYTES", default_value = "1000000", value_parser = count(1024, 64 << 20))]
     pub socketio_max_payload: usize,
 
+    /// Largest packet a Socket.IO client may send, in bytes (at most 16 MiB): an app that takes
+    /// large documents over Socket.IO raises it without raising --max-message-bytes for
+    /// wsrelay.v1 clients [default: --max-message-bytes]
+    #[arg(long, env = "WSRELAY_SOCKETIO_MAX_MESSAGE_BYTES", value_name = "BYTES", value_parser = count(1, 16 << 20))]
+    pub socketio_max_message_bytes: Option<usize>,
+
     /// Socket.IO sessions one client address may have waiting for their CONNECT at once
     /// (behind a reverse proxy, list it in --trusted-proxy so clients are told apart)
     #[arg(long, env = "WSRELAY_SOCKETIO_OPENING_PER_ADDRESS", value_name = "N", default_value = "16", value_parser = count(1, 1 << 20))]

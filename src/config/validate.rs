@@ -77,10 +77,14 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
             ),
         ));
     }
+    let sio_max_message = o.socketio_max_message_bytes.unwrap_or(o.max_message_bytes);
     let socketio = match nonempty_str(o.socketio_path) {
         None => {
             if o.socketio_redis_channel.is_some() {
                 return Err(ConfigError::new("socketio-redis-channel", "needs socketio-path (the Socket.IO front)"));
+            }
+            if o.socketio_max_message_bytes.is_some() {
+                return Err(ConfigError::new("socketio-max-message-bytes", "needs socketio-path (the Socket.IO front)"));
             }
             None
         }
@@ -91,6 +95,13 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
             }
             if o.ws_path.iter().any(|w| w.strip_suffix('/').unwrap_or(w) == path) {
                 return Err(ConfigError::new("socketio-path", format!("{p:?} is also a ws-path")));
+            }
+            if o.socketio_max_payload < sio_max_message {
+                let msg = format!(
+                    "({}) must be at least socketio-max-message-bytes ({sio_max_message}): a polling request carries a whole packet",
+                    o.socketio_max_payload
+                );
+                return Err(ConfigError::new("socketio-max-payload", msg));
             }
             let redis_channel = nonempty_str(o.socketio_redis_channel);
             if redis_channel.is_some() && o.redis_url.is_none() {
@@ -104,6 +115,7 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
                 redis_channel,
                 recovery_window: o.socketio_recovery_window,
                 max_payload: o.socketio_max_payload,
+                max_message_bytes: sio_max_message,
                 opening_per_address: o.socketio_opening_per_address,
             })
         }
@@ -125,6 +137,7 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
     let session = SessionConfig {
         ws_paths: if o.ws_enabled { o.ws_path } else { Vec::new() },
         max_message_bytes: o.max_message_bytes,
+        largest_message: o.max_message_bytes.max(sio_max_message),
         max_connections: o.max_connections,
         max_subscriptions: o.max_subscriptions,
         client_queue: o.client_queue,
@@ -172,7 +185,7 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
         probe_timeout: o.redis_probe_timeout,
         receive_buffer: o.redis_receive_buffer,
         socketio_channel: session.socketio.as_ref().and_then(|s| s.redis_channel.clone()),
-        max_message_bytes: session.max_message_bytes,
+        max_message_bytes: session.largest_message,
     };
     if broker.prefix.contains(char::is_whitespace) {
         return Err(ConfigError::new("redis-prefix", "must not contain whitespace"));
@@ -206,7 +219,7 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
             k.with_claims(&o.jwt_audience, &o.jwt_issuer).with_leeway(o.jwt_leeway).with_user_claim(&o.jwt_user_claim)
         }),
         jwt_user_channel: jwt_user_channel(o.jwt_user_channel)?,
-        max_result_bytes: o.max_message_bytes,
+        max_result_bytes: o.max_message_bytes.max(sio_max_message),
         allowed_origins: validate_origins(o.allowed_origin)?,
         namespaces: namespaces.clone(),
     };
@@ -428,6 +441,26 @@ mod tests {
         assert_eq!(key(&["--advertise-url", "https://10.0.0.1:8080"]), "advertise-url");
         let err = Config::from_args(["wsrelay", "--socketio-max-payload", "10"]).unwrap_err();
         assert!(err.message.contains("--socketio-max-payload"), "{err}");
+        // A larger Socket.IO limit needs the front, and polling bodies that can carry it.
+        assert_eq!(key(&["--socketio-max-message-bytes", "1048576"]), "socketio-max-message-bytes");
+        assert_eq!(
+            key(&["--socketio-path", "/ws/socket.io/", "--socketio-max-message-bytes", "16777216"]),
+            "socketio-max-payload"
+        );
+        let cfg = Config::from_args([
+            "wsrelay",
+            "--socketio-path",
+            "/s/",
+            "--socketio-max-message-bytes",
+            "16777216",
+            "--socketio-max-payload",
+            "16777216",
+        ])
+        .unwrap();
+        assert_eq!(cfg.session.max_message_bytes, 65_536, "wsrelay.v1 clients keep theirs");
+        assert_eq!(cfg.session.socketio.as_ref().unwrap().max_message_bytes, 16 << 20);
+        assert_eq!(cfg.session.largest_message, 16 << 20, "the app may publish what Socket.IO clients may send");
+        assert_eq!(cfg.broker.max_message_bytes, 16 << 20);
         let cfg = Config::from_args(["wsrelay", "--socketio-path", "/ws/socket.io/"]).unwrap();
         let sio = cfg.session.socketio.unwrap();
         assert!(sio.matches("/ws/socket.io") && sio.matches("/ws/socket.io/") && !sio.matches("/ws"));

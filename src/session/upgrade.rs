@@ -33,16 +33,18 @@ const READ_BUFFER: usize = 1024;
 /// Bytes gathered before a write reaches the socket (a flush always writes).
 const WRITE_BUFFER: usize = 16 * 1024;
 
-pub(crate) fn ws_config(max_message_bytes: usize) -> WebSocketConfig {
+/// `max_in`: the largest frame the client may send; `largest`: the largest
+/// message the app may publish or answer with (`largest_message`).
+pub(crate) fn ws_config(max_in: usize, largest: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
         // Room for the buffer plus two of the largest frames we send (a
         // message's data and a hook's answer are both capped at
-        // max-message-bytes); beyond it a write fails instead of growing.
-        .max_write_buffer_size(WRITE_BUFFER + 2 * (max_message_bytes + 1024))
-        .max_message_size(Some(max_message_bytes))
-        .max_frame_size(Some(max_message_bytes))
+        // `largest`); beyond it a write fails instead of growing.
+        .max_write_buffer_size(WRITE_BUFFER + 2 * (largest.max(max_in) + 1024))
+        .max_message_size(Some(max_in))
+        .max_frame_size(Some(max_in))
 }
 
 fn reject(node: &Node, r: &Reject) -> Response<Body> {
@@ -84,7 +86,7 @@ pub(crate) async fn accept(node: Arc<Node>, mut req: Request<Incoming>, remote: 
         user = session.ident.user.as_deref().unwrap_or(""),
         remote.addr = %remote,
     );
-    let ws_cfg = ws_config(node.cfg.session.max_message_bytes);
+    let ws_cfg = ws_config(node.cfg.session.max_message_bytes, node.cfg.session.largest_message);
     let handshake_timeout = node.cfg.session.handshake_timeout;
     let metrics = node.metrics.clone();
     node.sessions.spawn(

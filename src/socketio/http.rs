@@ -307,7 +307,7 @@ async fn open(
     // as a slow consumer, like a WebSocket that does not read.
     let max_payload = node.cfg.session.socketio.as_ref().map_or(1_000_000, |c| c.max_payload);
     let cap = max_payload.min(POLL_BUFFER);
-    let (poll, end) = Poll::new(eio_sid.clone(), cap, node.cfg.session.max_message_bytes, max_payload);
+    let (poll, end) = Poll::new(eio_sid.clone(), cap, super::max_message_bytes(&node.cfg), max_payload);
     front.polls.insert(poll.clone());
     let eio = Eio::polling(node.clone(), front, poll, end);
     let open = open_packet(&node, &eio_sid, true);
@@ -321,7 +321,7 @@ async fn open_websocket(node: Arc<Node>, on_upgrade: hyper::upgrade::OnUpgrade, 
         node.metrics.connection_result(ConnResult::HandshakeFailed);
         return None;
     };
-    let cfg = crate::session::upgrade::ws_config(node.cfg.session.max_message_bytes);
+    let cfg = crate::session::upgrade::ws_config(super::max_message_bytes(&node.cfg), node.cfg.session.largest_message);
     let ws = WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg)).await;
     let mut eio = Eio::websocket(node, ws);
     if eio.feed(WsMessage::Text(Utf8Bytes::from(open))).await.is_err() || eio.flush().await.is_err() {
@@ -402,7 +402,7 @@ where
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let timeout = node.cfg.session.handshake_timeout;
-    let cfg = crate::session::upgrade::ws_config(node.cfg.session.max_message_bytes);
+    let cfg = crate::session::upgrade::ws_config(super::max_message_bytes(&node.cfg), node.cfg.session.largest_message);
     node.sessions.spawn(async move {
         let Ok(Ok(up)) = tokio::time::timeout(timeout, on_upgrade).await else { return };
         then(WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg)).await).await;

@@ -44,6 +44,12 @@ pub struct Front {
     pub(crate) polls: engineio::Registry,
 }
 
+/// The largest packet a Socket.IO client may send
+/// (`--socketio-max-message-bytes`, else `--max-message-bytes`).
+pub(crate) fn max_message_bytes(cfg: &Config) -> usize {
+    cfg.session.socketio.as_ref().map_or(cfg.session.max_message_bytes, |s| s.max_message_bytes)
+}
+
 impl Front {
     pub fn new(cfg: &Config) -> Self {
         let per_address = cfg.session.socketio.as_ref().map_or(16, |s| s.opening_per_address);

@@ -211,7 +211,7 @@ impl Eio {
     /// assembled; the whole packet once the last one came.
     fn attach(&mut self, attachment: &str) -> Result<Option<Utf8Bytes>, WsError> {
         // Attachments count as the message they belong to, base64 and all.
-        let max = self.node.cfg.session.max_message_bytes.saturating_mul(2);
+        let max = super::max_message_bytes(&self.node.cfg).saturating_mul(2);
         let Some((text, left)) = self.assembling.as_mut() else { return Err(bad_packet()) };
         if text.len() + attachment.len() + 1 > max {
             let size = text.len() + attachment.len();

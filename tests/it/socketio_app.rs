@@ -5,13 +5,16 @@
 
 use std::time::Duration;
 
+use futures_util::SinkExt;
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::common::Upstream;
 use crate::common::sio::Driven;
-use crate::common::{Relay, request};
-use crate::socketio::{alice, cluster_with};
+use crate::common::upstream::HookReply;
+use crate::common::{Relay, STEP, Upstream, request, ws_connect};
+use crate::socketio::{PATH, alice, cluster_with, open_polling, relay};
 
 async fn get(relay: &Relay, path: &str) -> (StatusCode, Value) {
     let (s, _, body) = request(Method::GET, &relay.admin_url(path), None, &[]).await;
@@ -142,4 +145,45 @@ async fn the_bridge_reads_room_channels_only_for_rooms_with_members_here() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn socketio_clients_may_send_larger_packets_than_wsrelay_v1_clients() {
+    // An app that takes 100 KB documents over Socket.IO (Open WebUI's notes)
+    // raises the Socket.IO limit only; wsrelay.v1 clients keep 1 KiB.
+    let app = Upstream::start().await;
+    alice(&app);
+    app.set_hook("/ws/message", HookReply::new(200, &json!("stored")));
+    let limits = ["--max-message-bytes", "1024", "--socketio-max-message-bytes", "200000"];
+    let relay = relay(&app, &limits).await;
+    let base = relay.http_url("");
+    let note = "n".repeat(100_000);
+
+    // Over WebSocket: the 100 KB event reaches the message hook whole.
+    let mut ws = Driven::node(&base, json!({"transports": ["websocket"]}));
+    ws.wait_type("connect").await;
+    ws.send(json!({"op": "emit", "event": "note", "args": [note], "ack": true, "id": 1})).await;
+    assert_eq!(ws.wait_type("ack").await["args"], json!(["stored"]));
+    let got = app.recorded("/ws/message");
+    assert_eq!(got.last().map(|r| r.json()["args"][0].as_str().map(str::len)), Some(Some(100_000)));
+    // Over polling: a 100 KB packet is accepted, past 200 000 bytes it is not.
+    let sid = open_polling(&base).await;
+    let url = format!("{base}{PATH}?EIO=4&transport=polling&sid={sid}");
+    let (s, _, _) = request(Method::POST, &url, Some("40".into()), &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, _) = request(Method::POST, &url, Some(format!("42[\"note\",\"{note}\"]")), &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, _) = request(Method::POST, &url, Some(format!("42[\"note\",\"{note}{note}\"]")), &[]).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    // The app may send what Socket.IO clients may: a 100 KB emit arrives.
+    let (s, body) = relay.publish(json!({"channel": "user:alice", "event": "note", "args": [note]})).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(ws.event("note").await["args"][0].as_str().map(str::len), Some(100_000));
+
+    // A wsrelay.v1 client's 2 KB frame is still too large.
+    let mut v1 = ws_connect(&relay.ws_url("/ws")).await;
+    let big = format!(r#"{{"op":"ping","pad":"{}"}}"#, "x".repeat(2000));
+    v1.ws.send(Message::text(big)).await.unwrap();
+    let close = v1.expect_close(STEP).await.expect("a close frame");
+    assert_eq!(close.code, CloseCode::Size);
 }
