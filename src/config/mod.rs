@@ -169,6 +169,10 @@ pub struct SocketIoConfig {
     pub max_payload: usize,
     /// Largest packet a Socket.IO client may send (`--socketio-max-message-bytes`).
     pub max_message_bytes: usize,
+    /// Whether clients may use HTTP long-polling (`--socketio-transports`).
+    pub polling: bool,
+    /// Whether clients may use (or upgrade to) WebSocket.
+    pub websocket: bool,
     /// Sessions one client address may have waiting for their CONNECT.
     pub opening_per_address: usize,
 }

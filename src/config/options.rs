@@ -116,6 +116,18 @@ pub struct Options {
     #[arg(long, env = "WSRELAY_SOCKETIO_MAX_MESSAGE_BYTES", value_name = "BYTES", value_parser = count(1, 16 << 20))]
     pub socketio_max_message_bytes: Option<usize>,
 
+    /// Engine.IO transports Socket.IO clients may use: `polling`, `websocket`, or both
+    /// (python-socketio's `transports`; polling alone offers no upgrade, as Open WebUI
+    /// with ENABLE_WEBSOCKET_SUPPORT=false); repeatable
+    #[arg(
+        long,
+        env = "WSRELAY_SOCKETIO_TRANSPORTS",
+        value_name = "TRANSPORT",
+        value_delimiter = ',',
+        default_value = "polling,websocket"
+    )]
+    pub socketio_transports: Vec<String>,
+
     /// Socket.IO sessions one client address may have waiting for their CONNECT at once
     /// (behind a reverse proxy, list it in --trusted-proxy so clients are told apart)
     #[arg(long, env = "WSRELAY_SOCKETIO_OPENING_PER_ADDRESS", value_name = "N", default_value = "16", value_parser = count(1, 1 << 20))]

@@ -84,7 +84,10 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
                 return Err(ConfigError::new("socketio-redis-channel", "needs socketio-path (the Socket.IO front)"));
             }
             if o.socketio_max_message_bytes.is_some() {
-                return Err(ConfigError::new("socketio-max-message-bytes", "needs socketio-path (the Socket.IO front)"));
+                return Err(ConfigError::new(
+                    "socketio-max-message-bytes",
+                    "needs socketio-path (the Socket.IO front)",
+                ));
             }
             None
         }
@@ -95,6 +98,21 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
             }
             if o.ws_path.iter().any(|w| w.strip_suffix('/').unwrap_or(w) == path) {
                 return Err(ConfigError::new("socketio-path", format!("{p:?} is also a ws-path")));
+            }
+            let mut polling = false;
+            let mut websocket = false;
+            for t in &o.socketio_transports {
+                match t.trim() {
+                    "polling" => polling = true,
+                    "websocket" => websocket = true,
+                    other => {
+                        let msg = format!("{other:?} is no transport: polling or websocket");
+                        return Err(ConfigError::new("socketio-transports", msg));
+                    }
+                }
+            }
+            if !polling && !websocket {
+                return Err(ConfigError::new("socketio-transports", "must name polling, websocket or both"));
             }
             if o.socketio_max_payload < sio_max_message {
                 let msg = format!(
@@ -116,6 +134,8 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
                 recovery_window: o.socketio_recovery_window,
                 max_payload: o.socketio_max_payload,
                 max_message_bytes: sio_max_message,
+                polling,
+                websocket,
                 opening_per_address: o.socketio_opening_per_address,
             })
         }
@@ -461,6 +481,13 @@ mod tests {
         assert_eq!(cfg.session.socketio.as_ref().unwrap().max_message_bytes, 16 << 20);
         assert_eq!(cfg.session.largest_message, 16 << 20, "the app may publish what Socket.IO clients may send");
         assert_eq!(cfg.broker.max_message_bytes, 16 << 20);
+        // Transports, as python-socketio's `transports`.
+        let sio = |t: &str| Config::from_args(["wsrelay", "--socketio-path", "/s/", "--socketio-transports", t]);
+        let polling = sio("polling").unwrap().session.socketio.unwrap();
+        assert!(polling.polling && !polling.websocket);
+        let both = sio("websocket,polling").unwrap().session.socketio.unwrap();
+        assert!(both.polling && both.websocket);
+        assert_eq!(sio("flash").unwrap_err().key, "socketio-transports");
         let cfg = Config::from_args(["wsrelay", "--socketio-path", "/ws/socket.io/"]).unwrap();
         let sio = cfg.session.socketio.unwrap();
         assert!(sio.matches("/ws/socket.io") && sio.matches("/ws/socket.io/") && !sio.matches("/ws"));

@@ -123,6 +123,11 @@ pub(crate) async fn handle(
         Some("websocket") => true,
         _ => return eio_error(0, "Transport unknown"),
     };
+    // A transport the operator switched off is unknown, as in Engine.IO.
+    let allowed = node.cfg.session.socketio.as_ref().is_none_or(|c| if websocket { c.websocket } else { c.polling });
+    if !allowed {
+        return eio_error(0, "Transport unknown");
+    }
     if websocket && !is_websocket(&req) {
         return eio_error(3, "Bad request");
     }
@@ -310,7 +315,8 @@ async fn open(
     let (poll, end) = Poll::new(eio_sid.clone(), cap, super::max_message_bytes(&node.cfg), max_payload);
     front.polls.insert(poll.clone());
     let eio = Eio::polling(node.clone(), front, poll, end);
-    let open = open_packet(&node, &eio_sid, true);
+    let upgrades = node.cfg.session.socketio.as_ref().is_none_or(|c| c.websocket);
+    let open = open_packet(&node, &eio_sid, upgrades);
     node.sessions.spawn(socket(node.clone(), eio, start).instrument(span));
     plain(StatusCode::OK, open)
 }

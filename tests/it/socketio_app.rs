@@ -187,3 +187,39 @@ async fn socketio_clients_may_send_larger_packets_than_wsrelay_v1_clients() {
     let close = v1.expect_close(STEP).await.expect("a close frame");
     assert_eq!(close.code, CloseCode::Size);
 }
+
+#[tokio::test]
+async fn transports_can_be_limited_as_in_python_socketio() {
+    let app = Upstream::start().await;
+    alice(&app);
+    // Polling only (Open WebUI with ENABLE_WEBSOCKET_SUPPORT=false): no upgrade offered, none taken.
+    let relay = relay(&app, &["--socketio-transports", "polling"]).await;
+    let base = relay.http_url("");
+    let (s, _, body) = request(Method::GET, &format!("{base}{PATH}?EIO=4&transport=polling"), None, &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    let open: Value = serde_json::from_slice(&body[1..]).unwrap();
+    assert_eq!(open["upgrades"], json!([]));
+    let upgrade = [("connection", "Upgrade".to_owned()), ("upgrade", "websocket".to_owned())];
+    let url = format!("{base}{PATH}?EIO=4&transport=websocket&sid={}", open["sid"].as_str().unwrap());
+    let (s, _, body) = request(Method::GET, &url, None, &upgrade).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap(), json!({"code": 0, "message": "Transport unknown"}));
+    // socket.io-client with its defaults (polling, then the upgrade) connects and works.
+    let mut c = Driven::node(&base, json!({}));
+    c.wait_type("connect").await;
+    relay.publish(json!({"channel": "user:alice", "event": "hi", "args": [1]})).await;
+    assert_eq!(c.event("hi").await["args"], json!([1]));
+    c.send(json!({"op": "state"})).await;
+    assert_eq!(c.wait_type("state").await["transport"], "polling", "never upgraded");
+
+    // WebSocket only: polling is refused.
+    let relay = relay_ws_only(&app).await;
+    let (s, _, body) =
+        request(Method::GET, &relay.http_url(&format!("{PATH}?EIO=4&transport=polling")), None, &[]).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap()["message"], "Transport unknown");
+}
+
+async fn relay_ws_only(app: &Upstream) -> Relay {
+    relay(app, &["--socketio-transports", "websocket"]).await
+}
