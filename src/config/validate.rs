@@ -114,7 +114,9 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
             if !polling && !websocket {
                 return Err(ConfigError::new("socketio-transports", "must name polling, websocket or both"));
             }
-            if o.socketio_max_payload < sio_max_message {
+            // Only a limit raised on purpose: a small max-payload with the
+            // default packet limit stays valid (packets are small then).
+            if o.socketio_max_message_bytes.is_some() && o.socketio_max_payload < sio_max_message {
                 let msg = format!(
                     "({}) must be at least socketio-max-message-bytes ({sio_max_message}): a polling request carries a whole packet",
                     o.socketio_max_payload

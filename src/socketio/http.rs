@@ -339,8 +339,20 @@ async fn open_websocket(node: Arc<Node>, on_upgrade: hyper::upgrade::OnUpgrade, 
 /// A polling GET: what the session queued (or a noop after a while). The
 /// response keeps the session's GET mark until it is sent.
 async fn poll_get(node: &Node, front: &Front, poll: &Arc<Poll>) -> Response<Body> {
+    /// Armed while the GET waits: dropped armed, the client is gone.
+    struct Waiting<'a>(Option<&'a Poll>);
+    impl Drop for Waiting<'_> {
+        fn drop(&mut self) {
+            if let Some(p) = self.0 {
+                p.abandon();
+            }
+        }
+    }
     let wait = node.cfg.session.ping_interval + Duration::from_secs(5);
-    match poll.get(wait).await {
+    let mut waiting = Waiting(Some(poll));
+    let taken = poll.get(wait).await;
+    waiting.0 = None;
+    match taken {
         Ok((Taken::Payload(p), getting)) => plain_holding(StatusCode::OK, p, getting),
         Ok((Taken::Closed, _)) => {
             front.polls.remove(&poll.sid);

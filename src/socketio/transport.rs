@@ -289,8 +289,11 @@ impl Transport for Eio {
                         self.early.push_back(p?);
                         continue;
                     }
-                    // Closed from the HTTP side (an oversized body).
-                    () = poll.ended() => return None,
+                    // Closed from the HTTP side: an oversized body, or a
+                    // waiting GET whose client went away (a transport error).
+                    () = poll.ended() => {
+                        return poll.abandoned().then(|| Err(WsError::Io(std::io::ErrorKind::ConnectionAborted.into())));
+                    }
                     ws = upgraded(&mut self.upgrade) => {
                         if let Some(ws) = ws {
                             self.switch(ws);

@@ -220,3 +220,41 @@ async fn packets_that_cannot_be_parsed_close_the_connection() {
     ws.send(Message::text("4abc")).await.unwrap();
     assert!(closes_within(&mut ws, Duration::from_secs(2)).await);
 }
+
+#[tokio::test]
+async fn a_waiting_get_whose_client_goes_away_ends_the_session_at_once() {
+    // Engine.IO: "poll connection closed prematurely". A tab that navigates
+    // away leaves no socket in its rooms until a ping timeout (a minute).
+    let app = Upstream::start().await;
+    alice(&app);
+    let relay = relay(&app, &["--disconnect-hook", "/ws/gone"]).await;
+    app.set_hook("/ws/gone", HookReply::new(200, &json!({})));
+    let base = relay.http_url("");
+    let sid = open_polling(&base).await;
+    let url = format!("{base}{PATH}?EIO=4&transport=polling&sid={sid}");
+    let (s, _, _) = request(Method::POST, &url, Some("40".into()), &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, _, body) = request(Method::GET, &url, None, &[]).await;
+    let connected = String::from_utf8_lossy(&body).into_owned();
+    assert!(connected.starts_with("40{"), "{connected}");
+    // A GET that waits, then its connection closes.
+    let mut tcp = TcpStream::connect(relay.public).await.unwrap();
+    let head = format!("GET {PATH}?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: x\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    drop(tcp);
+    relay.wait_metric("wsrelay_disconnects_total{reason=\"error\"}", |v| v == 1.0).await;
+    assert!(started.elapsed() < Duration::from_secs(3), "ended after {:?}", started.elapsed());
+    let mut told = Vec::new();
+    for _ in 0..50 {
+        told = app.recorded("/ws/gone");
+        if !told.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(told.first().map(|r| r.json()["reason"].clone()), Some(json!("error")));
+    let (s, _, _) = request(Method::GET, &url, None, &[]).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "the session is gone");
+}

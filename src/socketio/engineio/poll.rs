@@ -80,6 +80,8 @@ pub struct Poll {
     upgrade: Mutex<Option<oneshot::Sender<Ws>>>,
     getting: AtomicBool,
     posting: AtomicBool,
+    /// Set when a waiting GET's client went away.
+    abandoned: AtomicBool,
     /// Cancelled when the session is over (closed by either side).
     ended: tokio_util::sync::CancellationToken,
     /// Bytes queued at most (and per GET response unless one packet is longer).
@@ -128,6 +130,7 @@ impl Poll {
             upgrade: Mutex::new(Some(up_tx)),
             getting: AtomicBool::new(false),
             posting: AtomicBool::new(false),
+            abandoned: AtomicBool::new(false),
             ended: tokio_util::sync::CancellationToken::new(),
             cap,
             max_response: max_response.max(cap),
@@ -197,6 +200,19 @@ impl Poll {
         lock(&self.out).closed = true;
         self.ready.notify_one();
         self.ended.cancel();
+    }
+
+    /// A GET was waiting and its client went away (the connection closed,
+    /// the tab navigated): the session ends now, as Engine.IO's "poll
+    /// connection closed prematurely", not a ping timeout later.
+    pub fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Release);
+        self.close();
+    }
+
+    /// Whether the session ended because a waiting GET was abandoned.
+    pub fn abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Acquire)
     }
 
     /// Completes once the session is closed.
