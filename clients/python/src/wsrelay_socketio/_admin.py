@@ -3,15 +3,22 @@
 Every outbound call of :class:`~wsrelay_socketio.AsyncServer` goes through
 here: one pooled HTTP client per process, bearer token when configured,
 errors turned into :class:`WsrelayError` with the sidecar's code and message.
+The asynchronous calls (every emit) use aiohttp: measured on loopback it
+spends ~240 µs of CPU per request where httpx spends ~670 µs, and an emit
+per streamed token is the hot path of a chat app. The few blocking calls
+(python-socketio's synchronous ``rooms``, ``manager.rooms``,
+``get_environ``) use httpx.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json as stdjson
 import os
 from typing import Any
 from urllib.parse import quote
 
+import aiohttp
 import httpx
 
 #: Default admin listener of a sidecar in the same pod or compose service.
@@ -28,12 +35,12 @@ class WsrelayError(Exception):
         self.message = message
 
 
-def _error(resp: httpx.Response) -> WsrelayError:
+def _error(status: int, raw: bytes) -> WsrelayError:
     try:
-        err = resp.json()["error"]
-        return WsrelayError(resp.status_code, str(err.get("code", "")), str(err.get("message", "")))
+        err = stdjson.loads(raw)["error"]
+        return WsrelayError(status, str(err.get("code", "")), str(err.get("message", "")))
     except (ValueError, KeyError, TypeError):
-        return WsrelayError(resp.status_code, "", resp.text[:200])
+        return WsrelayError(status, "", raw[:200].decode(errors="replace"))
 
 
 class AdminClient:
@@ -58,13 +65,15 @@ class AdminClient:
             self._headers["Authorization"] = f"Bearer {token}"
         self.timeout = timeout
         self._json = json or stdjson
-        self._async: httpx.AsyncClient | None = None
+        self._async: aiohttp.ClientSession | None = None
         self._sync: httpx.Client | None = None
 
-    def _aclient(self) -> httpx.AsyncClient:
-        # Created lazily: it binds to the running event loop's transport.
-        if self._async is None:
-            self._async = httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=self.timeout)
+    def _aclient(self) -> aiohttp.ClientSession:
+        # Created lazily, inside the running event loop it belongs to.
+        if self._async is None or self._async.closed:
+            self._async = aiohttp.ClientSession(
+                self.url, headers=self._headers, timeout=aiohttp.ClientTimeout(total=self.timeout)
+            )
         return self._async
 
     def _client(self) -> httpx.Client:
@@ -74,7 +83,7 @@ class AdminClient:
 
     async def aclose(self) -> None:
         if self._async is not None:
-            await self._async.aclose()
+            await self._async.close()
             self._async = None
         if self._sync is not None:
             self._sync.close()
@@ -90,22 +99,24 @@ class AdminClient:
         path: str,
         body: dict[str, Any] | None = None,
         *,
-        timeout: float | httpx.Timeout | None = None,
+        timeout: float | None = None,
         missing_ok: bool = False,
     ) -> Any:
         """One call; the decoded JSON answer, ``None`` for a tolerated 404."""
         kwargs: dict[str, Any] = {}
         if body is not None:
-            kwargs["content"] = self._encode(body)
+            kwargs["data"] = self._encode(body)
         if timeout is not None:
-            kwargs["timeout"] = timeout
+            kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout)
         try:
-            resp = await self._aclient().request(method, path, **kwargs)
-        except httpx.TimeoutException as e:
-            raise WsrelayError(0, "timeout", f"{method} {path}: {e!r}") from e
-        except httpx.HTTPError as e:
+            async with self._aclient().request(method, path, **kwargs) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except asyncio.TimeoutError as e:
+            raise WsrelayError(0, "timeout", f"{method} {path}: no answer in time") from e
+        except aiohttp.ClientError as e:
             raise WsrelayError(0, "unavailable", f"{method} {path}: the sidecar is unreachable ({e!r})") from e
-        return self._answer(resp, missing_ok)
+        return self._answer(status, raw, missing_ok)
 
     def request_sync(self, method: str, path: str, *, missing_ok: bool = False) -> Any:
         """As :meth:`request`, blocking (for python-socketio's synchronous methods)."""
@@ -113,14 +124,14 @@ class AdminClient:
             resp = self._client().request(method, path)
         except httpx.HTTPError as e:
             raise WsrelayError(0, "unavailable", f"{method} {path}: the sidecar is unreachable ({e!r})") from e
-        return self._answer(resp, missing_ok)
+        return self._answer(resp.status_code, resp.content, missing_ok)
 
-    def _answer(self, resp: httpx.Response, missing_ok: bool) -> Any:
-        if resp.status_code == 404 and missing_ok:
+    def _answer(self, status: int, raw: bytes, missing_ok: bool) -> Any:
+        if status == 404 and missing_ok:
             return None
-        if resp.status_code != 200:
-            raise _error(resp)
-        return self._json.loads(resp.content) if resp.content.strip() else {}
+        if status != 200:
+            raise _error(status, raw)
+        return self._json.loads(raw) if raw.strip() else {}
 
     # -- the endpoints -----------------------------------------------------
 
@@ -130,7 +141,7 @@ class AdminClient:
     async def call(self, body: dict[str, Any], wait: float | None) -> Any:
         # The sidecar bounds the wait (600 s at most); give it a margin.
         limit = 600.0 if wait is None else min(wait, 600.0)
-        return await self.request("POST", "/api/call", body, timeout=httpx.Timeout(self.timeout, read=limit + 10))
+        return await self.request("POST", "/api/call", body, timeout=limit + self.timeout)
 
     async def subscribe(self, connection: str, channel: str) -> None:
         await self.request("POST", "/api/subscribe", {"connection": connection, "channel": channel})

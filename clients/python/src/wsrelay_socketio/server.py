@@ -133,6 +133,13 @@ class AsyncServer(Handlers):
     def _seen_namespaces(self) -> set[str]:
         return {ns for _, ns in self._environs}
 
+    def _binary(self, args: Any) -> bool:
+        # A serializer that declares it never carries binary (Open WebUI's
+        # JSONOnlyPacket) skips the scan of every emit, as in python-socketio.
+        if getattr(self.packet_class, "uses_binary_events", True) is False:
+            return False
+        return bool(self.packet_class.data_is_binary(args))
+
     # -- hooks -------------------------------------------------------------
 
     async def handle_request(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -263,7 +270,7 @@ class AsyncServer(Handlers):
 
     def _ack(self, result: Any) -> Any:
         args = [] if result is None else list(result) if isinstance(result, tuple) else [result]
-        if self.packet_class.data_is_binary(args):
+        if self._binary(args):
             data, atts = self.packet_class.deconstruct_binary(args)
             return {"args": data, "attachments": [base64.b64encode(a).decode() for a in atts]}
         return args
@@ -312,7 +319,7 @@ class AsyncServer(Handlers):
     def _body(self, event: str, data: Any) -> dict[str, Any]:
         args = [] if data is None else list(data) if isinstance(data, tuple) else [data]
         body: dict[str, Any] = {"event": event, "args": args}
-        if self.packet_class.data_is_binary(args):
+        if self._binary(args):
             args, atts = self.packet_class.deconstruct_binary(args)
             body["args"], body["attachments"] = args, [base64.b64encode(a).decode() for a in atts]
         return body
