@@ -164,6 +164,7 @@ $(PY)/.venv/.installed: $(PY)/requirements-test.txt $(PY)/pyproject.toml
 ## apps with two workers each (~10 s).
 test-python: python-deps
 	cd $(PY) && .venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
+	cd deploy/openwebui && ../../$(PY)/.venv/bin/ruff check . && ../../$(PY)/.venv/bin/ruff format --check .
 	cd $(PY) && WSRELAY_BIN=$(abspath $(WSRELAY_BIN)) .venv/bin/python -m pytest -q
 
 ## The demo stack in headless Chromium over the DevTools protocol (~15 s).
@@ -173,6 +174,29 @@ test-browser: browser-deps
 ## promtool on the alert rules, and a real Prometheus scraping the demo's sidecars (~10 s).
 test-observability: observability-deps
 	WSRELAY_BIN=$(WSRELAY_BIN) python3 deploy/observability/test.py
+
+## --- Open WebUI, the real app (outside make test and CI) -------------------
+## open-webui==0.12.4 goes into a venv outside the repo (several GB, ~5 min
+## the first time), with wsrelay-socketio; deploy/openwebui/ changes one line
+## of its socket/main.py (and checks that the diff is that line).
+OWUI_VENV ?= $(HOME)/.cache/wsrelay/openwebui-venv
+.PHONY: openwebui-deps openwebui-proof openwebui-measure
+
+openwebui-deps: browser-deps
+	$(CARGO) build --release --bin wsrelay
+	@test -x $(OWUI_VENV)/bin/python || python3 -m venv $(OWUI_VENV)
+	$(OWUI_VENV)/bin/pip install --quiet --disable-pip-version-check open-webui==0.12.4
+	$(OWUI_VENV)/bin/pip install --quiet --disable-pip-version-check --force-reinstall --no-deps ./clients/python
+
+## Two replicas behind two sidecars and a round-robin nginx, in headless
+## Chromium, over WebSocket then long-polling (~3 min); rewrites docs/openwebui.png.
+openwebui-proof: openwebui-deps
+	cd deploy/openwebui && $(OWUI_VENV)/bin/python proof.py --venv $(OWUI_VENV) --bin ../../target/release/wsrelay --screenshot ../../docs/openwebui.png
+
+## The app replicas' CPU per streamed token and the time to first token,
+## Open WebUI's own Socket.IO server vs wsrelay (~2 min).
+openwebui-measure: openwebui-deps
+	cd deploy/openwebui && $(OWUI_VENV)/bin/python measure.py --venv $(OWUI_VENV) --bin ../../target/release/wsrelay
 
 ## deploy/docker-compose.yml as local processes: Redis, two app + wsrelay
 ## replicas, nginx on 127.0.0.1:8000, Prometheus on 127.0.0.1:9090.
