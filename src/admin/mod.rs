@@ -503,6 +503,23 @@ pub fn parse_subscribe(body: &[u8]) -> Result<(Target, Channel), ApiError> {
 /// `subscribed`/`unsubscribed` frame.
 async fn server_subscribe(node: &Node, req: Request<Incoming>, on: bool) -> Result<serde_json::Value, ApiError> {
     let (target, channel) = parse_subscribe(&read_body(req, 64 * 1024).await?)?;
+    // A connection of this node (a hook's own socket, python-socketio's
+    // `enter_room` inside a handler): applied here, and answered once it took
+    // effect, its broker subscription included, so an emit right after
+    // reaches it (read your writes, as python-socketio's local rooms).
+    if let Target::Connection(id) = &target {
+        let (applied, done) = crate::hub::Applied::pair();
+        let cmd = if on {
+            crate::hub::SessionCommand::Subscribe(channel.clone(), applied)
+        } else {
+            crate::hub::SessionCommand::Unsubscribe(channel.clone(), applied)
+        };
+        if node.hub.command_local(id, cmd) {
+            // Bounded: the broker's own timeout is the longest step.
+            let _ = tokio::time::timeout(node.cfg.broker.timeout * 2 + std::time::Duration::from_secs(1), done).await;
+            return Ok(serde_json::json!({}));
+        }
+    }
     let cmd =
         if on { NodeCommand::Subscribe { target, channel } } else { NodeCommand::Unsubscribe { target, channel } };
     node.broker.command(cmd).await?;

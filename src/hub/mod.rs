@@ -53,11 +53,47 @@ pub enum Outbound {
 /// What the app can ask of a session through the hub.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionCommand {
-    Subscribe(Channel),
-    Unsubscribe(Channel),
+    Subscribe(Channel, Applied),
+    Unsubscribe(Channel, Applied),
     /// Send an event and return the client's acknowledgement (`/api/call`).
     Call(Call),
 }
+
+/// Tells whoever waits (`/api/subscribe` for a connection of this node) that
+/// a server-side subscribe or unsubscribe took effect, the broker's
+/// subscription included, or came to nothing: when the last clone drops.
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    _tx: Option<Arc<AppliedTx>>,
+}
+
+#[derive(Debug)]
+struct AppliedTx(Mutex<Option<tokio::sync::oneshot::Sender<()>>>);
+
+impl Drop for AppliedTx {
+    fn drop(&mut self) {
+        if let Some(tx) = lock(&self.0).take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Applied {
+    /// A notifier and what completes once it is dropped everywhere.
+    pub fn pair() -> (Applied, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Applied { _tx: Some(Arc::new(AppliedTx(Mutex::new(Some(tx))))) }, rx)
+    }
+}
+
+impl PartialEq for Applied {
+    /// Who waits is no part of what a command asks.
+    fn eq(&self, _: &Applied) -> bool {
+        true
+    }
+}
+
+impl Eq for Applied {}
 
 impl Outbound {
     /// What it counts against the node's [`QueueBudget`]: channel messages
@@ -237,6 +273,13 @@ impl Hub {
     /// Whether a connection is on this node.
     pub fn has_session(&self, id: &str) -> bool {
         lock(&self.sessions).by_id.contains_key(id)
+    }
+
+    /// Hands a command to a local connection (false: not here).
+    pub fn command_local(&self, id: &str, cmd: SessionCommand) -> bool {
+        let Some(handle) = lock(&self.sessions).by_id.get(id).cloned() else { return false };
+        handle.enqueue(Outbound::Command(Box::new(cmd)));
+        true
     }
 
     /// The channels a local connection is subscribed to (None: not here).
@@ -460,10 +503,12 @@ impl Hub {
             match cmd {
                 NodeCommand::Disconnect(_) => v.kill(CloseReason::Disconnected),
                 NodeCommand::Subscribe { channel, .. } => {
-                    v.enqueue(Outbound::Command(Box::new(SessionCommand::Subscribe(channel.clone()))));
+                    let cmd = SessionCommand::Subscribe(channel.clone(), Applied::default());
+                    v.enqueue(Outbound::Command(Box::new(cmd)));
                 }
                 NodeCommand::Unsubscribe { channel, .. } => {
-                    v.enqueue(Outbound::Command(Box::new(SessionCommand::Unsubscribe(channel.clone()))));
+                    let cmd = SessionCommand::Unsubscribe(channel.clone(), Applied::default());
+                    v.enqueue(Outbound::Command(Box::new(cmd)));
                 }
                 NodeCommand::Call { call, .. } => {
                     v.enqueue(Outbound::Command(Box::new(SessionCommand::Call(call.clone()))));

@@ -339,7 +339,7 @@ impl<C: ProtocolFront> Session<C> {
     /// frame (once the broker delivers the channel, for a subscribe).
     pub(super) fn server_command(&mut self, cmd: SessionCommand) {
         match cmd {
-            SessionCommand::Subscribe(channel) => {
+            SessionCommand::Subscribe(channel, applied) => {
                 if self.subs.contains(&channel) {
                     return;
                 }
@@ -362,10 +362,11 @@ impl<C: ProtocolFront> Session<C> {
                     if let Some(frame) = frame {
                         handle.enqueue(Outbound::Frame(Box::new(frame)));
                     }
+                    drop(applied);
                 });
             }
             SessionCommand::Call(call) => self.call(call),
-            SessionCommand::Unsubscribe(channel) => {
+            SessionCommand::Unsubscribe(channel, _applied) => {
                 if self.leave_channel(&channel) {
                     if let Some(f) = self.codec.server_subscription(&channel, false) {
                         self.send_frame(f);

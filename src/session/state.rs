@@ -28,7 +28,7 @@ impl<C: ProtocolFront> Session<C> {
             while let Ok(out) = rx.try_recv() {
                 self.node.hub.budget().release(out.weight());
                 if let Outbound::Command(cmd) = out {
-                    if matches!(*cmd, SessionCommand::Subscribe(_) | SessionCommand::Unsubscribe(_)) {
+                    if matches!(*cmd, SessionCommand::Subscribe(..) | SessionCommand::Unsubscribe(..)) {
                         queued.push(*cmd);
                     }
                 }

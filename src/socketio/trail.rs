@@ -178,10 +178,10 @@ impl SocketState for Trail {
         // Commands that reached the queue but not the socket apply too.
         for cmd in queued {
             match cmd {
-                SessionCommand::Subscribe(c) if in_namespace(&c, &trail.namespace) && !trail.rooms.contains(&c) => {
+                SessionCommand::Subscribe(c, _) if in_namespace(&c, &trail.namespace) && !trail.rooms.contains(&c) => {
                     trail.rooms.push(c);
                 }
-                SessionCommand::Unsubscribe(c) => {
+                SessionCommand::Unsubscribe(c, _) => {
                     trail.rooms.retain(|r| *r != c);
                     trail.base.remove(&c);
                 }

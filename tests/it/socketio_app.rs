@@ -223,3 +223,29 @@ async fn transports_can_be_limited_as_in_python_socketio() {
 async fn relay_ws_only(app: &Upstream) -> Relay {
     relay(app, &["--socketio-transports", "websocket"]).await
 }
+
+#[tokio::test]
+async fn enter_room_then_emit_reaches_the_socket_every_time() {
+    // python-socketio's `await enter_room(sid, room); await emit(..., room=room)`:
+    // for a connection of this node, /api/subscribe answers once the socket
+    // is in the room and the node subscribed in Redis, so the emit that
+    // follows reaches it; /api/unsubscribe likewise before rooms(sid).
+    let app = Upstream::start().await;
+    alice(&app);
+    let c = cluster_with(&app, &[]).await;
+    let mut sock = Driven::node(&c.a.http_url(""), json!({"transports": ["websocket"]}));
+    let id = sock.wait_type("connect").await["id"].as_str().unwrap().to_owned();
+    for i in 0..20 {
+        let room = format!("fresh-room-{i}");
+        let (s, _) = c.a.api("/api/subscribe", json!({"channel": room, "connection": id}), None).await;
+        assert_eq!(s, StatusCode::OK);
+        // Published through the other node: it reaches a only through Redis.
+        let (s, body) = c.b.publish(json!({"channel": room, "event": "in-room", "args": [i]})).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        assert_eq!(sock.event("in-room").await["args"], json!([i]), "the emit right after enter_room");
+        let (s, _) = c.a.api("/api/unsubscribe", json!({"channel": room, "connection": id}), None).await;
+        assert_eq!(s, StatusCode::OK);
+        let (_, body) = get(&c.a, &format!("/api/connections/{id}")).await;
+        assert!(!strs(&body["channels"]).contains(&room), "left before the answer: {body}");
+    }
+}
