@@ -110,7 +110,8 @@ def deployment() -> Iterator[Deployment]:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError(log.read_text()) from None
                 time.sleep(0.05)
-        for name in ("a", "b"):
+        # a and b: the ASGI app (uvicorn, two workers each); c: the WSGI app.
+        for name in ("a", "b", "c"):
             app_port, port, admin = free_port(), free_port(), free_port()
             env = {
                 "WSRELAY_ADMIN_URL": f"http://127.0.0.1:{admin}",
@@ -120,20 +121,23 @@ def deployment() -> Iterator[Deployment]:
                 # Replica a's app sets always_connect=True (as Open WebUI does), b's does not.
                 "ALWAYS_CONNECT": "1" if name == "a" else "0",
             }
-            app_argv = [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "app:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(app_port),
-                "--workers",
-                "2",
-                "--log-level",
-                "warning",
-            ]
+            if name == "c":
+                app_argv = [sys.executable, str(TESTS / "wsgi_app.py"), str(app_port)]
+            else:
+                app_argv = [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "app:app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(app_port),
+                    "--workers",
+                    "2",
+                    "--log-level",
+                    "warning",
+                ]
             app, app_log = d.spawn(f"app-{name}", app_argv, env)
             hooks = []
             for hook in ("connect", "message", "disconnect"):

@@ -84,7 +84,7 @@ def run(test: Callable[[], Awaitable[None]]) -> None:
 
 
 def test_connect_runs_the_handler_with_environ_session_and_rooms(deployment: Deployment) -> None:
-    a, b = deployment.nodes
+    a, b, _ = deployment.nodes
 
     async def scenario() -> None:
         c = await Client().connect(a.url, auth={"user": "ann"}, headers={"Cookie": "token=abc"})
@@ -117,7 +117,7 @@ def test_connect_runs_the_handler_with_environ_session_and_rooms(deployment: Dep
 
 
 def test_refusals_reach_the_client_as_connect_error(deployment: Deployment) -> None:
-    a, b = deployment.nodes
+    a, b, _ = deployment.nodes
 
     async def scenario() -> None:
         for token, message in (("bad", "Connection rejected by server"), ("refuse", "go away")):
@@ -135,7 +135,7 @@ def test_refusals_reach_the_client_as_connect_error(deployment: Deployment) -> N
 
 
 def test_rooms_emits_and_membership_across_replicas(deployment: Deployment) -> None:
-    a, b = deployment.nodes
+    a, b, _ = deployment.nodes
 
     async def scenario() -> None:
         ann = await Client().connect(a.url, auth={"user": "ann"})
@@ -164,7 +164,7 @@ def test_rooms_emits_and_membership_across_replicas(deployment: Deployment) -> N
 
 
 def test_call_catch_all_binary_and_tuple_acks(deployment: Deployment) -> None:
-    a, b = deployment.nodes
+    a, b, _ = deployment.nodes
 
     async def scenario() -> None:
         c = await Client().connect(b.url, auth={"user": "cy"})
@@ -191,7 +191,7 @@ def test_call_catch_all_binary_and_tuple_acks(deployment: Deployment) -> None:
 
 
 def test_disconnect_handler_and_server_disconnect(deployment: Deployment) -> None:
-    a, b = deployment.nodes
+    a, b, _ = deployment.nodes
 
     async def scenario() -> None:
         watcher = await Client().connect(a.url, auth={"user": "w", "observe": True})
@@ -210,7 +210,7 @@ def test_disconnect_handler_and_server_disconnect(deployment: Deployment) -> Non
 
 
 def test_class_based_namespace(deployment: Deployment) -> None:
-    a, b = deployment.nodes
+    a, b, _ = deployment.nodes
 
     async def scenario() -> None:
         x = Client(events=())
@@ -247,3 +247,35 @@ def test_hooks_only_from_wsrelay(deployment: Deployment) -> None:
     # A forged hook without the secret.
     status, body = post({"Content-Type": "application/json", "X-Wsrelay-Hook": "connect"})
     assert status == 403 and "X-Wsrelay-Hook-Secret" in body["error"]["message"]
+
+
+def test_the_synchronous_server_in_a_wsgi_app(deployment: Deployment) -> None:
+    a, _, c = deployment.nodes
+
+    async def scenario() -> None:
+        watcher = await Client().connect(a.url, auth={"user": "w2", "observe": True})
+        # Connected through the WSGI app's sidecar: its connect handler ran
+        # in a thread, entered a room, stored a session, emitted after CONNECT.
+        x = await Client().connect(c.url, auth={"user": "xena"}, transports=["polling"])
+        welcome = await x.next("welcome")
+        assert welcome == {"sid": x.sid, "path": PATH, "server": "wsgi"} and x.sid.startswith("c.")
+        assert await x.call("whoami") == {"user": "xena", "seen": 1, "rooms": sorted([x.sid, "user:xena"])}
+        assert (await x.call("whoami"))["seen"] == 2
+        # Rooms and emits across replicas: the async app's socket hears the sync app's emit.
+        assert await x.call("join", "mixed") == sorted([x.sid, "mixed", "user:xena"])
+        assert await watcher.call("join", "mixed") == sorted([watcher.sid, "mixed", "observers", "user:w2"])
+        assert await x.call("say", {"room": "mixed", "text": "from wsgi"}) == "ok"
+        assert await watcher.next("said") == "from wsgi"
+        # call() from a handler thread, answered by the client.
+        assert await x.call("ask", "sync?") == "answer to sync?"
+        # Refusal with a message, and the disconnect handler.
+        refused = Client()
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            await refused.connect(c.url, auth={"token": "bad"})
+        assert refused.errors == [{"message": "not you"}]
+        sid = x.sid
+        await x.sio.disconnect()
+        assert await watcher.next("gone") == {"sid": sid, "reason": "client disconnect", "server": "wsgi"}
+        await watcher.sio.disconnect()
+
+    run(scenario)

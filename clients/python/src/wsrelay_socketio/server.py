@@ -149,22 +149,34 @@ class AsyncServer(Handlers):
                 await send({"type": "websocket.close", "code": 1008})
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        kind = headers.get("x-wsrelay-hook")
-        if kind is None:
-            msg = "Socket.IO clients connect to wsrelay, which calls this app's hooks here (see wsrelay's README)"
-            await respond(send, 400, {"error": {"message": msg}})
-            return
-        if self.hook_secret is not None and headers.get("x-wsrelay-hook-secret") != self.hook_secret:
-            await respond(send, 403, {"error": {"message": "not from wsrelay: bad or missing X-Wsrelay-Hook-Secret"}})
+        refused = self._refuse(headers)
+        if refused is not None:
+            await respond(send, *refused)
             return
         raw = await read_body(receive, self.max_hook_bytes)
+        status, answer = await self._hook(headers, raw, scope)
+        await respond(send, status, answer, dumps=self._json.dumps)
+
+    def _refuse(self, headers: dict[str, str]) -> tuple[int, Any] | None:
+        """A request that is no hook of this app's sidecar, and its answer."""
+        if headers.get("x-wsrelay-hook") is None:
+            msg = "Socket.IO clients connect to wsrelay, which calls this app's hooks here (see wsrelay's README)"
+            return 400, {"error": {"message": msg}}
+        if self.hook_secret is not None and headers.get("x-wsrelay-hook-secret") != self.hook_secret:
+            return 403, {"error": {"message": "not from wsrelay: bad or missing X-Wsrelay-Hook-Secret"}}
+        return None
+
+    async def _hook(self, headers: dict[str, str], raw: bytes | None, scope: dict[str, Any]) -> tuple[int, Any]:
+        """Runs one hook: its status and JSON answer. What the connect
+        handler did to its own socket is started here and waits until the
+        sidecar registered the socket (just after this answer)."""
+        kind = headers.get("x-wsrelay-hook")
         try:
             body = self._json.loads(raw) if raw is not None else None
         except ValueError:
             body = None
         if not isinstance(body, dict) or not isinstance(body.get("connection"), str):
-            await respond(send, 400, {"error": {"message": "a hook body with a connection was expected"}})
-            return
+            return 400, {"error": {"message": "a hook body with a connection was expected"}}
         token = _scope.set(scope)
         try:
             later: list[Callable[[], Awaitable[Any]]] = []
@@ -182,9 +194,9 @@ class AsyncServer(Handlers):
             status, answer = 500, {"error": {"message": "the app's handler failed"}}
         finally:
             _scope.reset(token)
-        await respond(send, status, answer, dumps=self._json.dumps)
         if later:
             self.start_background_task(self._after_connect, body["connection"], later)
+        return status, answer
 
     async def _on_connect(
         self, body: dict[str, Any], scope: dict[str, Any], later: list[Callable[[], Awaitable[Any]]]
