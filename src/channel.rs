@@ -85,9 +85,73 @@ pub fn random_id(len: usize) -> String {
     (0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
 }
 
-/// A new connection id on `node_id`.
-pub fn connection_id(node_id: &str) -> String {
-    format!("{node_id}.{}", random_id(CONNECTION_ID_RANDOM))
+/// A connection id (`socket.id`: `<node-id>.<12 of [0-9a-z]>`): minted by
+/// the node that holds the connection, parsed where one comes in (the API,
+/// Redis, python-socketio's manager), and asked which node holds it. Cheap
+/// to clone; compared, hashed and borrowed as its text, so maps keyed by it
+/// are looked up with a `&str`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionId(Arc<str>);
+
+impl ConnectionId {
+    /// A new id on `node_id`.
+    pub fn mint(node_id: &str) -> Self {
+        ConnectionId(Arc::from(format!("{node_id}.{}", random_id(CONNECTION_ID_RANDOM))))
+    }
+
+    /// An id of the shape every node mints (None: no connection's).
+    pub fn parse(s: &str) -> Option<Self> {
+        is_connection_id(s).then(|| ConnectionId(Arc::from(s)))
+    }
+
+    /// The node that holds the connection.
+    pub fn node(&self) -> &str {
+        // Every ConnectionId has the shape `is_connection_id` checks: a
+        // non-empty node before the last dot.
+        self.0.rsplit_once('.').map_or("", |(n, _)| n)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for ConnectionId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for ConnectionId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl serde::Serialize for ConnectionId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ConnectionId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        ConnectionId::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("{s:?} is not a connection id")))
+    }
 }
 
 /// A new Engine.IO session id on `node_id`.
@@ -189,6 +253,23 @@ impl fmt::Debug for Channel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_ids_name_their_node_and_are_checked_where_they_come_in() {
+        let id = ConnectionId::mint("web.1");
+        assert_eq!(id.node(), "web.1", "the node is what is before the last dot");
+        assert_eq!(ConnectionId::parse(id.as_str()), Some(id.clone()));
+        for bad in ["", "abc", ".0123456789ab", "n.0123456789a", "n.0123456789AB", "n.0123456789abc"] {
+            assert_eq!(ConnectionId::parse(bad), None, "{bad:?}");
+        }
+        // As it travels between nodes: a string, checked on the way in.
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(serde_json::from_str::<ConnectionId>(&json).unwrap(), id);
+        assert!(serde_json::from_str::<ConnectionId>("\"not-an-id\"").is_err());
+        // Maps keyed by it are looked up with its text.
+        let map: std::collections::HashMap<ConnectionId, u8> = [(id.clone(), 1)].into();
+        assert_eq!(map.get(id.as_str()), Some(&1));
+    }
 
     #[test]
     fn names() {

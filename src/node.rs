@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Auth;
 use crate::broker::{Broker, PresenceList};
-use crate::channel::Channel;
+use crate::channel::{Channel, ConnectionId};
 use crate::config::Config;
 use crate::error::{ApiError, ErrorCode};
 use crate::hub::{Call, CallAnswer, Hub, NodeCommand, Target, now_us};
@@ -35,7 +35,7 @@ pub fn answer_query(hub: &Hub, node_id: &str, q: &Query) -> Option<CallAnswer> {
     match q {
         Query::Rooms(id) => match hub.rooms_of(id) {
             Some(rooms) => Some(CallAnswer::Names(rooms)),
-            None => (crate::channel::node_of(id) == Some(node_id)).then_some(CallAnswer::Gone),
+            None => (id.node() == node_id).then_some(CallAnswer::Gone),
         },
         Query::Members(channel) => Some(CallAnswer::Names(hub.members(channel))),
     }
@@ -152,7 +152,7 @@ impl Node {
     /// `sio.call`. The answer is `Args` or `Binary`; a socket that is gone
     /// (or its node) is `NotFound`, a protocol that cannot answer
     /// `NotSupported`, no answer in time `Timeout`. Counted by result.
-    pub async fn call(&self, connection: &str, call: Call, timeout: Duration) -> Result<CallAnswer, ApiError> {
+    pub async fn call(&self, connection: &ConnectionId, call: Call, timeout: Duration) -> Result<CallAnswer, ApiError> {
         let gone = || ApiError::new(ErrorCode::NotFound, "no such connection");
         let metric = |r: &str| self.metrics.calls.with_label_values(&[r]).inc();
         let id = call.id.clone();
@@ -167,8 +167,8 @@ impl Node {
             }
             e
         };
-        let cmd = NodeCommand::Call { target: Target::Connection(connection.to_owned()), call };
-        let owner = crate::channel::node_of(connection).unwrap_or_default();
+        let cmd = NodeCommand::Call { target: Target::Connection(connection.clone()), call };
+        let owner = connection.node();
         // Here, or (one node only) nowhere else.
         if owner == self.cfg.node_id || !self.broker.is_shared() {
             if !self.hub.has_session(connection) {
@@ -226,16 +226,16 @@ impl Node {
     }
 
     /// The channels a connection is subscribed to, asked of its node.
-    pub async fn rooms_of(&self, connection: &str) -> Result<Vec<String>, ApiError> {
+    pub async fn rooms_of(&self, connection: &ConnectionId) -> Result<Vec<String>, ApiError> {
         let gone = || ApiError::new(ErrorCode::NotFound, "no such connection");
-        let owner = crate::channel::node_of(connection).ok_or_else(gone)?;
+        let owner = connection.node();
         if owner == self.cfg.node_id || !self.broker.is_shared() {
             return self.hub.rooms_of(connection).ok_or_else(gone);
         }
         if self.broker.peer_url(owner).await?.is_none() {
             return Err(gone());
         }
-        let mut answers = self.query(Query::Rooms(connection.to_owned()), &[owner.to_owned()]).await?;
+        let mut answers = self.query(Query::Rooms(connection.clone()), &[owner.to_owned()]).await?;
         match answers.pop().flatten() {
             Some(CallAnswer::Names(rooms)) => Ok(rooms),
             Some(_) => Err(gone()),

@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use serde_json::value::RawValue;
 
 use super::{parse_json, read_body};
-use crate::channel::{Channel, is_connection_id};
+use crate::channel::{Channel, ConnectionId};
 use crate::error::{ApiError, ErrorCode};
 use crate::node::Node;
 
@@ -28,12 +28,12 @@ pub(super) fn connection_path<'a>(path: &'a str, suffix: &str) -> Option<&'a str
     path.strip_prefix("/api/connections/")?.strip_suffix(suffix).filter(|c| !c.is_empty() && !c.contains('/'))
 }
 
-fn checked(id: &str) -> Result<&str, ApiError> {
-    if is_connection_id(id) { Ok(id) } else { Err(ApiError::bad_request(format!("{id:?} is not a connection id"))) }
+fn checked(id: &str) -> Result<ConnectionId, ApiError> {
+    ConnectionId::parse(id).ok_or_else(|| ApiError::bad_request(format!("{id:?} is not a connection id")))
 }
 
 pub(super) async fn rooms(node: &Node, id: &str) -> Result<serde_json::Value, ApiError> {
-    let rooms = node.rooms_of(checked(id)?).await?;
+    let rooms = node.rooms_of(&checked(id)?).await?;
     Ok(serde_json::json!({ "connection": id, "channels": rooms }))
 }
 

@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
 use crate::body::{Body, ReadError, bearer_token, full, read_limited, text};
-use crate::channel::Channel;
+use crate::channel::{Channel, ConnectionId};
 use crate::error::{ApiError, ErrorCode};
 use crate::hub::{NodeCommand, Target};
 use crate::node::{Node, Source};
@@ -345,7 +345,9 @@ async fn call(node: &Arc<Node>, req: Request<Incoming>) -> Result<serde_json::Va
         args: args.get().to_owned(),
         attachments,
     };
-    match node.call(&body.connection, call, std::time::Duration::from_secs_f64(timeout)).await? {
+    let connection = ConnectionId::parse(&body.connection)
+        .ok_or_else(|| ApiError::bad_request(format!("{:?} is not a connection id", body.connection)))?;
+    match node.call(&connection, call, std::time::Duration::from_secs_f64(timeout)).await? {
         crate::hub::CallAnswer::Args(a) => {
             let args: serde_json::Value = serde_json::from_str(&a).unwrap_or(serde_json::Value::Null);
             Ok(serde_json::json!({ "args": args }))
@@ -383,7 +385,9 @@ fn target(user: Option<serde_json::Value>, connection: Option<String>) -> Result
         crate::auth::user_id(user).map_err(|_| ApiError::bad_request("\"user\" must be a string or a number"))?;
     match (user, connection) {
         (Some(u), None) if !u.is_empty() => Ok(Target::User(u)),
-        (None, Some(c)) if !c.is_empty() => Ok(Target::Connection(c)),
+        (None, Some(c)) if !c.is_empty() => ConnectionId::parse(&c)
+            .map(Target::Connection)
+            .ok_or_else(|| ApiError::bad_request(format!("{c:?} is not a connection id"))),
         (Some(_), Some(_)) => Err(ApiError::bad_request("give \"user\" or \"connection\", not both")),
         _ => Err(ApiError::bad_request("missing field \"user\" or \"connection\"")),
     }

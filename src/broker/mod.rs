@@ -166,17 +166,17 @@ impl Broker {
     pub async fn presence_change(
         &self,
         channel: &Channel,
-        connection: &Arc<str>,
+        connection: &str,
         entry: String,
         join: bool,
         announce: bool,
     ) -> Result<(), BrokerError> {
         match self {
             Broker::Memory(m) => {
-                m.presence_change(channel, connection, entry, join, announce);
+                m.presence_change(channel, &Arc::from(connection), entry, join, announce);
                 Ok(())
             }
-            Broker::Redis(r) => r.presence_change(channel, connection, entry, join, announce).await,
+            Broker::Redis(r) => r.presence_change(channel, &Arc::from(connection), entry, join, announce).await,
         }
     }
 

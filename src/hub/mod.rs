@@ -27,7 +27,7 @@ use indexmap::IndexMap;
 use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::channel::Channel;
+use crate::channel::{Channel, ConnectionId};
 use crate::error::{ApiError, CloseReason, ErrorCode, Fault};
 pub use crate::interest::Interest;
 use crate::metrics::Metrics;
@@ -111,7 +111,7 @@ pub struct SessionHandle {
     /// Node-local key, unique for the life of the process.
     pub key: u64,
     /// The connection id clients and the API see.
-    pub id: Arc<str>,
+    pub id: ConnectionId,
     pub user: Option<Arc<str>>,
     /// When it connected (µs since the Unix epoch): commands replayed after
     /// a broker gap apply only to sessions older than the command.
@@ -166,7 +166,7 @@ struct Subscribers {
 
 #[derive(Default)]
 struct Sessions {
-    by_id: HashMap<Arc<str>, Arc<SessionHandle>>,
+    by_id: HashMap<ConnectionId, Arc<SessionHandle>>,
     by_user: HashMap<Arc<str>, Vec<Arc<SessionHandle>>>,
 }
 
@@ -316,7 +316,7 @@ impl Hub {
     /// registers it (for `/api/disconnect`).
     pub fn register(
         &self,
-        id: Arc<str>,
+        id: ConnectionId,
         user: Option<Arc<str>>,
         queue: usize,
     ) -> (Arc<SessionHandle>, mpsc::Receiver<Outbound>) {
@@ -549,6 +549,11 @@ mod tests {
         Arc::new(Message::new(c, Utf8Bytes::from_static("1"), exclude.map(Into::into), 0))
     }
 
+    /// A connection id on node `n` whose random part starts with `tag`.
+    fn id(tag: &str) -> ConnectionId {
+        ConnectionId::parse(&format!("n.{tag}{}", "0".repeat(11))).unwrap()
+    }
+
     fn queued(rx: &mut mpsc::Receiver<Outbound>) -> usize {
         std::iter::from_fn(|| rx.try_recv().ok()).count()
     }
@@ -556,23 +561,23 @@ mod tests {
     #[test]
     fn a_message_reaches_each_subscriber_once_but_the_excluded_one() {
         let hub = hub(1 << 20);
-        let (a, mut ra) = hub.register(Arc::from("n.a"), Some(Arc::from("alice")), 8);
-        let (b, mut rb) = hub.register(Arc::from("n.b"), None, 8);
-        let (_c, mut rc) = hub.register(Arc::from("n.c"), None, 8);
+        let (a, mut ra) = hub.register(id("a"), Some(Arc::from("alice")), 8);
+        let (b, mut rb) = hub.register(id("b"), None, 8);
+        let (_c, mut rc) = hub.register(id("c"), None, 8);
         let room = Channel::parse("room").unwrap();
         assert_eq!(hub.subscribe(&room, &a), Ok(true));
         assert_eq!(hub.subscribe(&room, &b), Ok(true));
         assert_eq!(hub.subscribe(&room, &b), Ok(false));
         assert_eq!(hub.deliver(&msg("room", None)), 2);
         assert_eq!((queued(&mut ra), queued(&mut rb), queued(&mut rc)), (1, 1, 0));
-        assert_eq!(hub.deliver(&msg("room", Some("n.a"))), 1);
+        assert_eq!(hub.deliver(&msg("room", Some(a.id.as_str()))), 1);
         assert_eq!((queued(&mut ra), queued(&mut rb)), (0, 1));
         // Several rooms: each session once, `skip` left out.
         let other = Channel::parse("other").unwrap();
         hub.subscribe(&other, &a).unwrap();
         assert_eq!(hub.deliver_many(&[room.clone(), other.clone()], &msg("room", None), &[]), 2);
         assert_eq!((queued(&mut ra), queued(&mut rb)), (1, 1));
-        assert_eq!(hub.deliver_many(&[room.clone(), other], &msg("room", None), &["n.b".to_owned()]), 1);
+        assert_eq!(hub.deliver_many(&[room.clone(), other], &msg("room", None), &[b.id.to_string()]), 1);
         assert_eq!((queued(&mut ra), queued(&mut rb)), (1, 0));
         // Unsubscribed: nothing more; the budget is given back as frames go.
         assert!(hub.unsubscribe("room", b.key));
@@ -582,8 +587,8 @@ mod tests {
     #[test]
     fn a_full_queue_drops_for_that_session_only_and_the_budget_closes_laggards() {
         let hub = hub(1 << 20);
-        let (slow, _rs) = hub.register(Arc::from("n.s"), None, 1);
-        let (fast, mut rf) = hub.register(Arc::from("n.f"), None, 8);
+        let (slow, _rs) = hub.register(id("s"), None, 1);
+        let (fast, mut rf) = hub.register(id("f"), None, 8);
         let room = Channel::parse("room").unwrap();
         hub.subscribe(&room, &slow).unwrap();
         hub.subscribe(&room, &fast).unwrap();
@@ -593,7 +598,7 @@ mod tests {
         assert_eq!(queued(&mut rf), 2);
         // Over the node-wide budget, a session already behind is closed.
         let tight = self::hub(1);
-        let (behind, _rb) = tight.register(Arc::from("n.x"), None, 8);
+        let (behind, _rb) = tight.register(id("x"), None, 8);
         tight.subscribe(&room, &behind).unwrap();
         assert_eq!(tight.deliver(&msg("room", None)), 1);
         assert_eq!(tight.deliver(&msg("room", None)), 0);

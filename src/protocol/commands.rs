@@ -1,7 +1,7 @@
 //! What the app asks of sessions anywhere in the cluster (subscribe,
 //! unsubscribe, disconnect, call), as it travels between nodes.
 
-use crate::channel::Channel;
+use crate::channel::{Channel, ConnectionId};
 
 /// An event sent to one client whose answer the app waits for.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -41,7 +41,7 @@ pub enum CallAnswer {
 #[serde(rename_all = "lowercase")]
 pub enum Query {
     /// The channels a connection is subscribed to (its node answers).
-    Rooms(String),
+    Rooms(ConnectionId),
     /// The connections subscribed to a channel (every node answers).
     Members(Channel),
 }
@@ -89,7 +89,7 @@ pub enum NodeCommand {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Target {
-    Connection(String),
+    Connection(ConnectionId),
     User(String),
     /// Every session subscribed to this channel (`/api/close_room`).
     Room(Channel),

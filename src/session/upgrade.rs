@@ -196,10 +196,10 @@ async fn prepare(node: &Arc<Node>, req: &Request<Incoming>, remote: SocketAddr) 
         }
     }
 
-    let id = crate::channel::connection_id(&node.cfg.node_id);
+    let id = crate::channel::ConnectionId::mint(&node.cfg.node_id);
     let ident = node.auth.authenticate(req, remote, &id).await?;
     let slot = node.take_slot().ok_or_else(Reject::full)?;
-    let (handle, rx) = node.hub.register(Arc::from(id.as_str()), ident.user.clone(), node.cfg.session.client_queue);
+    let (handle, rx) = node.hub.register(id.clone(), ident.user.clone(), node.cfg.session.client_queue);
     let ident = Arc::new(ident);
     // The session owns the slot and the registration from here: its Drop
     // gives both back whichever way this ends.

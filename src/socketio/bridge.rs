@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use crate::channel::ConnectionId;
 use crate::hub::{Hub, NodeCommand, Target, now_us};
 use crate::metrics::Metrics;
 use crate::protocol::socketio::{ROOT, namespace_channel, room_channel};
@@ -144,6 +145,9 @@ fn apply_inner(hub: &Hub, payload: &[u8], max_bytes: usize) -> &'static str {
             else {
                 return "refused";
             };
+            let label = if msg.method == "enter_room" { "enter_room" } else { "leave_room" };
+            // A sid that is no connection id names no socket of ours.
+            let Some(sid) = ConnectionId::parse(&sid) else { return label };
             let target = Target::Connection(sid);
             let cmd = if msg.method == "enter_room" {
                 NodeCommand::Subscribe { target, channel }
@@ -151,7 +155,7 @@ fn apply_inner(hub: &Hub, payload: &[u8], max_bytes: usize) -> &'static str {
                 NodeCommand::Unsubscribe { target, channel }
             };
             hub.apply(&cmd, None);
-            if msg.method == "enter_room" { "enter_room" } else { "leave_room" }
+            label
         }
         "close_room" => {
             let Some(Some(channel)) = msg.room.map(|r| r.list().first().and_then(|r| room(r))) else {
@@ -159,14 +163,16 @@ fn apply_inner(hub: &Hub, payload: &[u8], max_bytes: usize) -> &'static str {
             };
             for s in hub.subscribers(&channel) {
                 let cmd =
-                    NodeCommand::Unsubscribe { target: Target::Connection(s.id.to_string()), channel: channel.clone() };
+                    NodeCommand::Unsubscribe { target: Target::Connection(s.id.clone()), channel: channel.clone() };
                 hub.apply(&cmd, None);
             }
             "close_room"
         }
         "disconnect" => {
             let Some(sid) = msg.sid else { return "refused" };
-            hub.disconnect(&Target::Connection(sid));
+            if let Some(sid) = ConnectionId::parse(&sid) {
+                hub.disconnect(&Target::Connection(sid));
+            }
             "disconnect"
         }
         // Acknowledgements for python-socketio servers: none here.

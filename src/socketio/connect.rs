@@ -40,7 +40,7 @@ pub(super) struct Start {
     pub(super) head: Request<()>,
     pub(super) remote: SocketAddr,
     /// Its connection id.
-    pub(super) sid: Arc<str>,
+    pub(super) sid: crate::channel::ConnectionId,
     pub(super) slot: crate::node::Slot,
     /// Its place among the sessions waiting for CONNECT.
     pub(super) opening: Opening,

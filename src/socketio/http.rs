@@ -284,7 +284,7 @@ async fn open(
     // upgrade are authorized by it); the connection id (`socket.id`) is
     // public (rooms, presence, the app). Both name the node.
     let eio_sid: Arc<str> = Arc::from(crate::channel::engineio_sid(&node.cfg.node_id));
-    let sid: Arc<str> = Arc::from(crate::channel::connection_id(&node.cfg.node_id));
+    let sid = crate::channel::ConnectionId::mint(&node.cfg.node_id);
     let span = tracing::info_span!("socketio", conn.id = %sid, remote.addr = %remote);
     let start = Start { head, remote, sid, slot, opening, opened: tokio::time::Instant::now() };
     if websocket {

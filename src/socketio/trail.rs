@@ -89,7 +89,7 @@ impl Trail {
         };
         let ours = match target {
             Target::User(u) => self.user.as_deref() == Some(u.as_str()),
-            Target::Connection(c) => *c == self.connection,
+            Target::Connection(c) => c.as_str() == self.connection,
             Target::Room(c) => self.rooms.contains(c),
         };
         match (ours, change) {

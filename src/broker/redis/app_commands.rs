@@ -70,7 +70,7 @@ impl Subscriber {
         };
         let n = self.events.command(&op, None);
         if let NodeCommand::Call { target: Target::Connection(id), call } = &op {
-            let here = crate::channel::node_of(id) == Some(self.node_id.as_str());
+            let here = id.node() == self.node_id;
             if n == 0 && here {
                 // Ours by its name, and gone: say so now rather than at the timeout.
                 self.answer(call.id.clone(), CallAnswer::Gone);
