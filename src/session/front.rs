@@ -8,6 +8,11 @@ use crate::protocol::Codec;
 /// core does not know. wsrelay.v1 has none; Socket.IO's front handles its
 /// events, acks and namespaces (`crate::socketio::requests`).
 pub(crate) trait ProtocolFront: Codec + Sized {
+    /// What the front keeps of each socket beside the loop's state
+    /// (Socket.IO: the open request's head, for further namespaces);
+    /// `()` for a front that keeps nothing.
+    type Socket: Default + Send + Sync;
+
     /// One of the protocol's own requests; a future when it waits on
     /// something (its `Done` may carry [`Done::front`] back to
     /// [`resume`](Self::resume)).

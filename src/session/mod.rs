@@ -138,9 +138,8 @@ pub(crate) struct Session<C: ProtocolFront> {
     /// What a front keeps of this socket beside the loop (Socket.IO: its
     /// recovery trail), told what the loop writes and joins.
     pub(crate) state: Option<Box<dyn SocketState>>,
-    /// Socket.IO: the open request's head and the client's address, for the
-    /// connect hook of further namespaces.
-    pub(crate) origin: Option<Arc<(http::Request<()>, std::net::SocketAddr, &'static str)>>,
+    /// What the protocol's front keeps of this socket ([`ProtocolFront::Socket`]).
+    pub(crate) own: C::Socket,
     /// When the session ends for its token's expiry (the earliest of its
     /// namespaces' tokens), Unix seconds.
     pub(crate) expires: Option<u64>,
@@ -211,7 +210,7 @@ impl<C: ProtocolFront> Session<C> {
             calls: HashMap::new(),
             next_ack: 0,
             state: None,
-            origin: None,
+            own: C::Socket::default(),
             bucket,
             strikes: 0,
             last_seen: Instant::now(),

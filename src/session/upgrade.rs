@@ -221,6 +221,8 @@ async fn prepare(node: &Arc<Node>, req: &Request<Incoming>, remote: SocketAddr) 
 
 /// wsrelay.v1 has no requests beyond the core's.
 impl super::ProtocolFront for crate::protocol::wsrelay::WsrelayV1 {
+    type Socket = ();
+
     fn handle(_: &mut Session<Self>, _: Option<Self::Id>, req: Self::Own) -> Option<super::Pending<Self::Id>> {
         match req {}
     }

@@ -232,7 +232,7 @@ async fn connect(node: &Arc<Node>, eio: &mut Eio, start: Start) -> Option<(Sessi
     let (handle, rx) = node.hub.register(sid.clone(), ident.user.clone(), node.cfg.session.client_queue);
     let ident = Arc::new(ident);
     let mut session = Session::new(node.clone(), SocketIo, handle, ident, slot, rx);
-    session.origin = Some(Arc::new((head, remote, transport)));
+    session.own.origin = Some(Arc::new((head, remote, transport)));
 
     // Where history is kept, a channel joined without `since` starts its
     // trail at the channel's top (read before anything is written).

@@ -24,7 +24,17 @@ struct Joined {
     expires: Option<u64>,
 }
 
+/// What the Socket.IO front keeps of a socket beside the loop: the open
+/// request's head, the client's address and the transport, for the connect
+/// hook of further namespaces.
+#[derive(Default)]
+pub(crate) struct SioSocket {
+    pub(crate) origin: Option<Arc<(http::Request<()>, std::net::SocketAddr, &'static str)>>,
+}
+
 impl ProtocolFront for SocketIo {
+    type Socket = SioSocket;
+
     fn handle(s: &mut Session<Self>, id: Option<Self::Id>, req: SioRequest) -> Option<Pending<Self::Id>> {
         match req {
             SioRequest::Emit { namespace, event, args, ack, attachments } => {
@@ -114,7 +124,7 @@ impl Session<SocketIo> {
             return None;
         }
         let node = self.node.clone();
-        let origin = self.origin.clone();
+        let origin = self.own.origin.clone();
         let user = self.ident.user.clone();
         let connection = self.handle.id.clone();
         Some(async move {
