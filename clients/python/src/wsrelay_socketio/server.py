@@ -259,10 +259,7 @@ class AsyncServer(Handlers):
         event = body.get("event")
         if not isinstance(event, str):
             return 400, {"error": {"message": "an event name was expected"}}
-        args = body.get("args") or []
-        atts = body.get("attachments")
-        if atts:
-            args = self.packet_class.reconstruct_binary(args, [base64.b64decode(a) for a in atts])
+        args = self._args_from(body.get("args"), body.get("attachments"))
         if not body.get("ack"):
             if self.async_handlers:
                 self.start_background_task(self._run_event, event, ns, sid, args)
@@ -281,11 +278,24 @@ class AsyncServer(Handlers):
             self.logger.exception("handler of %r failed", event)
 
     def _ack(self, result: Any) -> Any:
-        args = [] if result is None else list(result) if isinstance(result, tuple) else [result]
-        if self._binary(args):
-            data, atts = self.packet_class.deconstruct_binary(args)
-            return {"args": data, "attachments": [base64.b64encode(a).decode() for a in atts]}
-        return args
+        # python-socketio's ack: None is no argument, a tuple several.
+        body = self._args_json(result)
+        return body if "attachments" in body else body["args"]
+
+    def _args_json(self, data: Any) -> dict[str, Any]:
+        """``{"args"}`` (and ``"attachments"``, base64, for bytes) as wsrelay
+        carries a value: None no argument, a tuple several, else one."""
+        args = [] if data is None else list(data) if isinstance(data, tuple) else [data]
+        if not self._binary(args):
+            return {"args": args}
+        args, atts = self.packet_class.deconstruct_binary(args)
+        return {"args": args, "attachments": [base64.b64encode(a).decode() for a in atts]}
+
+    def _args_from(self, args: Any, attachments: Any) -> list[Any]:
+        """The arguments wsrelay sent, their binary placeholders filled in."""
+        if attachments:
+            args = self.packet_class.reconstruct_binary(args, [base64.b64decode(a) for a in attachments])
+        return list(args or [])
 
     async def _on_disconnect(self, body: dict[str, Any]) -> None:
         sid: str = body["connection"]
@@ -329,12 +339,7 @@ class AsyncServer(Handlers):
     # -- what the app calls ------------------------------------------------
 
     def _body(self, event: str, data: Any) -> dict[str, Any]:
-        args = [] if data is None else list(data) if isinstance(data, tuple) else [data]
-        body: dict[str, Any] = {"event": event, "args": args}
-        if self._binary(args):
-            args, atts = self.packet_class.deconstruct_binary(args)
-            body["args"], body["attachments"] = args, [base64.b64encode(a).decode() for a in atts]
-        return body
+        return {"event": event, **self._args_json(data)}
 
     async def emit(
         self,
@@ -415,10 +420,7 @@ class AsyncServer(Handlers):
             if e.status == 404:
                 raise SocketGone() from None
             raise
-        args = got.get("args") or []
-        if got.get("attachments"):
-            args = self.packet_class.reconstruct_binary(args, [base64.b64decode(a) for a in got["attachments"]])
-        return list(args)
+        return self._args_from(got.get("args"), got.get("attachments"))
 
     async def call(
         self,
