@@ -519,9 +519,14 @@ async fn server_subscribe(node: &Node, req: Request<Incoming>, on: bool) -> Resu
             crate::hub::SessionCommand::Unsubscribe(channel.clone(), applied)
         };
         if node.hub.command_local(id, cmd) {
-            // Bounded: the broker's own timeout is the longest step.
-            let _ = tokio::time::timeout(node.cfg.broker.timeout * 2 + std::time::Duration::from_secs(1), done).await;
-            return Ok(serde_json::json!({}));
+            // Bounded: the broker's own timeout is the longest step. Not
+            // confirmed in time is not reported as done.
+            let within = node.cfg.broker.timeout * 2 + std::time::Duration::from_secs(1);
+            return match tokio::time::timeout(within, done).await {
+                Ok(Ok(Ok(()))) | Ok(Err(_)) => Ok(serde_json::json!({})),
+                Ok(Ok(Err(e))) => Err(e),
+                Err(_) => Err(ApiError::unavailable("the subscription was not confirmed in time")),
+            };
         }
     }
     let cmd =

@@ -61,28 +61,40 @@ pub enum SessionCommand {
 
 /// Tells whoever waits (`/api/subscribe` for a connection of this node) that
 /// a server-side subscribe or unsubscribe took effect, the broker's
-/// subscription included, or came to nothing: when the last clone drops.
+/// subscription included (when the last clone drops), or why it did not
+/// ([`fail`](Self::fail)).
 #[derive(Debug, Clone, Default)]
 pub struct Applied {
     _tx: Option<Arc<AppliedTx>>,
 }
 
+type AppliedResult = Result<(), ApiError>;
+
 #[derive(Debug)]
-struct AppliedTx(Mutex<Option<tokio::sync::oneshot::Sender<()>>>);
+struct AppliedTx(Mutex<(Option<tokio::sync::oneshot::Sender<AppliedResult>>, AppliedResult)>);
 
 impl Drop for AppliedTx {
     fn drop(&mut self) {
-        if let Some(tx) = lock(&self.0).take() {
-            let _ = tx.send(());
+        let mut g = lock(&self.0);
+        let result = std::mem::replace(&mut g.1, Ok(()));
+        if let Some(tx) = g.0.take() {
+            let _ = tx.send(result);
         }
     }
 }
 
 impl Applied {
     /// A notifier and what completes once it is dropped everywhere.
-    pub fn pair() -> (Applied, tokio::sync::oneshot::Receiver<()>) {
+    pub fn pair() -> (Applied, tokio::sync::oneshot::Receiver<AppliedResult>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        (Applied { _tx: Some(Arc::new(AppliedTx(Mutex::new(Some(tx))))) }, rx)
+        (Applied { _tx: Some(Arc::new(AppliedTx(Mutex::new((Some(tx), Ok(())))))) }, rx)
+    }
+
+    /// It did not take effect, for this reason (told when it drops).
+    pub fn fail(&self, e: ApiError) {
+        if let Some(tx) = &self._tx {
+            lock(&tx.0).1 = Err(e);
+        }
     }
 }
 

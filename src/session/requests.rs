@@ -345,10 +345,13 @@ impl<C: ProtocolFront> Session<C> {
                 }
                 if self.subs.len() >= self.node.cfg.session.max_subscriptions {
                     tracing::warn!(%channel, "server-side subscribe over max-subscriptions: ignored");
+                    let msg = "the connection holds its maximum of channels (max-subscriptions)";
+                    applied.fail(ApiError::new(ErrorCode::LimitExceeded, msg));
                     return;
                 }
                 if let Err(e) = self.join_now(&channel) {
                     tracing::warn!(%channel, error = %e, "server-side subscribe refused");
+                    applied.fail(e.into());
                     return;
                 }
                 let frame = self.codec.server_subscription(&channel, true);
@@ -358,6 +361,7 @@ impl<C: ProtocolFront> Session<C> {
                     let keep = membership::OnFailure::Keep;
                     if let Err(e) = membership::confirm_join(&node, &handle, &channel, presence, keep).await {
                         tracing::warn!(%channel, error = %e, "server-side subscribe not confirmed by the broker");
+                        applied.fail(e);
                     }
                     if let Some(frame) = frame {
                         handle.enqueue(Outbound::Frame(Box::new(frame)));

@@ -249,3 +249,26 @@ async fn enter_room_then_emit_reaches_the_socket_every_time() {
         assert!(!strs(&body["channels"]).contains(&room), "left before the answer: {body}");
     }
 }
+
+#[tokio::test]
+async fn a_local_subscribe_the_broker_cannot_confirm_is_not_reported_done() {
+    // Redis down: enter_room for a socket of this node answers 503, not a
+    // 200 for a room whose messages would not reach it.
+    let app = Upstream::start().await;
+    alice(&app);
+    let mut c = cluster_with(&app, &[]).await;
+    let mut sock = Driven::node(&c.a.http_url(""), json!({"transports": ["websocket"]}));
+    let id = sock.wait_type("connect").await["id"].as_str().unwrap().to_owned();
+    c._redis.kill();
+    let (s, body) = c.a.api("/api/subscribe", json!({"channel": "while-down", "connection": id}), None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    // Over the connection's limit: told, not ignored.
+    c._redis.restart();
+    c.a.wait_metric("wsrelay_broker_up", |v| v == 1.0).await;
+    let relay = relay(&app, &["--max-subscriptions", "3"]).await;
+    let mut one = Driven::node(&relay.http_url(""), json!({"transports": ["websocket"]}));
+    let id = one.wait_type("connect").await["id"].as_str().unwrap().to_owned();
+    // It holds "/", its own room and user:alice already.
+    let (s, body) = relay.api("/api/subscribe", json!({"channel": "one-more", "connection": id}), None).await;
+    assert_eq!((s, &body["error"]["code"]), (StatusCode::TOO_MANY_REQUESTS, &json!("limit_exceeded")), "{body}");
+}
