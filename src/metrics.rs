@@ -41,6 +41,7 @@ pub struct Metrics {
     pub history_reads: IntCounter,
     pub history_recovered: IntCounter,
     pub history_gaps: IntCounter,
+    pub history_lives_ended: IntCounter,
     pub presence_size: Histogram,
     pub queued_bytes: IntGauge,
     pub socketio_forwards: IntCounterVec,
@@ -161,6 +162,10 @@ impl Metrics {
             history_gaps: r.counter(
                 "history_gaps_total",
                 "Gaps history could not cover: subscribers told to reload (gap frame, recovered:false)",
+            )?,
+            history_lives_ended: r.counter(
+                "history_lives_ended_total",
+                "Times this node found Redis without acknowledged writes (failover, older copy): every channel's history starts a new epoch",
             )?,
             socketio_forwards: r.counters(
                 "socketio_forwards_total",

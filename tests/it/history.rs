@@ -17,19 +17,19 @@ use crate::common::{Binary, Relay, STEP, Upstream, WsClient, eventually, ws_conn
 
 const NS: &str = "[[namespace]]\nprefix = \"h:\"\npublish = \"anyone\"\nhistory = { size = 1000, ttl = \"10m\" }\n";
 
-fn config(extra: &str) -> tempfile::NamedTempFile {
+pub(crate) fn config(extra: &str) -> tempfile::NamedTempFile {
     let f = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(f.path(), format!("{NS}{extra}")).unwrap();
     f
 }
 
-fn seq(offset: &Value) -> u64 {
+pub(crate) fn seq(offset: &Value) -> u64 {
     offset.as_str().unwrap().rsplit_once(':').unwrap().1.parse().unwrap()
 }
 
 /// Reads messages of `channel` until one with data n == `until` arrives; returns
 /// every n in arrival order (gap frames as -1).
-async fn read_until(c: &mut WsClient, until: i64) -> Vec<i64> {
+pub(crate) async fn read_until(c: &mut WsClient, until: i64) -> Vec<i64> {
     let mut got = Vec::new();
     loop {
         let m = c.recv().await;
@@ -159,7 +159,7 @@ async fn collect(c: &mut WsClient, want: &[i64]) -> Vec<i64> {
     got
 }
 
-async fn node(app: &Upstream, redis: &RedisServer, cfg: &tempfile::NamedTempFile) -> Relay {
+pub(crate) async fn node(app: &Upstream, redis: &RedisServer, cfg: &tempfile::NamedTempFile) -> Relay {
     let args =
         ["--redis-url", &redis.url(), "--config", cfg.path().to_str().unwrap(), "--redis-probe-timeout", "1500ms"];
     let relay = Relay::start(&app.url(), &args).await;

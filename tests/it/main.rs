@@ -13,6 +13,7 @@ mod hardening;
 mod history;
 mod lifecycle;
 mod limits;
+mod lives;
 mod proxy;
 mod relay;
 mod socketio;

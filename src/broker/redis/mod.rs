@@ -38,6 +38,7 @@
 
 mod app_commands;
 mod gaps;
+mod life;
 mod presence;
 mod publisher;
 mod subscriber;
@@ -136,9 +137,11 @@ impl RedisBroker {
         let keys = Keys::new(&cfg.prefix, &node_id);
         let (tx, rx) = mpsc::channel(PUBLISH_QUEUE);
         let generation = Arc::new(AtomicU64::new(0));
+        let life = Arc::new(life::Life::new(keys.life.clone()));
         metrics.broker_up.set(0);
         let publisher_task = publisher(
             pool.clone(),
+            life.clone(),
             rx,
             generation.clone(),
             cfg.timeout,
@@ -157,6 +160,7 @@ impl RedisBroker {
             namespaces: namespaces.clone(),
             history_script: redis::Script::new(HISTORY_SCRIPT),
             keys: keys.clone(),
+            life,
             events,
             interest: interest.clone(),
             metrics,

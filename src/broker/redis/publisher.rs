@@ -14,6 +14,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::{Instrument, debug};
 
 use super::MAX_BATCH;
+use super::life::Life;
 use super::wire::*;
 use crate::broker::BrokerError;
 use crate::metrics::Metrics;
@@ -52,6 +53,7 @@ pub(super) struct Job {
 /// restart kills both; this avoids one spurious 503 afterwards).
 pub(super) async fn publisher(
     pool: Pool,
+    life: Arc<Life>,
     mut rx: mpsc::Receiver<Job>,
     generation: Arc<AtomicU64>,
     timeout: Duration,
@@ -74,7 +76,7 @@ pub(super) async fn publisher(
             discard(&mut held);
         }
         let timer = metrics.broker_publish_seconds.start_timer();
-        let result = run_batch(&pool, &mut held, now, &batch, timeout).await;
+        let result = run_batch(&pool, &life, &mut held, now, &batch, timeout).await;
         timer.observe_duration();
         match result {
             Ok(mut offsets) => {
@@ -125,6 +127,7 @@ pub(super) fn discard(held: &mut Option<Held>) {
 
 pub(super) async fn run_batch(
     pool: &Pool,
+    life: &Life,
     held: &mut Option<Held>,
     generation: u64,
     batch: &[Job],
@@ -140,6 +143,7 @@ pub(super) async fn run_batch(
             return Err(BrokerError::NotConnected);
         };
         let mut pipe = redis::pipe();
+        let mut history = false;
         for job in batch {
             for out in &job.messages {
                 match out {
@@ -147,12 +151,14 @@ pub(super) async fn run_batch(
                         pipe.publish(channel, payload);
                     }
                     Out::History { stream, meta, channel, header, data, size, ttl_ms, id } => {
+                        history = true;
                         pipe.cmd("EVALSHA")
                             .arg(&*sha)
-                            .arg(3)
+                            .arg(4)
                             .arg(stream)
                             .arg(meta)
                             .arg(channel)
+                            .arg(&life.key)
                             .arg(header)
                             .arg(data.as_bytes())
                             .arg(*size)
@@ -164,7 +170,16 @@ pub(super) async fn run_batch(
                 }
             }
         }
-        let replies: Vec<redis::Value> = pipe.query_async(c).await?;
+        // The watermark, after every history publish of the batch (see `life.rs`).
+        if history {
+            pipe.cmd("HINCRBY").arg(&life.key).arg("wm").arg(1);
+        }
+        let mut replies: Vec<redis::Value> = pipe.query_async(c).await?;
+        if history {
+            if let Some(redis::Value::Int(wm)) = replies.pop() {
+                life.acked(u64::try_from(wm).unwrap_or(0));
+            }
+        }
         Ok(replies.iter().map(offset_of).collect())
     })
     .await

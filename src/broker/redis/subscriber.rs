@@ -57,6 +57,7 @@ pub(super) struct Subscriber {
     pub(super) namespaces: Arc<Namespaces>,
     pub(super) history_script: redis::Script,
     pub(super) keys: Keys,
+    pub(super) life: Arc<super::life::Life>,
     pub(super) events: Arc<dyn BrokerEvents>,
     pub(super) interest: Arc<Interest>,
     pub(super) metrics: Arc<Metrics>,
@@ -104,6 +105,8 @@ pub(super) struct SubState {
     /// The last offset delivered on this node, per channel with history
     /// (an empty epoch: the channel had no history when subscribed).
     tracked: HashMap<Channel, Offset>,
+    /// This connection already ended the dataset's life (once is enough).
+    life_ended: bool,
 }
 
 impl Subscriber {
@@ -112,7 +115,11 @@ impl Subscriber {
         let mut ever_connected = false;
         // Commands issued since this node started may concern its sessions.
         let started_ms = crate::protocol::now_us() / 1000;
-        let mut st = SubState { applied: StreamId(started_ms.saturating_sub(1), u64::MAX), tracked: HashMap::new() };
+        let mut st = SubState {
+            applied: StreamId(started_ms.saturating_sub(1), u64::MAX),
+            tracked: HashMap::new(),
+            life_ended: false,
+        };
         loop {
             let result = self.connection(&shutdown, &mut attempt, &mut ever_connected, &mut st).await;
             self.generation.fetch_add(1, Ordering::AcqRel);
@@ -156,6 +163,15 @@ impl Subscriber {
         // new ones reach it (a command in both is applied once, by id).
         if let Err(e) = self.replay_commands(&mut st.applied).await {
             return Lost::Error(failed("reading the control log")(e));
+        }
+        // Acknowledged writes gone (failover, older copy): a new life, before
+        // any channel is read or this node publishes again.
+        st.life_ended = match self.life.check(&self.pool, false, self.timeout).await {
+            Ok(ended) => ended,
+            Err(e) => return Lost::Error(failed("checking the dataset's life")(e)),
+        };
+        if st.life_ended {
+            self.metrics.history_lives_ended.inc();
         }
         // Channels given up while disconnected are not tracked any more.
         st.tracked.retain(|c, _| self.interest.wants(c));
@@ -366,15 +382,19 @@ impl Subscriber {
         let read = async {
             let mut c = self.pool.get().await?;
             let mut pipe = redis::pipe();
+            pipe.cmd("HGET").arg(&self.keys.life).arg("id");
             for ch in &todo {
-                pipe.cmd("HMGET").arg(self.keys.meta(ch)).arg("e").arg("s");
+                pipe.cmd("HMGET").arg(self.keys.meta(ch)).arg("e").arg("s").arg("l");
             }
-            let metas: Vec<(Option<String>, Option<u64>)> = pipe.query_async(&mut c).await?;
-            Ok::<_, BrokerError>(metas)
+            let (life, metas): (Option<String>, Vec<(Option<String>, Option<u64>, Option<String>)>) =
+                pipe.query_async(&mut c).await?;
+            Ok::<_, BrokerError>((life, metas))
         };
-        let metas =
+        let (life, metas) =
             tokio::time::timeout(self.timeout, read).await.unwrap_or(Err(BrokerError::Timeout(self.timeout)))?;
-        for (ch, (epoch, top)) in todo.into_iter().zip(metas) {
+        for (ch, (epoch, top, stamped)) in todo.into_iter().zip(metas) {
+            // Stamped in another life of the dataset: no history (as the history script says).
+            let (epoch, top) = if stamped.is_some() && stamped != life { (None, None) } else { (epoch, top) };
             let offset = Offset { epoch: Arc::from(epoch.unwrap_or_default()), seq: top.unwrap_or(0) };
             st.tracked.insert(ch.clone(), offset);
         }
@@ -424,6 +444,16 @@ impl Subscriber {
         }
         let start = Offset { epoch: h.epoch.clone(), seq: after };
         let same_life = last.epoch.is_empty() || *last.epoch == *h.epoch;
+        if !last.epoch.is_empty() && same_life && last.seq > h.top && !st.life_ended {
+            // This node delivered offsets the channel no longer reaches: the
+            // dataset lost acknowledged writes, and would reuse them.
+            st.life_ended = self.life.check(&self.pool, true, self.timeout).await?;
+            self.metrics.history_lives_ended.inc();
+        }
+        if st.life_ended && same_life && last.seq > h.top {
+            self.gap(channel, st, Offset { epoch: Arc::from(""), seq: 0 });
+            return Ok(());
+        }
         if !same_life || !h.covers(&start) {
             self.gap(channel, st, h.top_offset());
             return Ok(());

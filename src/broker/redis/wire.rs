@@ -25,6 +25,8 @@ pub(super) struct Keys {
     /// Calls and their answers (published, not logged).
     pub(super) calls: String,
     pub(super) probe: String,
+    /// The dataset's life (see `life.rs`).
+    pub(super) life: String,
 }
 
 impl Keys {
@@ -36,6 +38,7 @@ impl Keys {
             control_log: format!("{prefix}ctl:log"),
             calls: format!("{prefix}calls"),
             probe: format!("{prefix}probe:{node_id}"),
+            life: format!("{prefix}life"),
         }
     }
     pub(super) fn channel(&self, channel: &str) -> String {
@@ -93,13 +96,23 @@ pub(super) const META_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
 
 /// Assigns the next offset, appends to the stream (trimmed), refreshes the
 /// TTLs and publishes the message with its offset and epoch, atomically.
-/// A missing meta (expired, flushed, new) starts a new epoch, from ARGV[6].
+/// A missing meta (expired, flushed, new), or one stamped in another life
+/// of the dataset (KEYS[4], see `life.rs`), starts a new epoch, ARGV[6].
+/// KEYS: stream, meta, pubsub channel, life.
 pub(super) const PUBLISH_SCRIPT: &str = r#"
-local epoch = redis.call('HGET', KEYS[2], 'e')
-if not epoch then
+local life = redis.call('HGET', KEYS[4], 'id')
+if not life then
+  life = ARGV[6]
+  redis.call('HSET', KEYS[4], 'id', life)
+end
+local m = redis.call('HMGET', KEYS[2], 'e', 'l')
+local epoch = m[1]
+if not epoch or (m[2] and m[2] ~= life) then
   epoch = ARGV[6]
   redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[2], 'e', epoch, 's', 0)
+  redis.call('HSET', KEYS[2], 'e', epoch, 's', 0, 'l', life)
+elseif not m[2] then
+  redis.call('HSET', KEYS[2], 'l', life)
 end
 local seq = redis.call('HINCRBY', KEYS[2], 's', 1)
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'h', ARGV[1], 'd', ARGV[2], 'i', ARGV[7])
@@ -111,10 +124,12 @@ return {seq, epoch}
 "#;
 
 /// Reads a channel's epoch, top offset, oldest kept offset and the entries
-/// after ARGV[1] (at most ARGV[2]), atomically.
+/// after ARGV[1] (at most ARGV[2]), atomically. A meta stamped in another
+/// life of the dataset is no history. KEYS: stream, meta, life.
 pub(super) const HISTORY_SCRIPT: &str = r"
-local m = redis.call('HMGET', KEYS[2], 'e', 's')
+local m = redis.call('HMGET', KEYS[2], 'e', 's', 'l')
 if not m[1] then return {'', 0, 1, {}} end
+if m[3] and m[3] ~= redis.call('HGET', KEYS[3], 'id') then return {'', 0, 1, {}} end
 local top = tonumber(m[2])
 local first = top + 1
 local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
@@ -262,7 +277,7 @@ pub(super) async fn read_history(
     let read = async {
         let mut c = pool.get().await?;
         let mut inv = script.key(keys.stream(channel));
-        inv.key(keys.meta(channel)).arg(after).arg(limit);
+        inv.key(keys.meta(channel)).key(&keys.life).arg(after).arg(limit);
         let (epoch, top, first, entries): (String, u64, u64, Vec<Entry>) = inv.invoke_async(&mut c).await?;
         Ok::<_, BrokerError>((epoch, top, first, entries))
     };
