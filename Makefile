@@ -200,9 +200,10 @@ openwebui-measure: openwebui-deps
 
 ## deploy/docker-compose.yml as local processes: Redis, two app + wsrelay
 ## replicas, nginx on 127.0.0.1:8000, Prometheus on 127.0.0.1:9090.
+## REDIS=sentinel: a master, a replica and three sentinels instead of one Redis.
 demo: demo-deps
 	$(CARGO) build --release --bin wsrelay
-	python3 deploy/demo/demo.py up --bin target/release/wsrelay
+	python3 deploy/demo/demo.py up --bin target/release/wsrelay $(if $(REDIS),--redis $(REDIS))
 
 ## Stops exactly what `make demo` started (its pid files in deploy/demo/run/).
 demo-stop:

@@ -265,7 +265,7 @@ pub enum BrokerError {
     #[error("the broker is stopping")]
     Stopped,
     #[error("no Redis connection: {0}")]
-    Pool(Arc<deadpool_redis::PoolError>),
+    Pool(Arc<deadpool::managed::PoolError<redis::RedisError>>),
     #[error("Redis: {0}")]
     Redis(Arc<redis::RedisError>),
     #[error("invalid Redis configuration: {0}")]
@@ -278,8 +278,8 @@ impl From<redis::RedisError> for BrokerError {
     }
 }
 
-impl From<deadpool_redis::PoolError> for BrokerError {
-    fn from(e: deadpool_redis::PoolError) -> Self {
+impl From<deadpool::managed::PoolError<redis::RedisError>> for BrokerError {
+    fn from(e: deadpool::managed::PoolError<redis::RedisError>) -> Self {
         BrokerError::Pool(Arc::new(e))
     }
 }

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub dropped_too_large: IntCounter,
     disconnects: IntCounterVec,
     pub broker_up: IntGauge,
+    /// The Redis server(s) the subscriber talks to, by address.
+    broker_server: IntGaugeVec,
     pub broker_publish_seconds: Histogram,
     pub broker_reconnects: IntCounter,
     pub broker_probe_failures: IntCounter,
@@ -114,6 +116,13 @@ impl Metrics {
             dropped_too_large: dropped.with_label_values(&["too_large"]),
             disconnects: r.counters("disconnects_total", "Closed sessions by reason", &["reason"])?,
             broker_up: r.gauge("broker_up", "1 while the broker is reachable and delivering")?,
+            broker_server: r.add(IntGaugeVec::new(
+                Opts::new(
+                    prefixed("broker_server"),
+                    "The Redis server this node's subscriber connection talks to (1): the master now, or each cluster shard's",
+                ),
+                &["address"],
+            )?)?,
             broker_publish_seconds: r.histogram("broker_publish_seconds", "Time to publish to the broker")?,
             broker_reconnects: r
                 .counter("broker_reconnects_total", "Broker subscriber connections re-established after a loss")?,
@@ -228,6 +237,14 @@ impl Metrics {
         }
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         Ok(m)
+    }
+
+    /// The subscriber now talks to these Redis servers (the master, or the shards).
+    pub fn set_broker_servers<'a>(&self, addresses: impl IntoIterator<Item = &'a str>) {
+        self.broker_server.reset();
+        for a in addresses {
+            self.broker_server.with_label_values(&[a]).set(1);
+        }
     }
 
     pub fn connection_result(&self, result: ConnResult) {

@@ -261,6 +261,10 @@ def sidecar_env(spec, state, n):
     env["WSRELAY_LISTEN"] = f"127.0.0.1:{state['replicas'][str(n)]['public']}"
     # nginx reaches the sidecars from loopback here (compose: its private network).
     env["WSRELAY_TRUSTED_PROXY"] = "127.0.0.1/32"
+    if state.get("sentinels"):
+        # `make demo REDIS=sentinel`: the master found through the sentinels.
+        hosts = ",".join(f"127.0.0.1:{p}" for p in state["sentinels"])
+        env["WSRELAY_REDIS_URL"] = f"redis+sentinel://{hosts}/mymaster/0"
     leftover = [v for v in env.values() if re.search(r"\b(redis|app\d):\d+|0\.0\.0\.0", v)]
     if leftover:
         fail(f"{COMPOSE}: wsrelay{n}: cannot map {leftover} to local ports")
@@ -283,6 +287,37 @@ def up(args):
     except (SystemExit, KeyboardInterrupt, Exception):
         down(args)  # a half-started demo leaves nothing behind
         raise
+
+
+def start_sentinels(state, d, redis_prog):
+    """A replica of the demo's Redis and three sentinels watching it as `mymaster`."""
+    replica = free_port()
+    rd = os.path.join(d, "replica")
+    os.makedirs(rd, exist_ok=True)
+    argv = [redis_prog, "--port", str(replica), "--bind", "127.0.0.1", "--dir", rd, "--replicaof", "127.0.0.1", str(state["redis"])]
+    p = start(d, "redis-replica", argv)
+    wait_for("port", lambda: tcp_ok(replica), p, d, "redis-replica")
+    state["sentinels"] = []
+    for i in (1, 2, 3):
+        port = free_port()
+        conf = os.path.join(d, f"sentinel{i}.conf")
+        with open(conf, "w") as f:
+            f.write(
+                f"port {port}\nbind 127.0.0.1\ndir {d}\n"
+                f"sentinel monitor mymaster 127.0.0.1 {state['redis']} 2\n"
+                "sentinel down-after-milliseconds mymaster 2000\nsentinel failover-timeout mymaster 10000\n"
+            )
+        p = start(d, f"sentinel{i}", [redis_prog, conf, "--sentinel"])
+        wait_for("port", lambda: tcp_ok(port), p, d, f"sentinel{i}")
+        state["sentinels"].append(port)
+    state["replica"] = replica
+    with open(os.path.join(d, "state.json")) as f:
+        saved = json.load(f)
+    saved.update(sentinels=state["sentinels"], replica=replica)
+    with open(os.path.join(d, "state.json"), "w") as f:
+        json.dump(saved, f, indent=1)
+    print(f"demo: Redis master 127.0.0.1:{state['redis']}, replica 127.0.0.1:{replica}, sentinels {state['sentinels']}")
+    print(f"demo: fail over with  redis-cli -p {state['sentinels'][0]} SENTINEL FAILOVER mymaster")
 
 
 def start_all(args):
@@ -311,6 +346,8 @@ def start_all(args):
     argv = [redis_prog, *spec["redis_command"][1:], "--port", str(state["redis"]), "--bind", "127.0.0.1", "--dir", d]
     p = start(d, "redis", argv)
     wait_for("port", lambda: tcp_ok(state["redis"]), p, d, "redis")
+    if args.redis == "sentinel":
+        start_sentinels(state, d, redis_prog)
 
     for n in REPLICAS:
         cmd = [ports.map(a, n) for a in spec["app_command"]]
@@ -373,7 +410,9 @@ def alive(d, name):
     if stat.rsplit(")", 1)[1].split()[0] == "Z":
         return None
     # A reused pid runs something else: leave it alone.
-    expected = {"redis": "server", "nginx": "nginx", "prometheus": "prometheus"}.get(name)
+    expected = {"redis": "server", "redis-replica": "server", "nginx": "nginx", "prometheus": "prometheus"}.get(name)
+    if name.startswith("sentinel"):
+        expected = "sentinel"
     if expected is None:
         expected = "app.py" if name.startswith("app") else "wsrelay"
     return pid if expected in cmd else None
@@ -402,7 +441,7 @@ def down(args):
     if not started:
         print(f"demo: nothing running (no pid files in {d})")
         return
-    order = ["prometheus", "nginx", "wsrelay1", "wsrelay2", "app1", "app2", "redis"]
+    order = ["prometheus", "nginx", "wsrelay1", "wsrelay2", "app1", "app2", "sentinel1", "sentinel2", "sentinel3", "redis-replica", "redis"]
     for name in sorted(started, key=lambda n: order.index(n) if n in order else -1):
         stop(d, name)
         print(f"demo: stopped {name}")
@@ -447,6 +486,7 @@ def main():
     u.add_argument("--prom-port", type=int, default=9090, help="Prometheus (0: a free port)")
     u.add_argument("--scrape-interval", default=None, help="override the config's (tests)")
     u.add_argument("--no-prometheus", action="store_true")
+    u.add_argument("--redis", choices=("single", "sentinel"), default="single", help="sentinel: master, replica, 3 sentinels")
     sub.add_parser("down")
     for name in ("kill-sidecar", "freeze-sidecar", "start-sidecar"):
         k = sub.add_parser(name)

@@ -11,6 +11,7 @@ pub mod file;
 pub mod keys;
 pub mod options;
 pub mod policy;
+pub mod redis_url;
 mod validate;
 
 use std::ffi::OsString;
@@ -23,6 +24,7 @@ pub use self::file::LoadError;
 pub use self::keys::{JwtKey, Secret};
 pub use self::options::{LogFormat, Options};
 pub use self::policy::{HistoryPolicy, NamespaceRule, Namespaces, Policy};
+pub use self::redis_url::RedisUrl;
 pub use self::validate::default_advertise_url;
 
 /// Exit code for a refused configuration (`EX_USAGE` from sysexits.h).

@@ -290,11 +290,7 @@ fn parse_upstream(s: &str) -> Result<http::Uri, ConfigError> {
 }
 
 fn validate_redis_url(url: Secret) -> Result<Secret, ConfigError> {
-    let s = url.expose();
-    if !(s.starts_with("redis://") || s.starts_with("rediss://")) {
-        return Err(ConfigError::new("redis-url", "must start with redis:// or rediss://"));
-    }
-    redis::Client::open(s).map_err(|e| ConfigError::new("redis-url", format!("not a valid Redis URL: {e}")))?;
+    super::RedisUrl::parse(url.expose()).map_err(|e| ConfigError::new("redis-url", e))?;
     Ok(url)
 }
 

@@ -119,7 +119,11 @@ async fn offsets_recovery_and_the_history_api_in_memory() {
 
 /// Publishes {"n": i} through `nodes` in turn until `stop`; returns the
 /// acknowledged n's and the refused ones.
-async fn publish_throughout(nodes: Vec<String>, channel: &'static str, stop: Arc<AtomicBool>) -> (Vec<i64>, Vec<i64>) {
+pub(crate) async fn publish_throughout(
+    nodes: Vec<String>,
+    channel: &'static str,
+    stop: Arc<AtomicBool>,
+) -> (Vec<i64>, Vec<i64>) {
     let (mut acked, mut refused) = (Vec::new(), Vec::new());
     let mut n = 0i64;
     while !stop.load(Ordering::Relaxed) {
@@ -139,7 +143,7 @@ async fn publish_throughout(nodes: Vec<String>, channel: &'static str, stop: Arc
 }
 
 /// Reads until every acknowledged n arrived (or the time is up); returns all.
-async fn collect(c: &mut WsClient, want: &[i64]) -> Vec<i64> {
+pub(crate) async fn collect(c: &mut WsClient, want: &[i64]) -> Vec<i64> {
     let last = *want.last().unwrap();
     let mut got = Vec::new();
     let deadline = tokio::time::Instant::now() + STEP * 2;

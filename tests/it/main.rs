@@ -16,6 +16,7 @@ mod limits;
 mod lives;
 mod proxy;
 mod relay;
+mod sentinel;
 mod socketio;
 mod socketio_app;
 mod socketio_binary;

@@ -27,7 +27,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use deadpool_redis::Pool;
+use super::conn::Pool;
 
 use crate::broker::BrokerError;
 

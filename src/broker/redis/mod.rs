@@ -37,6 +37,7 @@
 //! `presence.rs` (the heartbeat).
 
 mod app_commands;
+mod conn;
 mod gaps;
 mod life;
 mod presence;
@@ -48,10 +49,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
 
-use deadpool_redis::{Pool, Runtime};
-
 use redis::AsyncConnectionConfig;
-use redis::io::tcp::TcpSettings;
+
+use self::conn::{Pool, Source};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
@@ -109,29 +109,18 @@ pub struct RedisBroker {
 impl RedisBroker {
     pub fn start(url: &Secret, cfg: &BrokerConfig, w: Wiring, interest: Arc<Interest>) -> Result<Self, BrokerError> {
         let Wiring { node_id, events, metrics, namespaces, shutdown, tasks } = w;
-        if url.expose().starts_with("rediss://") {
+        let parsed = crate::config::RedisUrl::parse(url.expose())
+            .map_err(|e| BrokerError::Config(format!("--redis-url: {e}")))?;
+        if parsed.uses_tls() {
             // rustls needs one process-wide crypto provider; a second install is a no-op error.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
         let bad = |e: redis::RedisError| BrokerError::Config(format!("invalid Redis URL: {e}"));
-        let info = redis::IntoConnectionInfo::into_connection_info(url.expose())
-            .map_err(bad)?
-            // redis-rs leaves Nagle on; every publish would wait for the previous ACK.
-            .set_tcp_settings(TcpSettings::default().set_nodelay(true));
-        // The subscriber speaks RESP3: its pushes go to a bounded buffer of ours.
-        let resp3 = info.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP3);
-        let client = redis::Client::open(info.clone().set_redis_settings(resp3)).map_err(bad)?;
+        let source = Arc::new(Source::new(&parsed).map_err(bad)?);
         let conn_cfg = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(cfg.timeout))
             .set_response_timeout(Some(cfg.timeout));
-        let manager = deadpool_redis::Manager::new_with_config(info, conn_cfg).map_err(bad)?;
-        let pool = Pool::builder(manager)
-            .max_size(16)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(cfg.timeout))
-            .create_timeout(Some(cfg.timeout))
-            .recycle_timeout(Some(cfg.timeout))
-            .build()
+        let pool = Pool::new(source.clone(), conn_cfg, 16, cfg.timeout)
             .map_err(|e| BrokerError::Config(format!("cannot build the Redis pool: {e}")))?;
 
         let keys = Keys::new(&cfg.prefix, &node_id);
@@ -154,7 +143,7 @@ impl RedisBroker {
         let beat = heartbeat(pool.clone(), keys.clone(), local_presence.clone(), cfg.timeout, shutdown.clone());
         tasks.spawn(beat.instrument(tracing::info_span!("redis_presence")));
         let sub = Subscriber {
-            client,
+            source,
             receive_buffer: cfg.receive_buffer as u64,
             overflowed: Arc::new(AtomicBool::new(false)),
             namespaces: namespaces.clone(),
@@ -175,7 +164,7 @@ impl RedisBroker {
         };
         tasks.spawn(sub.run(shutdown).instrument(tracing::info_span!("redis_subscriber")));
         Ok(RedisBroker {
-            description: format!("using redis broker at {} (prefix {})", redact(url.expose()), cfg.prefix),
+            description: format!("using redis broker at {} (prefix {})", parsed.describe(), cfg.prefix),
             keys,
             publisher: tx,
             pool: command_pool,
@@ -307,7 +296,7 @@ impl RedisBroker {
     /// Runs `f` on a pooled connection within the Redis timeout.
     async fn with_conn<T, F, Fut>(&self, f: F) -> Result<T, BrokerError>
     where
-        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        F: FnOnce(conn::Connection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let run = async {
@@ -478,33 +467,5 @@ impl RedisBroker {
             return Err(BrokerError::QueueFull);
         }
         rx.await.unwrap_or(Err(BrokerError::Stopped))
-    }
-}
-
-/// `redis://user:secret@host/0` → `redis://user:***@host/0`
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
-            format!("{scheme}://{user}:***@{host}{path}")
-        }
-        None => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redacts_password() {
-        assert_eq!(redact("redis://:pw@host:6379/1"), "redis://:***@host:6379/1");
-        assert_eq!(redact("rediss://user:pw@host/0"), "rediss://user:***@host/0");
-        assert_eq!(redact("redis://host:6379"), "redis://host:6379");
     }
 }

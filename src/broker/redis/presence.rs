@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_redis::Pool;
+use super::conn::Pool;
 
 use tokio_util::sync::CancellationToken;
 use tracing::debug;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use deadpool_redis::Pool;
+use super::conn::Pool;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -116,12 +116,12 @@ pub(super) async fn publisher(
 /// The publisher's connection: its generation, and the publish script's
 /// SHA as loaded on it (a Redis restart forgets scripts; a new connection
 /// loads it again).
-pub(super) type Held = (deadpool_redis::Connection, u64, String);
+pub(super) type Held = (super::conn::Connection, u64, String);
 
 /// Takes a connection out of the pool for good: it may be half-broken.
 pub(super) fn discard(held: &mut Option<Held>) {
     if let Some((c, _, _)) = held.take() {
-        drop(deadpool_redis::Connection::take(c));
+        drop(super::conn::Connection::take(c));
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use deadpool_redis::Pool;
+use super::conn::Pool;
 
 use redis::AsyncConnectionConfig;
 use tokio::sync::mpsc;
@@ -48,7 +48,8 @@ pub(super) enum Received {
 }
 
 pub(super) struct Subscriber {
-    pub(super) client: redis::Client,
+    /// Where the master is (asked again at every connect).
+    pub(super) source: Arc<super::conn::Source>,
     /// Bytes the receive buffer holds at most.
     pub(super) receive_buffer: u64,
     /// Set when the receive buffer dropped messages: history channels are
@@ -91,6 +92,8 @@ pub(super) enum LostReason {
     Closed,
     #[error("self-probe not received back: subscriber is not delivering")]
     NotDelivering,
+    #[error("the sentinels name another master (a failover)")]
+    Demoted,
 }
 
 /// `Lost::Error` for a step that failed.
@@ -150,8 +153,8 @@ impl Subscriber {
         ever: &mut bool,
         st: &mut SubState,
     ) -> Lost {
-        let (mut sink, mut stream) = match self.subscriber_connection().await {
-            Ok(pair) => pair,
+        let (mut sink, mut stream, address) = match self.subscriber_connection().await {
+            Ok(parts) => parts,
             Err(e) => return Lost::Error(failed("connect")(e)),
         };
         let mut own = vec![self.keys.control.as_str(), self.keys.probe.as_str(), self.keys.calls.as_str()];
@@ -200,6 +203,7 @@ impl Subscriber {
         *ever = true;
         *attempt = 0;
 
+        let mut sentinel = None;
         let mut probe_tick = tokio::time::interval(self.probe_interval);
         probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq: u64 = 0;
@@ -271,6 +275,16 @@ impl Subscriber {
                     Some(_) => last_tick = Instant::now(),
                     None => {
                         last_tick = Instant::now();
+                        // Follow the master the sentinels name: a demoted
+                        // one still relays what the new one publishes, and
+                        // one not yet demoted takes writes that will be lost.
+                        if self.source.is_sentinel() {
+                            match self.with_timeout(self.source.sentinel_says(&mut sentinel)).await {
+                                Ok(Some(named)) if named != address => return Lost::Error(LostReason::Demoted),
+                                Ok(_) => {}
+                                Err(e) => debug!(error = %e, "cannot ask a sentinel where the master is"),
+                            }
+                        }
                         seq += 1;
                         outstanding = Some((seq, Instant::now()));
                         let probe = probe(self.pool.clone(), self.keys.probe.clone(), seq, self.timeout);
@@ -290,7 +304,7 @@ impl Subscriber {
     /// bound.
     async fn subscriber_connection(
         &self,
-    ) -> Result<(redis::aio::MultiplexedConnection, mpsc::UnboundedReceiver<Received>), BrokerError> {
+    ) -> Result<(redis::aio::MultiplexedConnection, mpsc::UnboundedReceiver<Received>, String), BrokerError> {
         let (tx, rx) = mpsc::unbounded_channel::<Received>();
         let queued = Arc::new(AtomicU64::new(0));
         let (budget, metrics, overflowed) = (self.receive_buffer, self.metrics.clone(), self.overflowed.clone());
@@ -312,8 +326,18 @@ impl Subscriber {
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout))
             .set_push_sender(sender);
-        let conn = self.with_timeout(self.client.get_multiplexed_async_connection_with_config(&config)).await?;
-        Ok((conn, rx))
+        let connect = async {
+            let info = self.source.master().await?;
+            // RESP3: its pushes go to the bounded buffer above.
+            let resp3 = info.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP3);
+            let address = super::conn::address(&info);
+            let client = redis::Client::open(info.set_redis_settings(resp3))?;
+            let conn = client.get_multiplexed_async_connection_with_config(&config).await?;
+            Ok::<_, redis::RedisError>((conn, address))
+        };
+        let (conn, address) = self.with_timeout(connect).await?;
+        self.metrics.set_broker_servers([address.as_str()]);
+        Ok((conn, rx, address))
     }
 
     async fn with_timeout<T>(
@@ -386,8 +410,9 @@ impl Subscriber {
             for ch in &todo {
                 pipe.cmd("HMGET").arg(self.keys.meta(ch)).arg("e").arg("s").arg("l");
             }
-            let (life, metas): (Option<String>, Vec<(Option<String>, Option<u64>, Option<String>)>) =
-                pipe.query_async(&mut c).await?;
+            /// A channel's meta: epoch, top offset, the life it was stamped in.
+            type Meta = (Option<String>, Option<u64>, Option<String>);
+            let (life, metas): (Option<String>, Vec<Meta>) = pipe.query_async(&mut c).await?;
             Ok::<_, BrokerError>((life, metas))
         };
         let (life, metas) =

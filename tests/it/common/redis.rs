@@ -17,6 +17,8 @@ pub struct RedisServer {
     pub tls_port: Option<u16>,
     /// Append-only file, fsync'd on every write: survives SIGKILL.
     aof: bool,
+    /// More redis-server arguments (a replica's `--replicaof`).
+    extra: Vec<String>,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
@@ -33,6 +35,7 @@ impl RedisServer {
                 port: free_port(),
                 tls_port: None,
                 aof: false,
+                extra: Vec::new(),
                 child: None,
                 dir: tempfile::tempdir().unwrap(),
             };
@@ -43,6 +46,24 @@ impl RedisServer {
         panic!("could not start redis-server on a free port");
     }
 
+    /// A replica of the server on `master`.
+    pub fn start_replica_of(master: u16) -> RedisServer {
+        for _ in 0..5 {
+            let mut s = RedisServer {
+                port: free_port(),
+                tls_port: None,
+                aof: false,
+                extra: vec!["--replicaof".into(), "127.0.0.1".into(), master.to_string()],
+                child: None,
+                dir: tempfile::tempdir().unwrap(),
+            };
+            if s.spawn() {
+                return s;
+            }
+        }
+        panic!("could not start a replica on a free port");
+    }
+
     /// With an append-only file (`appendfsync always`): a SIGKILL loses nothing.
     pub fn start_aof() -> RedisServer {
         for _ in 0..5 {
@@ -50,6 +71,7 @@ impl RedisServer {
                 port: free_port(),
                 tls_port: None,
                 aof: true,
+                extra: Vec::new(),
                 child: None,
                 dir: tempfile::tempdir().unwrap(),
             };
@@ -67,6 +89,7 @@ impl RedisServer {
                 port: free_port(),
                 tls_port: Some(free_port()),
                 aof: false,
+                extra: Vec::new(),
                 child: None,
                 dir: tempfile::tempdir().unwrap(),
             };
@@ -86,7 +109,8 @@ impl RedisServer {
                 ["--appendonly", "no", "--appendfsync", "everysec"]
             })
             .arg("--dir")
-            .arg(self.dir.path());
+            .arg(self.dir.path())
+            .args(&self.extra);
         if let Some(tls) = self.tls_port {
             let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
             cmd.args(["--tls-port", &tls.to_string(), "--tls-auth-clients", "no"])
@@ -247,4 +271,99 @@ async fn pump(
             return;
         }
     }
+}
+
+/// A master, a replica and three sentinels watching them as `mymaster`
+/// (down after 1 s), all on free loopback ports.
+pub struct SentinelSet {
+    pub master: RedisServer,
+    pub replica: RedisServer,
+    pub sentinel_ports: Vec<u16>,
+    sentinels: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl SentinelSet {
+    pub async fn start() -> SentinelSet {
+        let master = RedisServer::start();
+        let replica = RedisServer::start_replica_of(master.port);
+        let dir = tempfile::tempdir().unwrap();
+        let mut sentinels = Vec::new();
+        let mut sentinel_ports = Vec::new();
+        for i in 0..3 {
+            let port = free_port();
+            let conf = dir.path().join(format!("sentinel-{i}.conf"));
+            let text = format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {} 2\n\
+                 sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 4000\n",
+                dir.path().display(),
+                master.port
+            );
+            std::fs::write(&conf, text).unwrap();
+            let child = Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server --sentinel");
+            sentinels.push(child);
+            sentinel_ports.push(port);
+        }
+        let set = SentinelSet { master, replica, sentinel_ports, sentinels, _dir: dir };
+        // Ready for a failover: every sentinel knows the replica and the two
+        // other sentinels (they find each other through the master), and
+        // the replica is in sync.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut ready = set.replica_in_sync().await;
+            for p in &set.sentinel_ports {
+                ready &= sentinel_count(*p, "SENTINELS").await == Some(2);
+                ready &= sentinel_count(*p, "REPLICAS").await == Some(1);
+            }
+            if ready {
+                return set;
+            }
+            assert!(std::time::Instant::now() < deadline, "the sentinels did not find each other in 30 s");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self.sentinel_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        format!("redis+sentinel://{}/mymaster/0", hosts.join(","))
+    }
+
+    /// The master's port as the sentinels say.
+    pub async fn master_port(&self) -> Option<u16> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.sentinel_ports[0])).ok()?;
+        let mut c = client.get_multiplexed_async_connection().await.ok()?;
+        let addr: Vec<String> =
+            redis::cmd("SENTINEL").arg("GET-MASTER-ADDR-BY-NAME").arg("mymaster").query_async(&mut c).await.ok()?;
+        addr.get(1)?.parse().ok()
+    }
+
+    async fn replica_in_sync(&self) -> bool {
+        let Ok(client) = redis::Client::open(self.replica.url()) else { return false };
+        let Ok(mut c) = client.get_multiplexed_async_connection().await else { return false };
+        let info: String = redis::cmd("INFO").arg("replication").query_async(&mut c).await.unwrap_or_default();
+        info.contains("master_link_status:up")
+    }
+}
+
+impl Drop for SentinelSet {
+    fn drop(&mut self) {
+        for c in &mut self.sentinels {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// How many SENTINELS or REPLICAS a sentinel knows for `mymaster`.
+async fn sentinel_count(port: u16, what: &str) -> Option<usize> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    let mut c = client.get_multiplexed_async_connection().await.ok()?;
+    let v: Vec<redis::Value> = redis::cmd("SENTINEL").arg(what).arg("mymaster").query_async(&mut c).await.ok()?;
+    Some(v.len())
 }

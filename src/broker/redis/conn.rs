@@ -1,0 +1,262 @@
+//! Connections to "the" Redis, wherever it is now: one server, or the
+//! master a Sentinel names at each connect (so a pooled connection made
+//! after a failover reaches the new master, and one to a demoted master is
+//! dropped at its next checkout).
+//!
+//! `Pool` wraps a deadpool pool of our own manager (deadpool-redis's
+//! manager knows one fixed address); its connections behave as
+//! deadpool-redis's do (a checked `ConnectionLike`).
+
+use std::sync::Arc;
+
+use deadpool::managed::{self, Metrics, Object, RecycleError, RecycleResult};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::io::tcp::TcpSettings;
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{AsyncConnectionConfig, ConnectionInfo, IntoConnectionInfo, RedisError, RedisResult, TlsMode};
+
+use crate::config::redis_url::{RedisUrl, Tls};
+
+/// Where the master is found, and where it was last found.
+pub(super) struct Source {
+    kind: Kind,
+    /// `host:port` of the master as last resolved: pooled connections to
+    /// another address are not handed out again.
+    current: std::sync::Mutex<String>,
+}
+
+enum Kind {
+    Single(ConnectionInfo),
+    Sentinel { sentinels: Vec<ConnectionInfo>, master: String, node: SentinelNodeConnectionInfo },
+}
+
+/// A type-erased future: the connect paths are deep, and every pooled
+/// call would otherwise carry (and the compiler re-derive) their types.
+type Boxed<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = RedisResult<T>> + Send + 'a>>;
+
+fn nodelay() -> TcpSettings {
+    // redis-rs leaves Nagle on; every publish would wait for the previous ACK.
+    TcpSettings::default().set_nodelay(true)
+}
+
+impl Source {
+    pub(super) fn new(url: &RedisUrl) -> RedisResult<Source> {
+        let kind = match url {
+            RedisUrl::Single(u) => Kind::Single(u.as_str().into_connection_info()?.set_tcp_settings(nodelay())),
+            RedisUrl::Sentinel(s) => {
+                let sentinels =
+                    s.sentinels.iter().map(|u| u.as_str().into_connection_info()).collect::<RedisResult<Vec<_>>>()?;
+                let mut settings = redis::RedisConnectionInfo::default().set_db(s.db);
+                if let Some(u) = &s.user {
+                    settings = settings.set_username(u);
+                }
+                if let Some(p) = &s.password {
+                    settings = settings.set_password(p);
+                }
+                let mut node = SentinelNodeConnectionInfo::default()
+                    .set_redis_connection_info(settings)
+                    .set_tcp_settings(nodelay());
+                match s.tls {
+                    Tls::None => {}
+                    Tls::Verified => node = node.set_tls_mode(TlsMode::Secure),
+                    Tls::Insecure => node = node.set_tls_mode(TlsMode::Insecure),
+                }
+                Kind::Sentinel { sentinels, master: s.master.clone(), node }
+            }
+            RedisUrl::Cluster(_) => {
+                return Err(RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "Redis Cluster is not handled by this connection source",
+                )));
+            }
+        };
+        Ok(Source { kind, current: std::sync::Mutex::new(String::new()) })
+    }
+
+    fn set_current(&self, address: &str) {
+        if let Ok(mut c) = self.current.lock() {
+            address.clone_into(&mut c);
+        }
+    }
+
+    fn is_current(&self, address: &str) -> bool {
+        self.current.lock().is_ok_and(|c| *c == address)
+    }
+
+    /// The master's address as a sentinel names it now (`None` for a
+    /// single server). `cache` keeps a connection to a sentinel across calls.
+    pub(super) async fn sentinel_says(&self, cache: &mut Option<MultiplexedConnection>) -> RedisResult<Option<String>> {
+        let Kind::Sentinel { sentinels, master, .. } = &self.kind else { return Ok(None) };
+        let mut last = None;
+        for info in sentinels {
+            if cache.is_none() {
+                match redis::Client::open(info.clone())?.get_multiplexed_async_connection().await {
+                    Ok(c) => *cache = Some(c),
+                    Err(e) => {
+                        last = Some(e);
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = cache.as_mut() else { continue };
+            let asked: RedisResult<Option<(String, u16)>> =
+                redis::cmd("SENTINEL").arg("GET-MASTER-ADDR-BY-NAME").arg(master).query_async(c).await;
+            match asked {
+                Ok(Some((host, port))) => return Ok(Some(format!("{host}:{port}"))),
+                Ok(None) => return Ok(None),
+                Err(e) => {
+                    *cache = None;
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| RedisError::from((redis::ErrorKind::Io, "no sentinel reachable"))))
+    }
+
+    /// The master's address and settings now (asks a sentinel, which
+    /// checks that the node it names says it is a master).
+    pub(super) async fn master(&self) -> RedisResult<ConnectionInfo> {
+        let info = match &self.kind {
+            Kind::Single(info) => info.clone(),
+            Kind::Sentinel { sentinels, master, node } => {
+                // A fresh client per lookup: lookups are rare (a connect), and
+                // nothing is shared or locked across them.
+                let mut client =
+                    SentinelClient::build(sentinels.clone(), master, Some(node.clone()), SentinelServerType::Master)?;
+                // Boxed: the lookup's future is deep, and every pooled call nests it.
+                let lookup: Boxed<'_, redis::Client> = Box::pin(client.async_get_client());
+                let found = lookup.await?;
+                found.get_connection_info().clone().set_tcp_settings(nodelay())
+            }
+        };
+        self.set_current(&address(&info));
+        Ok(info)
+    }
+
+    pub(super) fn is_sentinel(&self) -> bool {
+        matches!(self.kind, Kind::Sentinel { .. })
+    }
+}
+
+/// `host:port` of a connection's address, for logs and metrics.
+pub(super) fn address(info: &ConnectionInfo) -> String {
+    match info.addr() {
+        redis::ConnectionAddr::Tcp(h, p) | redis::ConnectionAddr::TcpTls { host: h, port: p, .. } => {
+            format!("{h}:{p}")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Whether the server on `conn` says it is a master (`ROLE`).
+pub(super) async fn is_master(conn: &mut MultiplexedConnection) -> RedisResult<bool> {
+    let role: redis::Value = redis::cmd("ROLE").query_async(conn).await?;
+    Ok(match &role {
+        redis::Value::Array(parts) => {
+            matches!(parts.first(), Some(redis::Value::BulkString(b)) if b.as_slice() == b"master")
+        }
+        _ => false,
+    })
+}
+
+pub(super) struct Manager {
+    source: Arc<Source>,
+    config: AsyncConnectionConfig,
+}
+
+/// A pooled connection and the address it reaches.
+pub(super) struct Conn {
+    conn: MultiplexedConnection,
+    address: String,
+}
+
+impl managed::Manager for Manager {
+    type Type = Conn;
+    type Error = RedisError;
+
+    async fn create(&self) -> Result<Conn, RedisError> {
+        // Boxed: connecting is rare, and its future would otherwise make
+        // every checkout's (and every caller's) future many KiB large.
+        let connect: Boxed<'_, Conn> = Box::pin(async {
+            let info = self.source.master().await?;
+            let address = address(&info);
+            let conn = redis::Client::open(info)?.get_multiplexed_async_connection_with_config(&self.config).await?;
+            Ok(Conn { conn, address })
+        });
+        connect.await
+    }
+
+    async fn recycle(&self, c: &mut Conn, _: &Metrics) -> RecycleResult<RedisError> {
+        if self.source.is_sentinel() {
+            // The master moved since (a lookup named another), or this one
+            // was demoted (it answers reads, refuses writes): not again.
+            if !self.source.is_current(&c.address) {
+                return Err(RecycleError::message("the master moved"));
+            }
+            return if is_master(&mut c.conn).await? {
+                Ok(())
+            } else {
+                Err(RecycleError::message("no longer the master"))
+            };
+        }
+        let pong: String = redis::cmd("PING").query_async(&mut c.conn).await?;
+        if pong == "PONG" { Ok(()) } else { Err(RecycleError::message("unexpected PING answer")) }
+    }
+}
+
+pub(super) type PoolError = managed::PoolError<RedisError>;
+
+/// The pool of command connections (not the subscriber's).
+#[derive(Clone)]
+pub(super) struct Pool(managed::Pool<Manager>);
+
+impl Pool {
+    pub(super) fn new(
+        source: Arc<Source>,
+        config: AsyncConnectionConfig,
+        size: usize,
+        timeout: std::time::Duration,
+    ) -> Result<Pool, managed::BuildError> {
+        let pool = managed::Pool::builder(Manager { source, config })
+            .max_size(size)
+            .runtime(deadpool::Runtime::Tokio1)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(timeout))
+            .recycle_timeout(Some(timeout))
+            .build()?;
+        Ok(Pool(pool))
+    }
+
+    pub(super) async fn get(&self) -> Result<Connection, PoolError> {
+        self.0.get().await.map(Connection)
+    }
+}
+
+/// A pooled connection, back in the pool when dropped.
+pub(super) struct Connection(Object<Manager>);
+
+impl Connection {
+    /// Takes it out of the pool for good (it may be half-broken).
+    pub(super) fn take(this: Self) -> MultiplexedConnection {
+        Object::take(this.0).conn
+    }
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        self.0.conn.req_packed_command(cmd)
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        self.0.conn.req_packed_commands(cmd, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.conn.get_db()
+    }
+}
