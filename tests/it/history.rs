@@ -298,7 +298,7 @@ async fn clients_of_a_killed_sidecar_recover_everything_on_another() {
     assert_eq!(read_until(&mut again, 9).await, [4, 5, 6, 7, 8, 9]);
 }
 
-const PRESENCE_NS: &str =
+pub(crate) const PRESENCE_NS: &str =
     "[[namespace]]\nprefix = \"room:\"\npublish = \"anyone\"\npresence = true\njoin-leave = true\n";
 
 #[tokio::test]

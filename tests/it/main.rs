@@ -15,6 +15,7 @@ mod lifecycle;
 mod limits;
 mod lives;
 mod proxy;
+mod redis_cluster;
 mod relay;
 mod sentinel;
 mod socketio;

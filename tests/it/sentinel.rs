@@ -23,7 +23,7 @@ async fn node(app: &Upstream, set: &SentinelSet, cfg: &tempfile::NamedTempFile) 
 /// Every delivered message was acknowledged, once, in order; every
 /// acknowledged one that is missing was signalled by a gap (-1) before
 /// the next delivered message.
-fn never_silent(acked: &[i64], got: &[i64]) -> Result<usize, String> {
+pub(crate) fn never_silent(acked: &[i64], got: &[i64]) -> Result<usize, String> {
     let mut gap = false;
     let mut last = 0i64;
     let mut missing = 0;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use deadpool::managed::{self, Metrics, Object, RecycleError, RecycleResult};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
 use redis::io::tcp::TcpSettings;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{AsyncConnectionConfig, ConnectionInfo, IntoConnectionInfo, RedisError, RedisResult, TlsMode};
@@ -27,7 +28,16 @@ pub(super) struct Source {
 
 enum Kind {
     Single(ConnectionInfo),
-    Sentinel { sentinels: Vec<ConnectionInfo>, master: String, node: SentinelNodeConnectionInfo },
+    Sentinel {
+        sentinels: Vec<ConnectionInfo>,
+        master: String,
+        node: SentinelNodeConnectionInfo,
+    },
+    /// Seed nodes; redis-rs's cluster client finds the rest and follows
+    /// `MOVED`/`ASK` and failovers.
+    Cluster {
+        nodes: Vec<ConnectionInfo>,
+    },
 }
 
 /// A type-erased future: the connect paths are deep, and every pooled
@@ -63,12 +73,13 @@ impl Source {
                 }
                 Kind::Sentinel { sentinels, master: s.master.clone(), node }
             }
-            RedisUrl::Cluster(_) => {
-                return Err(RedisError::from((
-                    redis::ErrorKind::InvalidClientConfig,
-                    "Redis Cluster is not handled by this connection source",
-                )));
-            }
+            RedisUrl::Cluster(c) => Kind::Cluster {
+                nodes: c
+                    .nodes
+                    .iter()
+                    .map(|u| u.as_str().into_connection_info().map(|i| i.set_tcp_settings(nodelay())))
+                    .collect::<RedisResult<Vec<_>>>()?,
+            },
         };
         Ok(Source { kind, current: std::sync::Mutex::new(String::new()) })
     }
@@ -118,6 +129,7 @@ impl Source {
     pub(super) async fn master(&self) -> RedisResult<ConnectionInfo> {
         let info = match &self.kind {
             Kind::Single(info) => info.clone(),
+            Kind::Cluster { nodes } => nodes.first().cloned().ok_or_else(no_nodes)?,
             Kind::Sentinel { sentinels, master, node } => {
                 // A fresh client per lookup: lookups are rare (a connect), and
                 // nothing is shared or locked across them.
@@ -136,6 +148,33 @@ impl Source {
     pub(super) fn is_sentinel(&self) -> bool {
         matches!(self.kind, Kind::Sentinel { .. })
     }
+
+    pub(super) fn is_cluster(&self) -> bool {
+        matches!(self.kind, Kind::Cluster { .. })
+    }
+
+    /// A cluster client (RESP3 with `push` for the subscriber).
+    pub(super) fn cluster_client(
+        &self,
+        timeout: std::time::Duration,
+        push: Option<impl redis::aio::AsyncPushSender>,
+    ) -> RedisResult<redis::cluster::ClusterClient> {
+        let Kind::Cluster { nodes } = &self.kind else { return Err(no_nodes()) };
+        let mut b = redis::cluster::ClusterClientBuilder::new(nodes.clone())
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .tcp_settings(nodelay())
+            // A request waits at most this long across redirects and retries.
+            .overall_response_timeout(Some(timeout));
+        if let Some(push) = push {
+            b = b.use_protocol(redis::ProtocolVersion::RESP3).push_sender(push);
+        }
+        b.build()
+    }
+}
+
+fn no_nodes() -> RedisError {
+    RedisError::from((redis::ErrorKind::InvalidClientConfig, "no cluster nodes"))
 }
 
 /// `host:port` of a connection's address, for logs and metrics.
@@ -206,9 +245,21 @@ impl managed::Manager for Manager {
 
 pub(super) type PoolError = managed::PoolError<RedisError>;
 
-/// The pool of command connections (not the subscriber's).
+/// The command connections (not the subscriber's): a pool of connections
+/// to the master, or one multiplexed cluster connection (redis-rs routes
+/// each command to its slot's master).
 #[derive(Clone)]
-pub(super) struct Pool(managed::Pool<Manager>);
+pub(super) enum Pool {
+    Single(managed::Pool<Manager>),
+    Cluster(Arc<ClusterSlot>),
+}
+
+/// The cluster connection, made at first use (and again after a failed
+/// first connect).
+pub(super) struct ClusterSlot {
+    client: redis::cluster::ClusterClient,
+    conn: tokio::sync::OnceCell<ClusterConnection>,
+}
 
 impl Pool {
     pub(super) fn new(
@@ -216,35 +267,95 @@ impl Pool {
         config: AsyncConnectionConfig,
         size: usize,
         timeout: std::time::Duration,
-    ) -> Result<Pool, managed::BuildError> {
+    ) -> Result<Pool, String> {
+        if source.is_cluster() {
+            let client = source.cluster_client(timeout, None::<fn(redis::PushInfo) -> Result<(), ()>>);
+            let client = client.map_err(|e| e.to_string())?;
+            return Ok(Pool::Cluster(Arc::new(ClusterSlot { client, conn: tokio::sync::OnceCell::new() })));
+        }
         let pool = managed::Pool::builder(Manager { source, config })
             .max_size(size)
             .runtime(deadpool::Runtime::Tokio1)
             .wait_timeout(Some(timeout))
             .create_timeout(Some(timeout))
             .recycle_timeout(Some(timeout))
-            .build()?;
-        Ok(Pool(pool))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Pool::Single(pool))
     }
 
     pub(super) async fn get(&self) -> Result<Connection, PoolError> {
-        self.0.get().await.map(Connection)
+        match self {
+            Pool::Single(p) => p.get().await.map(Connection::Pooled),
+            Pool::Cluster(slot) => {
+                let connect: Boxed<'_, ClusterConnection> = Box::pin(slot.client.get_async_connection());
+                let c = slot.conn.get_or_try_init(|| connect).await.map_err(managed::PoolError::Backend)?;
+                Ok(Connection::Cluster(c.clone()))
+            }
+        }
     }
 }
 
-/// A pooled connection, back in the pool when dropped.
-pub(super) struct Connection(Object<Manager>);
+/// A connection for commands: pooled (back in the pool when dropped), or
+/// a handle on the cluster connection.
+pub(super) enum Connection {
+    Pooled(Object<Manager>),
+    Cluster(ClusterConnection),
+}
 
 impl Connection {
+    /// Runs `pipes` (each on one slot): one after the other on a single
+    /// server, concurrently on a cluster (each to its slot's master).
+    pub(super) async fn run_each(self, pipes: Vec<redis::Pipeline>) -> Result<(), crate::broker::BrokerError> {
+        match self {
+            Connection::Pooled(mut o) => {
+                for p in pipes {
+                    p.query_async::<()>(&mut o.conn).await?;
+                }
+            }
+            Connection::Cluster(c) => {
+                let runs = pipes.into_iter().map(|p| {
+                    let mut c = c.clone();
+                    async move { p.query_async::<()>(&mut c).await }
+                });
+                for r in futures_util::future::join_all(runs).await {
+                    r?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A handle for one of several concurrent commands: the cluster
+    /// connection again, or (single server) a clone of the pooled
+    /// multiplexed connection.
+    pub(super) fn shared(&self) -> Shared {
+        match self {
+            Connection::Pooled(o) => Shared::Single(o.conn.clone()),
+            Connection::Cluster(c) => Shared::Cluster(c.clone()),
+        }
+    }
+
     /// Takes it out of the pool for good (it may be half-broken).
-    pub(super) fn take(this: Self) -> MultiplexedConnection {
-        Object::take(this.0).conn
+    pub(super) fn discard(this: Self) {
+        if let Connection::Pooled(o) = this {
+            drop(Object::take(o));
+        }
     }
 }
 
-impl ConnectionLike for Connection {
+/// See [`Connection::shared`].
+pub(super) enum Shared {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Shared {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
-        self.0.conn.req_packed_command(cmd)
+        match self {
+            Shared::Single(c) => c.req_packed_command(cmd),
+            Shared::Cluster(c) => c.req_packed_command(cmd),
+        }
     }
 
     fn req_packed_commands<'a>(
@@ -253,10 +364,44 @@ impl ConnectionLike for Connection {
         offset: usize,
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
-        self.0.conn.req_packed_commands(cmd, offset, count)
+        match self {
+            Shared::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Shared::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
     }
 
     fn get_db(&self) -> i64 {
-        self.0.conn.get_db()
+        match self {
+            Shared::Single(c) => c.get_db(),
+            Shared::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Connection::Pooled(o) => o.conn.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Connection::Pooled(o) => o.conn.req_packed_commands(cmd, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Pooled(o) => o.conn.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
     }
 }

@@ -52,11 +52,13 @@ pub(super) struct Life {
     /// The highest watermark a publish pipeline of this node got back.
     acked: AtomicU64,
     script: redis::Script,
+    /// On a Cluster (see [`Life::check`]).
+    sharded: bool,
 }
 
 impl Life {
-    pub(super) fn new(key: String) -> Self {
-        Life { key, acked: AtomicU64::new(0), script: redis::Script::new(LIFE_SCRIPT) }
+    pub(super) fn new(key: String, sharded: bool) -> Self {
+        Life { key, sharded, acked: AtomicU64::new(0), script: redis::Script::new(LIFE_SCRIPT) }
     }
 
     /// A publish pipeline came back with watermark `wm`.
@@ -66,9 +68,13 @@ impl Life {
 
     /// Ends the life if `lost` (this node saw it) or if the watermark says
     /// acknowledged writes are gone. True when this call ended it.
+    ///
+    /// Not on a Cluster: there each shard's life is its master's run id,
+    /// which the scripts read themselves (a failover or restart of a shard
+    /// starts new epochs for its channels, lossless or not).
     pub(super) async fn check(&self, pool: &Pool, lost: bool, timeout: Duration) -> Result<bool, BrokerError> {
         let mine = self.acked.load(Ordering::Acquire);
-        if mine == 0 && !lost {
+        if self.sharded || (mine == 0 && !lost) {
             return Ok(false);
         }
         let run = async {

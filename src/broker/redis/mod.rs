@@ -33,15 +33,27 @@
 //! is kept, `"k"` for presence events), `\n`, then the message's `data` as
 //! JSON. Each node frames it for its clients' protocols once.
 //!
-//! Files: `wire.rs` (names, scripts, envelope), `publisher.rs`, `subscriber.rs`,
-//! `presence.rs` (the heartbeat).
+//! Where Redis is (`conn.rs`): one server, the master a Sentinel names
+//! (followed across failovers), or a Cluster, where channel traffic goes
+//! by `SPUBLISH`/`SSUBSCRIBE` on each channel's shard (redis-rs routes,
+//! follows `MOVED`/`ASK` and resubscribes; the subscriber catches up from
+//! history when a shard confirms a resubscription, and subscribes again
+//! where a moved slot now lives).
+//!
+//! Files: `conn.rs` (URL forms, pool, cluster connection), `sink.rs` (the
+//! subscriber's connection and receive buffer), `wire.rs` (names, scripts,
+//! envelope), `life.rs` (lost writes → new epochs), `publisher.rs`,
+//! `subscriber.rs`, `catchup.rs` (history catch-up and gaps),
+//! `app_commands.rs`, `presence.rs` (the heartbeat).
 
 mod app_commands;
+mod catchup;
 mod conn;
 mod gaps;
 mod life;
 mod presence;
 mod publisher;
+mod sink;
 mod subscriber;
 mod wire;
 
@@ -92,10 +104,7 @@ pub struct RedisBroker {
     publisher: mpsc::Sender<Job>,
     /// For commands (rare): a checkout each, never the publish queue.
     pool: Pool,
-    control_script: redis::Script,
-    history_script: redis::Script,
-    presence_script: redis::Script,
-    presence_read_script: redis::Script,
+    scripts: Arc<Scripts>,
     /// This node's presence entries, refreshed by the heartbeat task.
     local_presence: Arc<super::presence::LocalPresence>,
     namespaces: Arc<Namespaces>,
@@ -121,16 +130,17 @@ impl RedisBroker {
             .set_connection_timeout(Some(cfg.timeout))
             .set_response_timeout(Some(cfg.timeout));
         let pool = Pool::new(source.clone(), conn_cfg, 16, cfg.timeout)
-            .map_err(|e| BrokerError::Config(format!("cannot build the Redis pool: {e}")))?;
+            .map_err(|e| BrokerError::Config(format!("cannot build the Redis connections: {e}")))?;
 
-        let keys = Keys::new(&cfg.prefix, &node_id);
+        let keys = Keys::new(&cfg.prefix, &node_id, source.is_cluster());
+        let scripts = Arc::new(Scripts::new(source.is_cluster()));
         let (tx, rx) = mpsc::channel(PUBLISH_QUEUE);
         let generation = Arc::new(AtomicU64::new(0));
-        let life = Arc::new(life::Life::new(keys.life.clone()));
+        let life = Arc::new(life::Life::new(keys.life.clone(), keys.sharded));
         metrics.broker_up.set(0);
         let publisher_task = publisher(
             pool.clone(),
-            life.clone(),
+            (life.clone(), scripts.clone(), keys.sharded),
             rx,
             generation.clone(),
             cfg.timeout,
@@ -147,7 +157,7 @@ impl RedisBroker {
             receive_buffer: cfg.receive_buffer as u64,
             overflowed: Arc::new(AtomicBool::new(false)),
             namespaces: namespaces.clone(),
-            history_script: redis::Script::new(HISTORY_SCRIPT),
+            scripts: scripts.clone(),
             keys: keys.clone(),
             life,
             events,
@@ -168,10 +178,7 @@ impl RedisBroker {
             keys,
             publisher: tx,
             pool: command_pool,
-            control_script: redis::Script::new(CONTROL_SCRIPT),
-            history_script: redis::Script::new(HISTORY_SCRIPT),
-            presence_script: redis::Script::new(PRESENCE_SCRIPT),
-            presence_read_script: redis::Script::new(PRESENCE_READ_SCRIPT),
+            scripts,
             local_presence,
             namespaces,
             interest,
@@ -259,7 +266,7 @@ impl RedisBroker {
         let expiry = if join { (crate::protocol::now_us() / 1000 + expiry_ms()).to_string() } else { String::new() };
         let run = async {
             let mut c = self.pool.get().await?;
-            let mut inv = self.presence_script.key(hash);
+            let mut inv = self.scripts.presence.key(hash);
             inv.key(zset).key(self.keys.channel(channel));
             inv.arg(&**connection).arg(&entry).arg(expiry).arg(if announce { "1" } else { "0" });
             inv.arg(header).arg(expiry_ms() * 4);
@@ -276,7 +283,7 @@ impl RedisBroker {
         let (hash, zset) = self.keys.presence(channel);
         let run = async {
             let mut c = self.pool.get().await?;
-            let mut inv = self.presence_read_script.key(hash);
+            let mut inv = self.scripts.presence_read.key(hash);
             inv.key(zset).arg(crate::protocol::now_us() / 1000).arg(super::presence::MAX_LISTED);
             let (count, entries): (usize, Vec<String>) = inv.invoke_async(&mut c).await?;
             Ok::<_, BrokerError>(super::PresenceList::from_entries(entries, count))
@@ -286,7 +293,7 @@ impl RedisBroker {
 
     /// A channel's history after `after` (at most `limit` messages).
     pub async fn history(&self, channel: &Channel, after: u64, limit: usize) -> Result<History, BrokerError> {
-        read_history(&self.pool, &self.history_script, &self.keys, channel, after, limit, self.timeout).await
+        read_history(&self.pool, &self.scripts.history, &self.keys, channel, after, limit, self.timeout).await
     }
 
     pub async fn ensure_subscribed(&self, channel: &str) -> Result<(), BrokerError> {
@@ -309,8 +316,8 @@ impl RedisBroker {
     /// Keeps `{prefix}node:{id}` = `url` alive (refreshed every 5 s, gone
     /// 15 s after the node is), so other nodes can forward to it.
     pub fn advertise(&self, node_id: &str, url: String, shutdown: tokio_util::sync::CancellationToken) {
-        let key = format!("{}node:{node_id}", self.keys.prefix);
-        let nodes = format!("{}nodes", self.keys.prefix);
+        let key = self.keys.global(&format!("node:{node_id}"));
+        let nodes = self.keys.global("nodes");
         let id = node_id.to_owned();
         let (pool, timeout) = (self.pool.clone(), self.timeout);
         let task = async move {
@@ -361,13 +368,13 @@ impl RedisBroker {
 
     /// Where node `node_id` is reached, if it is alive.
     pub async fn peer_url(&self, node_id: &str) -> Result<Option<String>, BrokerError> {
-        let key = format!("{}node:{node_id}", self.keys.prefix);
+        let key = self.keys.global(&format!("node:{node_id}"));
         self.with_conn(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await }).await
     }
 
     /// Keeps `value` under `key` for `ttl`.
     pub async fn stash(&self, key: &str, value: String, ttl: std::time::Duration) -> Result<(), BrokerError> {
-        let key = format!("{}stash:{key}", self.keys.prefix);
+        let key = self.keys.global(&format!("stash:{key}"));
         let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         self.with_conn(|mut c| async move {
             redis::cmd("SET").arg(key).arg(value).arg("PX").arg(ttl).query_async(&mut c).await
@@ -377,13 +384,13 @@ impl RedisBroker {
 
     /// Reads what was stashed under `key`.
     pub async fn read_stash(&self, key: &str) -> Result<Option<String>, BrokerError> {
-        let key = format!("{}stash:{key}", self.keys.prefix);
+        let key = self.keys.global(&format!("stash:{key}"));
         self.with_conn(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await }).await
     }
 
     /// The nodes that refreshed their address within its expiry.
     pub async fn live_nodes(&self) -> Result<Vec<String>, BrokerError> {
-        let key = format!("{}nodes", self.keys.prefix);
+        let key = self.keys.global("nodes");
         let since = now_ms().saturating_sub(node_expiry_ms());
         self.with_conn(|mut c| async move {
             redis::cmd("ZRANGE").arg(key).arg(since).arg("+inf").arg("BYSCORE").query_async(&mut c).await
@@ -393,7 +400,7 @@ impl RedisBroker {
 
     /// Takes (reads and deletes) what was stashed under `key`.
     pub async fn take_stash(&self, key: &str) -> Result<Option<String>, BrokerError> {
-        let key = format!("{}stash:{key}", self.keys.prefix);
+        let key = self.keys.global(&format!("stash:{key}"));
         self.with_conn(|mut c| async move { redis::cmd("GETDEL").arg(key).query_async(&mut c).await }).await
     }
 
@@ -451,7 +458,7 @@ impl RedisBroker {
             NodeCommand::Call { .. } | NodeCommand::Answer { .. } | NodeCommand::Query { .. } => {
                 send_call(&self.pool, &self.keys, op, self.timeout).await
             }
-            _ => send_command(&self.pool, &self.control_script, &self.keys, op, self.timeout).await,
+            _ => send_command(&self.pool, &self.scripts.control, &self.keys, op, self.timeout).await,
         }
     }
 

@@ -36,16 +36,21 @@ pub(super) async fn heartbeat(
         }
         let until = crate::protocol::now_us() / 1000 + expiry_ms();
         let refresh = async {
-            let mut c = pool.get().await?;
-            let mut pipe = redis::pipe();
+            let c = pool.get().await?;
+            // One pipeline; on a Cluster one per channel (a pipeline runs on one slot).
+            let mut pipes = vec![redis::pipe()];
             for (channel, connection, entry) in &entries {
+                if keys.sharded && !pipes.last().is_some_and(|p| p.is_empty()) {
+                    pipes.push(redis::pipe());
+                }
+                let Some(pipe) = pipes.last_mut() else { continue };
                 let (hash, zset) = keys.presence(channel);
                 pipe.cmd("HSET").arg(&hash).arg(&**connection).arg(entry).ignore();
                 pipe.cmd("ZADD").arg(&zset).arg(until).arg(&**connection).ignore();
                 pipe.cmd("PEXPIRE").arg(&hash).arg(expiry_ms() * 4).ignore();
                 pipe.cmd("PEXPIRE").arg(&zset).arg(expiry_ms() * 4).ignore();
             }
-            pipe.query_async::<()>(&mut c).await.map_err(BrokerError::from)
+            c.run_each(pipes).await
         };
         if let Err(e) = tokio::time::timeout(timeout, refresh).await.unwrap_or(Err(BrokerError::Timeout(timeout))) {
             debug!(error = %e, "presence heartbeat failed; retrying at the next");

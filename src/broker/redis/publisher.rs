@@ -15,6 +15,7 @@ use tracing::{Instrument, debug};
 
 use super::MAX_BATCH;
 use super::life::Life;
+use super::wire::Scripts;
 use super::wire::*;
 use crate::broker::BrokerError;
 use crate::metrics::Metrics;
@@ -53,7 +54,7 @@ pub(super) struct Job {
 /// restart kills both; this avoids one spurious 503 afterwards).
 pub(super) async fn publisher(
     pool: Pool,
-    life: Arc<Life>,
+    (life, scripts, sharded): (Arc<Life>, Arc<Scripts>, bool),
     mut rx: mpsc::Receiver<Job>,
     generation: Arc<AtomicU64>,
     timeout: Duration,
@@ -76,22 +77,26 @@ pub(super) async fn publisher(
             discard(&mut held);
         }
         let timer = metrics.broker_publish_seconds.start_timer();
-        let result = run_batch(&pool, &life, &mut held, now, &batch, timeout).await;
-        timer.observe_duration();
-        match result {
-            Ok(mut offsets) => {
-                for mut job in batch.drain(..) {
-                    let rest = offsets.split_off(job.messages.len().min(offsets.len()));
-                    let mine = std::mem::replace(&mut offsets, rest);
-                    if let Some(done) = job.done.take() {
-                        let _ = done.send(Ok(mine));
-                    }
-                }
+        let results = if sharded {
+            run_sharded(&pool, &scripts, &batch, timeout).await
+        } else {
+            // One pipeline: all applied, or the batch failed.
+            match run_batch(&pool, (&life, &scripts), &mut held, now, &batch, timeout).await {
+                Ok(offsets) => offsets.into_iter().map(Ok).collect(),
+                Err(e) => vec![Err(e); batch.iter().map(|j| j.messages.len()).sum()],
             }
-            Err(e) => {
-                debug!(error = %e, "publish failed");
-                for mut job in batch.drain(..) {
-                    let Some(done) = job.done.take() else { continue };
+        };
+        timer.observe_duration();
+        let mut results = results.into_iter();
+        for mut job in batch.drain(..) {
+            let mine: Result<Vec<Option<Offset>>, BrokerError> = results.by_ref().take(job.messages.len()).collect();
+            let Some(done) = job.done.take() else { continue };
+            match mine {
+                Ok(offsets) => {
+                    let _ = done.send(Ok(offsets));
+                }
+                Err(e) => {
+                    debug!(error = %e, "publish failed");
                     // Where every message keeps history, the connection may
                     // have broken after Redis applied them: look, rather than
                     // call them failed and have them delivered anyway.
@@ -105,12 +110,52 @@ pub(super) async fn publisher(
                             .in_current_span(),
                         );
                     } else {
-                        let _ = done.send(Err(e.clone()));
+                        let _ = done.send(Err(e));
                     }
                 }
             }
         }
     }
+}
+
+/// On a Cluster: each message on its own (a pipeline runs on one slot),
+/// all at once; redis-rs sends each to its channel's shard, in order per
+/// connection, and follows `MOVED`/`ASK`. One result per message.
+async fn run_sharded(
+    pool: &Pool,
+    scripts: &Scripts,
+    batch: &[Job],
+    timeout: Duration,
+) -> Vec<Result<Option<Offset>, BrokerError>> {
+    let total = batch.iter().map(|j| j.messages.len()).sum();
+    let conn = match tokio::time::timeout(timeout, pool.get()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return vec![Err(e.into()); total],
+        Err(_) => return vec![Err(BrokerError::Timeout(timeout)); total],
+    };
+    let sends = batch.iter().flat_map(|j| &j.messages).map(|out| {
+        let mut c = conn.shared();
+        async move {
+            let run = async {
+                match out {
+                    Out::Publish { channel, payload } => {
+                        redis::cmd("SPUBLISH").arg(channel).arg(payload).query_async::<i64>(&mut c).await?;
+                        Ok(None)
+                    }
+                    Out::History { stream, meta, channel, header, data, size, ttl_ms, id } => {
+                        let mut inv = scripts.publish.key(stream);
+                        inv.key(meta).key(channel);
+                        inv.arg(header).arg(data.as_bytes()).arg(*size).arg(*ttl_ms).arg(META_TTL_MS);
+                        inv.arg(crate::config::random_id(8)).arg(id);
+                        let reply: redis::Value = inv.invoke_async(&mut c).await?;
+                        Ok(offset_of(&reply))
+                    }
+                }
+            };
+            tokio::time::timeout(timeout, run).await.unwrap_or(Err(BrokerError::Timeout(timeout)))
+        }
+    });
+    futures_util::future::join_all(sends).await
 }
 
 /// The publisher's connection: its generation, and the publish script's
@@ -121,13 +166,13 @@ pub(super) type Held = (super::conn::Connection, u64, String);
 /// Takes a connection out of the pool for good: it may be half-broken.
 pub(super) fn discard(held: &mut Option<Held>) {
     if let Some((c, _, _)) = held.take() {
-        drop(super::conn::Connection::take(c));
+        super::conn::Connection::discard(c);
     }
 }
 
 pub(super) async fn run_batch(
     pool: &Pool,
-    life: &Life,
+    (life, scripts): (&Life, &Scripts),
     held: &mut Option<Held>,
     generation: u64,
     batch: &[Job],
@@ -136,7 +181,7 @@ pub(super) async fn run_batch(
     let r = tokio::time::timeout(timeout, async {
         if held.is_none() {
             let mut c = pool.get().await?;
-            let sha: String = redis::cmd("SCRIPT").arg("LOAD").arg(PUBLISH_SCRIPT).query_async(&mut c).await?;
+            let sha: String = scripts.publish.prepare_invoke().load_async(&mut c).await?;
             *held = Some((c, generation, sha));
         }
         let Some((c, _, sha)) = held.as_mut() else {

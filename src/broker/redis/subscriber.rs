@@ -9,15 +9,13 @@ use std::time::Duration;
 
 use super::conn::Pool;
 
-use redis::AsyncConnectionConfig;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 use super::SUBSCRIBE_CHUNK;
-use super::gaps::{Arrival, arrival};
+use super::sink::{Buffer, Received, Sink};
 use super::wire::*;
 use crate::broker::BrokerError;
 use crate::broker::BrokerEvents;
@@ -25,7 +23,7 @@ use crate::channel::Channel;
 use crate::config::Namespaces;
 use crate::interest::Interest;
 use crate::metrics::Metrics;
-use crate::protocol::{Kind, Message, Offset};
+use crate::protocol::Offset;
 
 /// Publishes probe `seq` to this node's probe channel on a pooled connection.
 pub(super) async fn probe(pool: Pool, channel: String, seq: u64, timeout: Duration) {
@@ -39,14 +37,6 @@ pub(super) async fn probe(pool: Pool, channel: String, seq: u64, timeout: Durati
     }
 }
 
-/// What the subscriber connection hands over.
-pub(super) enum Received {
-    /// A message, the bytes it holds in the receive buffer, and the buffer's count.
-    Msg(redis::Msg, u64, Arc<AtomicU64>),
-    /// redis-rs saw the connection close.
-    Closed,
-}
-
 pub(super) struct Subscriber {
     /// Where the master is (asked again at every connect).
     pub(super) source: Arc<super::conn::Source>,
@@ -56,7 +46,7 @@ pub(super) struct Subscriber {
     /// caught up (the dropped tail would otherwise wait for a next message).
     pub(super) overflowed: Arc<AtomicBool>,
     pub(super) namespaces: Arc<Namespaces>,
-    pub(super) history_script: redis::Script,
+    pub(super) scripts: Arc<Scripts>,
     pub(super) keys: Keys,
     pub(super) life: Arc<super::life::Life>,
     pub(super) events: Arc<dyn BrokerEvents>,
@@ -107,9 +97,9 @@ pub(super) struct SubState {
     applied: StreamId,
     /// The last offset delivered on this node, per channel with history
     /// (an empty epoch: the channel had no history when subscribed).
-    tracked: HashMap<Channel, Offset>,
+    pub(super) tracked: HashMap<Channel, Offset>,
     /// This connection already ended the dataset's life (once is enough).
-    life_ended: bool,
+    pub(super) life_ended: bool,
 }
 
 impl Subscriber {
@@ -216,6 +206,11 @@ impl Subscriber {
                 msg = stream.recv() => match msg {
                     None => return Lost::Error(LostReason::Closed),
                     Some(Received::Closed) => return Lost::Error(LostReason::Closed),
+                    Some(Received::Shard(kind, name)) => {
+                        if let Err(e) = self.on_shard(kind, &name, &mut sink, st).await {
+                            return Lost::Error(e);
+                        }
+                    }
                     Some(msg) => {
                         last_rx = Instant::now();
                         if let Some(got) = self.on_message(&msg, st).await {
@@ -254,6 +249,11 @@ impl Subscriber {
                         for _ in 0..100_000 {
                             match stream.try_recv() {
                                 Ok(Received::Closed) => return Lost::Error(LostReason::Closed),
+                                Ok(Received::Shard(kind, name)) => {
+                                    if let Err(e) = self.on_shard(kind, &name, &mut sink, st).await {
+                                        return Lost::Error(e);
+                                    }
+                                }
                                 Ok(msg) => {
                                     last_rx = Instant::now();
                                     if self.on_message(&msg, st).await.is_some_and(|got| got >= want) {
@@ -275,6 +275,10 @@ impl Subscriber {
                     Some(_) => last_tick = Instant::now(),
                     None => {
                         last_tick = Instant::now();
+                        // A Cluster's masters change with failovers: say which now.
+                        if let Ok(Ok(Some(servers))) = tokio::time::timeout(self.timeout, sink.servers()).await {
+                            self.metrics.set_broker_servers(servers.split(','));
+                        }
                         // Follow the master the sentinels name: a demoted
                         // one still relays what the new one publishes, and
                         // one not yet demoted takes writes that will be lost.
@@ -295,49 +299,15 @@ impl Subscriber {
         }
     }
 
-    /// A RESP3 connection whose pushes (the subscribed messages) go into a
-    /// receive buffer bounded by `--redis-receive-buffer` bytes: a node that
-    /// falls behind (CPU-starved, or a burst) drops what does not fit,
-    /// counts it in `wsrelay_broker_receive_overflow_total`, and repairs
-    /// the channels that keep history from their streams when it sees the
-    /// gap in offsets. redis-rs's own pub/sub connection buffers without
-    /// bound.
-    async fn subscriber_connection(
-        &self,
-    ) -> Result<(redis::aio::MultiplexedConnection, mpsc::UnboundedReceiver<Received>, String), BrokerError> {
-        let (tx, rx) = mpsc::unbounded_channel::<Received>();
-        let queued = Arc::new(AtomicU64::new(0));
-        let (budget, metrics, overflowed) = (self.receive_buffer, self.metrics.clone(), self.overflowed.clone());
-        let sender = move |push: redis::PushInfo| -> Result<(), ()> {
-            if push.kind == redis::PushKind::Disconnection {
-                return tx.send(Received::Closed).map_err(|_| ());
-            }
-            let Some(msg) = redis::Msg::from_push_info(push) else { return Ok(()) };
-            let size = msg.get_payload_bytes().len() as u64 + 64;
-            if queued.fetch_add(size, Ordering::AcqRel) + size > budget {
-                queued.fetch_sub(size, Ordering::AcqRel);
-                metrics.broker_receive_overflow.inc();
-                overflowed.store(true, Ordering::Release);
-                return Ok(());
-            }
-            tx.send(Received::Msg(msg, size, queued.clone())).map_err(|_| ())
-        };
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_push_sender(sender);
-        let connect = async {
-            let info = self.source.master().await?;
-            // RESP3: its pushes go to the bounded buffer above.
-            let resp3 = info.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP3);
-            let address = super::conn::address(&info);
-            let client = redis::Client::open(info.set_redis_settings(resp3))?;
-            let conn = client.get_multiplexed_async_connection_with_config(&config).await?;
-            Ok::<_, redis::RedisError>((conn, address))
-        };
-        let (conn, address) = self.with_timeout(connect).await?;
-        self.metrics.set_broker_servers([address.as_str()]);
-        Ok((conn, rx, address))
+    /// The subscriber connection (see `sink.rs`), its receive buffer, and
+    /// the server(s) it talks to.
+    async fn subscriber_connection(&self) -> Result<(Sink, mpsc::UnboundedReceiver<Received>, String), BrokerError> {
+        let buffer =
+            Buffer { budget: self.receive_buffer, metrics: self.metrics.clone(), overflowed: self.overflowed.clone() };
+        let open = Sink::open(&self.source, self.timeout, buffer);
+        let (sink, rx, address) = self.with_timeout(open).await?;
+        self.metrics.set_broker_servers(address.split(','));
+        Ok((sink, rx, address))
     }
 
     async fn with_timeout<T>(
@@ -356,26 +326,33 @@ impl Subscriber {
     /// room-channel manager publishes a room's emits on
     /// (`<socketio channel>#<namespace>#<room>`, Open WebUI's default):
     /// subscribed only for the rooms this node has members of.
-    fn redis_names(&self, chunk: &[Channel]) -> Vec<String> {
-        let mut names: Vec<String> = chunk.iter().map(|c| self.keys.channel(c)).collect();
+    /// Returns the channels' own names (sharded on a Cluster) and the
+    /// room channels (classic).
+    fn redis_names(&self, chunk: &[Channel]) -> (Vec<String>, Vec<String>) {
+        let names: Vec<String> = chunk.iter().map(|c| self.keys.channel(c)).collect();
+        let mut rooms = Vec::new();
         if let Some(sio) = &self.socketio_channel {
             for c in chunk {
                 if let (ns, Some(room)) = crate::channel::split_socketio(c) {
-                    names.push(format!("{sio}#{ns}#{room}"));
+                    rooms.push(format!("{sio}#{ns}#{room}"));
                 }
             }
         }
-        names
+        (names, rooms)
     }
 
     /// Applies the hub's wanted channels to the connection, in batches of
     /// [`SUBSCRIBE_CHUNK`]. One pass per call: changes made meanwhile wake the
     /// loop again, so a steady churn cannot keep it from reading messages.
-    async fn sync(&self, sink: &mut redis::aio::MultiplexedConnection, st: &mut SubState) -> Result<(), LostReason> {
+    async fn sync(&self, sink: &mut Sink, st: &mut SubState) -> Result<(), LostReason> {
         let (add, remove) = self.interest.take_changes();
         for chunk in remove.chunks(SUBSCRIBE_CHUNK) {
-            let names = self.redis_names(chunk);
-            self.with_timeout(sink.unsubscribe(&names)).await.map_err(failed("unsubscribe"))?;
+            let (names, rooms) = self.redis_names(chunk);
+            self.with_timeout(sink.unsubscribe_channels(&names)).await.map_err(failed("unsubscribe"))?;
+            if !rooms.is_empty() {
+                let rooms: Vec<&str> = rooms.iter().map(String::as_str).collect();
+                self.with_timeout(sink.unsubscribe(&rooms)).await.map_err(failed("unsubscribe"))?;
+            }
             for c in chunk {
                 st.tracked.remove(c);
             }
@@ -385,154 +362,54 @@ impl Subscriber {
             // what is published in between shows up as a gap and is read
             // from the stream, never lost.
             self.track(chunk, st).await.map_err(failed("reading history meta"))?;
-            let names = self.redis_names(chunk);
-            self.with_timeout(sink.subscribe(&names)).await.map_err(failed("subscribe"))?;
+            let (names, rooms) = self.redis_names(chunk);
+            self.with_timeout(sink.subscribe_channels(&names)).await.map_err(failed("subscribe"))?;
+            if !rooms.is_empty() {
+                let rooms: Vec<&str> = rooms.iter().map(String::as_str).collect();
+                self.with_timeout(sink.subscribe(&rooms)).await.map_err(failed("subscribe"))?;
+            }
             self.interest.confirm(chunk);
         }
         self.metrics.broker_subscriptions.set(self.interest.active_count() as i64);
         Ok(())
     }
 
-    /// Records the current top offset of the history channels in `chunk`
-    /// that are not tracked yet.
-    async fn track(&self, chunk: &[Channel], st: &mut SubState) -> Result<(), BrokerError> {
-        let todo: Vec<&Channel> = chunk
-            .iter()
-            .filter(|c| self.namespaces.rule(c).history.is_some() && !st.tracked.contains_key(*c))
-            .collect();
-        if todo.is_empty() {
-            return Ok(());
-        }
-        let read = async {
-            let mut c = self.pool.get().await?;
-            let mut pipe = redis::pipe();
-            pipe.cmd("HGET").arg(&self.keys.life).arg("id");
-            for ch in &todo {
-                pipe.cmd("HMGET").arg(self.keys.meta(ch)).arg("e").arg("s").arg("l");
-            }
-            /// A channel's meta: epoch, top offset, the life it was stamped in.
-            type Meta = (Option<String>, Option<u64>, Option<String>);
-            let (life, metas): (Option<String>, Vec<Meta>) = pipe.query_async(&mut c).await?;
-            Ok::<_, BrokerError>((life, metas))
-        };
-        let (life, metas) =
-            tokio::time::timeout(self.timeout, read).await.unwrap_or(Err(BrokerError::Timeout(self.timeout)))?;
-        for (ch, (epoch, top, stamped)) in todo.into_iter().zip(metas) {
-            // Stamped in another life of the dataset: no history (as the history script says).
-            let (epoch, top) = if stamped.is_some() && stamped != life { (None, None) } else { (epoch, top) };
-            let offset = Offset { epoch: Arc::from(epoch.unwrap_or_default()), seq: top.unwrap_or(0) };
-            st.tracked.insert(ch.clone(), offset);
-        }
-        Ok(())
-    }
-
-    /// After a gap in this node's subscription (a reconnect): every tracked
-    /// channel gets what was published since its last delivered offset.
-    async fn catch_up(&self, st: &mut SubState) -> Result<(), BrokerError> {
-        let channels: Vec<(Channel, Offset)> = st.tracked.iter().map(|(c, o)| (c.clone(), o.clone())).collect();
-        for (channel, last) in channels {
-            self.fill(&channel, &last, None, st).await?;
-        }
-        Ok(())
-    }
-
-    /// Delivers what history holds after `last` (up to, not including,
-    /// sequence `before` when given) and moves the channel's tracked offset.
-    /// Where history no longer covers it, the channel's subscribers are told
-    /// (a gap notice) and tracking restarts at the top.
-    async fn fill(
+    /// On a Cluster, a shard (re)confirmed or dropped a subscription.
+    /// redis-rs resubscribes by itself after a shard's reconnect or a
+    /// failover: what was published meanwhile is read from history once
+    /// the shard confirms. A shard whose slot moved away drops the channel
+    /// (`SUNSUBSCRIBE` push): subscribe where it lives now.
+    async fn on_shard(
         &self,
-        channel: &Channel,
-        last: &Offset,
-        before: Option<u64>,
+        kind: redis::PushKind,
+        name: &str,
+        sink: &mut Sink,
         st: &mut SubState,
-    ) -> Result<(), BrokerError> {
-        let Some(policy) = self.namespaces.rule(channel).history else { return Ok(()) };
-        // Nothing was ever published when it was tracked: everything in the
-        // (new) epoch is missed, from the start.
-        let after = if last.epoch.is_empty() { 0 } else { last.seq };
-        let limit = before.map_or(policy.read_limit(), |b| {
-            usize::try_from(b.saturating_sub(after + 1)).unwrap_or(policy.read_limit())
-        });
-        if before.is_some() && limit == 0 {
+    ) -> Result<(), LostReason> {
+        if kind == redis::PushKind::Subscribe && name == self.keys.control {
+            // Node-wide channels resubscribed: commands issued meanwhile.
+            return self.replay_commands(&mut st.applied).await.map_err(failed("reading the control log"));
+        }
+        let Some(channel) = self.keys.channel_of(name).and_then(|c| Channel::parse(c).ok()) else { return Ok(()) };
+        if !self.interest.wants(&channel) {
             return Ok(());
         }
-        self.metrics.history_reads.inc();
-        let h = read_history(&self.pool, &self.history_script, &self.keys, channel, after, limit.max(1), self.timeout)
-            .await?;
-        if h.epoch.is_empty() {
-            // No history at all (never published, or lost with nothing since).
-            if !last.epoch.is_empty() && last.seq > 0 {
-                self.gap(channel, st, Offset { epoch: h.epoch.clone(), seq: 0 });
-            }
-            return Ok(());
-        }
-        let start = Offset { epoch: h.epoch.clone(), seq: after };
-        let same_life = last.epoch.is_empty() || *last.epoch == *h.epoch;
-        if !last.epoch.is_empty() && same_life && last.seq > h.top && !st.life_ended {
-            // This node delivered offsets the channel no longer reaches: the
-            // dataset lost acknowledged writes, and would reuse them.
-            st.life_ended = self.life.check(&self.pool, true, self.timeout).await?;
-            self.metrics.history_lives_ended.inc();
-        }
-        if st.life_ended && same_life && last.seq > h.top {
-            self.gap(channel, st, Offset { epoch: Arc::from(""), seq: 0 });
-            return Ok(());
-        }
-        if !same_life || !h.covers(&start) {
-            self.gap(channel, st, h.top_offset());
-            return Ok(());
-        }
-        let mut n = 0u64;
-        for m in h.messages.iter().filter(|m| before.is_none_or(|b| m.offset.as_ref().is_some_and(|o| o.seq < b))) {
-            self.events.deliver(m);
-            n += 1;
-            if let Some(o) = &m.offset {
-                st.tracked.insert(channel.clone(), o.clone());
-            }
-        }
-        if n > 0 {
-            self.metrics.history_recovered.inc_by(n);
-            debug!(%channel, messages = n, "caught up from history");
-        }
-        Ok(())
-    }
-
-    /// Tells the channel's local subscribers that messages were lost beyond
-    /// history, and tracks it from `at` on.
-    fn gap(&self, channel: &Channel, st: &mut SubState, at: Offset) {
-        self.metrics.history_gaps.inc();
-        warn!(%channel, "messages lost beyond history: subscribers told to reload");
-        let notice = Message::event(Kind::Gap, channel.clone(), Utf8Bytes::from_static("null"), None);
-        self.events.deliver(&Arc::new(notice));
-        st.tracked.insert(channel.clone(), at);
-    }
-
-    /// A message with an offset: delivered once, in order, gaps filled first.
-    async fn on_offset_message(&self, msg: Message, off: Offset, st: &mut SubState) {
-        let channel = msg.channel.clone();
-        match arrival(st.tracked.get(&channel), &off) {
-            Arrival::Duplicate => return,
-            Arrival::Next => {}
-            Arrival::NewEpoch { fill } => {
-                self.gap(&channel, st, Offset { epoch: off.epoch.clone(), seq: 0 });
-                if let Some(from) = fill {
-                    if let Err(e) = self.fill(&channel, &from, Some(off.seq), st).await {
-                        warn!(%channel, error = %e, "cannot read history to fill a gap");
+        match kind {
+            redis::PushKind::SSubscribe => {
+                if let Some(last) = st.tracked.get(&channel).cloned() {
+                    if let Err(e) = self.fill(&channel, &last, None, st).await {
+                        warn!(%channel, error = %e, "cannot read history after a resubscription");
                     }
                 }
             }
-            Arrival::Missed { last } => {
-                if let Err(e) = self.fill(&channel, &last, Some(off.seq), st).await {
-                    warn!(%channel, error = %e, "cannot read history to fill a gap");
-                    self.gap(&channel, st, off.clone());
-                }
+            redis::PushKind::SUnsubscribe => {
+                debug!(%channel, "a shard dropped the subscription (slot moved); subscribing again");
+                let names = [name.to_owned()];
+                self.with_timeout(sink.subscribe_channels(&names)).await.map_err(failed("resubscribe"))?;
             }
+            _ => {}
         }
-        if self.namespaces.rule(&channel).history.is_some() {
-            st.tracked.insert(channel, off);
-        }
-        self.events.deliver(&Arc::new(msg));
+        Ok(())
     }
 
     /// Handles one item of the receive buffer; returns the probe number if
@@ -543,11 +420,11 @@ impl Subscriber {
                 queued.fetch_sub(*size, Ordering::AcqRel);
                 msg
             }
-            Received::Closed => return None,
+            Received::Closed | Received::Shard(..) => return None,
         };
         let name = msg.get_channel_name();
         let payload = msg.get_payload_bytes();
-        if let Some(channel) = name.strip_prefix(&self.keys.channel_prefix) {
+        if let Some(channel) = self.keys.channel_of(name) {
             match decode_message(channel, payload) {
                 Ok(m) => match m.offset.clone() {
                     Some(off) => self.on_offset_message(m, off, st).await,

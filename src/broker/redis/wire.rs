@@ -15,10 +15,19 @@ use crate::channel::Channel;
 use crate::protocol::commands::NodeCommand;
 use crate::protocol::{Kind, Message, Offset};
 
-/// Redis channel names, all under the prefix.
+/// Redis key and channel names, all under the prefix.
+///
+/// On a Cluster (`sharded`), a channel's pub/sub name carries the channel as
+/// its hash tag (`{prefix}ch:{<channel>}`), like its history and presence
+/// keys, so its scripts `SPUBLISH` on its own shard; node-wide keys carry
+/// the prefix as theirs (`{<prefix>}node:…`), so the few commands that
+/// touch several run on one shard.
 #[derive(Clone)]
 pub(super) struct Keys {
     pub(super) prefix: String,
+    /// Node-wide keys start with this: the prefix, or `{prefix}` on a Cluster.
+    global: String,
+    pub(super) sharded: bool,
     pub(super) channel_prefix: String,
     pub(super) control: String,
     pub(super) control_log: String,
@@ -30,19 +39,35 @@ pub(super) struct Keys {
 }
 
 impl Keys {
-    pub(super) fn new(prefix: &str, node_id: &str) -> Self {
+    pub(super) fn new(prefix: &str, node_id: &str, sharded: bool) -> Self {
+        let global = if sharded { format!("{{{prefix}}}") } else { prefix.to_owned() };
         Keys {
             prefix: prefix.to_owned(),
             channel_prefix: format!("{prefix}ch:"),
             control: format!("{prefix}ctl"),
-            control_log: format!("{prefix}ctl:log"),
+            control_log: format!("{global}ctl:log"),
             calls: format!("{prefix}calls"),
             probe: format!("{prefix}probe:{node_id}"),
-            life: format!("{prefix}life"),
+            life: format!("{global}life"),
+            global,
+            sharded,
         }
     }
+    /// A node-wide key (`node:…`, `nodes`, `stash:…`).
+    pub(super) fn global(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.global)
+    }
     pub(super) fn channel(&self, channel: &str) -> String {
-        format!("{}{channel}", self.channel_prefix)
+        if self.sharded {
+            format!("{}{{{channel}}}", self.channel_prefix)
+        } else {
+            format!("{}{channel}", self.channel_prefix)
+        }
+    }
+    /// The channel a pub/sub name under the channel prefix is for.
+    pub(super) fn channel_of<'a>(&self, name: &'a str) -> Option<&'a str> {
+        let rest = name.strip_prefix(&self.channel_prefix)?;
+        if self.sharded { rest.strip_prefix('{')?.strip_suffix('}') } else { Some(rest) }
     }
     /// A channel's history stream and meta hash. The `{channel}` hash tag
     /// keeps both in one slot, for a later Redis Cluster mode.
@@ -58,11 +83,79 @@ impl Keys {
     }
 }
 
+/// The scripts as a mode runs them: on a Cluster, a channel's messages go
+/// out with `SPUBLISH` (on its shard) and the dataset's life is the
+/// shard's: its master's run id (a script can only touch its own slot, so
+/// there is no node-wide life key to read; see `life.rs`).
+pub(super) struct Scripts {
+    pub(super) publish: redis::Script,
+    pub(super) history: redis::Script,
+    pub(super) meta: redis::Script,
+    pub(super) presence: redis::Script,
+    pub(super) presence_read: redis::Script,
+    pub(super) control: redis::Script,
+}
+
+/// A Cluster shard's life, for the channel whose meta is `meta`: its
+/// master's run id (a restart or a failover changes it). A meta stamped
+/// with another run id that came by `MIGRATE` (a slot moved) to a master
+/// that has been up since before the channel's last write, and was never
+/// a promoted replica, is the same history: it is adopted, not reset.
+const SHARD_LIFE: &str = r"
+local function shard_life(meta)
+  local info = redis.call('INFO', 'server')
+  local run = string.match(info, 'run_id:(%w+)')
+  local m = redis.call('HMGET', meta, 'l', 't')
+  if m[1] and m[1] ~= run and m[2] then
+    local up = tonumber(string.match(info, 'uptime_in_seconds:(%d+)'))
+    local now = tonumber(redis.call('TIME')[1])
+    local replid2 = string.match(redis.call('INFO', 'replication'), 'master_replid2:(%w+)')
+    if replid2 == string.rep('0', 40) and now - up <= tonumber(m[2]) then
+      redis.call('HSET', meta, 'l', run)
+    end
+  end
+  return run
+end
+";
+
+impl Scripts {
+    pub(super) fn new(sharded: bool) -> Scripts {
+        let publish = if sharded { "SPUBLISH" } else { "PUBLISH" };
+        // Each script's first statement sets `life`.
+        let life = |meta_key: &str, create: bool| {
+            if sharded {
+                format!("{SHARD_LIFE}local life = shard_life({meta_key})")
+            } else if create {
+                "local life = redis.call('HGET', KEYS[4], 'id')\nif not life then\n  life = ARGV[6]\n  redis.call('HSET', KEYS[4], 'id', life)\nend".to_owned()
+            } else {
+                // The life key is always the last key.
+                "local life = redis.call('HGET', KEYS[#KEYS], 'id')".to_owned()
+            }
+        };
+        // On a Cluster a publish records when (the shard's clock), for `SHARD_LIFE`.
+        let stamp = if sharded { "redis.call('HSET', KEYS[2], 't', redis.call('TIME')[1])" } else { "" };
+        Scripts {
+            publish: redis::Script::new(
+                &PUBLISH_SCRIPT
+                    .replace("__LIFE__", &life("KEYS[2]", true))
+                    .replace("__STAMP__", stamp)
+                    .replace("'PUBLISH'", &format!("'{publish}'")),
+            ),
+            history: redis::Script::new(&HISTORY_SCRIPT.replace("__LIFE__", &life("KEYS[2]", false))),
+            meta: redis::Script::new(&META_SCRIPT.replace("__LIFE__", &life("KEYS[1]", false))),
+            presence: redis::Script::new(&PRESENCE_SCRIPT.replace("'PUBLISH'", &format!("'{publish}'"))),
+            presence_read: redis::Script::new(PRESENCE_READ_SCRIPT),
+            // Commands go to every node: classic pub/sub, which a Cluster broadcasts.
+            control: redis::Script::new(CONTROL_SCRIPT),
+        }
+    }
+}
+
 /// Adds or removes a presence member and, with ARGV[4] = "1", announces it
 /// on the channel (a `j`oin or `l`eave envelope), atomically.
 /// KEYS: hash, zset, pubsub channel. ARGV: connection, entry, expiry (ms since
 /// the epoch; "" to remove), announce, envelope header, keys' TTL (ms).
-pub(super) const PRESENCE_SCRIPT: &str = r"
+const PRESENCE_SCRIPT: &str = r"
 if ARGV[3] == '' then
   redis.call('HDEL', KEYS[1], ARGV[1])
   redis.call('ZREM', KEYS[2], ARGV[1])
@@ -80,7 +173,7 @@ return 1
 
 /// Drops expired members, then answers the count and (within ARGV[2]) the
 /// members. KEYS: hash, zset. ARGV: now (ms), most listed.
-pub(super) const PRESENCE_READ_SCRIPT: &str = r"
+const PRESENCE_READ_SCRIPT: &str = r"
 local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
 for _, c in ipairs(gone) do redis.call('HDEL', KEYS[1], c) end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
@@ -98,13 +191,9 @@ pub(super) const META_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
 /// TTLs and publishes the message with its offset and epoch, atomically.
 /// A missing meta (expired, flushed, new), or one stamped in another life
 /// of the dataset (KEYS[4], see `life.rs`), starts a new epoch, ARGV[6].
-/// KEYS: stream, meta, pubsub channel, life.
-pub(super) const PUBLISH_SCRIPT: &str = r#"
-local life = redis.call('HGET', KEYS[4], 'id')
-if not life then
-  life = ARGV[6]
-  redis.call('HSET', KEYS[4], 'id', life)
-end
+/// KEYS: stream, meta, pubsub channel, life (not on a Cluster: `Scripts`).
+const PUBLISH_SCRIPT: &str = r#"
+__LIFE__
 local m = redis.call('HMGET', KEYS[2], 'e', 'l')
 local epoch = m[1]
 if not epoch or (m[2] and m[2] ~= life) then
@@ -115,6 +204,7 @@ elseif not m[2] then
   redis.call('HSET', KEYS[2], 'l', life)
 end
 local seq = redis.call('HINCRBY', KEYS[2], 's', 1)
+__STAMP__
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'h', ARGV[1], 'd', ARGV[2], 'i', ARGV[7])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
@@ -126,16 +216,27 @@ return {seq, epoch}
 /// Reads a channel's epoch, top offset, oldest kept offset and the entries
 /// after ARGV[1] (at most ARGV[2]), atomically. A meta stamped in another
 /// life of the dataset is no history. KEYS: stream, meta, life.
-pub(super) const HISTORY_SCRIPT: &str = r"
+const HISTORY_SCRIPT: &str = r"
+__LIFE__
 local m = redis.call('HMGET', KEYS[2], 'e', 's', 'l')
 if not m[1] then return {'', 0, 1, {}} end
-if m[3] and m[3] ~= redis.call('HGET', KEYS[3], 'id') then return {'', 0, 1, {}} end
+if m[3] and m[3] ~= life then return {'', 0, 1, {}} end
 local top = tonumber(m[2])
 local first = top + 1
 local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
 if oldest[1] then first = tonumber(string.match(oldest[1][1], '^(%d+)')) end
 local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1] .. '-0', '+', 'COUNT', ARGV[2])
 return {m[1], top, first, entries}
+";
+
+/// A channel's epoch and top offset (`{'', 0}` without history, or one
+/// from another life). KEYS: meta, life (not on a Cluster).
+const META_SCRIPT: &str = r"
+__LIFE__
+local m = redis.call('HMGET', KEYS[1], 'e', 's', 'l')
+if not m[1] then return {'', 0} end
+if m[3] and m[3] ~= life then return {'', 0} end
+return {m[1], tonumber(m[2])}
 ";
 
 /// The envelope's header. `o`/`e` (offset, epoch) are added by the publish
@@ -184,10 +285,10 @@ pub(super) const CONTROL_LOG_LEN: usize = 10_000;
 pub(super) const CONTROL_LOG_TTL_MS: u64 = 24 * 3600 * 1000;
 
 /// Appends a command to the log and publishes it with its id, atomically.
-pub(super) const CONTROL_SCRIPT: &str = r"
+const CONTROL_SCRIPT: &str = r"
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'c', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PUBLISH', KEYS[2], id .. ' ' .. ARGV[1])
+redis.call('PUBLISH', ARGV[4], id .. ' ' .. ARGV[1])
 return id
 ";
 
@@ -205,7 +306,8 @@ pub(super) async fn send_command(
     within(timeout, async {
         let mut c = pool.get().await?;
         let mut inv = script.key(&keys.control_log);
-        inv.key(&keys.control).arg(&payload).arg(CONTROL_LOG_LEN).arg(CONTROL_LOG_TTL_MS);
+        // The channel is an argument: on a Cluster it is not in the log's slot.
+        inv.arg(&payload).arg(CONTROL_LOG_LEN).arg(CONTROL_LOG_TTL_MS).arg(&keys.control);
         inv.invoke_async::<String>(&mut c).await.map_err(BrokerError::from)
     })
     .await
@@ -277,7 +379,11 @@ pub(super) async fn read_history(
     let read = async {
         let mut c = pool.get().await?;
         let mut inv = script.key(keys.stream(channel));
-        inv.key(keys.meta(channel)).key(&keys.life).arg(after).arg(limit);
+        inv.key(keys.meta(channel));
+        if !keys.sharded {
+            inv.key(&keys.life);
+        }
+        inv.arg(after).arg(limit);
         let (epoch, top, first, entries): (String, u64, u64, Vec<Entry>) = inv.invoke_async(&mut c).await?;
         Ok::<_, BrokerError>((epoch, top, first, entries))
     };

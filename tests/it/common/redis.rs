@@ -367,3 +367,159 @@ async fn sentinel_count(port: u16, what: &str) -> Option<usize> {
     let v: Vec<redis::Value> = redis::cmd("SENTINEL").arg(what).arg("mymaster").query_async(&mut c).await.ok()?;
     Some(v.len())
 }
+
+/// A Redis Cluster on loopback: three masters, each with a replica when
+/// asked (`--cluster-node-timeout 2000`: a dead master's replica takes over
+/// within a few seconds).
+pub struct ClusterSet {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl ClusterSet {
+    pub async fn start(replicas: bool) -> ClusterSet {
+        let count = if replicas { 6 } else { 3 };
+        let mut nodes = Vec::new();
+        for _ in 0..count {
+            let mut started = None;
+            for _ in 0..5 {
+                let mut s = RedisServer {
+                    port: free_port(),
+                    tls_port: None,
+                    aof: false,
+                    extra: Vec::new(),
+                    child: None,
+                    dir: tempfile::tempdir().unwrap(),
+                };
+                s.extra = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
+                    .into_iter()
+                    .map(String::from)
+                    .chain(["--cluster-port".into(), free_port().to_string()])
+                    .chain(["--cluster-config-file".into(), format!("nodes-{}.conf", s.port)])
+                    .collect();
+                if s.spawn() {
+                    started = Some(s);
+                    break;
+                }
+            }
+            nodes.push(started.expect("a cluster node started"));
+        }
+        let mut cli = Command::new("redis-cli");
+        cli.arg("--cluster").arg("create");
+        for n in &nodes {
+            cli.arg(format!("127.0.0.1:{}", n.port));
+        }
+        cli.args(["--cluster-replicas", if replicas { "1" } else { "0" }, "--cluster-yes"]);
+        let out = cli.stdout(Stdio::null()).stderr(Stdio::piped()).output().expect("redis-cli");
+        assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stderr));
+        let set = ClusterSet { nodes };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut ok = true;
+            for n in &set.nodes {
+                ok &= cluster_info(n.port).await.contains("cluster_state:ok");
+                let repl = info(n.port, "replication").await;
+                ok &= !repl.contains("role:slave") || repl.contains("master_link_status:up");
+            }
+            if ok {
+                return set;
+            }
+            assert!(std::time::Instant::now() < deadline, "the cluster did not come up in 30 s");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        // Two seeds are enough: the client finds the rest.
+        format!("redis+cluster://127.0.0.1:{},127.0.0.1:{}", self.nodes[0].port, self.nodes[1].port)
+    }
+
+    /// The node (index) serving `key`'s slot now, and the slot.
+    pub async fn owner(&self, key: &str) -> (usize, u16) {
+        match self.try_owner(key).await {
+            Some(found) => found,
+            None => panic!("no master serves {key}"),
+        }
+    }
+
+    /// [`owner`], or None while no live master claims the slot.
+    pub async fn try_owner(&self, key: &str) -> Option<(usize, u16)> {
+        let slot: i64 = query(self.nodes[0].port, &["CLUSTER", "KEYSLOT", key]).await;
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.child.is_none() {
+                continue;
+            }
+            let repl = info(n.port, "replication").await;
+            if !repl.contains("role:master") {
+                continue;
+            }
+            let myid: String = query(n.port, &["CLUSTER", "MYID"]).await;
+            let slots: Vec<redis::Value> = query(n.port, &["CLUSTER", "SLOTS"]).await;
+            for range in slots {
+                let redis::Value::Array(parts) = range else { continue };
+                let (Some(redis::Value::Int(a)), Some(redis::Value::Int(b)), Some(redis::Value::Array(m))) =
+                    (parts.first(), parts.get(1), parts.get(2))
+                else {
+                    continue;
+                };
+                let id: Option<String> = m.get(2).and_then(|v| redis::from_redis_value_ref(v).ok());
+                if (*a..=*b).contains(&slot) && id.as_deref() == Some(myid.as_str()) {
+                    return Some((i, slot as u16));
+                }
+            }
+        }
+        None
+    }
+
+    /// Moves `slot` (with its keys) from node `from` to node `to`, the way
+    /// `redis-cli --cluster reshard` does.
+    pub async fn migrate(&self, slot: u16, from: usize, to: usize) {
+        let (src, dst) = (self.nodes[from].port, self.nodes[to].port);
+        let src_id: String = query(src, &["CLUSTER", "MYID"]).await;
+        let dst_id: String = query(dst, &["CLUSTER", "MYID"]).await;
+        let s = slot.to_string();
+        let _: () = query(dst, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &src_id]).await;
+        let _: () = query(src, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &dst_id]).await;
+        loop {
+            let keys: Vec<String> = query(src, &["CLUSTER", "GETKEYSINSLOT", &s, "100"]).await;
+            if keys.is_empty() {
+                break;
+            }
+            let port = dst.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", port.as_str(), "", "0", "5000", "KEYS"];
+            args.extend(keys.iter().map(String::as_str));
+            let _: redis::Value = query(src, &args).await;
+        }
+        for n in &self.nodes {
+            if n.child.is_some() {
+                let _: redis::Value = query(n.port, &["CLUSTER", "SETSLOT", &s, "NODE", &dst_id]).await;
+            }
+        }
+    }
+
+    /// SIGKILLs node `i`.
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+}
+
+async fn cluster_info(port: u16) -> String {
+    let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else { return String::new() };
+    let Ok(mut c) = client.get_multiplexed_async_connection().await else { return String::new() };
+    redis::cmd("CLUSTER").arg("INFO").query_async(&mut c).await.unwrap_or_default()
+}
+
+async fn info(port: u16, section: &str) -> String {
+    let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else { return String::new() };
+    let Ok(mut c) = client.get_multiplexed_async_connection().await else { return String::new() };
+    redis::cmd("INFO").arg(section).query_async(&mut c).await.unwrap_or_default()
+}
+
+async fn query<T: redis::FromRedisValue>(port: u16, args: &[&str]) -> T {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(&mut c).await.unwrap_or_else(|e| panic!("{args:?} on {port}: {e}"))
+}
