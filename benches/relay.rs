@@ -15,6 +15,7 @@
 //!   the URL), 256 at a time: connections/s and handshake latency.
 //! - `proxy`: wrk against a small app directly, through wsrelay and through
 //!   nginx (both installed by `make bench`).
+//! - `shards`: one Redis against a 3-master Redis Cluster (`relay/shards.rs`).
 //!
 //! Not a test: nothing here asserts a speed; it measures and writes down.
 
@@ -36,6 +37,9 @@ const SUBSCRIBERS: usize = 2000;
 const POINT: Duration = Duration::from_secs(5);
 
 use wsrelay::hub::now_us;
+
+#[path = "relay/shards.rs"]
+mod shards;
 
 /// CPU seconds (user + system) a process has used.
 fn cpu_secs(pid: u32) -> f64 {
@@ -632,6 +636,9 @@ async fn main() {
     }
     if on("fanout") {
         fanout(&mut report).await;
+    }
+    if on("shards") {
+        shards::shards(&mut report).await;
     }
     let path = format!("{ROOT}/docs/BENCHMARKS.md");
     let doc = std::fs::read_to_string(&path).unwrap_or_default();
