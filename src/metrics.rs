@@ -44,6 +44,7 @@ pub struct Metrics {
     pub history_recovered: IntCounter,
     pub history_gaps: IntCounter,
     pub history_lives_ended: IntCounter,
+    pub broker_unreplicated: IntCounter,
     pub presence_size: Histogram,
     pub queued_bytes: IntGauge,
     pub socketio_forwards: IntCounterVec,
@@ -175,6 +176,10 @@ impl Metrics {
             history_lives_ended: r.counter(
                 "history_lives_ended_total",
                 "Times this node found Redis without acknowledged writes (failover, older copy): every channel's history starts a new epoch",
+            )?,
+            broker_unreplicated: r.counter(
+                "broker_unreplicated_total",
+                "Publish batches not on --redis-wait-replicas replicas within --redis-timeout (answered 200: delivered)",
             )?,
             socketio_forwards: r.counters(
                 "socketio_forwards_total",

@@ -227,6 +227,8 @@ pub struct BrokerConfig {
     pub probe_timeout: Duration,
     /// Bytes the subscriber's receive buffer holds at most.
     pub receive_buffer: usize,
+    /// Replicas a history publish waits for (`WAIT`), 0: none.
+    pub wait_replicas: usize,
     /// python-socketio's Redis manager channel, bridged to Socket.IO clients.
     pub socketio_channel: Option<String>,
     /// The longest emit the bridge relays (`--max-message-bytes`).

@@ -172,6 +172,12 @@ pub struct Options {
     #[arg(long, env = "WSRELAY_REDIS_RECEIVE_BUFFER", value_name = "BYTES", default_value = "16777216", value_parser = count(65_536, 1 << 34))]
     pub redis_receive_buffer: usize,
 
+    /// Before answering a publish that keeps history, wait (WAIT, up to --redis-timeout) until
+    /// this many replicas have it; fewer in time is counted and logged, still a 200 (the message
+    /// was delivered). 0: do not wait. One Redis or Sentinel, not Cluster
+    #[arg(long, env = "WSRELAY_REDIS_WAIT_REPLICAS", value_name = "N", default_value = "0", value_parser = count(0, 64))]
+    pub redis_wait_replicas: usize,
+
     /// Name of this node in logs and metrics [default: random]
     #[arg(long, env = "WSRELAY_NODE_ID", value_name = "ID")]
     pub node_id: Option<String>,

@@ -206,11 +206,19 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
         probe_interval: o.redis_probe_interval,
         probe_timeout: o.redis_probe_timeout,
         receive_buffer: o.redis_receive_buffer,
+        wait_replicas: o.redis_wait_replicas,
         socketio_channel: session.socketio.as_ref().and_then(|s| s.redis_channel.clone()),
         max_message_bytes: session.largest_message,
     };
     if broker.prefix.contains(char::is_whitespace) {
         return Err(ConfigError::new("redis-prefix", "must not contain whitespace"));
+    }
+    let cluster = broker.redis_url.as_ref().is_some_and(|u| u.expose().contains("+cluster://"));
+    if cluster && broker.prefix.contains(['{', '}']) {
+        return Err(ConfigError::new("redis-prefix", "must not contain { or } on a Redis Cluster (hash tags)"));
+    }
+    if cluster && broker.wait_replicas > 0 {
+        return Err(ConfigError::new("redis-wait-replicas", "is not supported on a Redis Cluster"));
     }
 
     if o.shutdown_delay >= o.drain_timeout {
@@ -489,6 +497,23 @@ mod tests {
         let cfg = Config::from_args(["wsrelay", "--socketio-path", "/ws/socket.io/"]).unwrap();
         let sio = cfg.session.socketio.unwrap();
         assert!(sio.matches("/ws/socket.io") && sio.matches("/ws/socket.io/") && !sio.matches("/ws"));
+    }
+
+    #[test]
+    fn redis_url_forms_and_what_a_cluster_refuses() {
+        let url = |u: &str| Config::from_args(["wsrelay", "--redis-url", u]);
+        assert!(url("redis+sentinel://s1:26379,s2/mymaster/0").is_ok());
+        assert!(url("rediss+cluster://h1:7000,h2:7001#insecure").is_ok());
+        let e = url("redis+sentinel://s1:port/m").unwrap_err();
+        assert_eq!(e.key, "redis-url");
+        assert!(e.to_string().contains("port"), "{e}");
+        assert_eq!(url("memcached://h").unwrap_err().key, "redis-url");
+        let cluster = |extra: [&str; 2]| {
+            Config::from_args(["wsrelay", "--redis-url", "redis+cluster://h1:7000", extra[0], extra[1]])
+        };
+        assert_eq!(cluster(["--redis-prefix", "{app}:"]).unwrap_err().key, "redis-prefix");
+        assert_eq!(cluster(["--redis-wait-replicas", "1"]).unwrap_err().key, "redis-wait-replicas");
+        assert!(cluster(["--redis-prefix", "app:"]).is_ok());
     }
 
     #[test]

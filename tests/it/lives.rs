@@ -94,3 +94,39 @@ async fn a_subscriber_node_that_saw_lost_offsets_ends_the_life_on_its_own() {
     assert_eq!(seq(&again), 35, "a new epoch, from 1");
     assert_eq!(read_until(&mut live, 75).await, [vec![-1], (41..=75).collect()].concat(), "one gap, then all");
 }
+
+#[tokio::test]
+async fn wait_replicas_holds_the_answer_until_a_replica_has_it() {
+    let master = RedisServer::start();
+    let mut replica = RedisServer::start_replica_of(master.port);
+    let app = Upstream::start().await;
+    let cfg = config("");
+    let args = [
+        "--redis-url",
+        &master.url(),
+        "--config",
+        cfg.path().to_str().unwrap(),
+        "--redis-wait-replicas",
+        "1",
+        "--redis-timeout",
+        "2s",
+    ];
+    let a = Relay::start(&app.url(), &args).await;
+    eventually(STEP, "broker up", || async { a.readyz_broker().await == StatusCode::OK }).await;
+    eventually(STEP, "replica in sync", || async {
+        let info: String = redis::from_redis_value(replica.cmd(&["INFO", "replication"]).await).unwrap_or_default();
+        info.contains("master_link_status:up")
+    })
+    .await;
+    let (status, body) = a.publish(json!({"channel":"h:w","data":{"n":1}})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // On the replica when the 200 came.
+    let on_replica = replica.cmd(&["XLEN", "wsrelay:hist:{h:w}:s"]).await;
+    assert_eq!(on_replica, redis::Value::Int(1));
+    assert_eq!(a.metric("wsrelay_broker_unreplicated_total").await, 0.0);
+    // No replica: still a 200 (delivered), counted.
+    replica.kill();
+    let (status, body) = a.publish(json!({"channel":"h:w","data":{"n":2}})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(a.metric("wsrelay_broker_unreplicated_total").await, 1.0);
+}

@@ -140,7 +140,7 @@ impl RedisBroker {
         metrics.broker_up.set(0);
         let publisher_task = publisher(
             pool.clone(),
-            (life.clone(), scripts.clone(), keys.sharded),
+            (life.clone(), scripts.clone(), keys.sharded, cfg.wait_replicas),
             rx,
             generation.clone(),
             cfg.timeout,

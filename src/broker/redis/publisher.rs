@@ -54,7 +54,7 @@ pub(super) struct Job {
 /// restart kills both; this avoids one spurious 503 afterwards).
 pub(super) async fn publisher(
     pool: Pool,
-    (life, scripts, sharded): (Arc<Life>, Arc<Scripts>, bool),
+    (life, scripts, sharded, wait_replicas): (Arc<Life>, Arc<Scripts>, bool, usize),
     mut rx: mpsc::Receiver<Job>,
     generation: Arc<AtomicU64>,
     timeout: Duration,
@@ -81,7 +81,7 @@ pub(super) async fn publisher(
             run_sharded(&pool, &scripts, &batch, timeout).await
         } else {
             // One pipeline: all applied, or the batch failed.
-            match run_batch(&pool, (&life, &scripts), &mut held, now, &batch, timeout).await {
+            match run_batch(&pool, (&life, &scripts, wait_replicas, &metrics), &mut held, now, &batch, timeout).await {
                 Ok(offsets) => offsets.into_iter().map(Ok).collect(),
                 Err(e) => vec![Err(e); batch.iter().map(|j| j.messages.len()).sum()],
             }
@@ -172,7 +172,7 @@ pub(super) fn discard(held: &mut Option<Held>) {
 
 pub(super) async fn run_batch(
     pool: &Pool,
-    (life, scripts): (&Life, &Scripts),
+    (life, scripts, wait_replicas, metrics): (&Life, &Scripts, usize, &Metrics),
     held: &mut Option<Held>,
     generation: u64,
     batch: &[Job],
@@ -219,7 +219,21 @@ pub(super) async fn run_batch(
         if history {
             pipe.cmd("HINCRBY").arg(&life.key).arg("wm").arg(1);
         }
+        let wait = history && wait_replicas > 0;
+        if wait {
+            // Half the Redis timeout: the pipeline as a whole must answer within it.
+            let ms = u64::try_from(timeout.as_millis() / 2).unwrap_or(u64::MAX).max(1);
+            pipe.cmd("WAIT").arg(wait_replicas).arg(ms);
+        }
         let mut replies: Vec<redis::Value> = pipe.query_async(c).await?;
+        if wait {
+            if let Some(redis::Value::Int(n)) = replies.pop() {
+                if usize::try_from(n).unwrap_or(0) < wait_replicas {
+                    metrics.broker_unreplicated.inc();
+                    tracing::warn!(replicas = n, wanted = wait_replicas, "publish not on enough replicas in time");
+                }
+            }
+        }
         if history {
             if let Some(redis::Value::Int(wm)) = replies.pop() {
                 life.acked(u64::try_from(wm).unwrap_or(0));
