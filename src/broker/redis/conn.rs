@@ -149,6 +149,23 @@ impl Source {
         matches!(self.kind, Kind::Sentinel { .. })
     }
 
+    /// A cluster node's connection settings: a seed's (credentials, TLS)
+    /// at another address.
+    pub(super) fn node(&self, host: &str, port: u16) -> RedisResult<ConnectionInfo> {
+        let Kind::Cluster { nodes } = &self.kind else { return Err(no_nodes()) };
+        let seed = nodes.first().ok_or_else(no_nodes)?;
+        let addr = match seed.addr() {
+            redis::ConnectionAddr::TcpTls { insecure, tls_params, .. } => redis::ConnectionAddr::TcpTls {
+                host: host.to_owned(),
+                port,
+                insecure: *insecure,
+                tls_params: tls_params.clone(),
+            },
+            _ => redis::ConnectionAddr::Tcp(host.to_owned(), port),
+        };
+        Ok(seed.clone().set_addr(addr))
+    }
+
     pub(super) fn is_cluster(&self) -> bool {
         matches!(self.kind, Kind::Cluster { .. })
     }

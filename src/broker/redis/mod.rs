@@ -53,6 +53,7 @@ mod gaps;
 mod life;
 mod presence;
 mod publisher;
+mod shards;
 mod sink;
 mod subscriber;
 mod wire;
@@ -139,7 +140,7 @@ impl RedisBroker {
         let life = Arc::new(life::Life::new(keys.life.clone(), keys.sharded));
         metrics.broker_up.set(0);
         let publisher_task = publisher(
-            pool.clone(),
+            (pool.clone(), source.clone()),
             (life.clone(), scripts.clone(), keys.sharded, cfg.wait_replicas),
             rx,
             generation.clone(),

@@ -14,7 +14,9 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::{Instrument, debug};
 
 use super::MAX_BATCH;
+use super::conn::Source;
 use super::life::Life;
+use super::shards::Routes;
 use super::wire::Scripts;
 use super::wire::*;
 use crate::broker::BrokerError;
@@ -22,6 +24,16 @@ use crate::metrics::Metrics;
 use crate::protocol::Offset;
 
 /// What the publisher sends for one message.
+impl Out {
+    /// A key of its command (all its keys share the channel's hash tag).
+    fn key(&self) -> &str {
+        match self {
+            Out::Publish { channel, .. } => channel,
+            Out::History { stream, .. } => stream,
+        }
+    }
+}
+
 pub(super) enum Out {
     /// No history: a plain PUBLISH.
     Publish { channel: String, payload: Vec<u8> },
@@ -53,7 +65,7 @@ pub(super) struct Job {
 /// after an error and whenever the subscriber lost its connection (a Redis
 /// restart kills both; this avoids one spurious 503 afterwards).
 pub(super) async fn publisher(
-    pool: Pool,
+    (pool, source): (Pool, Arc<Source>),
     (life, scripts, sharded, wait_replicas): (Arc<Life>, Arc<Scripts>, bool, usize),
     mut rx: mpsc::Receiver<Job>,
     generation: Arc<AtomicU64>,
@@ -62,6 +74,8 @@ pub(super) async fn publisher(
     (shutdown, tasks): (tokio_util::sync::CancellationToken, tokio_util::task::TaskTracker),
 ) {
     let mut held: Option<Held> = None;
+    let mut routes: Option<Routes> = None;
+    let mut retry_at = Instant::now();
     let mut batch: Vec<Job> = Vec::with_capacity(64);
     loop {
         let n = tokio::select! {
@@ -78,7 +92,7 @@ pub(super) async fn publisher(
         }
         let timer = metrics.broker_publish_seconds.start_timer();
         let results = if sharded {
-            run_sharded(&pool, &scripts, &batch, timeout).await
+            run_sharded(&pool, (&mut routes, &mut retry_at), (&source, &scripts), &batch, timeout).await
         } else {
             // One pipeline: all applied, or the batch failed.
             match run_batch(&pool, (&life, &scripts, wait_replicas, &metrics), &mut held, now, &batch, timeout).await {
@@ -118,44 +132,121 @@ pub(super) async fn publisher(
     }
 }
 
-/// On a Cluster: each message on its own (a pipeline runs on one slot),
-/// all at once; redis-rs sends each to its channel's shard, in order per
-/// connection, and follows `MOVED`/`ASK`. One result per message.
+/// On a Cluster: the batch grouped by shard master, one pipeline per
+/// master (`shards.rs`); what was not run there (no slot map yet, a slot
+/// that moved, a script not loaded) one command per message through
+/// redis-rs's cluster connection, which follows `MOVED`/`ASK`. One result
+/// per message.
 async fn run_sharded(
     pool: &Pool,
-    scripts: &Scripts,
+    (routes, retry_at): (&mut Option<Routes>, &mut Instant),
+    (source, scripts): (&Source, &Scripts),
     batch: &[Job],
     timeout: Duration,
 ) -> Vec<Result<Option<Offset>, BrokerError>> {
-    let total = batch.iter().map(|j| j.messages.len()).sum();
-    let conn = match tokio::time::timeout(timeout, pool.get()).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return vec![Err(e.into()); total],
-        Err(_) => return vec![Err(BrokerError::Timeout(timeout)); total],
-    };
-    let sends = batch.iter().flat_map(|j| &j.messages).map(|out| {
-        let mut c = conn.shared();
-        async move {
-            let run = async {
-                match out {
-                    Out::Publish { channel, payload } => {
-                        redis::cmd("SPUBLISH").arg(channel).arg(payload).query_async::<i64>(&mut c).await?;
-                        Ok(None)
-                    }
-                    Out::History { stream, meta, channel, header, data, size, ttl_ms, id } => {
-                        let mut inv = scripts.publish.key(stream);
-                        inv.key(meta).key(channel);
-                        inv.arg(header).arg(data.as_bytes()).arg(*size).arg(*ttl_ms).arg(META_TTL_MS);
-                        inv.arg(crate::config::random_id(8)).arg(id);
-                        let reply: redis::Value = inv.invoke_async(&mut c).await?;
-                        Ok(offset_of(&reply))
-                    }
-                }
-            };
-            tokio::time::timeout(timeout, run).await.unwrap_or(Err(BrokerError::Timeout(timeout)))
+    let outs: Vec<&Out> = batch.iter().flat_map(|j| &j.messages).collect();
+    let total = outs.len();
+    let mut results: Vec<Option<Result<Option<Offset>, BrokerError>>> = (0..total).map(|_| None).collect();
+    if routes.is_none() && Instant::now() >= *retry_at {
+        match tokio::time::timeout(timeout, Routes::discover(pool, source, scripts, timeout)).await {
+            Ok(Ok(r)) => *routes = Some(r),
+            failed => {
+                // A master down (a failover under way): not again for a second.
+                *retry_at = Instant::now() + Duration::from_secs(1);
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".to_owned(),
+                };
+                debug!(%error, "no slot map; publishing through the cluster connection");
+            }
         }
-    });
-    futures_util::future::join_all(sends).await
+    }
+    if let Some(r) = routes.as_ref() {
+        let cmds = outs
+            .iter()
+            .enumerate()
+            .map(|(i, out)| (i, out.key(), command(out, scripts), matches!(out, Out::History { .. })))
+            .collect();
+        match tokio::time::timeout(timeout, r.run(cmds, total)).await {
+            Ok((replies, stale)) => {
+                for (slot, reply) in results.iter_mut().zip(replies) {
+                    *slot = reply.map(|r| r.map(|v| offset_of(&v)));
+                }
+                if stale {
+                    *routes = None;
+                }
+            }
+            Err(_) => {
+                // They may have run: not retried.
+                *routes = None;
+                return vec![Err(BrokerError::Timeout(timeout)); total];
+            }
+        }
+    }
+    let rest: Vec<usize> = (0..total).filter(|i| results[*i].is_none()).collect();
+    if !rest.is_empty() {
+        let conn = match tokio::time::timeout(timeout, pool.get()).await {
+            Ok(Ok(c)) => Some(c),
+            Ok(Err(e)) => {
+                let e = BrokerError::from(e);
+                rest.iter().for_each(|i| results[*i] = Some(Err(e.clone())));
+                None
+            }
+            Err(_) => {
+                rest.iter().for_each(|i| results[*i] = Some(Err(BrokerError::Timeout(timeout))));
+                None
+            }
+        };
+        if let Some(conn) = conn {
+            let sends = rest.iter().map(|i| {
+                let (mut c, out) = (conn.shared(), outs[*i]);
+                async move {
+                    let run = async {
+                        match out {
+                            Out::Publish { channel, payload } => {
+                                redis::cmd("SPUBLISH").arg(channel).arg(payload).query_async::<i64>(&mut c).await?;
+                                Ok(None)
+                            }
+                            Out::History { stream, meta, channel, header, data, size, ttl_ms, id } => {
+                                let mut inv = scripts.publish.key(stream);
+                                inv.key(meta).key(channel);
+                                inv.arg(header).arg(data.as_bytes()).arg(*size).arg(*ttl_ms).arg(META_TTL_MS);
+                                inv.arg(crate::config::random_id(8)).arg(id);
+                                let reply: redis::Value = inv.invoke_async(&mut c).await?;
+                                Ok(offset_of(&reply))
+                            }
+                        }
+                    };
+                    tokio::time::timeout(timeout, run).await.unwrap_or(Err(BrokerError::Timeout(timeout)))
+                }
+            });
+            for (i, r) in rest.iter().zip(futures_util::future::join_all(sends).await) {
+                results[*i] = Some(r);
+            }
+        }
+    }
+    results.into_iter().map(|r| r.unwrap_or(Err(BrokerError::NotConnected))).collect()
+}
+
+/// A message's command for a shard master's pipeline.
+fn command(out: &Out, scripts: &Scripts) -> redis::Cmd {
+    match out {
+        Out::Publish { channel, payload } => redis::cmd("SPUBLISH").arg(channel).arg(payload).to_owned(),
+        Out::History { stream, meta, channel, header, data, size, ttl_ms, id } => redis::cmd("EVALSHA")
+            .arg(scripts.publish.get_hash())
+            .arg(3)
+            .arg(stream)
+            .arg(meta)
+            .arg(channel)
+            .arg(header)
+            .arg(data.as_bytes())
+            .arg(*size)
+            .arg(*ttl_ms)
+            .arg(META_TTL_MS)
+            .arg(crate::config::random_id(8))
+            .arg(id)
+            .to_owned(),
+    }
 }
 
 /// The publisher's connection: its generation, and the publish script's

@@ -101,12 +101,21 @@ pub(super) struct Scripts {
 /// with another run id that came by `MIGRATE` (a slot moved) to a master
 /// that has been up since before the channel's last write, and was never
 /// a promoted replica, is the same history: it is adopted, not reset.
+///
+/// `known`: the run id, when the caller knows it (a publisher's own
+/// connection to this master learned it when it connected, and a
+/// connection does not outlive its server process); else `INFO` says.
 const SHARD_LIFE: &str = r"
-local function shard_life(meta)
-  local info = redis.call('INFO', 'server')
-  local run = string.match(info, 'run_id:(%w+)')
+local function shard_life(meta, known)
+  local info = nil
+  local run = known
+  if not run then
+    info = redis.call('INFO', 'server')
+    run = string.match(info, 'run_id:(%w+)')
+  end
   local m = redis.call('HMGET', meta, 'l', 't')
   if m[1] and m[1] ~= run and m[2] then
+    info = info or redis.call('INFO', 'server')
     local up = tonumber(string.match(info, 'uptime_in_seconds:(%d+)'))
     local now = tonumber(redis.call('TIME')[1])
     local replid2 = string.match(redis.call('INFO', 'replication'), 'master_replid2:(%w+)')
@@ -124,7 +133,9 @@ impl Scripts {
         // Each script's first statement sets `life`.
         let life = |meta_key: &str, create: bool| {
             if sharded {
-                format!("{SHARD_LIFE}local life = shard_life({meta_key})")
+                // ARGV[8] of the publish script: the run id, where known.
+                let known = if create { "ARGV[8]" } else { "nil" };
+                format!("{SHARD_LIFE}local life = shard_life({meta_key}, {known})")
             } else if create {
                 "local life = redis.call('HGET', KEYS[4], 'id')\nif not life then\n  life = ARGV[6]\n  redis.call('HSET', KEYS[4], 'id', life)\nend".to_owned()
             } else {
