@@ -140,6 +140,11 @@ impl Interest {
         n
     }
 
+    /// The channels subscribed in the broker now.
+    pub fn active(&self) -> Vec<Channel> {
+        self.lock().active.iter().cloned().collect()
+    }
+
     pub fn active_count(&self) -> usize {
         self.lock().active.len()
     }

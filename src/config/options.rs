@@ -147,7 +147,7 @@ pub struct Options {
     #[arg(long, env = "WSRELAY_API_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     pub api_token: Option<Secret>,
 
-    /// Redis or Valkey URL: redis://, rediss:// (TLS), redis+sentinel://h1:26379,h2/<master>/<db>, redis+cluster://h1:7000,h2:7001; unset: in-memory broker, single instance
+    /// Redis or Valkey URL: redis://, rediss:// (TLS), redis+sentinel://h1:26379,h2/<master>/<db> (or /<db>/<master>), redis+cluster://h1:7000,h2:7001; unset: in-memory broker, single instance
     #[arg(long, env = "WSRELAY_REDIS_URL", value_name = "URL", hide_env_values = true)]
     pub redis_url: Option<Secret>,
 

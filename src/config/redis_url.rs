@@ -4,13 +4,16 @@
 //! - `redis://[user:pass@]host:port/db`, `rediss://…` (TLS; `#insecure`
 //!   skips verification): redis-rs parses it.
 //! - `redis+sentinel://[user:pass@]h1:26379,h2:26379/<master>/<db>`
-//!   (`rediss+sentinel://`): the form python-socketio and Open WebUI accept.
-//!   Port 26379 where none is given, master `mymaster` and db 0 where the
-//!   path has none, as they default. The user and password are the
-//!   master's (as python-socketio uses them); sentinels are asked without.
+//!   (`rediss+sentinel://`), as SPEC §6 writes it, and
+//!   `…/<db>/<master>`, the order python-socketio and Open WebUI write
+//!   (`/0/mymaster`): a path whose first part is a number is read their
+//!   way, so one value serves the app and its sidecar. Port 26379 where
+//!   none is given, master `mymaster` and db 0 where the path has none, as
+//!   they default. The user and password are the master's (as
+//!   python-socketio uses them); sentinels are asked without. Like them
+//!   (Python's `urlparse`), the user and password are taken as written,
+//!   not percent-decoded.
 //! - `redis+cluster://[user:pass@]h1:7000,h2:7001` (`rediss+cluster://`).
-
-use percent_encoding::percent_decode_str;
 
 /// A parsed `--redis-url`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,15 +60,19 @@ impl RedisUrl {
             }
             "redis+sentinel" | "rediss+sentinel" => {
                 let p = Parts::of(rest, scheme.starts_with("rediss"), 26379)?;
-                let mut path = p.path.split('/').filter(|s| !s.is_empty());
-                let master = path.next().unwrap_or("mymaster").to_owned();
-                let db = match path.next() {
-                    None => 0,
-                    Some(d) => d.parse().map_err(|_| format!("database {d:?} is not a number"))?,
+                let parts: Vec<&str> = p.path.split('/').filter(|s| !s.is_empty()).collect();
+                let number = |s: &str| s.parse::<i64>().ok();
+                let (master, db) = match parts.as_slice() {
+                    [] => ("mymaster", 0),
+                    // python-socketio's and Open WebUI's order: /<db>/<master>.
+                    [d] if number(d).is_some() => ("mymaster", number(d).unwrap_or(0)),
+                    [d, m] if number(d).is_some() => (*m, number(d).unwrap_or(0)),
+                    // SPEC §6's order: /<master>/<db>.
+                    [m] => (*m, 0),
+                    [m, d] => (*m, number(d).ok_or_else(|| format!("database {d:?} is not a number"))?),
+                    _ => return Err("the path is /<master>/<db> (or /<db>/<master>)".into()),
                 };
-                if path.next().is_some() {
-                    return Err("the path is /<master>/<db>".into());
-                }
+                let master = master.to_owned();
                 let sentinels = p.hosts.iter().map(|h| p.node_url(h, false)).collect();
                 Ok(RedisUrl::Sentinel(Sentinel {
                     sentinels,
@@ -160,13 +167,11 @@ impl Parts {
             Some((u, h)) => (Some(u), h),
             None => (None, authority),
         };
-        let decode = |s: &str| percent_decode_str(s).decode_utf8().map(|c| c.into_owned()).map_err(|e| e.to_string());
         let (user, password) = match userinfo {
             None => (None, None),
             Some(u) => {
                 let (name, pass) = u.split_once(':').map_or((u, None), |(n, p)| (n, Some(p)));
-                let name = Some(decode(name)?).filter(|n| !n.is_empty());
-                (name, pass.map(decode).transpose()?)
+                (Some(name.to_owned()).filter(|n| !n.is_empty()), pass.map(str::to_owned))
             }
         };
         let mut out = Vec::new();
@@ -218,7 +223,7 @@ mod tests {
     #[test]
     fn the_three_forms() {
         assert_eq!(RedisUrl::parse("redis://:pw@h:6379/1").unwrap(), RedisUrl::Single("redis://:pw@h:6379/1".into()));
-        let s = RedisUrl::parse("redis+sentinel://u:p%40ss@h1:26380,h2,[::1]/mymain/2").unwrap();
+        let s = RedisUrl::parse("redis+sentinel://u:p@ss%41@h1:26380,h2,[::1]/mymain/2").unwrap();
         assert_eq!(
             s,
             RedisUrl::Sentinel(Sentinel {
@@ -226,11 +231,17 @@ mod tests {
                 master: "mymain".into(),
                 db: 2,
                 user: Some("u".into()),
-                password: Some("p@ss".into()),
+                // As written (python-socketio does not decode it either).
+                password: Some("p@ss%41".into()),
                 tls: Tls::None,
             })
         );
         assert!(!s.describe().contains("p@ss"));
+        // python-socketio's and Open WebUI's order, /<db>/<master>.
+        let RedisUrl::Sentinel(s) = RedisUrl::parse("redis+sentinel://h1:26379/3/prod").unwrap() else { panic!() };
+        assert_eq!((s.master.as_str(), s.db), ("prod", 3));
+        let RedisUrl::Sentinel(s) = RedisUrl::parse("redis+sentinel://h1:26379/0").unwrap() else { panic!() };
+        assert_eq!((s.master.as_str(), s.db), ("mymaster", 0));
         let s = RedisUrl::parse("rediss+sentinel://:pw@h1#insecure").unwrap();
         let RedisUrl::Sentinel(s) = s else { panic!() };
         assert_eq!((s.master.as_str(), s.db, s.tls), ("mymaster", 0, Tls::Insecure));
@@ -249,6 +260,7 @@ mod tests {
             "h:6379",
             "redis+sentinel://h1,,h2/m",
             "redis+sentinel://h1/m/x",
+            "redis+sentinel://h1/a/b/c",
             "redis+sentinel://h1:port/m",
             "redis+cluster://h1/3",
             "redis+sentinel://h#what",

@@ -214,8 +214,11 @@ pub(super) fn validate(o: Options, namespaces: NamespaceTables) -> Result<Config
         return Err(ConfigError::new("redis-prefix", "must not contain whitespace"));
     }
     let cluster = broker.redis_url.as_ref().is_some_and(|u| u.expose().contains("+cluster://"));
-    if cluster && broker.prefix.contains(['{', '}']) {
-        return Err(ConfigError::new("redis-prefix", "must not contain { or } on a Redis Cluster (hash tags)"));
+    if cluster && (broker.prefix.is_empty() || broker.prefix.contains(['{', '}'])) {
+        return Err(ConfigError::new(
+            "redis-prefix",
+            "must not be empty nor contain { or } on a Redis Cluster (it is the node-wide keys' hash tag)",
+        ));
     }
     if cluster && broker.wait_replicas > 0 {
         return Err(ConfigError::new("redis-wait-replicas", "is not supported on a Redis Cluster"));
@@ -512,6 +515,7 @@ mod tests {
             Config::from_args(["wsrelay", "--redis-url", "redis+cluster://h1:7000", extra[0], extra[1]])
         };
         assert_eq!(cluster(["--redis-prefix", "{app}:"]).unwrap_err().key, "redis-prefix");
+        assert_eq!(cluster(["--redis-prefix", ""]).unwrap_err().key, "redis-prefix");
         assert_eq!(cluster(["--redis-wait-replicas", "1"]).unwrap_err().key, "redis-wait-replicas");
         assert!(cluster(["--redis-prefix", "app:"]).is_ok());
     }

@@ -130,3 +130,23 @@ async fn wait_replicas_holds_the_answer_until_a_replica_has_it() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(a.metric("wsrelay_broker_unreplicated_total").await, 1.0);
 }
+
+#[tokio::test]
+async fn another_nodes_surviving_writes_do_not_hide_a_loss() {
+    let mut redis = RedisServer::start();
+    let app = Upstream::start().await;
+    let cfg = config("");
+    let a = node(&app, &redis, &cfg).await;
+    let b = node(&app, &redis, &cfg).await;
+    publish_n(&a, "h:two", 1..=10).await;
+    publish_n(&b, "h:other", 1..=50).await;
+    redis.cmd(&["SAVE"]).await;
+    // Only a's last 30 are lost; b's writes all survive.
+    let seen = publish_n(&a, "h:two", 11..=40).await;
+    back_from_snapshot(&mut redis, &[&a, &b]).await;
+    // b publishes on, on the same channel, past the lost offsets.
+    let again = publish_n(&b, "h:two", 41..=80).await;
+    assert_ne!(again.as_str().unwrap().split(':').next(), seen.as_str().unwrap().split(':').next(), "a new epoch");
+    let r = resumed(&b, "h:two", &seen).await;
+    assert_eq!(r["recovered"], false, "{r}");
+}

@@ -14,10 +14,14 @@
 //! sees that acknowledged writes are gone:
 //!
 //! - the watermark: every publish pipeline that carries a history publish
-//!   ends with `HINCRBY {prefix}life wm 1`; the node keeps the highest value
-//!   it got back. Redis applies, replicates and persists in order, so a
-//!   dataset that lost one of those publishes lost the increment after it:
-//!   a watermark below the node's after a reconnect means lost writes;
+//!   ends with `INCR {prefix}wm:<node>` (one per node: a node whose writes
+//!   survived must not hide another's loss); the node keeps the highest
+//!   value it got back. Redis applies, replicates and persists in order, so
+//!   a dataset that lost one of those publishes lost the increment after
+//!   it: a watermark below the node's means lost writes. Checked by every
+//!   publish script (the node passes its value: a publisher that reaches a
+//!   new master first still cannot reuse an offset) and on every
+//!   subscriber reconnect;
 //! - a channel this node delivers whose top offset is below the last one
 //!   it delivered, in the same epoch.
 //!
@@ -31,15 +35,15 @@ use super::conn::Pool;
 
 use crate::broker::BrokerError;
 
-/// Ends the life (a new `id`, ARGV[2]) when ARGV[3] is "1" or the
-/// watermark is below ARGV[1], raising it to ARGV[1] (so nodes that saw
-/// less do not end the new life again). Answers 1 when it ended the life.
+/// Ends the life (a new `id`, ARGV[2]) when ARGV[3] is "1" or this node's
+/// watermark (KEYS[2]) is below ARGV[1], raising it to ARGV[1] (for ARGV[4]
+/// ms). Answers 1 when it ended the life. KEYS: life, node's watermark.
 pub(super) const LIFE_SCRIPT: &str = r"
-local wm = tonumber(redis.call('HGET', KEYS[1], 'wm') or '0')
+local wm = tonumber(redis.call('GET', KEYS[2]) or '0')
 local mine = tonumber(ARGV[1])
 if ARGV[3] == '1' or wm < mine then
   redis.call('HSET', KEYS[1], 'id', ARGV[2])
-  if wm < mine then redis.call('HSET', KEYS[1], 'wm', ARGV[1]) end
+  if wm < mine then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4]) end
   return 1
 end
 return 0
@@ -49,6 +53,9 @@ return 0
 pub(super) struct Life {
     /// `{prefix}life`.
     pub(super) key: String,
+    /// `{prefix}wm:<node>`: this node's watermark. Per node: a node whose
+    /// writes survived must not hide the loss of another's.
+    pub(super) watermark: String,
     /// The highest watermark a publish pipeline of this node got back.
     acked: AtomicU64,
     script: redis::Script,
@@ -57,8 +64,13 @@ pub(super) struct Life {
 }
 
 impl Life {
-    pub(super) fn new(key: String, sharded: bool) -> Self {
-        Life { key, sharded, acked: AtomicU64::new(0), script: redis::Script::new(LIFE_SCRIPT) }
+    pub(super) fn new(key: String, watermark: String, sharded: bool) -> Self {
+        Life { key, watermark, sharded, acked: AtomicU64::new(0), script: redis::Script::new(LIFE_SCRIPT) }
+    }
+
+    /// The highest watermark got back so far.
+    pub(super) fn acked_now(&self) -> u64 {
+        self.acked.load(Ordering::Acquire)
     }
 
     /// A publish pipeline came back with watermark `wm`.
@@ -80,7 +92,8 @@ impl Life {
         let run = async {
             let mut c = pool.get().await?;
             let mut inv = self.script.key(&self.key);
-            inv.arg(mine).arg(crate::config::random_id(8)).arg(if lost { "1" } else { "0" });
+            inv.key(&self.watermark).arg(mine).arg(crate::config::random_id(8)).arg(if lost { "1" } else { "0" });
+            inv.arg(super::wire::META_TTL_MS);
             inv.invoke_async::<i64>(&mut c).await.map_err(BrokerError::from)
         };
         let ended = tokio::time::timeout(timeout, run).await.unwrap_or(Err(BrokerError::Timeout(timeout)))? == 1;

@@ -137,7 +137,7 @@ impl RedisBroker {
         let scripts = Arc::new(Scripts::new(source.is_cluster()));
         let (tx, rx) = mpsc::channel(PUBLISH_QUEUE);
         let generation = Arc::new(AtomicU64::new(0));
-        let life = Arc::new(life::Life::new(keys.life.clone(), keys.sharded));
+        let life = Arc::new(life::Life::new(keys.life.clone(), keys.watermark.clone(), keys.sharded));
         metrics.broker_up.set(0);
         let publisher_task = publisher(
             (pool.clone(), source.clone()),

@@ -290,44 +290,46 @@ pub(super) async fn run_batch(
                         history = true;
                         pipe.cmd("EVALSHA")
                             .arg(&*sha)
-                            .arg(4)
+                            .arg(5)
                             .arg(stream)
                             .arg(meta)
                             .arg(channel)
                             .arg(&life.key)
+                            .arg(&life.watermark)
                             .arg(header)
                             .arg(data.as_bytes())
                             .arg(*size)
                             .arg(*ttl_ms)
                             .arg(META_TTL_MS)
                             .arg(crate::config::random_id(8))
-                            .arg(id);
+                            .arg(id)
+                            .arg(life.acked_now());
                     }
                 }
             }
         }
-        // The watermark, after every history publish of the batch (see `life.rs`).
+        // This node's watermark, after every history publish of the batch (see `life.rs`).
         if history {
-            pipe.cmd("HINCRBY").arg(&life.key).arg("wm").arg(1);
+            pipe.cmd("INCR").arg(&life.watermark);
+            pipe.cmd("PEXPIRE").arg(&life.watermark).arg(META_TTL_MS).ignore();
         }
-        let wait = history && wait_replicas > 0;
-        if wait {
-            // Half the Redis timeout: the pipeline as a whole must answer within it.
-            let ms = u64::try_from(timeout.as_millis() / 2).unwrap_or(u64::MAX).max(1);
-            pipe.cmd("WAIT").arg(wait_replicas).arg(ms);
-        }
-        let mut replies: Vec<redis::Value> = pipe.query_async(c).await?;
-        if wait {
-            if let Some(redis::Value::Int(n)) = replies.pop() {
-                if usize::try_from(n).unwrap_or(0) < wait_replicas {
-                    metrics.broker_unreplicated.inc();
-                    tracing::warn!(replicas = n, wanted = wait_replicas, "publish not on enough replicas in time");
-                }
-            }
-        }
+        let mut replies: Vec<redis::Value> = pipe.query_async(&mut *c).await?;
         if history {
             if let Some(redis::Value::Int(wm)) = replies.pop() {
                 life.acked(u64::try_from(wm).unwrap_or(0));
+            }
+        }
+        if replies.iter().any(ended_life) {
+            metrics.history_lives_ended.inc();
+            tracing::warn!("Redis lost writes this node saw acknowledged: history starts a new epoch");
+        }
+        if history && wait_replicas > 0 {
+            // On its own: whatever it answers, the messages are published.
+            let ms = u64::try_from(timeout.as_millis() / 2).unwrap_or(u64::MAX).max(1);
+            let n: redis::RedisResult<i64> = redis::cmd("WAIT").arg(wait_replicas).arg(ms).query_async(&mut *c).await;
+            if !n.as_ref().is_ok_and(|n| usize::try_from(*n).unwrap_or(0) >= wait_replicas) {
+                metrics.broker_unreplicated.inc();
+                tracing::warn!(answer = ?n, wanted = wait_replicas, "publish not on enough replicas in time");
             }
         }
         Ok(replies.iter().map(offset_of).collect())
@@ -382,6 +384,12 @@ pub(super) async fn confirm(pool: &Pool, outs: &[Out], timeout: Duration) -> Opt
         }
     }
     None
+}
+
+/// Whether a publish script's answer (`[seq, epoch, ended]`) says it
+/// ended the dataset's life.
+fn ended_life(v: &redis::Value) -> bool {
+    matches!(v, redis::Value::Array(parts) if matches!(parts.get(2), Some(redis::Value::Int(1))))
 }
 
 /// The offset a publish script answered (`[seq, epoch]`); None for a PUBLISH.

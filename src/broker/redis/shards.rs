@@ -39,7 +39,8 @@ pub(super) struct Routes {
     /// (first slot, last slot, index into `masters`), sorted.
     ranges: Vec<(u16, u16, usize)>,
     masters: Vec<MultiplexedConnection>,
-    /// Each master's run id, read on its connection when it was made.
+    /// Each master's life (run id and replication id), read on its
+    /// connection when it was made.
     run_ids: Vec<String>,
 }
 
@@ -88,9 +89,18 @@ impl Routes {
             let mut conn = redis::Client::open(info)?.get_multiplexed_async_connection_with_config(&config).await?;
             // Loaded on each master: the callers send EVALSHA with its hash.
             let _: String = scripts.publish.prepare_invoke().load_async(&mut conn).await?;
-            let info: String = redis::cmd("INFO").arg("server").query_async(&mut conn).await?;
-            let run_id = info.lines().find_map(|l| l.strip_prefix("run_id:")).map(|r| r.trim().to_owned());
-            run_ids.push(run_id.ok_or(BrokerError::NotConnected)?);
+            // The shard's life as the scripts compute it: run id and
+            // replication id. A promotion changes the replication id and
+            // redirects this node's writes first (MOVED), so the map and
+            // this value are read again before they could be stale.
+            let (server, repl): (String, String) =
+                redis::pipe().cmd("INFO").arg("server").cmd("INFO").arg("replication").query_async(&mut conn).await?;
+            let field =
+                |text: &str, name: &str| text.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_owned());
+            match (field(&server, "run_id:"), field(&repl, "master_replid:")) {
+                (Some(run), Some(replid)) => run_ids.push(format!("{run}:{replid}")),
+                _ => return Err(BrokerError::NotConnected),
+            }
             masters.push(conn);
         }
         Ok(Routes { ranges, masters, run_ids })
@@ -141,18 +151,17 @@ impl Routes {
                 Ok(values) => {
                     for (i, v) in idx.into_iter().zip(values) {
                         out[i] = match v {
+                            // The slot moved, or the master restarted: read the map again.
                             redis::Value::ServerError(e)
-                                if matches!(
-                                    e.kind(),
-                                    Some(
-                                        ServerErrorKind::Moved
-                                            | ServerErrorKind::Ask
-                                            | ServerErrorKind::NoScript
-                                            | ServerErrorKind::TryAgain
-                                    )
-                                ) =>
+                                if matches!(e.kind(), Some(ServerErrorKind::Moved | ServerErrorKind::NoScript)) =>
                             {
                                 stale = true;
+                                None
+                            }
+                            // A slot being migrated: this once elsewhere, the map stays.
+                            redis::Value::ServerError(e)
+                                if matches!(e.kind(), Some(ServerErrorKind::Ask | ServerErrorKind::TryAgain)) =>
+                            {
                                 None
                             }
                             redis::Value::ServerError(e) => Some(Err(redis::RedisError::from(e).into())),

@@ -27,8 +27,9 @@ pub(super) enum Received {
     Msg(redis::Msg, u64, Arc<AtomicU64>),
     /// redis-rs saw the connection close (one server: the subscriber reconnects).
     Closed,
-    /// On a Cluster: a (re)subscription confirmed by a shard, or a shard
-    /// that dropped one (its slot moved); the name subscribed.
+    /// On a Cluster: a (re)subscription confirmed by a shard, a shard that
+    /// dropped one (its slot moved), with the name; or a shard's connection
+    /// lost (`Disconnection`, no name).
     Shard(PushKind, String),
 }
 
@@ -57,7 +58,10 @@ impl Sink {
         let cluster = source.is_cluster();
         let sender = move |push: redis::PushInfo| -> Result<(), ()> {
             match push.kind {
-                PushKind::Disconnection if cluster => return Ok(()),
+                // One shard's connection: redis-rs reconnects and resubscribes.
+                PushKind::Disconnection if cluster => {
+                    return tx.send(Received::Shard(PushKind::Disconnection, String::new())).map_err(|_| ());
+                }
                 PushKind::Disconnection => return tx.send(Received::Closed).map_err(|_| ()),
                 PushKind::SSubscribe | PushKind::SUnsubscribe | PushKind::Subscribe if cluster => {
                     let name = push.data.first().and_then(|v| redis::from_redis_value_ref::<String>(v).ok());

@@ -100,6 +100,10 @@ pub(super) struct SubState {
     pub(super) tracked: HashMap<Channel, Offset>,
     /// This connection already ended the dataset's life (once is enough).
     pub(super) life_ended: bool,
+    /// On a Cluster, after a shard's connection was lost: when to
+    /// subscribe everything again, in case redis-rs's own resubscription
+    /// (which reports no failure) did not take.
+    resubscribe_due: Option<Instant>,
 }
 
 impl Subscriber {
@@ -112,6 +116,7 @@ impl Subscriber {
             applied: StreamId(started_ms.saturating_sub(1), u64::MAX),
             tracked: HashMap::new(),
             life_ended: false,
+            resubscribe_due: None,
         };
         loop {
             let result = self.connection(&shutdown, &mut attempt, &mut ever_connected, &mut st).await;
@@ -275,6 +280,12 @@ impl Subscriber {
                     Some(_) => last_tick = Instant::now(),
                     None => {
                         last_tick = Instant::now();
+                        if st.resubscribe_due.is_some_and(|due| Instant::now() >= due) {
+                            st.resubscribe_due = None;
+                            if let Err(e) = self.resubscribe_all(&mut sink).await {
+                                return Lost::Error(e);
+                            }
+                        }
                         // A Cluster's masters change with failovers: say which now.
                         if let Ok(Ok(Some(servers))) = tokio::time::timeout(self.timeout, sink.servers()).await {
                             self.metrics.set_broker_servers(servers.split(','));
@@ -374,6 +385,18 @@ impl Subscriber {
         Ok(())
     }
 
+    /// Every active channel subscribed again (idempotent); each shard's
+    /// confirmation catches its channels up from history.
+    async fn resubscribe_all(&self, sink: &mut Sink) -> Result<(), LostReason> {
+        let active = self.interest.active();
+        debug!(channels = active.len(), "a shard's connection was lost: subscribing everything again");
+        for chunk in active.chunks(SUBSCRIBE_CHUNK) {
+            let (names, _) = self.redis_names(chunk);
+            self.with_timeout(sink.subscribe_channels(&names)).await.map_err(failed("resubscribe"))?;
+        }
+        Ok(())
+    }
+
     /// On a Cluster, a shard (re)confirmed or dropped a subscription.
     /// redis-rs resubscribes by itself after a shard's reconnect or a
     /// failover: what was published meanwhile is read from history once
@@ -386,6 +409,10 @@ impl Subscriber {
         sink: &mut Sink,
         st: &mut SubState,
     ) -> Result<(), LostReason> {
+        if kind == redis::PushKind::Disconnection {
+            st.resubscribe_due.get_or_insert(Instant::now() + self.probe_timeout);
+            return Ok(());
+        }
         if kind == redis::PushKind::Subscribe && name == self.keys.control {
             // Node-wide channels resubscribed: commands issued meanwhile.
             return self.replay_commands(&mut st.applied).await.map_err(failed("reading the control log"));

@@ -36,6 +36,8 @@ pub(super) struct Keys {
     pub(super) probe: String,
     /// The dataset's life (see `life.rs`).
     pub(super) life: String,
+    /// This node's watermark (see `life.rs`).
+    pub(super) watermark: String,
 }
 
 impl Keys {
@@ -49,6 +51,7 @@ impl Keys {
             calls: format!("{prefix}calls"),
             probe: format!("{prefix}probe:{node_id}"),
             life: format!("{global}life"),
+            watermark: format!("{global}wm:{node_id}"),
             global,
             sharded,
         }
@@ -97,7 +100,8 @@ pub(super) struct Scripts {
 }
 
 /// A Cluster shard's life, for the channel whose meta is `meta`: its
-/// master's run id (a restart or a failover changes it). A meta stamped
+/// master's run id and replication id (a restart changes the first, a
+/// failover or a demoted master promoted again the second). A meta stamped
 /// with another run id that came by `MIGRATE` (a slot moved) to a master
 /// that has been up since before the channel's last write, and was never
 /// a promoted replica, is the same history: it is adopted, not reset.
@@ -111,7 +115,8 @@ local function shard_life(meta, known)
   local run = known
   if not run then
     info = redis.call('INFO', 'server')
-    run = string.match(info, 'run_id:(%w+)')
+    run = string.match(info, 'run_id:(%w+)') .. ':' ..
+      string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
   end
   local m = redis.call('HMGET', meta, 'l', 't')
   if m[1] and m[1] ~= run and m[2] then
@@ -135,9 +140,21 @@ impl Scripts {
             if sharded {
                 // ARGV[8] of the publish script: the run id, where known.
                 let known = if create { "ARGV[8]" } else { "nil" };
-                format!("{SHARD_LIFE}local life = shard_life({meta_key}, {known})")
+                format!("{SHARD_LIFE}local life = shard_life({meta_key}, {known})\nlocal ended = 0")
             } else if create {
-                "local life = redis.call('HGET', KEYS[4], 'id')\nif not life then\n  life = ARGV[6]\n  redis.call('HSET', KEYS[4], 'id', life)\nend".to_owned()
+                // KEYS[5]: this node's watermark, ARGV[8]: the highest it got
+                // back. Below it, writes this node saw acknowledged are gone:
+                // a new life, before any offset is handed out again.
+                "local life = redis.call('HGET', KEYS[4], 'id')\n\
+                 local wm = tonumber(redis.call('GET', KEYS[5]) or '0')\n\
+                 local ended = 0\n\
+                 if not life or wm < tonumber(ARGV[8]) then\n\
+                 \x20 if life then ended = 1 end\n\
+                 \x20 life = ARGV[6]\n\
+                 \x20 redis.call('HSET', KEYS[4], 'id', life)\n\
+                 \x20 if wm < tonumber(ARGV[8]) then redis.call('SET', KEYS[5], ARGV[8], 'PX', ARGV[5]) end\n\
+                 end"
+                .to_owned()
             } else {
                 // The life key is always the last key.
                 "local life = redis.call('HGET', KEYS[#KEYS], 'id')".to_owned()
@@ -221,7 +238,7 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 local header = '{"o":' .. seq .. ',"e":"' .. epoch .. '",' .. string.sub(ARGV[1], 2)
 redis.call('PUBLISH', KEYS[3], header .. '\n' .. ARGV[2])
-return {seq, epoch}
+return {seq, epoch, ended}
 "#;
 
 /// Reads a channel's epoch, top offset, oldest kept offset and the entries
