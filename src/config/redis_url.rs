@@ -10,7 +10,8 @@
 //!   way, so one value serves the app and its sidecar. Port 26379 where
 //!   none is given, master `mymaster` and db 0 where the path has none, as
 //!   they default. The user and password are the master's (as
-//!   python-socketio uses them); sentinels are asked without. Like them
+//!   python-socketio uses them); sentinels are asked without them, or with
+//!   them where they want them (as Open WebUI asks). Like them
 //!   (Python's `urlparse`), the user and password are taken as written,
 //!   not percent-decoded.
 //! - `redis+cluster://[user:pass@]h1:7000,h2:7001` (`rediss+cluster://`).

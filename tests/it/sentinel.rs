@@ -135,3 +135,29 @@ async fn a_manual_failover_with_the_old_master_alive_is_followed() {
     let new = format!("wsrelay_broker_server{{address=\"127.0.0.1:{promoted}\"}}");
     a.wait_metric(&new, |v| v == 1.0).await;
 }
+
+#[tokio::test]
+async fn open_webuis_sentinel_value_works_unchanged() {
+    // One password for the master, the replica and the sentinels, and the
+    // path as Open WebUI and python-socketio write it (/<db>/<master>).
+    let mut set = SentinelSet::start_with(Some("s3cret")).await;
+    assert!(set.url().ends_with("/0/mymaster"), "{}", set.url());
+    let app = Upstream::start().await;
+    let cfg = config("");
+    let a = node(&app, &set, &cfg).await;
+    let mut c = ws_connect(&a.ws_url("/ws?channel=h:pw")).await;
+    assert_eq!(a.publish(json!({"channel":"h:pw","data":{"n":1}})).await.0, StatusCode::OK);
+    set.master.kill();
+    let promoted = set.replica.port;
+    eventually(Duration::from_secs(30), "the replica promoted", || async { set.master_port().await == Some(promoted) })
+        .await;
+    let mut n = 1;
+    eventually(STEP * 2, "a publish through the new master", || {
+        n += 1;
+        let body = json!({"channel":"h:pw","data":{"n": n}});
+        let a = &a;
+        async move { a.publish(body).await.0 == StatusCode::OK }
+    })
+    .await;
+    assert_eq!(crate::history::read_until(&mut c, n).await.last(), Some(&n));
+}

@@ -8,6 +8,7 @@
 //! deadpool-redis's do (a checked `ConnectionLike`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use deadpool::managed::{self, Metrics, Object, RecycleError, RecycleResult};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
@@ -24,12 +25,18 @@ pub(super) struct Source {
     /// `host:port` of the master as last resolved: pooled connections to
     /// another address are not handed out again.
     current: std::sync::Mutex<String>,
+    /// The sentinels took the URL's credentials (and not none).
+    sentinel_auth: AtomicBool,
 }
 
 enum Kind {
     Single(ConnectionInfo),
+    /// `sentinels`, then (with the URL's user and password) `with_auth`:
+    /// python-socketio asks sentinels without credentials, Open WebUI with
+    /// them; whichever the sentinels take is used from then on.
     Sentinel {
         sentinels: Vec<ConnectionInfo>,
+        with_auth: Option<Vec<ConnectionInfo>>,
         master: String,
         node: SentinelNodeConnectionInfo,
     },
@@ -56,7 +63,7 @@ impl Source {
             RedisUrl::Sentinel(s) => {
                 let sentinels =
                     s.sentinels.iter().map(|u| u.as_str().into_connection_info()).collect::<RedisResult<Vec<_>>>()?;
-                let mut settings = redis::RedisConnectionInfo::default().set_db(s.db);
+                let mut settings = redis::RedisConnectionInfo::default();
                 if let Some(u) = &s.user {
                     settings = settings.set_username(u);
                 }
@@ -64,14 +71,17 @@ impl Source {
                     settings = settings.set_password(p);
                 }
                 let mut node = SentinelNodeConnectionInfo::default()
-                    .set_redis_connection_info(settings)
+                    .set_redis_connection_info(settings.clone().set_db(s.db))
                     .set_tcp_settings(nodelay());
                 match s.tls {
                     Tls::None => {}
                     Tls::Verified => node = node.set_tls_mode(TlsMode::Secure),
                     Tls::Insecure => node = node.set_tls_mode(TlsMode::Insecure),
                 }
-                Kind::Sentinel { sentinels, master: s.master.clone(), node }
+                let with_auth = (s.user.is_some() || s.password.is_some()).then(|| {
+                    sentinels.iter().map(|i| i.clone().set_redis_settings(settings.clone())).collect::<Vec<_>>()
+                });
+                Kind::Sentinel { sentinels, with_auth, master: s.master.clone(), node }
             }
             RedisUrl::Cluster(c) => Kind::Cluster {
                 nodes: c
@@ -81,7 +91,7 @@ impl Source {
                     .collect::<RedisResult<Vec<_>>>()?,
             },
         };
-        Ok(Source { kind, current: std::sync::Mutex::new(String::new()) })
+        Ok(Source { kind, current: std::sync::Mutex::new(String::new()), sentinel_auth: AtomicBool::new(false) })
     }
 
     fn set_current(&self, address: &str) {
@@ -97,7 +107,11 @@ impl Source {
     /// The master's address as a sentinel names it now (`None` for a
     /// single server). `cache` keeps a connection to a sentinel across calls.
     pub(super) async fn sentinel_says(&self, cache: &mut Option<MultiplexedConnection>) -> RedisResult<Option<String>> {
-        let Kind::Sentinel { sentinels, master, .. } = &self.kind else { return Ok(None) };
+        let Kind::Sentinel { sentinels, with_auth, master, .. } = &self.kind else { return Ok(None) };
+        let sentinels = match with_auth {
+            Some(auth) if self.sentinel_auth.load(Ordering::Relaxed) => auth,
+            _ => sentinels,
+        };
         let mut last = None;
         for info in sentinels {
             if cache.is_none() {
@@ -130,14 +144,34 @@ impl Source {
         let info = match &self.kind {
             Kind::Single(info) => info.clone(),
             Kind::Cluster { nodes } => nodes.first().cloned().ok_or_else(no_nodes)?,
-            Kind::Sentinel { sentinels, master, node } => {
-                // A fresh client per lookup: lookups are rare (a connect), and
-                // nothing is shared or locked across them.
-                let mut client =
-                    SentinelClient::build(sentinels.clone(), master, Some(node.clone()), SentinelServerType::Master)?;
-                // Boxed: the lookup's future is deep, and every pooled call nests it.
-                let lookup: Boxed<'_, redis::Client> = Box::pin(client.async_get_client());
-                let found = lookup.await?;
+            Kind::Sentinel { sentinels, with_auth, master, node } => {
+                // Without credentials or with them, the way that worked last first.
+                let mut ways: Vec<(&Vec<ConnectionInfo>, bool)> = vec![(sentinels, false)];
+                if let Some(auth) = with_auth {
+                    ways.push((auth, true));
+                    if self.sentinel_auth.load(Ordering::Relaxed) {
+                        ways.reverse();
+                    }
+                }
+                let mut last = None;
+                let mut found = None;
+                for (infos, auth) in ways {
+                    // A fresh client per lookup: lookups are rare (a connect),
+                    // and nothing is shared or locked across them.
+                    let mut client =
+                        SentinelClient::build(infos.clone(), master, Some(node.clone()), SentinelServerType::Master)?;
+                    // Boxed: the lookup's future is deep, and every pooled call nests it.
+                    let lookup: Boxed<'_, redis::Client> = Box::pin(client.async_get_client());
+                    match lookup.await {
+                        Ok(c) => {
+                            self.sentinel_auth.store(auth, Ordering::Relaxed);
+                            found = Some(c);
+                            break;
+                        }
+                        Err(e) => last = Some(e),
+                    }
+                }
+                let Some(found) = found else { return Err(last.unwrap_or_else(no_nodes)) };
                 found.get_connection_info().clone().set_tcp_settings(nodelay())
             }
         };

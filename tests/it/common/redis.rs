@@ -48,12 +48,17 @@ impl RedisServer {
 
     /// A replica of the server on `master`.
     pub fn start_replica_of(master: u16) -> RedisServer {
+        Self::start_with(&["--replicaof", "127.0.0.1", &master.to_string()])
+    }
+
+    /// With more redis-server arguments.
+    pub fn start_with(extra: &[&str]) -> RedisServer {
         for _ in 0..5 {
             let mut s = RedisServer {
                 port: free_port(),
                 tls_port: None,
                 aof: false,
-                extra: vec!["--replicaof".into(), "127.0.0.1".into(), master.to_string()],
+                extra: extra.iter().map(|a| a.to_string()).collect(),
                 child: None,
                 dir: tempfile::tempdir().unwrap(),
             };
@@ -61,7 +66,7 @@ impl RedisServer {
                 return s;
             }
         }
-        panic!("could not start a replica on a free port");
+        panic!("could not start redis-server {extra:?} on a free port");
     }
 
     /// With an append-only file (`appendfsync always`): a SIGKILL loses nothing.
@@ -149,7 +154,8 @@ impl RedisServer {
             return false;
         }
         let mut buf = [0u8; 16];
-        matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+        // A server with a password answers -NOAUTH: up all the same.
+        matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH"))
     }
 
     pub fn url(&self) -> String {
@@ -279,14 +285,43 @@ pub struct SentinelSet {
     pub master: RedisServer,
     pub replica: RedisServer,
     pub sentinel_ports: Vec<u16>,
+    /// The one password of the master, the replica and the sentinels (as
+    /// Open WebUI deployments set it), if any.
+    password: Option<String>,
     sentinels: Vec<Child>,
     _dir: tempfile::TempDir,
 }
 
 impl SentinelSet {
     pub async fn start() -> SentinelSet {
-        let master = RedisServer::start();
-        let replica = RedisServer::start_replica_of(master.port);
+        Self::start_with(None).await
+    }
+
+    pub async fn start_with(password: Option<&str>) -> SentinelSet {
+        let (master, replica) = match password {
+            None => {
+                let m = RedisServer::start();
+                let r = RedisServer::start_replica_of(m.port);
+                (m, r)
+            }
+            Some(pw) => {
+                let m = RedisServer::start_with(&["--requirepass", pw, "--masterauth", pw]);
+                let port = m.port.to_string();
+                let r = RedisServer::start_with(&[
+                    "--requirepass",
+                    pw,
+                    "--masterauth",
+                    pw,
+                    "--replicaof",
+                    "127.0.0.1",
+                    &port,
+                ]);
+                (m, r)
+            }
+        };
+        let auth = password.map_or(String::new(), |pw| {
+            format!("requirepass {pw}\nsentinel auth-pass mymaster {pw}\nsentinel sentinel-pass {pw}\n")
+        });
         let dir = tempfile::tempdir().unwrap();
         let mut sentinels = Vec::new();
         let mut sentinel_ports = Vec::new();
@@ -295,7 +330,7 @@ impl SentinelSet {
             let conf = dir.path().join(format!("sentinel-{i}.conf"));
             let text = format!(
                 "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {} 2\n\
-                 sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 4000\n",
+                 sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 4000\n{auth}",
                 dir.path().display(),
                 master.port
             );
@@ -310,7 +345,8 @@ impl SentinelSet {
             sentinels.push(child);
             sentinel_ports.push(port);
         }
-        let set = SentinelSet { master, replica, sentinel_ports, sentinels, _dir: dir };
+        let password = password.map(str::to_owned);
+        let set = SentinelSet { master, replica, sentinel_ports, password, sentinels, _dir: dir };
         // Ready for a failover: every sentinel knows the replica and the two
         // other sentinels (they find each other through the master), and
         // the replica is in sync.
@@ -318,8 +354,8 @@ impl SentinelSet {
         loop {
             let mut ready = set.replica_in_sync().await;
             for p in &set.sentinel_ports {
-                ready &= sentinel_count(*p, "SENTINELS").await == Some(2);
-                ready &= sentinel_count(*p, "REPLICAS").await == Some(1);
+                ready &= sentinel_count(&set.at(*p), "SENTINELS").await == Some(2);
+                ready &= sentinel_count(&set.at(*p), "REPLICAS").await == Some(1);
             }
             if ready {
                 return set;
@@ -331,12 +367,24 @@ impl SentinelSet {
 
     pub fn url(&self) -> String {
         let hosts: Vec<String> = self.sentinel_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        format!("redis+sentinel://{}/mymaster/0", hosts.join(","))
+        match &self.password {
+            None => format!("redis+sentinel://{}/mymaster/0", hosts.join(",")),
+            // Open WebUI's form: the password for all, the path /<db>/<master>.
+            Some(pw) => format!("redis+sentinel://:{pw}@{}/0/mymaster", hosts.join(",")),
+        }
+    }
+
+    /// A `redis://` URL for a server of this set on `port`.
+    pub fn at(&self, port: u16) -> String {
+        match &self.password {
+            None => format!("redis://127.0.0.1:{port}"),
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{port}"),
+        }
     }
 
     /// The master's port as the sentinels say.
     pub async fn master_port(&self) -> Option<u16> {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.sentinel_ports[0])).ok()?;
+        let client = redis::Client::open(self.at(self.sentinel_ports[0])).ok()?;
         let mut c = client.get_multiplexed_async_connection().await.ok()?;
         let addr: Vec<String> =
             redis::cmd("SENTINEL").arg("GET-MASTER-ADDR-BY-NAME").arg("mymaster").query_async(&mut c).await.ok()?;
@@ -344,7 +392,7 @@ impl SentinelSet {
     }
 
     async fn replica_in_sync(&self) -> bool {
-        let Ok(client) = redis::Client::open(self.replica.url()) else { return false };
+        let Ok(client) = redis::Client::open(self.at(self.replica.port)) else { return false };
         let Ok(mut c) = client.get_multiplexed_async_connection().await else { return false };
         let info: String = redis::cmd("INFO").arg("replication").query_async(&mut c).await.unwrap_or_default();
         info.contains("master_link_status:up")
@@ -361,8 +409,8 @@ impl Drop for SentinelSet {
 }
 
 /// How many SENTINELS or REPLICAS a sentinel knows for `mymaster`.
-async fn sentinel_count(port: u16, what: &str) -> Option<usize> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+async fn sentinel_count(url: &str, what: &str) -> Option<usize> {
+    let client = redis::Client::open(url).ok()?;
     let mut c = client.get_multiplexed_async_connection().await.ok()?;
     let v: Vec<redis::Value> = redis::cmd("SENTINEL").arg(what).arg("mymaster").query_async(&mut c).await.ok()?;
     Some(v.len())
