@@ -133,7 +133,7 @@ class LiveStack(unittest.TestCase):
     def test_alert_rules_are_loaded_and_healthy(self):
         groups = json.loads(get(f"http://127.0.0.1:{self.state['prometheus']}/api/v1/rules"))["data"]["groups"]
         rules = [r for g in groups for r in g["rules"]]
-        self.assertEqual(len(rules), 9, [r["name"] for r in rules])
+        self.assertEqual(len(rules), 11, [r["name"] for r in rules])
         for r in rules:
             self.assertEqual(r["health"], "ok", r)
         firing = json.loads(get(f"http://127.0.0.1:{self.state['prometheus']}/api/v1/alerts"))["data"]["alerts"]
