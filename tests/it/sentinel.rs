@@ -161,3 +161,64 @@ async fn open_webuis_sentinel_value_works_unchanged() {
     .await;
     assert_eq!(crate::history::read_until(&mut c, n).await.last(), Some(&n));
 }
+
+#[tokio::test]
+async fn a_replica_promoted_behind_its_master_starts_a_new_epoch() {
+    let mut set = SentinelSet::start().await;
+    let app = Upstream::start().await;
+    let cfg = config("");
+    let a = node(&app, &set, &cfg).await;
+    let b = node(&app, &set, &cfg).await;
+    let mut live = ws_connect(&b.ws_url("/ws?channel=h:behind")).await;
+    let publish = |n: i64| {
+        let a = &a;
+        async move {
+            let (status, body) = a.publish(json!({"channel":"h:behind","data":{"n": n}})).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            body["offset"].clone()
+        }
+    };
+    for n in 1..=10 {
+        publish(n).await;
+    }
+    // The replica stops hearing the master; 20 more are acknowledged by the
+    // master alone, then it dies: the replica promoted lacks them.
+    set.replica.signal("STOP");
+    set.master.cmd(&["CLIENT", "KILL", "TYPE", "replica"]).await;
+    let mut seen = serde_json::Value::Null;
+    for n in 11..=30 {
+        seen = publish(n).await;
+    }
+    set.master.kill();
+    set.replica.signal("CONT");
+    let promoted = set.replica.port;
+    eventually(Duration::from_secs(30), "the replica promoted", || async { set.master_port().await == Some(promoted) })
+        .await;
+    for n in [&a, &b] {
+        eventually(STEP * 2, "following the new master", || async { n.readyz_broker().await == StatusCode::OK }).await;
+    }
+    let mut n = 30;
+    eventually(STEP * 2, "publishing through the new master", || {
+        n += 1;
+        let a = &a;
+        async move { a.publish(json!({"channel":"h:behind","data":{"n": n}})).await.0 == StatusCode::OK }
+    })
+    .await;
+    let last = n;
+    for n in last + 1..=last + 20 {
+        publish(n).await;
+    }
+    // The live subscriber saw 1..30, then is told (a gap), then the rest.
+    let got = crate::history::read_until(&mut live, last + 20).await;
+    let acked: Vec<i64> = (1..=30).chain(last..=last + 20).collect();
+    if let Err(e) = never_silent(&acked, &got) {
+        panic!("{e}\ngot {got:?}");
+    }
+    assert!(got.contains(&-1), "the loss was signalled: {got:?}");
+    // A client that saw 30 is told to reload, even once the new master's
+    // offsets have passed 30.
+    let mut c = ws_connect(&b.ws_url("/ws")).await;
+    let r = c.request(json!({"op":"subscribe","channel":"h:behind","since": seen})).await;
+    assert_eq!(r["result"]["recovered"], false, "{r}");
+    assert!(a.metric("wsrelay_history_lives_ended_total").await >= 1.0);
+}

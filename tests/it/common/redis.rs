@@ -169,6 +169,13 @@ impl RedisServer {
         }
     }
 
+    /// Sends a signal (`STOP`, `CONT`) to the process.
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").arg(format!("-{sig}")).arg(c.id().to_string()).status();
+        }
+    }
+
     /// Starts it again on the same port (after `kill`).
     pub fn restart(&mut self) {
         self.kill();
