@@ -2,7 +2,7 @@
 //! buffer, resubscription, catch-up from history, gap repair, the
 //! self-probe, and the replay of logged commands.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -104,6 +104,9 @@ pub(super) struct SubState {
     /// subscribe everything again, in case redis-rs's own resubscription
     /// (which reports no failure) did not take.
     resubscribe_due: Option<Instant>,
+    /// On a Cluster, channels `sync` just subscribed: their first
+    /// confirmation needs no catch-up (`track` read where they stood).
+    fresh: HashSet<Channel>,
 }
 
 impl Subscriber {
@@ -117,6 +120,7 @@ impl Subscriber {
             tracked: HashMap::new(),
             life_ended: false,
             resubscribe_due: None,
+            fresh: HashSet::new(),
         };
         loop {
             let result = self.connection(&shutdown, &mut attempt, &mut ever_connected, &mut st).await;
@@ -171,6 +175,7 @@ impl Subscriber {
         if st.life_ended {
             self.metrics.history_lives_ended.inc();
         }
+        st.fresh.clear();
         // Channels given up while disconnected are not tracked any more.
         st.tracked.retain(|c, _| self.interest.wants(c));
         // Everything the hub wants, resubscribed before the node says it is up.
@@ -366,6 +371,7 @@ impl Subscriber {
             }
             for c in chunk {
                 st.tracked.remove(c);
+                st.fresh.remove(c);
             }
         }
         for chunk in add.chunks(SUBSCRIBE_CHUNK) {
@@ -374,6 +380,9 @@ impl Subscriber {
             // from the stream, never lost.
             self.track(chunk, st).await.map_err(failed("reading history meta"))?;
             let (names, rooms) = self.redis_names(chunk);
+            if self.keys.sharded {
+                st.fresh.extend(chunk.iter().cloned());
+            }
             self.with_timeout(sink.subscribe_channels(&names)).await.map_err(failed("subscribe"))?;
             if !rooms.is_empty() {
                 let rooms: Vec<&str> = rooms.iter().map(String::as_str).collect();
@@ -422,6 +431,8 @@ impl Subscriber {
             return Ok(());
         }
         match kind {
+            // A new subscription's own confirmation: nothing to catch up.
+            redis::PushKind::SSubscribe if st.fresh.remove(&channel) => {}
             redis::PushKind::SSubscribe => {
                 if let Some(last) = st.tracked.get(&channel).cloned() {
                     if let Err(e) = self.fill(&channel, &last, None, st).await {
