@@ -123,7 +123,7 @@ clean:
 ## locked); programs come from apt like the other test dependencies.
 WSRELAY_BIN ?= target/debug/wsrelay
 
-.PHONY: js-deps demo-deps browser-deps observability-deps test-js test-browser test-observability demo demo-stop
+.PHONY: js-deps demo-deps browser-deps observability-deps test-js test-browser test-observability demo demo-stop soak
 .PHONY: python-deps test-python
 
 js-deps:
@@ -165,6 +165,7 @@ $(PY)/.venv/.installed: $(PY)/requirements-test.txt $(PY)/pyproject.toml
 test-python: python-deps
 	cd $(PY) && .venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
 	cd deploy/openwebui && ../../$(PY)/.venv/bin/ruff check . && ../../$(PY)/.venv/bin/ruff format --check .
+	cd deploy/soak && ../../$(PY)/.venv/bin/ruff check . && ../../$(PY)/.venv/bin/ruff format --check .
 	cd $(PY) && WSRELAY_BIN=$(abspath $(WSRELAY_BIN)) .venv/bin/python -m pytest -q
 
 ## The demo stack in headless Chromium over the DevTools protocol (~15 s).
@@ -204,6 +205,14 @@ openwebui-measure: openwebui-deps
 demo: demo-deps
 	$(CARGO) build --release --bin wsrelay
 	python3 deploy/demo/demo.py up --bin target/release/wsrelay $(if $(REDIS),--redis $(REDIS))
+
+## Chaos soak, not part of `make test`: three sidecars behind nginx, Redis
+## with AOF, self-recovering clients, random overlapping faults, and an
+## independent checker (deploy/soak/soak.py). SOAK_MINUTES (10); SOAK_SEED
+## replays a schedule.
+soak: demo-deps js-deps
+	$(CARGO) build --release --bin wsrelay
+	python3 deploy/soak/soak.py $(if $(SOAK_MINUTES),--minutes $(SOAK_MINUTES)) $(if $(SOAK_SEED),--seed $(SOAK_SEED))
 
 ## Stops exactly what `make demo` started (its pid files in deploy/demo/run/).
 demo-stop:
