@@ -8,7 +8,8 @@ First cut (issue #20): wsrelay.v1 clients (clients/js under Node) on history
 channels, publishes through /api/publish on random sidecars, faults: a
 sidecar SIGKILLed and restarted, drained (SIGTERM) and restarted, stopped
 (SIGSTOP) for a few seconds; Redis SIGKILLed and restarted; the subscriber
-connections killed (CLIENT KILL TYPE pubsub). Processes only, loopback
+connections killed (CLIENT KILL TYPE pubsub); the clients' TCP connections
+into a sidecar cut (ss -K). Processes only, loopback
 only, bounded (SOAK_MINUTES, default 10).
 
 The checker reads only what clients saw and what the publisher was told: for
@@ -240,6 +241,17 @@ def faults(stack, rng, until, log):
         time.sleep(rng.uniform(0.5, 3))
         stack.start_redis()
 
+    def cut_clients(name):
+        # The proxied client connections into that sidecar, cut (ss -K): the
+        # clients see a dropped socket and reconnect through nginx.
+        port = stack.sidecars[name][0]
+        subprocess.run(
+            ["ss", "-K", "dst", "127.0.0.1", "dport", "=", f":{port}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
+
     def pubsub_kill(_):
         subprocess.run(
             ["redis-cli", "-p", str(stack.redis_port), "CLIENT", "KILL", "TYPE", "pubsub"],
@@ -254,6 +266,7 @@ def faults(stack, rng, until, log):
         ("sidecar SIGSTOP", freeze, True),
         ("Redis SIGKILL + restart", redis_restart, False),
         ("CLIENT KILL TYPE pubsub", pubsub_kill, False),
+        ("client TCP connections cut (ss -K)", cut_clients, True),
     ]
     threads = []
     while time.time() < until:
