@@ -22,6 +22,7 @@ of the random schedule is printed: SOAK_SEED=<seed> replays it.
 """
 
 import argparse
+import bisect
 import collections
 import json
 import os
@@ -318,17 +319,19 @@ def check(events, acked, refused):
                     totals["delivered though refused"] += 1
                 else:
                     violations.append((ch, n, client, "delivered but never published"))
+            sent = acked.get(ch, [])  # in publishing order: sorted
             if last is not None:
                 if n <= last:
                     violations.append((ch, n, client, f"after {last}: a duplicate or out of order"))
                     continue
-                missed = [m for m in acked.get(ch, []) if last < m < n]
-                if missed and not told:
-                    violations.append((ch, missed[0], client, f"{len(missed)} acknowledged lost silently before {n}"))
+                i, j = bisect.bisect_right(sent, last), bisect.bisect_left(sent, n)
+                if j > i and not told:
+                    violations.append((ch, sent[i], client, f"{j - i} acknowledged lost silently before {n}"))
             last, told = n, False
-        tail = [m for m in acked.get(ch, []) if last is not None and m > last]
-        if tail and not told:
-            violations.append((ch, tail[0], client, f"the last {len(tail)} acknowledged never arrived"))
+        sent = acked.get(ch, [])
+        i = bisect.bisect_right(sent, last) if last is not None else len(sent)
+        if i < len(sent) and not told:
+            violations.append((ch, sent[i], client, f"the last {len(sent) - i} acknowledged never arrived"))
     return violations, totals
 
 
@@ -393,6 +396,8 @@ def main():
             events.extend(json.loads(line) for line in f if line.strip())
     finally:
         stack.stop_all()
+    with open(os.path.join(a.dir, "published.json"), "w") as f:
+        json.dump({"acked": pub.acked, "refused": pub.refused}, f)
     violations, totals = check(events, pub.acked, pub.refused)
     errors = 0
     for name in stack.sidecars:
