@@ -385,7 +385,10 @@ impl Reject {
 
     /// The replica is draining.
     pub fn draining() -> Self {
-        let error = ApiError::unavailable("shutting down: reconnect to another replica").blame(Fault::Internal);
+        // Expected during a planned shutdown, not a fault of this node: the
+        // client (or its proxy) is told to go elsewhere; counted as
+        // `result="draining"`, logged at debug.
+        let error = ApiError::unavailable("shutting down: reconnect to another replica").blame(Fault::Client);
         Reject { status: StatusCode::SERVICE_UNAVAILABLE, result: ConnResult::Draining, error }
     }
 
