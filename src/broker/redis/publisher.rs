@@ -34,6 +34,16 @@ impl Out {
     }
 }
 
+/// The publish script's ARGV[1..=7] for a history publish, the same on
+/// every path (one pipeline, a shard master's pipeline, redis-rs's cluster
+/// connection): header, data, size, stream TTL, meta TTL, the epoch a new
+/// history would start with, the publish id.
+type ScriptArgs<'a> = (&'a [u8], &'a [u8], usize, u64, u64, String, &'a str);
+
+fn script_args<'a>(header: &'a [u8], data: &'a Utf8Bytes, size: usize, ttl_ms: u64, id: &'a str) -> ScriptArgs<'a> {
+    (header, data.as_bytes(), size, ttl_ms, META_TTL_MS, crate::config::random_id(8), id)
+}
+
 pub(super) enum Out {
     /// No history: a plain PUBLISH.
     Publish { channel: String, payload: Vec<u8> },
@@ -209,9 +219,7 @@ async fn run_sharded(
                             }
                             Out::History { stream, meta, channel, header, data, size, ttl_ms, id } => {
                                 let mut inv = scripts.publish.key(stream);
-                                inv.key(meta).key(channel);
-                                inv.arg(header).arg(data.as_bytes()).arg(*size).arg(*ttl_ms).arg(META_TTL_MS);
-                                inv.arg(crate::config::random_id(8)).arg(id);
+                                inv.key(meta).key(channel).arg(script_args(header, data, *size, *ttl_ms, id));
                                 let reply: redis::Value = inv.invoke_async(&mut c).await?;
                                 Ok(offset_of(&reply))
                             }
@@ -238,13 +246,7 @@ fn command(out: &Out, scripts: &Scripts) -> redis::Cmd {
             .arg(stream)
             .arg(meta)
             .arg(channel)
-            .arg(header)
-            .arg(data.as_bytes())
-            .arg(*size)
-            .arg(*ttl_ms)
-            .arg(META_TTL_MS)
-            .arg(crate::config::random_id(8))
-            .arg(id)
+            .arg(script_args(header, data, *size, *ttl_ms, id))
             .to_owned(),
     }
 }
@@ -296,13 +298,7 @@ pub(super) async fn run_batch(
                             .arg(channel)
                             .arg(&life.key)
                             .arg(&life.watermark)
-                            .arg(header)
-                            .arg(data.as_bytes())
-                            .arg(*size)
-                            .arg(*ttl_ms)
-                            .arg(META_TTL_MS)
-                            .arg(crate::config::random_id(8))
-                            .arg(id)
+                            .arg(script_args(header, data, *size, *ttl_ms, id))
                             .arg(life.acked_now());
                     }
                 }
