@@ -505,3 +505,39 @@ async fn since_recovers_a_channel_the_session_already_has() {
     relay.publish(json!({"channel":"h:s","data":{"n":5}})).await;
     assert_eq!(read_until(&mut c, 5).await, [5]);
 }
+
+/// Found by the soak: a node's first subscription to several history
+/// channels at once (a token or connect hook granting them) read their
+/// metas in one pipeline whose reply was parsed as a pair, so it failed,
+/// and the node dropped its Redis subscriber and refused requests.
+#[tokio::test]
+async fn joining_several_history_channels_at_once_keeps_the_subscriber() {
+    let (app, redis, cfg) = (Upstream::start().await, RedisServer::start(), config(""));
+    let args = ["--redis-url", &redis.url(), "--config", cfg.path().to_str().unwrap(), "--jwt-secret", "k"];
+    let relay = Relay::start(&app.url(), &args).await;
+    eventually(STEP, "broker up", || async { relay.readyz_broker().await == StatusCode::OK }).await;
+    relay.publish(json!({"channel":"h:m2","data":{"n":0}})).await;
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
+    let token = |i: usize| {
+        let channels = if i == 0 {
+            vec!["h:m1".to_owned(), "h:m2".into(), "h:m3".into()]
+        } else {
+            vec![format!("h:x{i}"), format!("h:y{i}")]
+        };
+        let claims = json!({"sub": format!("u{i}"), "exp": exp, "channels": channels});
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(b"k"))
+            .unwrap()
+    };
+    // Many at once, as after a deploy: the node's subscriber takes them in batches.
+    let urls: Vec<String> = (0..40).map(|i| relay.ws_url(&format!("/ws?token={}", token(i)))).collect();
+    let mut all = futures_util::future::join_all(urls.iter().map(|u| ws_connect(u))).await;
+    let mut c = all.swap_remove(0);
+    for (i, ch) in ["h:m1", "h:m2", "h:m3"].into_iter().enumerate() {
+        relay.publish(json!({"channel": ch, "data": {"n": i + 1}})).await;
+        let m = c.recv().await;
+        assert_eq!((m["channel"].as_str(), m["data"]["n"].as_u64()), (Some(ch), Some(i as u64 + 1)), "{m}");
+    }
+    assert_eq!(relay.metric("wsrelay_broker_reconnects_total").await, 0.0, "the subscriber was never dropped");
+    let r = c.request(json!({"op":"subscribe","channel":"h:m4"})).await;
+    assert!(r.get("error").is_none(), "{r}");
+}

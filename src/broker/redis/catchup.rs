@@ -36,9 +36,17 @@ impl Subscriber {
             for ch in &todo {
                 pipe.cmd("HMGET").arg(self.keys.meta(ch)).arg("e").arg("s").arg("l");
             }
-            /// A channel's meta: epoch, top offset, the life it was stamped in.
-            type Meta = (Option<String>, Option<u64>, Option<String>);
-            let (life, metas): (Option<String>, Vec<Meta>) = pipe.query_async(&mut c).await?;
+            // One reply per command: the life, then each channel's meta
+            // (epoch, top offset, the life it was stamped in). Read as a
+            // list: a pair would only fit a chunk of exactly one channel.
+            let replies: Vec<redis::Value> = pipe.query_async(&mut c).await?;
+            let mut replies = replies.iter();
+            let life: Option<String> =
+                replies.next().map(redis::from_redis_value_ref).transpose().map_err(redis::RedisError::from)?.flatten();
+            let metas = replies
+                .map(redis::from_redis_value_ref::<(Option<String>, Option<u64>, Option<String>)>)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(redis::RedisError::from)?;
             Ok::<_, BrokerError>((life, metas))
         };
         let (life, metas) =
