@@ -207,12 +207,13 @@ demo: demo-deps
 	python3 deploy/demo/demo.py up --bin target/release/wsrelay $(if $(REDIS),--redis $(REDIS))
 
 ## Chaos soak, not part of `make test`: three sidecars behind nginx, Redis
-## with AOF, self-recovering clients, random overlapping faults, and an
-## independent checker (deploy/soak/soak.py). SOAK_MINUTES (10); SOAK_SEED
-## replays a schedule.
-soak: demo-deps js-deps
+## with AOF (SOAK_REDIS=sentinel: master, replica, three sentinels), an app
+## with hooks, self-recovering clients of both protocols, random overlapping
+## faults, and an independent checker (deploy/soak/soak.py). SOAK_MINUTES
+## (10); SOAK_SEED replays a schedule.
+soak: demo-deps js-deps socketio-deps
 	$(CARGO) build --release --bin wsrelay
-	python3 deploy/soak/soak.py $(if $(SOAK_MINUTES),--minutes $(SOAK_MINUTES)) $(if $(SOAK_SEED),--seed $(SOAK_SEED))
+	python3 deploy/soak/soak.py $(if $(SOAK_MINUTES),--minutes $(SOAK_MINUTES)) $(if $(SOAK_SEED),--seed $(SOAK_SEED)) $(if $(SOAK_REDIS),--redis $(SOAK_REDIS))
 
 ## Stops exactly what `make demo` started (its pid files in deploy/demo/run/).
 demo-stop:
