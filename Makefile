@@ -165,7 +165,7 @@ $(PY)/.venv/.installed: $(PY)/requirements-test.txt $(PY)/pyproject.toml
 test-python: python-deps
 	cd $(PY) && .venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
 	cd deploy/openwebui && ../../$(PY)/.venv/bin/ruff check . && ../../$(PY)/.venv/bin/ruff format --check .
-	cd deploy/soak && ../../$(PY)/.venv/bin/ruff check . && ../../$(PY)/.venv/bin/ruff format --check .
+	cd deploy/soak && ../../$(PY)/.venv/bin/ruff check . && ../../$(PY)/.venv/bin/ruff format --check . && python3 -m unittest -q test_check
 	cd $(PY) && WSRELAY_BIN=$(abspath $(WSRELAY_BIN)) .venv/bin/python -m pytest -q
 
 ## The demo stack in headless Chromium over the DevTools protocol (~15 s).
