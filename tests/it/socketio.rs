@@ -750,3 +750,30 @@ async fn close_room_empties_a_room_on_every_node() {
     let (s, _) = c.a.api("/api/close_room", json!({"channel": "no spaces"}), None).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 }
+
+/// Found by the soak: while Redis was down, a polling request that reached
+/// the sidecar not holding its session could not learn where to forward it
+/// (503), so behind a round-robin proxy every polling client lost its
+/// session in each Redis blip (and, Redis being down, its recovery state
+/// too). The node's last known address (younger than a node's expiry) is
+/// used now.
+#[tokio::test]
+async fn polling_requests_are_forwarded_while_redis_is_down() {
+    let app = Upstream::start().await;
+    alice(&app);
+    let mut c = cluster_with(&app, &["--ping-interval", "1s"]).await;
+    let sid = open_polling(&c.a.http_url("")).await;
+    let via_b = c.b.http_url(&format!("{PATH}?EIO=4&transport=polling&sid={sid}"));
+    // CONNECT through b, forwarded to a (which holds the session); b learns a's address.
+    let (s, _, _) = request(Method::POST, &via_b, Some("40".into()), &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, body) = request(Method::GET, &via_b, None, &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(body.starts_with(b"40"), "{body:?}");
+    c._redis.kill();
+    // A poll through b still reaches a: the next ping, not a 503.
+    let (s, _, body) = request(Method::GET, &via_b, None, &[]).await;
+    assert_eq!((s, body.as_ref()), (StatusCode::OK, b"2".as_ref()), "{body:?}");
+    let (s, _, _) = request(Method::POST, &via_b, Some("3".into()), &[]).await;
+    assert_eq!(s, StatusCode::OK, "the pong, through b");
+}

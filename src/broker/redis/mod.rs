@@ -114,7 +114,14 @@ pub struct RedisBroker {
     tasks: tokio_util::task::TaskTracker,
     timeout: Duration,
     description: String,
+    /// The other nodes' addresses as last read, for a Redis outage: a
+    /// Socket.IO polling request for a session on another node is still
+    /// forwarded while the address is younger than a node's expiry.
+    peers: std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>,
 }
+
+/// Peer addresses remembered at most (nodes of one deployment: a handful).
+const PEERS_REMEMBERED: usize = 1024;
 
 impl RedisBroker {
     pub fn start(url: &Secret, cfg: &BrokerConfig, w: Wiring, interest: Arc<Interest>) -> Result<Self, BrokerError> {
@@ -185,6 +192,7 @@ impl RedisBroker {
             interest,
             tasks,
             timeout: cfg.timeout,
+            peers: std::sync::Mutex::default(),
         })
     }
 
@@ -370,7 +378,31 @@ impl RedisBroker {
     /// Where node `node_id` is reached, if it is alive.
     pub async fn peer_url(&self, node_id: &str) -> Result<Option<String>, BrokerError> {
         let key = self.keys.global(&format!("node:{node_id}"));
-        self.with_conn(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await }).await
+        let read: Result<Option<String>, BrokerError> =
+            self.with_conn(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await }).await;
+        let expiry = Duration::from_millis(node_expiry_ms());
+        // A poisoned lock only means a panic elsewhere mid-update of a cache.
+        let mut peers = self.peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &read {
+            Ok(Some(url)) => {
+                if peers.len() >= PEERS_REMEMBERED {
+                    peers.retain(|_, (_, at)| at.elapsed() < expiry);
+                }
+                if peers.len() < PEERS_REMEMBERED || peers.contains_key(node_id) {
+                    peers.insert(node_id.to_owned(), (url.clone(), std::time::Instant::now()));
+                }
+            }
+            Ok(None) => {
+                peers.remove(node_id);
+            }
+            Err(e) => {
+                if let Some((url, at)) = peers.get(node_id).filter(|(_, at)| at.elapsed() < expiry) {
+                    tracing::debug!(node = node_id, error = %e, age = ?at.elapsed(), "Redis unavailable: the node's last known address");
+                    return Ok(Some(url.clone()));
+                }
+            }
+        }
+        read
     }
 
     /// Keeps `value` under `key` for `ttl`.
