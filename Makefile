@@ -212,6 +212,8 @@ demo: demo-deps
 ## faults, and an independent checker (deploy/soak/soak.py). SOAK_MINUTES
 ## (10); SOAK_SEED replays a schedule.
 soak: demo-deps js-deps socketio-deps
+	@$(MAKE) --no-print-directory need PROG=ss PKG=iproute2
+	@[ -d clients/js/node_modules/ws ] || (cd clients/js && npm ci --no-audit --no-fund --loglevel=error)
 	$(CARGO) build --release --bin wsrelay
 	python3 deploy/soak/soak.py $(if $(SOAK_MINUTES),--minutes $(SOAK_MINUTES)) $(if $(SOAK_SEED),--seed $(SOAK_SEED)) $(if $(SOAK_REDIS),--redis $(SOAK_REDIS))
 

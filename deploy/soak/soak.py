@@ -304,12 +304,11 @@ def faults(stack, rng, until, log, clients, slow_targets):
         # The proxied client connections into that sidecar, cut (ss -K): the
         # clients see a dropped socket and reconnect through nginx.
         port = stack.sidecars[name][0]
-        subprocess.run(
-            ["ss", "-K", "dst", "127.0.0.1", "dport", "=", f":{port}"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            check=False,
+        r = subprocess.run(
+            ["ss", "-K", "dst", "127.0.0.1", "dport", "=", f":{port}"], capture_output=True, text=True, check=False
         )
+        if r.returncode != 0:  # a kernel without SOCK_DESTROY: say so, the count would lie
+            raise RuntimeError(f"ss -K failed: {r.stderr.strip()}")
 
     def pubsub_kill(_):
         for port in stack.redis.values():
