@@ -14,8 +14,10 @@
 //   {"c","ch","ev":"subscribed","recovered"}     (re)subscribed; false = told
 //   {"c","ch":"chat:0","ev":"acked"|"refused","p","n"}  its own publish's outcome
 //   {"c","ch":"","ev":"connected","id"}          its connection id, for presence
+//   {"c","ch","ev":"failed","why"}               a subscription refused for good
 // stdin, one command per line: `pause <client> <seconds>` stops reading its
-// socket (a slow consumer). Runs until SIGTERM.
+// WebSocket (a slow consumer); `stop` ends the clients' publishes and events
+// (what they already sent still gets its answer). Runs until SIGTERM.
 // Usage: node clients.mjs OUT BASE WSRELAY_COUNT SOCKETIO_COUNT CHANNELS...
 import { closeSync, openSync, writeSync } from "node:fs";
 import { createRequire } from "node:module";
@@ -29,7 +31,7 @@ const { io } = require("socket.io-client");
 const [path, base, wcount, scount, ...channels] = process.argv.slice(2);
 const fd = openSync(path, "w");
 const out = (o) => writeSync(fd, JSON.stringify(o) + "\n");
-const sockets = new Map(); // client -> () => the net.Socket under it, if any
+const sockets = new Map(); // client -> () => its ws WebSocket, if it has one now
 const closers = [];
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 let stopping = false;
@@ -43,21 +45,23 @@ for (let i = 0; i < Number(wcount); i++) {
     const sub = relay.subscribe(ch, (data, frame) => out({ c, ch, p: data.p ?? "api", n: data.n, o: frame.offset }));
     sub.on("gap", () => out({ c, ch, ev: "gap" }));
     sub.on("subscribed", ({ recovered }) => out({ c, ch, ev: "subscribed", recovered: recovered ?? null }));
+    sub.on("error", (e) => out({ c, ch, ev: "failed", why: String(e?.code ?? e) }));
   }
   relay.connect();
-  sockets.set(c, () => relay._ws?._socket);
+  sockets.set(c, () => relay._ws);
   closers.push(() => relay.close());
   (async () => {
     // One publish at a time, so its acknowledged ones are in offset order.
     for (let n = 1; !stopping; n++) {
       await sleep(1000 + Math.random() * 2000);
+      if (stopping) break;
       if (relay.state !== "connected") {
         n--;
         continue;
       }
       try {
-        await relay.publish("chat:0", { ch: "chat:0", p: c, n }, { timeout: 5000 });
-        out({ c, ch: "chat:0", ev: "acked", p: c, n });
+        const r = await relay.publish("chat:0", { ch: "chat:0", p: c, n }, { timeout: 5000, buffer: false });
+        out({ c, ch: "chat:0", ev: "acked", p: c, n, o: r?.offset ?? null });
       } catch (e) {
         out({ c, ch: "chat:0", ev: "refused", p: c, n, why: String(e.code ?? e) });
       }
@@ -87,11 +91,12 @@ for (let i = 0; i < Number(scount); i++) {
   });
   socket.on("disconnect", (reason) => out({ c, ch: "", ev: "state", state: "disconnected", reason, t: Date.now() }));
   socket.on("message", (data, offset) => out({ c, ch: data.ch, p: data.p ?? "api", n: data.n, o: offset ?? null }));
-  sockets.set(c, () => socket.io.engine?.transport?.ws?._socket);
+  sockets.set(c, () => socket.io.engine?.transport?.ws);
   closers.push(() => socket.disconnect());
   (async () => {
     for (let k = 1; !stopping; k++) {
       await sleep(2000 + Math.random() * 3000);
+      if (stopping) break;
       if (!socket.connected) continue;
       try {
         await socket.timeout(5000).emitWithAck("work", { k });
@@ -105,12 +110,18 @@ for (let i = 0; i < Number(scount); i++) {
 
 readline.createInterface({ input: process.stdin }).on("line", (line) => {
   const [cmd, c, secs] = line.trim().split(/\s+/);
-  const sock = cmd === "pause" ? sockets.get(c)?.() : null;
-  if (!sock) return out({ c, ch: "", ev: "pause skipped" });
+  if (cmd === "stop") {
+    stopping = true;
+    return;
+  }
+  // ws's own pause(): it stops reading the socket, and nothing in ws resumes
+  // it behind our back (a raw net.Socket pause may be undone by ws).
+  const ws = cmd === "pause" ? sockets.get(c)?.() : null;
+  if (typeof ws?.pause !== "function") return out({ c, ch: "", ev: "pause skipped" });
   out({ c, ch: "", ev: "paused", secs: Number(secs), t: Date.now() });
-  sock.pause();
+  ws.pause();
   setTimeout(() => {
-    sock.resume();
+    ws.resume();
     out({ c, ch: "", ev: "resumed", t: Date.now() });
   }, Number(secs) * 1000);
 });

@@ -129,9 +129,8 @@ class Stack:
         argv += ["--appendonly", "yes", "--appendfsync", "always", "--dir", rd]
         if replica_of:
             argv += ["--replicaof", "127.0.0.1", str(self.redis[replica_of])]
-        p = demo.start(self.d, name, argv)
+        p = self.procs[name] = demo.start(self.d, name, argv)
         demo.wait_for("port", lambda: demo.tcp_ok(self.redis[name]), p, self.d, name)
-        self.procs[name] = p
 
     def start_sentinels(self):
         for i, port in enumerate(self.sentinels):
@@ -154,11 +153,14 @@ class Stack:
         # A client that stops reading stops answering pings: closed 15 s on.
         argv += ["--redis-probe-timeout", "2s", "--ping-interval", "5s", "--idle-timeout", "15s"]
         argv += ["--advertise-url", f"http://127.0.0.1:{public}"]
-        p = demo.start(self.d, name, argv)
+        if name in self.procs:
+            self.restarts[name] += 1
+        # Registered before the wait: a sidecar that does not come back is
+        # still the one stop_all() ends.
+        p = self.procs[name] = demo.start(self.d, name, argv)
         demo.wait_for(
             "/readyz?broker", lambda: demo.http_ok(f"http://127.0.0.1:{admin}/readyz?broker"), p, self.d, name, 30
         )
-        self.procs[name] = p
 
     def start(self):
         self.start_redis("redis-a")
@@ -244,6 +246,7 @@ class Publisher(threading.Thread):
         self.next = collections.Counter()
         self.acked = collections.defaultdict(list)
         self.refused = collections.defaultdict(list)
+        self.offsets = {}  # (channel, n) -> the offset the 200 named
         self.running = True
 
     def run(self):
@@ -262,32 +265,39 @@ class Publisher(threading.Thread):
             )
             try:
                 with urllib.request.urlopen(req, timeout=5) as r:
-                    (self.acked if r.status == 200 else self.refused)[ch].append(n)
-            except OSError:
+                    offset = json.loads(r.read() or b"{}").get("offset")
+                self.acked[ch].append(n)
+                self.offsets[(ch, n)] = offset
+            except (OSError, ValueError):  # an error status, no answer, or a torn body
                 self.refused[ch].append(n)
             time.sleep(1 / self.rate)
 
 
-def faults(stack, rng, until, log, clients, slow_targets):
-    """Random faults, overlapping (each runs in its own thread), until `until`."""
+def faults(stack, rng, until, log, clients, slow_targets, failed):
+    """Random faults, overlapping (each runs in its own thread), until `until`.
+    Each fault draws its durations from its own generator, seeded from the
+    schedule's, so a seed replays the same schedule whatever the threads'
+    timing. A fault that could not be carried out (a sidecar that did not
+    come back) goes to `failed`."""
     names = list(stack.sidecars)
     busy = set()
+    rng_of = threading.local()
 
     def kill(name):
         stack.procs[name].kill()
         stack.procs[name].wait()
-        time.sleep(rng.uniform(0.5, 3))
+        time.sleep(rng_of.r.uniform(0.5, 3))
         stack.start_sidecar(name)
 
     def drain(name):
         stack.procs[name].send_signal(signal.SIGTERM)
         stack.procs[name].wait(timeout=30)
-        time.sleep(rng.uniform(0.5, 2))
+        time.sleep(rng_of.r.uniform(0.5, 2))
         stack.start_sidecar(name)
 
     def freeze(name):
         stack.procs[name].send_signal(signal.SIGSTOP)
-        time.sleep(rng.uniform(1, 5))
+        time.sleep(rng_of.r.uniform(1, 5))
         stack.procs[name].send_signal(signal.SIGCONT)
 
     def redis_restart(_):
@@ -296,7 +306,7 @@ def faults(stack, rng, until, log, clients, slow_targets):
         victim = stack.master()
         stack.procs[victim].kill()
         stack.procs[victim].wait()
-        time.sleep(rng.uniform(0.5, 3) if not stack.sentinel else rng.uniform(1, 6))
+        time.sleep(rng_of.r.uniform(0.5, 3) if not stack.sentinel else rng_of.r.uniform(1, 6))
         now = stack.master()
         stack.start_redis(victim, replica_of=None if now == victim else now)
 
@@ -317,7 +327,7 @@ def faults(stack, rng, until, log, clients, slow_targets):
     def slow(client):
         # A client that stops reading: its queue grows, its pongs stop, the
         # sidecar closes it; when it reads again it reconnects and recovers.
-        secs = rng.uniform(5, 40)
+        secs = rng_of.r.uniform(5, 40)
         clients.stdin.write(f"pause {client} {secs:.1f}\n".encode())
         clients.stdin.flush()
         time.sleep(secs)
@@ -341,12 +351,15 @@ def faults(stack, rng, until, log, clients, slow_targets):
             continue
         busy.add(target)
         log.append((time.time(), label, target))
+        seed = rng.random()
 
-        def run(fn=fn, target=target):
+        def run(fn=fn, target=target, label=label, seed=seed):
+            rng_of.r = random.Random(seed)
             try:
                 fn(target)
-            except Exception as e:  # the soak goes on; its output says which fault failed
-                print(f"soak: fault on {target} failed: {e!r}", flush=True)
+            except BaseException as e:  # demo.wait_for exits; the soak goes on and says so
+                failed.append(f"{label} on {target} failed: {e!r}")
+                print(f"soak: {failed[-1]}", flush=True)
             finally:
                 busy.discard(target)
 
@@ -362,19 +375,34 @@ def read_events(path):
         return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
 
 
+class Connections:
+    """Each client's current connection id, from the clients' events, read
+    on from where the last call stopped (the file grows by ~1 GB an hour)."""
+
+    def __init__(self, path):
+        self.f, self.current, self.partial = open(path, "rb"), {}, b""
+
+    def now(self):
+        chunk = self.partial + self.f.read()
+        lines = chunk.split(b"\n")
+        self.partial = lines.pop()
+        for line in lines:
+            if b'"ev":"connected"' in line:
+                e = json.loads(line)
+                self.current[e["c"]] = e["id"]
+            elif b'"ev":"state"' in line and b'"state":"connected"' not in line:
+                self.current.pop(json.loads(line)["c"], None)
+        return set(self.current.values())
+
+
 def presence_converged(stack, seen, clients, deadline):
     """Seconds until every sidecar lists exactly the connected clients on
     every presence channel, or the last difference seen when `deadline`
     passes."""
     start, last = time.time(), None
+    conns = Connections(seen)
     while True:
-        current = {}
-        for e in read_events(seen):
-            if e.get("ev") == "connected":
-                current[e["c"]] = e["id"]
-            elif e.get("ev") == "state" and e.get("state") != "connected":
-                current.pop(e["c"], None)
-        want = set(current.values())
+        want = conns.now()
         diff = []
         if len(want) != clients:
             diff.append(f"{clients - len(want)} clients not connected")
@@ -435,7 +463,7 @@ def main():
     # The slow consumer: a client with a WebSocket to stop reading (not the polling-only ones).
     slow_targets = [u for u in users if not (u.startswith("s") and int(u[1:]) % 3 == 0)]
     seen = os.path.join(a.dir, "seen.jsonl")
-    faults_log, verdicts = [], []
+    faults_log, verdicts, failed = [], [], []
     pub = Publisher(stack, a.rate, random.Random(a.seed + 1), users)
     try:
         stack.start()
@@ -446,18 +474,24 @@ def main():
         pub.start()
         time.sleep(15)  # everyone connected, buffers grown to their working size
         rss_before = {n: stack.rss_kib(n) for n in stack.sidecars}
-        faults(stack, rng, time.time() + a.minutes * 60, faults_log, clients, slow_targets)
+        faults(stack, rng, time.time() + a.minutes * 60, faults_log, clients, slow_targets, failed)
+        verdicts += failed
         healed = time.time()
         secs, diff = presence_converged(stack, seen, len(users), healed + PRESENCE_EXPIRY + 5)
         if diff:
             verdicts.append(f"presence did not converge within {PRESENCE_EXPIRY + 5} s of the faults: {diff}")
         time.sleep(5)
         pub.running = False
+        clients.stdin.write(b"stop\n")  # the clients' own publishes end too
+        clients.stdin.flush()
         pub.join()
-        time.sleep(10)  # the last messages arrive
+        time.sleep(10)  # the last messages (and the answers to the last publishes) arrive
         for name in stack.sidecars:
             print(name, metrics_line(stack, name), flush=True)
         rss_after = {n: stack.rss_kib(n) for n in stack.sidecars}
+        # Judged on the three together: after the faults the clients have
+        # spread over the sidecars differently (reconnections go round-robin),
+        # so one sidecar's share of the memory moves with its share of them.
         before, after = sum(rss_before.values()), sum(rss_after.values())
         if after > before * 1.10:
             verdicts.append(f"sidecar RSS {after} KiB after the faults, more than 10 % over {before} KiB before")
@@ -471,7 +505,8 @@ def main():
         stack.stop_all()
     with open(os.path.join(a.dir, "published.json"), "w") as f:
         json.dump({"acked": pub.acked, "refused": pub.refused}, f)
-    violations, totals = check(events, pub.acked, pub.refused)
+    expected = [(u, ch) for u in users for ch in [*CHANNELS, "chat:0", f"user:{u}"]]
+    violations, totals = check(events, pub.acked, pub.refused, expected)
     errors = 0
     for name in stack.sidecars:
         with open(os.path.join(a.dir, f"{name}.log"), errors="replace") as f:
@@ -495,6 +530,7 @@ def main():
         "subscribed",
         "signalled",
         "delivered though refused",
+        "subscriptions failed",
         "Socket.IO events acked by the app",
         "Socket.IO events unanswered",
         "slow consumers paused",
@@ -504,9 +540,13 @@ def main():
     print(f"| presence converged after the faults | {secs:.1f} s |")
     print(f"| error-level log lines or panics | {errors} |")
     print(f"| sidecar RSS KiB before → after | {rss_before} → {rss_after} |")
+    print(f"| sidecar restarts | {dict(stack.restarts)} |")
     print(f"| violations | {len(violations) + len(verdicts)} |")
-    for v in violations[:30]:
-        print(f"violation: channel {v[0]} message {v[1]} client {v[2]}: {v[3]}")
+    offsets = {(ch, "api", n): o for (ch, n), o in pub.offsets.items()}
+    offsets.update(((e["ch"], e["p"], e["n"]), e.get("o")) for e in events if e.get("ev") == "acked")
+    for ch, n, client, what in violations[:30]:
+        p = what.split(":")[0].removeprefix("from ").split(" ")[0]
+        print(f"violation: channel {ch} message {n} (offset {offsets.get((ch, p, n), '?')}) client {client}: {what}")
     for v in verdicts:
         print(f"violation: {v}")
     sys.exit(1 if violations or verdicts or errors else 0)

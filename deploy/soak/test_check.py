@@ -42,6 +42,15 @@ class Check(unittest.TestCase):
         violations, totals = check(msgs("w0", "a", [1, 2]), {"a": [1]}, {"a": [2]})
         self.assertEqual((violations, totals["delivered though refused"]), ([], 1))
 
+    def test_a_refused_publish_delivered_late_is_not_an_order_violation(self):
+        # 3 refused (Redis applied it, the 200 was lost) and 4 acknowledged.
+        violations, _ = check(msgs("w0", "a", [1, 2, 4, 3]), {"a": [1, 2, 4]}, {"a": [3]})
+        self.assertEqual(violations, [])
+
+    def test_a_subscription_that_never_delivered_is_a_violation(self):
+        got = check(msgs("w0", "a", [1]), {"a": [1], "b": [1]}, {}, expected=[("w0", "a"), ("w0", "b")])[0]
+        self.assertEqual([(v[0], v[2], v[3]) for v in got], [("b", "w0", "subscribed but never delivered a message")])
+
 
 if __name__ == "__main__":
     unittest.main()
